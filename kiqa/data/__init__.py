@@ -1,0 +1,1 @@
+"""Data layer: KonIQ label files and splits, the demo dataset, image checks, tf.data pipelines."""

@@ -1,0 +1,286 @@
+"""KonIQ-10k label files, image names and splits.
+
+KonIQ-10k ships two label files, and their `MOS` columns are on different scales:
+
+- `koniq10k_distributions_sets.csv` (official split file): `MOS` is the 0-100 score and
+  `set` is training / validation / test (7058 / 1000 / 2015).
+- `koniq10k_scores_and_distributions.csv` (inside the dataset's download zip): `MOS` is
+  the raw 1-5 mean and `MOS_zscore` is the 0-100 score; there is no split.
+
+`read_labels` detects which file it was given and always returns the 0-100 score as
+`mos`; the raw 1-5 mean is kept as `mos_raw` where present and never used as a target.
+Any other CSV with `image_name` and one of these layouts works too (the demo data uses
+the download file's columns plus `source_image`, which keeps crops of one photo on one
+side of every random split).
+"""
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kiqa.errors import DataError
+
+SPLIT_FILE = "split file"  # koniq10k_distributions_sets.csv
+DOWNLOAD_FILE = "download file"  # koniq10k_scores_and_distributions.csv
+OFFICIAL_SETS = {"training": "train", "validation": "val", "test": "test"}
+# A column that groups images cut from one source photo; random splits keep a group together.
+GROUP_COLUMN = "source_image"
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One train / validation / test partition of a label table.
+
+    Attributes:
+        name: e.g. "official", "random-seed0", "repeat3-seed3".
+        train: rows used for fitting.
+        val: rows used for early stopping and the best checkpoint.
+        test: held-out rows, evaluated once at the end.
+    """
+
+    name: str
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+
+    def sizes(self):
+        """Returns {"train": n, "val": n, "test": n}."""
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+def read_labels(path):
+    """Reads a KonIQ-format label CSV and normalises its columns.
+
+    Args:
+        path: `koniq10k_distributions_sets.csv`, `koniq10k_scores_and_distributions.csv`,
+            or a CSV in either layout.
+
+    Returns:
+        DataFrame with `image_name`, `mos` (0-100) and, where the file has them, `set`
+        (train / val / test), `mos_raw` (1-5), `sd`, `votes` and `source_image`.
+        `frame.attrs["format"]` names the detected layout and `attrs["path"]` the file.
+
+    Raises:
+        DataError: the file is missing, unreadable, in neither layout, or holds
+            invalid rows (named by line).
+    """
+    path = Path(path)
+    try:
+        frame = pd.read_csv(path, dtype={"image_name": str})
+    except FileNotFoundError as err:
+        raise DataError(f"label file not found: {path}") from err
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
+        raise DataError(f"cannot read label file {path} as CSV: {err}") from err
+
+    columns = list(frame.columns)
+    if "image_name" not in columns:
+        raise DataError(
+            f"{path}: no 'image_name' column; columns found: {columns}. Expected a KonIQ "
+            "label file (koniq10k_distributions_sets.csv or koniq10k_scores_and_distributions.csv)"
+        )
+    if "MOS_zscore" in columns:
+        layout, score_column = DOWNLOAD_FILE, "MOS_zscore"
+    elif "MOS" in columns and "set" in columns:
+        layout, score_column = SPLIT_FILE, "MOS"
+    else:
+        raise DataError(
+            f"{path}: KonIQ CSV has no 0-100 score column: expected 'MOS_zscore' (download "
+            f"file) or 'MOS' with a 'set' column (official split file); columns found: {columns}"
+        )
+
+    out = pd.DataFrame({"image_name": frame["image_name"]})
+    out["mos"] = pd.to_numeric(frame[score_column], errors="coerce")
+    if layout == DOWNLOAD_FILE and "MOS" in columns:
+        out["mos_raw"] = pd.to_numeric(frame["MOS"], errors="coerce")
+    if layout == SPLIT_FILE:
+        unknown = sorted(set(frame["set"].dropna()) - set(OFFICIAL_SETS))
+        if unknown or frame["set"].isna().any():
+            raise DataError(
+                f"{path}: column 'set' must hold {sorted(OFFICIAL_SETS)} on every row; "
+                f"found {unknown or 'empty cells'}"
+            )
+        out["set"] = frame["set"].map(OFFICIAL_SETS)
+    if "SD" in columns:
+        out["sd"] = pd.to_numeric(frame["SD"], errors="coerce")
+    if "c_total" in columns:
+        out["votes"] = pd.to_numeric(frame["c_total"], errors="coerce")
+    if GROUP_COLUMN in columns:
+        out[GROUP_COLUMN] = frame[GROUP_COLUMN].astype(str)
+
+    _check_rows(out, path, score_column)
+    out.attrs["format"] = layout
+    out.attrs["path"] = str(path)
+    return out
+
+
+def _check_rows(frame, path, score_column):
+    if frame.empty:
+        raise DataError(f"{path}: the label file has no rows")
+    # Line numbers as a spreadsheet shows them: header is line 1.
+    bad_name = frame["image_name"].isna() | (frame["image_name"].str.strip() == "")
+    if bad_name.any():
+        lines = (frame.index[bad_name] + 2).tolist()[:10]
+        raise DataError(f"{path}: empty image_name on line(s) {lines}")
+    bad_score = ~np.isfinite(frame["mos"]) | (frame["mos"] < 0) | (frame["mos"] > 100)
+    if bad_score.any():
+        lines = (frame.index[bad_score] + 2).tolist()[:10]
+        raise DataError(
+            f"{path}: column '{score_column}' must be a 0-100 score; missing or out of "
+            f"range on line(s) {lines}"
+        )
+    duplicated = frame["image_name"].duplicated()
+    if duplicated.any():
+        names = frame.loc[duplicated, "image_name"].tolist()[:10]
+        raise DataError(f"{path}: image_name listed more than once: {names}")
+
+
+def default_image_root(labels_path):
+    """Where the images of a label file are, when the user did not say.
+
+    KonIQ's zip extracts to `1024x768/` (or `512x384/` for the small copy) beside the
+    label files; otherwise the CSV's own folder.
+    """
+    folder = Path(labels_path).resolve().parent
+    for sub in ("1024x768", "512x384", "images"):
+        if (folder / sub).is_dir():
+            return folder / sub
+    return folder
+
+
+def resolve_image_path(root, name):
+    """Resolves one `image_name` inside the image root, refusing anything that escapes it.
+
+    Args:
+        root: the image folder.
+        name: the CSV's `image_name` value.
+
+    Returns:
+        The resolved `Path` of a regular file inside `root`.
+
+    Raises:
+        DataError: absolute path, `..` component, a link leaving the root, missing,
+            not a regular file, or not readable.
+    """
+    # os.path.join(root, "/etc/passwd") is "/etc/passwd": absolute names must be refused
+    # before joining, not after.
+    if not name or os.path.isabs(name) or name.startswith(("/", "\\")) or ":" in name[:3]:
+        raise DataError(f"{name!r}: absolute paths are not allowed; names are relative to the image folder")
+    parts = Path(name.replace("\\", "/")).parts
+    if ".." in parts:
+        raise DataError(f"{name!r}: '..' is not allowed in image names")
+    root = Path(root).resolve()
+    path = (root / name).resolve()
+    if path != root and root not in path.parents:
+        raise DataError(f"{name!r}: resolves to {path}, outside the image folder {root} (a link leaving it?)")
+    if not path.exists():
+        raise DataError(f"{name!r}: file not found at {path}")
+    if not path.is_file():
+        raise DataError(f"{name!r}: {path} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{name!r}: {path} is not readable (permissions)")
+    return path
+
+
+def check_image_names(frame, root):
+    """Checks every `image_name` at once, so the user sees all problems together.
+
+    Args:
+        frame: a label table from `read_labels`.
+        root: the image folder.
+
+    Returns:
+        (paths, problems): `paths` is a list aligned with `frame` (a resolved path
+        string, or None for a bad row); `problems` is a list of (image_name, reason).
+    """
+    paths, problems = [], []
+    for name in frame["image_name"]:
+        try:
+            paths.append(str(resolve_image_path(root, name)))
+        except DataError as err:
+            paths.append(None)
+            problems.append((name, str(err)))
+    return paths, problems
+
+
+def official_split(frame):
+    """KonIQ's official split from the `set` column (7058 / 1000 / 2015 on KonIQ-10k).
+
+    Raises:
+        DataError: the table has no `set` column (use a random split instead).
+    """
+    if "set" not in frame.columns:
+        raise DataError(
+            f"{frame.attrs.get('path', 'the label file')} has no 'set' column, so it has no "
+            "official split: use koniq10k_distributions_sets.csv, or --split random / repeated"
+        )
+    parts = {key: frame[frame["set"] == key].reset_index(drop=True) for key in ("train", "val", "test")}
+    return Split("official", parts["train"], parts["val"], parts["test"])
+
+
+def random_split(frame, test_fraction, val_fraction, seed, name=None):
+    """One seeded random split; a validation part is carved out of training.
+
+    Rows sharing a `source_image` stay on one side (crops of one photo must not be in
+    both training and test). The permutation comes from numpy's PCG64 on the sorted
+    keys, so the same seed gives the same split on any machine.
+
+    Args:
+        frame: label table.
+        test_fraction: share held out for testing (0.2 for 80/20, 0.3 for the KonIQ paper).
+        val_fraction: share of the remaining training part used for validation.
+        seed: integer seed.
+        name: split name; defaults to "random-seed<seed>".
+
+    Returns:
+        A `Split`.
+
+    Raises:
+        DataError: too few images or groups to make non-empty parts.
+    """
+    keys = frame[GROUP_COLUMN] if GROUP_COLUMN in frame.columns else frame["image_name"]
+    unique = np.array(sorted(set(keys)))
+    order = unique[np.random.default_rng(seed).permutation(len(unique))]
+    n_test = int(round(len(unique) * test_fraction))
+    n_val = int(round((len(unique) - n_test) * val_fraction))
+    if n_test < 1 or len(unique) - n_test - n_val < 1 or (val_fraction > 0 and n_val < 1):
+        raise DataError(
+            f"cannot split {len(unique)} {'source photos' if GROUP_COLUMN in frame.columns else 'images'} "
+            f"into test {test_fraction:.0%} / validation {val_fraction:.0%} with none empty; "
+            "use more images or other fractions"
+        )
+    test_keys = set(order[:n_test])
+    val_keys = set(order[n_test:n_test + n_val])
+    side = keys.map(lambda k: "test" if k in test_keys else "val" if k in val_keys else "train")
+    parts = {key: frame[side == key].reset_index(drop=True) for key in ("train", "val", "test")}
+    return Split(name or f"random-seed{seed}", parts["train"], parts["val"], parts["test"])
+
+
+def make_splits(frame, config):
+    """The split(s) a config asks for.
+
+    Args:
+        frame: label table.
+        config: a `TrainConfig` (split, test_fraction, val_fraction, repeats, seed).
+
+    Returns:
+        A list of `Split`: one for "official" and "random", `repeats` for "repeated".
+    """
+    if config.split == "official":
+        split = official_split(frame)
+        if split.val.empty:
+            # No validation rows in the file: carve them out of training, seeded.
+            carved = random_split(split.train, config.val_fraction, 0.0, config.seed)
+            split = Split("official", carved.train, carved.test, split.test)
+        return [split]
+    if config.split == "random":
+        return [random_split(frame, config.test_fraction, config.val_fraction, config.seed)]
+    return [
+        random_split(
+            frame, config.test_fraction, config.val_fraction, config.seed + i,
+            name=f"repeat{i}-seed{config.seed + i}",
+        )
+        for i in range(config.repeats)
+    ]

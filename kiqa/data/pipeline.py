@@ -1,0 +1,102 @@
+"""tf.data pipelines for training and evaluation.
+
+Elements are `(images, {"mos": mos})`: images float32[B, H, W, 3] with pixels 0-255 as
+the model's one input (`image`) takes them, targets float32[B] on KonIQ's 0-100 scale.
+With `with_index=True` the first element is a dict `{"image", "index"}` instead. Training normalises
+internally through the loss (`kiqa.model.mos_loss` works on MOS/100), so every number a
+user sees stays on 0-100.
+
+Augmentation is quality-preserving only: horizontal flips. Blur, colour, contrast or zoom
+changes alter the very quality the label describes.
+"""
+
+import hashlib
+from pathlib import Path
+
+import tensorflow as tf
+
+from kiqa.image import decode_image
+
+AUTOTUNE = tf.data.AUTOTUNE
+# Decoded images held by the shuffle buffer when a cache fixes the element order:
+# 1024 images at 384x512 in uint8 are 600 MB.
+CACHED_SHUFFLE_BUFFER = 1024
+
+
+def _decode_file(config):
+    size, max_pixels = config.image_size, config.max_pixels
+
+    def decode(path):
+        return decode_image(tf.io.read_file(path), size, max_pixels=max_pixels, name=path)
+
+    return decode
+
+
+def _cache_file(config, paths, part):
+    """A file-cache name unique to the files and decode settings (a stale cache is wrong data)."""
+    key = hashlib.sha256(
+        "\n".join([*paths, str(config.image_size), str(config.max_pixels)]).encode()
+    ).hexdigest()[:16]
+    folder = Path(config.cache)
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder / f"{part}-{key}")
+
+
+def make_dataset(paths, mos, config, training, with_index=False, part="train"):
+    """Builds the input pipeline for one part of a split.
+
+    Args:
+        paths: image file paths (already checked by `kiqa.data.validate`).
+        mos: 0-100 targets aligned with `paths`.
+        config: `TrainConfig` (image_size, batch_size, cache, hflip, seed, max_pixels).
+        training: shuffle (seeded, reshuffled every epoch) and augment.
+        with_index: add `"index"` (position in `paths`) to the features, so predictions
+            can be matched to files even if the safety net drops an element.
+        part: name of the part ("train", "val", "test"), for file caches.
+
+    Returns:
+        A batched, prefetched `tf.data.Dataset`.
+    """
+    paths = [str(p) for p in paths]
+    n = len(paths)
+    dataset = tf.data.Dataset.from_tensor_slices(
+        {"path": paths, "mos": tf.constant(mos, tf.float32), "index": tf.range(n, dtype=tf.int64)}
+    )
+    cached = config.cache != "none"
+    if training and not cached:
+        # Shuffling file names is free; shuffling decoded images costs memory.
+        dataset = dataset.shuffle(n, seed=config.seed, reshuffle_each_iteration=True)
+
+    decode = _decode_file(config)
+    dataset = dataset.map(
+        lambda e: dict(e, image=decode(e["path"])), num_parallel_calls=AUTOTUNE, deterministic=True
+    )
+    # Safety net: files were checked before training, but one that goes bad during a
+    # 10-hour run (a disk error, a file replaced mid-run) must not abort model.fit.
+    # The validation pass (kiqa.data.validate) is what names bad files.
+    dataset = dataset.ignore_errors(log_warning=True)
+
+    if cached:
+        # The 8-bit cache is exact: decode_image rounds to the 8-bit grid.
+        dataset = dataset.map(lambda e: dict(e, image=tf.cast(e["image"], tf.uint8)))
+        dataset = dataset.cache("" if config.cache == "memory" else _cache_file(config, paths, part))
+        if training:
+            dataset = dataset.shuffle(
+                min(n, CACHED_SHUFFLE_BUFFER), seed=config.seed, reshuffle_each_iteration=True
+            )
+        dataset = dataset.map(lambda e: dict(e, image=tf.cast(e["image"], tf.float32)))
+
+    if training and config.hflip:
+        seeds = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True).batch(2)
+        dataset = tf.data.Dataset.zip(dataset, seeds).map(
+            lambda e, seed: dict(e, image=tf.image.stateless_random_flip_left_right(e["image"], seed)),
+            num_parallel_calls=AUTOTUNE,
+        )
+
+    def to_model_inputs(e):
+        if with_index:
+            return {"image": e["image"], "index": e["index"]}, {"mos": e["mos"]}
+        return e["image"], {"mos": e["mos"]}
+
+    dataset = dataset.map(to_model_inputs).batch(config.batch_size).prefetch(AUTOTUNE)
+    return dataset

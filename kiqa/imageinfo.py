@@ -1,0 +1,635 @@
+"""Facts read from an encoded image's header, in pure TensorFlow ops: format, size, orientation.
+
+These are the building blocks of `kiqa.image.decode_image`, which runs eagerly, inside
+`tf.data.Dataset.map` and inside the exported SavedModel that TF Serving runs. So every
+function here is made of graph ops only (`tf.strings.substr`, `tf.io.decode_raw`,
+`tf.while_loop`, `tf.switch_case` ...) on a scalar `tf.string`, and the header readers are
+`tf.function`s with a fixed signature: the eager call runs the very graph that `Dataset.map`
+and the SavedModel inline, so the two cannot drift apart.
+
+Nothing here allocates in proportion to the size a header announces: every read is a fixed
+handful of bytes, except the EXIF directory, which is bounded by the segment holding it.
+That is the point: TF's PNG decoder has no size cap (a 1.2 MB PNG decoded to 1.2 GB), so the
+size must be checked before `tf.io.decode_image` runs. Walks over JPEG segments, GIF blocks
+and PNG/WebP chunks are `tf.while_loop`s with a fixed iteration bound, so hostile files cost
+bounded time (a few milliseconds; ~10 ms for the worst JPEG).
+"""
+
+import tensorflow as tf
+
+from kiqa.errors import ConfigError
+
+# Names `image_format` returns. TF 2.21's `tf.io.decode_image` also decodes JPEG XL, so it
+# is recognised (by TF's own signatures) instead of being reported as unknown.
+FORMATS = ("unknown", "jpeg", "png", "gif", "bmp", "webp", "tiff", "jxl")
+# Formats whose size header kiqa reads, so `check_header` can enforce the pixel cap.
+CHECKED_FORMATS = ("jpeg", "png", "gif", "bmp", "webp")
+_DISPLAY_NAMES = ("unknown", "JPEG", "PNG", "GIF", "BMP", "WebP", "TIFF", "JPEG XL")
+_UNKNOWN, _JPEG, _PNG, _GIF, _BMP, _WEBP, _TIFF, _JXL = range(len(FORMATS))
+
+# Segments walked in a JPEG before giving up. Phone and camera JPEGs have 5-20 segments
+# before the frame header (APP0/APP1 Exif/XMP, a few APP2 ICC chunks, DQT, DHT); each stray
+# byte between segments also costs one step, as libjpeg skips them one by one.
+_MAX_JPEG_STEPS = 1024
+# GIF data comes in sub-blocks of at most 255 bytes that can only be found one after the
+# other. _GIF_HOPS of them per loop step, _MAX_GIF_STEPS steps: GIFs of 16 MB and more.
+_GIF_HOPS = 16
+_MAX_GIF_STEPS = 4096
+# Chunks walked in a PNG (before its first IDAT) or a WebP (animation frames included).
+_MAX_CHUNKS = 256
+
+# JPEG SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range
+# but are tables.
+_SOF_MARKERS = tuple(m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC))
+_EXIF_ORIENTATION_TAG = 0x0112
+# PNG allows widths and heights up to 2**31 - 1; a larger value is a corrupt header, and
+# refusing it keeps height * width inside int64 for every format.
+_MAX_DIMENSION = 2**31 - 1
+
+_SCALAR_STRING = [tf.TensorSpec([], tf.string)]
+
+
+# ----------------------------------------------------------------------------- byte reading
+
+
+def _int64(value):
+    return tf.constant(value, tf.int64)
+
+
+def _length(contents):
+    return tf.cast(tf.strings.length(contents), tf.int64)
+
+
+def _read(contents, n, pos, count):
+    """`count` bytes from `pos` as int64 [count]; bytes past the end read as 0.
+
+    `tf.strings.substr` fails when `pos` is past the end, so `pos` is clamped; the result
+    always has the static length `count`, whatever the input.
+    """
+    pos = tf.clip_by_value(tf.cast(pos, tf.int64), 0, n)
+    piece = tf.strings.substr(contents, pos, tf.constant(count, tf.int64))
+    return tf.cast(tf.io.decode_raw(piece, tf.uint8, fixed_length=count), tf.int64)
+
+
+def _big_endian(b):
+    """Unsigned big-endian integer from the last axis of an int64 byte tensor."""
+    value = b[..., 0]
+    for i in range(1, b.shape[-1]):
+        value = value * 256 + b[..., i]
+    return value
+
+
+def _little_endian(b):
+    return _big_endian(tf.reverse(b, axis=[-1]))
+
+
+def _endian(b, little):
+    return tf.where(little, _little_endian(b), _big_endian(b))
+
+
+def _matches(b, offset, signature):
+    """True where bytes `b[offset:offset+len(signature)]` equal `signature`."""
+    expected = tf.constant(list(signature), tf.int64)
+    return tf.reduce_all(b[offset : offset + len(signature)] == expected)
+
+
+def _as_signed32(value):
+    return tf.where(value >= 2**31, value - 2**32, value)
+
+
+# ----------------------------------------------------------------------------- format
+
+
+def _format_index(contents, n):
+    """Index into FORMATS, from the same leading-byte signatures TF's decoder dispatches on."""
+    b = _read(contents, n, 0, 12)
+
+    def starts(signature):
+        return (n >= len(signature)) & _matches(b, 0, signature)
+
+    checks = [
+        (_JPEG, starts(b"\xff\xd8\xff")),
+        (_PNG, starts(b"\x89PNG\r\n\x1a\n")),
+        (_GIF, starts(b"GIF8")),
+        (_BMP, starts(b"BM")),
+        (_WEBP, starts(b"RIFF") & (n >= 12) & _matches(b, 8, b"WEBP")),
+        (_TIFF, starts(b"II*\x00") | starts(b"MM\x00*") | starts(b"II+\x00") | starts(b"MM\x00+")),
+        (_JXL, starts(b"\xff\x0a") | starts(b"\x00\x00\x00\x0cJXL \r\n\x87\n")),
+    ]
+    index = tf.constant(_UNKNOWN, tf.int32)
+    for format_index, hit in reversed(checks):  # the first signature that matches wins
+        index = tf.where(hit, tf.constant(format_index, tf.int32), index)
+    return index
+
+
+@tf.function(input_signature=_SCALAR_STRING, autograph=False)
+def image_format(contents):
+    """Names an encoded image's format from its leading bytes (its magic number).
+
+    Args:
+        contents: scalar `tf.string`, the encoded file.
+
+    Returns:
+        Scalar `tf.string`: one of b"jpeg", b"png", b"gif", b"bmp", b"webp", b"tiff",
+        b"jxl" (JPEG XL, which TF 2.21 also decodes) or b"unknown". The signatures are the
+        ones `tf.io.decode_image` dispatches on, so a name here is the decoder TF will try.
+    """
+    index = _format_index(contents, _length(contents))
+    return tf.gather(tf.constant(FORMATS), index)
+
+
+# ----------------------------------------------------------------------------- JPEG
+
+
+def _walk_jpeg(contents, n, is_target):
+    """Position of the first JPEG marker segment for which `is_target` holds, else -1.
+
+    Walks from just after SOI the way libjpeg does: a marker is 0xFF + code; 0xFF fill bytes,
+    stuffed 0xFF00 and stray bytes are stepped over; RSTn and TEM have no length; every
+    other segment is skipped by its 16-bit big-endian length. The walk stops at SOS (image
+    data follows, and every header segment comes before it), EOI, the end of the bytes, or
+    after _MAX_JPEG_STEPS steps.
+
+    Args:
+        contents: scalar `tf.string`, already known to start with FF D8.
+        n: int64 length of `contents`.
+        is_target: `(b, pos) -> bool tensor`, where b is int64 [10], the bytes at `pos`.
+    """
+    not_found, gave_up = tf.constant(-1, tf.int64), tf.constant(-2, tf.int64)
+
+    def searching(step, pos, found):
+        return (step < _MAX_JPEG_STEPS) & (found == not_found)
+
+    def step_once(step, pos, found):
+        b = _read(contents, n, pos, 10)
+        code = b[1]
+        at_marker = b[0] == 0xFF
+        # 0xFF 0xFF is fill before a marker; 0xFF 0x00 is a stuffed byte, not a marker.
+        not_a_marker = ~at_marker | (code == 0xFF) | (code == 0x00)
+        no_length = ((code >= 0xD0) & (code <= 0xD7)) | (code == 0x01)
+        segment_length = b[2] * 256 + b[3]
+        hit = at_marker & ~not_a_marker & is_target(b, pos)
+        end = (
+            (pos + 2 > n)
+            | (at_marker & ((code == 0xDA) | (code == 0xD9) | (code == 0xD8)))
+            | (at_marker & ~not_a_marker & ~no_length & (segment_length < 2))
+        )
+        advance = tf.where(
+            not_a_marker,
+            tf.constant(1, tf.int64),
+            tf.where(no_length, tf.constant(2, tf.int64), 2 + segment_length),
+        )
+        found = tf.where(hit, pos, tf.where(end, gave_up, not_found))
+        return step + 1, pos + advance, found
+
+    _, _, found = tf.while_loop(
+        searching,
+        step_once,
+        (tf.constant(0, tf.int32), tf.constant(2, tf.int64), not_found),
+        parallel_iterations=1,
+    )
+    return tf.where(found >= 0, found, not_found)
+
+
+def _jpeg_shape(contents, n):
+    def is_frame_header(b, pos):
+        is_sof = tf.reduce_any(b[1] == tf.constant(_SOF_MARKERS, tf.int64))
+        # Length, precision, height, width: 9 bytes must be there to read the size.
+        return is_sof & (b[2] * 256 + b[3] >= 8) & (pos + 9 <= n)
+
+    pos = _walk_jpeg(contents, n, is_frame_header)
+    b = _read(contents, n, pos, 9)
+    shape = tf.stack([_big_endian(b[5:7]), _big_endian(b[7:9])])
+    return tf.where(pos >= 0, shape, tf.constant([-1, -1], tf.int64))
+
+
+def _jpeg_orientation(contents, n):
+    def is_exif(b, pos):
+        # APP1 whose payload starts with the Exif identifier (XMP also lives in APP1).
+        return (b[1] == 0xE1) & (b[2] * 256 + b[3] >= 8) & _matches(b, 4, b"Exif\x00\x00")
+
+    pos = _walk_jpeg(contents, n, is_exif)
+
+    def parse():
+        b = _read(contents, n, pos, 4)
+        segment_end = pos + 2 + b[2] * 256 + b[3]
+        return _tiff_orientation(contents, n, pos + 10, segment_end)
+
+    return tf.cond(pos >= 0, parse, lambda: tf.constant(1, tf.int32))
+
+
+# ----------------------------------------------------------------------------- EXIF (TIFF)
+
+
+def _tiff_orientation(contents, n, start, end):
+    """Orientation tag (0x0112) of IFD0 of the TIFF structure in contents[start:end], else 1.
+
+    EXIF is a little TIFF file: "II" (little-endian) or "MM" (big-endian), the number 42,
+    the offset of IFD0 from `start`; IFD0 is a 16-bit entry count and 12-byte entries
+    (tag, type, count, value). The entries are read in one slice, bounded by `end`.
+    """
+    end = tf.minimum(end, n)
+    head = _read(contents, n, start, 8)
+    little = _matches(head, 0, b"II")
+    big = _matches(head, 0, b"MM")
+    ifd = start + _endian(head[4:8], little)
+    valid = (
+        (little | big)
+        & (_endian(head[2:4], little) == 42)
+        & (start + 8 <= end)
+        & (ifd + 2 <= end)
+    )
+    count = _endian(_read(contents, n, ifd, 2), little)
+    room = tf.maximum(end - ifd - 2, 0) // 12
+    entries = tf.where(valid, tf.minimum(count, room), tf.constant(0, tf.int64))
+    raw = tf.strings.substr(contents, tf.clip_by_value(ifd + 2, 0, n), 12 * entries)
+    table = tf.reshape(tf.cast(tf.io.decode_raw(raw, tf.uint8), tf.int64), [-1, 12])
+    tag = _endian(table[:, 0:2], little)
+    kind = _endian(table[:, 2:4], little)
+    values = _endian(table[:, 4:8], little)
+    # The value sits left-aligned in the 4-byte field: SHORT (3) in its first two bytes,
+    # LONG (4) in all four. Writers use SHORT; LONG is read too, as PIL does.
+    value = tf.where(kind == 3, _endian(table[:, 8:10], little), _endian(table[:, 8:12], little))
+    is_orientation = (tag == _EXIF_ORIENTATION_TAG) & ((kind == 3) | (kind == 4)) & (values == 1)
+    # The last entry wins, as in PIL (it fills a dict in file order).
+    orientation = tf.concat([_int64([1]), tf.boolean_mask(value, is_orientation)], axis=0)[-1]
+    orientation = tf.where((orientation >= 1) & (orientation <= 8), orientation, _int64(1))
+    return tf.cast(orientation, tf.int32)
+
+
+# ----------------------------------------------------------------------------- PNG, WebP chunks
+
+
+def _walk_chunks(contents, n, start, target, stops, little_endian, pad_even):
+    """Position of the first chunk of type `target` (PNG or RIFF layout), else -1.
+
+    A chunk is a 4-byte length and a 4-byte type (PNG, big-endian, with a 4-byte CRC after
+    the data) or a 4-byte type and a 4-byte length (RIFF, little-endian, data padded to an
+    even length). The walk stops at any type in `stops`, the end, or after _MAX_CHUNKS.
+    """
+    not_found, gave_up = tf.constant(-1, tf.int64), tf.constant(-2, tf.int64)
+
+    def searching(step, pos, found):
+        return (step < _MAX_CHUNKS) & (found == not_found)
+
+    def step_once(step, pos, found):
+        b = _read(contents, n, pos, 8)
+        if little_endian:
+            kind, size, trailer = b[0:4], _little_endian(b[4:8]), 0
+        else:
+            kind, size, trailer = b[4:8], _big_endian(b[0:4]), 4
+
+        def is_type(name):
+            return tf.reduce_all(kind == tf.constant(list(name), tf.int64))
+        hit = is_type(target) & (pos + 8 + size <= n)
+        end = (pos + 8 > n) | (size > _MAX_DIMENSION)
+        for name in stops:
+            end = end | is_type(name)
+        padding = size % 2 if pad_even else 0
+        found = tf.where(hit, pos, tf.where(end, gave_up, not_found))
+        return step + 1, pos + 8 + size + trailer + padding, found
+
+    _, _, found = tf.while_loop(
+        searching,
+        step_once,
+        (tf.constant(0, tf.int32), tf.cast(start, tf.int64), not_found),
+        parallel_iterations=1,
+    )
+    return tf.where(found >= 0, found, not_found)
+
+
+def _png_orientation(contents, n):
+    # libpng and Pillow write eXIf before the image data; one after IDAT is not looked for
+    # (reaching it would mean walking every IDAT chunk of a large image).
+    pos = _walk_chunks(
+        contents, n, 8, b"eXIf", (b"IDAT", b"IEND"), little_endian=False, pad_even=False
+    )
+
+    def parse():
+        size = _big_endian(_read(contents, n, pos, 4))
+        return _tiff_orientation(contents, n, pos + 8, pos + 8 + size)
+
+    return tf.cond(pos >= 0, parse, lambda: tf.constant(1, tf.int32))
+
+
+def _webp_orientation(contents, n):
+    pos = _walk_chunks(contents, n, 12, b"EXIF", (), little_endian=True, pad_even=True)
+
+    def parse():
+        size = _little_endian(_read(contents, n, pos + 4, 4))
+        # Some writers keep JPEG's "Exif\0\0" identifier in front of the TIFF header.
+        prefixed = _matches(_read(contents, n, pos + 8, 6), 0, b"Exif\x00\x00")
+        start = pos + 8 + tf.where(prefixed, _int64(6), _int64(0))
+        return _tiff_orientation(contents, n, start, pos + 8 + size)
+
+    return tf.cond(pos >= 0, parse, lambda: tf.constant(1, tf.int32))
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+def _unknown_shape():
+    return tf.constant([-1, -1], tf.int64)
+
+
+def _shape_or_unknown(ok, height, width):
+    return tf.where(ok, tf.stack([height, width]), _unknown_shape())
+
+
+def _png_shape(contents, n):
+    # The signature is followed by IHDR: length 13, "IHDR", width, height (big-endian).
+    b = _read(contents, n, 0, 24)
+    return _shape_or_unknown(
+        (n >= 24) & _matches(b, 12, b"IHDR"), _big_endian(b[20:24]), _big_endian(b[16:20])
+    )
+
+
+def _colour_table_size(flags):
+    # Bit 7 says a colour table follows; bits 0-2 give its 2**(k+1) RGB entries.
+    size = 3 * tf.bitwise.left_shift(_int64(2), flags % 8)
+    return tf.where(flags >= 128, size, _int64(0))
+
+
+def _gif_shape(contents, n):
+    """The canvas TF decodes a GIF to: the largest frame width and height, found by
+    walking every block of the file.
+
+    Not the logical screen in the header: TF 2.21 ignores it (a GIF whose screen says
+    10x8 around a 20x30 frame decodes to 20x30), so a hostile screen size could hide a
+    huge frame, and every frame is decoded even when only the first is kept. The walk
+    hops over each data sub-block (at most 255 bytes), _GIF_HOPS per loop step, at most
+    _MAX_GIF_STEPS steps; a GIF that needs more, is truncated, has no frame or no trailer
+    is reported unknown (TF's giflib fails on the last three too).
+    """
+    head = _read(contents, n, 0, 13)
+
+    def walking(step, pos, in_run, height, width, frames, trailer, broken):
+        return (step < _MAX_GIF_STEPS) & ~trailer & ~broken & (pos < n)
+
+    def step_once(step, pos, in_run, height, width, frames, trailer, broken):
+        # A block: extension (0x21, label, sub-blocks), image (0x2C, left, top, width,
+        # height, flags with the local colour table size, table, LZW code size byte,
+        # sub-blocks) or the trailer 0x3B. Anything else where a block starts is corrupt.
+        b = _read(contents, n, pos, 10)
+        at_block = ~in_run
+        is_extension = at_block & (b[0] == 0x21)
+        is_image = at_block & (b[0] == 0x2C) & (pos + 11 <= n)
+        trailer = at_block & (b[0] == 0x3B)
+        broken = at_block & ~(is_extension | is_image | trailer)
+        height = tf.where(is_image, tf.maximum(height, _little_endian(b[7:9])), height)
+        width = tf.where(is_image, tf.maximum(width, _little_endian(b[5:7])), width)
+        frames = frames + tf.cast(is_image, tf.int64)
+        opening = tf.where(is_extension, _int64(2), 11 + _colour_table_size(b[9]))
+        pos = tf.where(is_extension | is_image, pos + opening, pos)
+        in_run = in_run | is_extension | is_image
+        # Sub-blocks: a size byte and that many bytes; size 0 ends the run. Several hops
+        # per loop step, because a loop step costs more than the hop itself.
+        for _ in range(_GIF_HOPS):
+            size = _read(contents, n, pos, 1)[0]
+            hop = in_run & (pos < n)
+            pos = tf.where(hop, pos + 1 + size, pos)
+            in_run = hop & (size != 0)
+        return step + 1, pos, in_run, height, width, frames, trailer, broken
+
+    zero, no = _int64(0), tf.constant(False)
+    start = 13 + _colour_table_size(head[10])
+    _, _, _, height, width, frames, trailer, _ = tf.while_loop(
+        walking,
+        step_once,
+        (tf.constant(0, tf.int32), start, no, zero, zero, zero, no, no),
+        parallel_iterations=1,
+    )
+    return _shape_or_unknown((n >= 13) & trailer & (frames > 0), height, width)
+
+
+def _bmp_shape(contents, n):
+    # BITMAPINFOHEADER and its successors (V4, V5: 40 bytes and more) hold signed 32-bit
+    # width and height at 18 and 22; a negative height means rows stored top-down. The
+    # 12-byte OS/2 core header has 16-bit fields there, which TF misreads: reported unknown.
+    b = _read(contents, n, 0, 26)
+    ok = (n >= 26) & (_little_endian(b[14:18]) >= 40)
+    height = tf.abs(_as_signed32(_little_endian(b[22:26])))
+    width = _as_signed32(_little_endian(b[18:22]))
+    return _shape_or_unknown(ok, height, width)
+
+
+def _webp_shape(contents, n):
+    b = _read(contents, n, 0, 30)
+    # Lossy "VP8 ": key-frame start code 9D 01 2A, then 14-bit width and height (the top two
+    # bits of each are an upscaling hint).
+    lossy = _matches(b, 12, b"VP8 ") & (n >= 30) & _matches(b, 23, b"\x9d\x01\x2a")
+    lossy_shape = tf.stack([_little_endian(b[28:30]) % 16384, _little_endian(b[26:28]) % 16384])
+    # Lossless "VP8L": signature 0x2F, then 14 bits width - 1 and 14 bits height - 1.
+    lossless = _matches(b, 12, b"VP8L") & (n >= 25) & (b[20] == 0x2F)
+    bits = _little_endian(b[21:25])
+    lossless_shape = tf.stack([(bits // 16384) % 16384 + 1, bits % 16384 + 1])
+    # Extended "VP8X": flags, 3 reserved bytes, then 24-bit canvas width - 1 and height - 1.
+    extended = _matches(b, 12, b"VP8X") & (n >= 30)
+    extended_shape = tf.stack([_little_endian(b[27:30]) + 1, _little_endian(b[24:27]) + 1])
+    shape = _unknown_shape()
+    shape = tf.where(extended, extended_shape, shape)
+    shape = tf.where(lossless, lossless_shape, shape)
+    return tf.where(lossy, lossy_shape, shape)
+
+
+@tf.function(input_signature=_SCALAR_STRING, autograph=False)
+def header_shape(contents):
+    """Reads (height, width) from an encoded image's header, without decoding it.
+
+    Covers JPEG (the SOF0..SOF15 frame header, found by walking the marker segments; the
+    walk is bounded), PNG (IHDR), GIF (the largest frame, which is the canvas TF decodes
+    to: TF ignores the logical screen), BMP (BITMAPINFOHEADER and later; a negative,
+    top-down height is reported positive) and WebP (VP8 lossy, VP8L lossless, VP8X
+    extended canvas). Each is the size `tf.io.decode_image` allocates. TIFF and JPEG XL
+    are recognised by `image_format` but their size is not read here.
+    `tf.image.extract_jpeg_shape` is not used: it raises on truncated or non-JPEG bytes,
+    and this function must not.
+
+    Args:
+        contents: scalar `tf.string`, the encoded file.
+
+    Returns:
+        int64 [2] tensor (height, width) as announced by the header, or [-1, -1] when the
+        format is unknown or unread, or the header is truncated, malformed or announces a
+        zero or negative size. Never raises on any bytes; the caller decides what to do.
+    """
+    n = _length(contents)
+    branches = [lambda: _unknown_shape()] * len(FORMATS)
+    branches[_JPEG] = lambda: _jpeg_shape(contents, n)
+    branches[_PNG] = lambda: _png_shape(contents, n)
+    branches[_GIF] = lambda: _gif_shape(contents, n)
+    branches[_BMP] = lambda: _bmp_shape(contents, n)
+    branches[_WEBP] = lambda: _webp_shape(contents, n)
+    shape = tf.switch_case(_format_index(contents, n), branches)
+    shape.set_shape([2])
+    valid = tf.reduce_all((shape > 0) & (shape <= _MAX_DIMENSION))
+    return tf.where(valid, shape, _unknown_shape())
+
+
+@tf.function(input_signature=_SCALAR_STRING, autograph=False)
+def exif_orientation(contents):
+    """Reads the EXIF orientation (1..8) that says how to turn the stored pixels upright.
+
+    Covered: JPEG (the first APP1 "Exif" segment before the image data: what phones and
+    cameras write), PNG (an eXIf chunk before the first IDAT, where libpng and Pillow put
+    it), WebP (the EXIF chunk of an extended file) and TIFF (its own IFD0). GIF and BMP
+    carry no orientation. The value is tag 0x0112 in IFD0, little- or big-endian.
+
+    Args:
+        contents: scalar `tf.string`, the encoded file.
+
+    Returns:
+        int32 scalar in 1..8; 1 (upright, nothing to do) when there is no EXIF block, it is
+        truncated or malformed, or the tag is missing or out of range. Never raises.
+    """
+    n = _length(contents)
+    branches = [lambda: tf.constant(1, tf.int32)] * len(FORMATS)
+    branches[_JPEG] = lambda: _jpeg_orientation(contents, n)
+    branches[_PNG] = lambda: _png_orientation(contents, n)
+    branches[_WEBP] = lambda: _webp_orientation(contents, n)
+    branches[_TIFF] = lambda: _tiff_orientation(contents, n, tf.constant(0, tf.int64), n)
+    return tf.switch_case(_format_index(contents, n), branches)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _header_problem(n, format_index, shape, max_pixels):
+    """The message for the first thing wrong with a header, and whether anything is."""
+    as_text = tf.strings.as_string
+    format_name = tf.gather(tf.constant(_DISPLAY_NAMES), format_index)
+    checked = tf.reduce_any(
+        format_index == tf.constant([FORMATS.index(f) for f in CHECKED_FORMATS], tf.int32)
+    )
+    readable = shape[0] > 0
+    pixels = shape[0] * shape[1]
+    within = pixels <= max_pixels
+    problems = [  # in order: the first that applies is reported
+        (
+            n == 0,
+            tf.constant("image is empty (0 bytes); check that the file was completely written"),
+        ),
+        (
+            format_index == _TIFF,
+            tf.constant(
+                "image is TIFF, which TensorFlow cannot decode (it decodes JPEG, PNG, GIF, "
+                "BMP and WebP); convert it, e.g. to PNG (lossless)"
+            ),
+        ),
+        (
+            format_index == _JXL,
+            tf.constant(
+                "image is JPEG XL, whose size kiqa cannot read from the header to enforce "
+                "max_pixels; convert it to PNG (lossless) or JPEG"
+            ),
+        ),
+        (
+            format_index == _UNKNOWN,
+            tf.strings.join([
+                "image format not recognised: the first bytes of these ", as_text(n),
+                " bytes match no JPEG, PNG, GIF, BMP or WebP signature; "
+                "check that this is an image file and convert it to PNG or JPEG",
+            ]),
+        ),
+        (
+            ~readable,
+            tf.strings.join([
+                format_name, " header is unreadable (truncated or malformed, ", as_text(n),
+                " bytes); re-encode the file, e.g. as PNG",
+            ]),
+        ),
+        (
+            ~within,
+            tf.strings.join([
+                # width x height, the order image tools print sizes in
+                "image header announces ", as_text(shape[1]), "x", as_text(shape[0]),
+                " = ", as_text(pixels), " pixels, over the cap of ",
+                as_text(max_pixels), "; raise max_pixels if this is intended",
+            ]),
+        ),
+    ]
+    message = tf.constant("")
+    for condition, text in reversed(problems):
+        message = tf.where(condition, text, message)
+    return checked & readable & within, message
+
+
+def check_header(contents, max_pixels, name=None):
+    """Checks that an encoded image is one TF decodes and announces at most `max_pixels`.
+
+    Run it before `tf.io.decode_image`: TF's decoders allocate whatever the header
+    announces. Failures raise in graphs too (a `tf.debugging.Assert`), so TF Serving
+    answers INVALID_ARGUMENT with the same message instead of running out of memory.
+
+    Args:
+        contents: scalar `tf.string`, the encoded file.
+        max_pixels: int or int tensor, the largest height * width accepted.
+        name: optional scalar string (e.g. the file path), put in front of the message.
+
+    Returns:
+        int64 [2] tensor (height, width) from `header_shape`, valid when this returns.
+
+    Raises:
+        tf.errors.InvalidArgumentError: the bytes are empty, TIFF (TF has no TIFF decoder:
+            convert it), JPEG XL (size unreadable here), of no known format, have an
+            unreadable header, or announce more than `max_pixels` pixels. In a graph it is
+            raised when the graph runs.
+        ConfigError: `max_pixels` is a Python number below 1.
+    """
+    if isinstance(max_pixels, (int, float)) and max_pixels < 1:
+        raise ConfigError(f"max_pixels must be a positive pixel count, got {max_pixels}")
+    contents = tf.convert_to_tensor(contents, tf.string)
+    n = _length(contents)
+    shape = header_shape(contents)
+    ok, message = _header_problem(
+        n, _format_index(contents, n), shape, tf.cast(max_pixels, tf.int64)
+    )
+    if name is not None:
+        message = tf.strings.join([tf.convert_to_tensor(name, tf.string), ": ", message])
+    if tf.executing_eagerly():
+        # Same error type as the graph's Assert, without TF's "Expected 'False' to be
+        # true. Summarized data: b'...'" wrapping around the message.
+        if not bool(ok):
+            text = message.numpy().decode("utf-8", "replace")
+            raise tf.errors.InvalidArgumentError(None, None, text)
+        return shape
+    check = tf.debugging.Assert(ok, [message])
+    with tf.control_dependencies([check]):
+        return tf.identity(shape)
+
+
+# ----------------------------------------------------------------------------- orientation
+
+
+def apply_orientation(image, orientation):
+    """Turns decoded pixels upright according to an EXIF orientation, as PIL's
+    `ImageOps.exif_transpose` does.
+
+    1 leaves the image as is; 2 flips left-right; 3 rotates 180 degrees; 4 flips up-down;
+    5 transposes (mirrors across the main diagonal); 6 rotates 90 degrees clockwise;
+    7 transverses (mirrors across the other diagonal); 8 rotates 90 degrees
+    counter-clockwise. Any other value is treated as 1. 5 to 8 swap height and width, so
+    in a graph the result's height and width are unknown unless the input is square.
+
+    Args:
+        image: [height, width, channels] tensor (or [batch, height, width, channels], all
+            with the same orientation), any dtype, static shape not needed.
+        orientation: int scalar tensor, e.g. from `exif_orientation`.
+
+    Returns:
+        The transformed image, same dtype and rank.
+    """
+    image = tf.convert_to_tensor(image)
+    orientation = tf.cast(orientation, tf.int32)
+    index = tf.where((orientation >= 1) & (orientation <= 8), orientation - 1, 0)
+    branches = [
+        lambda: tf.identity(image),
+        lambda: tf.image.flip_left_right(image),
+        lambda: tf.image.rot90(image, k=2),
+        lambda: tf.image.flip_up_down(image),
+        lambda: tf.image.transpose(image),
+        lambda: tf.image.rot90(image, k=3),  # rot90 turns counter-clockwise: k=3 is 90 CW
+        lambda: tf.image.rot90(tf.image.transpose(image), k=2),
+        lambda: tf.image.rot90(image, k=1),
+    ]
+    return tf.switch_case(index, branches)

@@ -1,0 +1,60 @@
+"""Shared pytest fixtures and the `large` marker (opt in with --run-large)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--run-large", action="store_true", default=False,
+        help="also run tests marked large (real-size ConvNeXt, long runs)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-large"):
+        return
+    skip_large = pytest.mark.skip(reason="large test: run with --run-large")
+    for item in items:
+        if "large" in item.keywords:
+            item.add_marker(skip_large)
+
+
+def _shared_data_dir():
+    env = os.environ.get("KIQA_SHARED_DATA")
+    if env:
+        return Path(env)
+    return PROJECT_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The read-only reference data folder (../shared/data or $KIQA_SHARED_DATA)."""
+    path = _shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"reference data not found at {path} (set KIQA_SHARED_DATA to ../shared/data)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def koniq_csv(shared_data):
+    """The real KonIQ-10k label file with the official split."""
+    path = shared_data / "koniq" / "koniq10k_distributions_sets.csv"
+    if not path.is_file():
+        pytest.skip(f"real KonIQ label file not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def realset(shared_data):
+    """The folder of 20 real rated photos (labels.csv + images/)."""
+    path = shared_data / "realset"
+    if not (path / "labels.csv").is_file():
+        pytest.skip(f"real photo set not found at {path}")
+    return path

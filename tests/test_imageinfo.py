@@ -1,0 +1,592 @@
+"""Tests for kiqa.imageinfo: header sniffing, size, EXIF orientation, eagerly and in tf.data.
+
+Images are written by Pillow into tmp_path; hostile files are crafted byte by byte and are
+never handed to a decoder (a 30000x30000 header would make TF allocate 2.7 GB).
+"""
+
+import functools
+import io
+import zlib
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageOps
+
+from kiqa import imageinfo
+from kiqa.errors import ConfigError
+
+HEIGHT, WIDTH = 24, 40  # not square, so a missed or wrong rotation changes the shape
+EXIF_ORIENTATION = 0x0112
+
+
+def _pattern(height=HEIGHT, width=WIDTH):
+    """Smooth and asymmetric: red grows left to right, green top to bottom."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack(
+        [x * 255 // (width - 1), y * 255 // (height - 1), (x + y) * 255 // (height + width - 2)],
+        axis=-1,
+    ).astype(np.uint8)
+
+
+def _encode(image, fmt, **options):
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _exif(orientation):
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    return exif
+
+
+def _segment(marker, payload):
+    """A JPEG marker segment: FF, marker, big-endian length (itself included), payload."""
+    return b"\xff" + bytes([marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+def _chunk(kind, data):
+    """A PNG chunk with its CRC."""
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def _tiff_orientation_block(orientation, big_endian):
+    """A minimal EXIF TIFF block: header, IFD0 with one SHORT orientation entry."""
+    order = "big" if big_endian else "little"
+    value = orientation.to_bytes(2, order) + b"\x00\x00"
+    entry = (
+        EXIF_ORIENTATION.to_bytes(2, order) + (3).to_bytes(2, order)
+        + (1).to_bytes(4, order) + value
+    )
+    return (
+        (b"MM" if big_endian else b"II") + (42).to_bytes(2, order) + (8).to_bytes(4, order)
+        + (1).to_bytes(2, order) + entry + (0).to_bytes(4, order)
+    )
+
+
+def _with_app1_exif(jpeg, tiff_block):
+    """The JPEG with an APP1 Exif segment inserted right after SOI."""
+    return jpeg[:2] + _segment(0xE1, b"Exif\x00\x00" + tiff_block) + jpeg[2:]
+
+
+# ----------------------------------------------------------------------------- GIF assembly
+
+
+def _gif_blocks(data):
+    """Splits a GIF into (header with screen, global colour table, blocks before the trailer)."""
+    flags = data[10]
+    table = 3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0
+    pos, blocks = 13 + table, []
+    while data[pos] != 0x3B:
+        start = pos
+        if data[pos] == 0x21:
+            pos += 2
+        else:
+            local = data[pos + 9]
+            pos += 10 + (3 * 2 ** ((local & 7) + 1) if local & 0x80 else 0) + 1
+        while data[pos]:
+            pos += 1 + data[pos]
+        blocks.append(data[start : pos + 1])
+        pos += 1
+    return data[:13], data[13 : 13 + table], blocks
+
+
+def _gif_frame(pixels, left, top):
+    """One self-contained GIF image block (local colour table) placed at (left, top)."""
+    header, table, blocks = _gif_blocks(_encode(Image.fromarray(pixels), "GIF"))
+    image = bytearray(next(block for block in blocks if block[0] == 0x2C))
+    image[1:5] = left.to_bytes(2, "little") + top.to_bytes(2, "little")
+    image[9] = 0x80 | (header[10] & 7)
+    return bytes(image[:10]) + table + bytes(image[10:])
+
+
+def _gif(screen_width, screen_height, frames):
+    """A GIF with a chosen logical screen around frames [(pixels, left, top), ...]."""
+    screen = screen_width.to_bytes(2, "little") + screen_height.to_bytes(2, "little")
+    return b"GIF89a" + screen + b"\x00\x00\x00" + b"".join(_gif_frame(*f) for f in frames) + b";"
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def _bmp_top_down(pixels):
+    data = bytearray(_encode(Image.fromarray(pixels), "BMP"))
+    height = int.from_bytes(data[22:26], "little", signed=True)
+    data[22:26] = (-height).to_bytes(4, "little", signed=True)
+    return bytes(data)
+
+
+# name -> (format, bytes): every image TF decodes, at HEIGHT x WIDTH unless noted.
+def _samples():
+    rgb = Image.fromarray(_pattern())
+    grey = rgb.convert("L")
+    small = _pattern(5, 7)
+    return {
+        "jpeg": ("jpeg", _encode(rgb, "JPEG", quality=90)),
+        "jpeg_grey": ("jpeg", _encode(grey, "JPEG")),
+        "jpeg_progressive": ("jpeg", _encode(rgb, "JPEG", progressive=True)),
+        "jpeg_exif": ("jpeg", _encode(rgb, "JPEG", exif=_exif(6))),
+        "png": ("png", _encode(rgb, "PNG")),
+        "png_grey": ("png", _encode(grey, "PNG")),
+        "png_rgba": ("png", _encode(rgb.convert("RGBA"), "PNG")),
+        "png_16bit": ("png", _encode(Image.fromarray(_pattern()[..., 0] * np.uint16(257)), "PNG")),
+        "gif": ("gif", _encode(rgb, "GIF")),
+        "gif_animated": ("gif", _encode(
+            rgb, "GIF", save_all=True, append_images=[Image.fromarray(_pattern()[::-1])], loop=0
+        )),
+        # TF decodes a GIF to its largest frame, whatever the logical screen says.
+        "gif_screen_larger": ("gif", _gif(WIDTH + 60, HEIGHT + 50, [(_pattern(), 0, 0)])),
+        "gif_screen_smaller": ("gif", _gif(10, 8, [(_pattern(), 0, 0)])),
+        "gif_first_frame_larger": ("gif", _gif(WIDTH, HEIGHT, [(_pattern(), 0, 0), (small, 1, 1)])),
+        "gif_second_frame_larger": ("gif", _gif(7, 5, [(small, 0, 0), (_pattern(), 3, 2)])),
+        "bmp": ("bmp", _encode(rgb, "BMP")),
+        "bmp_grey": ("bmp", _encode(grey, "BMP")),
+        "bmp_top_down": ("bmp", _bmp_top_down(_pattern())),
+        "webp_lossy": ("webp", _encode(rgb, "WEBP", quality=80)),
+        "webp_lossless": ("webp", _encode(rgb, "WEBP", lossless=True)),
+        "webp_extended": ("webp", _encode(rgb, "WEBP", exif=_exif(3))),
+    }
+
+
+@pytest.fixture(scope="module")
+def sample_files(tmp_path_factory):
+    """name -> (format, path) of Pillow-written files in a temporary folder."""
+    folder = tmp_path_factory.mktemp("images")
+    files = {}
+    for name, (fmt, data) in _samples().items():
+        path = folder / f"{name}.{fmt}"
+        path.write_bytes(data)
+        files[name] = (fmt, path)
+    return files
+
+
+def _hostile_jpeg(height=30000, width=30000):
+    """~630 bytes of well-formed JPEG headers whose frame header claims height x width."""
+    components = b"\x03" + b"\x01\x22\x00" + b"\x02\x11\x01" + b"\x03\x11\x01"
+    size = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    sof = _segment(0xC0, b"\x08" + size + components)
+    dqt = _segment(0xDB, b"\x00" + bytes(range(1, 65))) + _segment(0xDB, b"\x01" + bytes(64 * [99]))
+    counts = bytes([0, 1, 5, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0])
+    dht = _segment(0xC4, b"\x00" + counts + bytes(range(12)))
+    sos = _segment(0xDA, b"\x03\x01\x00\x02\x11\x03\x11\x00\x3f\x00")
+    jfif = _segment(0xE0, b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00")
+    scan = bytes(range(256)) + bytes(110)  # stands in for entropy-coded data
+    return b"\xff\xd8" + jfif + dqt + sof + dht + sos + scan + b"\xff\xd9"
+
+
+def _hostile_png(height=20000, width=20000):
+    """A PNG whose IHDR claims height x width, with one tiny IDAT: 70-odd bytes."""
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return (
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", zlib.compress(b"\x00" * 61)) + _chunk(b"IEND", b"")
+    )
+
+
+def _garbage(size=512, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+def _decode(data):
+    return tf.io.decode_image(data, channels=3, expand_animations=False)
+
+
+# ----------------------------------------------------------------------------- format and size
+
+
+@pytest.mark.parametrize("name", sorted(_samples()))
+def test_header_shape_is_the_size_tf_decodes(sample_files, name):
+    fmt, path = sample_files[name]
+    data = path.read_bytes()
+    expected = (HEIGHT, WIDTH)
+    assert imageinfo.image_format(data).numpy() == fmt.encode()
+    assert tuple(imageinfo.header_shape(data).numpy()) == expected
+    assert tuple(_decode(data).shape[:2]) == expected
+
+
+def test_header_shape_agrees_with_pillow_and_tf_jpeg_parser(sample_files):
+    for name in ("jpeg", "jpeg_grey", "jpeg_progressive", "png", "bmp", "webp_lossy"):
+        data = sample_files[name][1].read_bytes()
+        width, height = Image.open(io.BytesIO(data)).size
+        assert tuple(imageinfo.header_shape(data).numpy()) == (height, width), name
+    jpeg = sample_files["jpeg"][1].read_bytes()
+    assert list(imageinfo.header_shape(jpeg).numpy()) == list(tf.image.extract_jpeg_shape(jpeg)[:2])
+
+
+def test_other_sizes_and_aspect_ratios():
+    for height, width in [(1, 1), (3, 200), (97, 5)]:
+        image = Image.fromarray(_pattern(max(height, 2), max(width, 2))[:height, :width])
+        for fmt in ("JPEG", "PNG", "GIF", "BMP", "WEBP"):
+            data = _encode(image, fmt)
+            assert tuple(imageinfo.header_shape(data).numpy()) == (height, width), fmt
+
+
+def test_tiff_is_named_but_its_size_is_not_read(tmp_path):
+    path = tmp_path / "photo.tiff"
+    Image.fromarray(_pattern()).save(path)
+    data = path.read_bytes()
+    assert imageinfo.image_format(data).numpy() == b"tiff"
+    assert list(imageinfo.header_shape(data).numpy()) == [-1, -1]
+
+
+def test_jpeg_xl_is_recognised_by_its_signature():
+    assert imageinfo.image_format(b"\xff\x0a" + bytes(30)).numpy() == b"jxl"
+    container = b"\x00\x00\x00\x0cJXL \r\n\x87\n" + bytes(30)
+    assert imageinfo.image_format(container).numpy() == b"jxl"
+    assert list(imageinfo.header_shape(container).numpy()) == [-1, -1]
+
+
+def test_jpeg_walk_steps_over_fill_bytes_and_stray_bytes(sample_files):
+    jpeg = sample_files["jpeg"][1].read_bytes()
+    # Fill bytes before a marker and junk between segments: libjpeg accepts both.
+    first_segment_end = 4 + int.from_bytes(jpeg[4:6], "big")
+    variants = [
+        jpeg[:2] + b"\xff\xff\xff" + jpeg[2:],
+        jpeg[:first_segment_end] + b"\x00junk" + jpeg[first_segment_end:],
+    ]
+    for data in variants:
+        assert tuple(_decode(data).shape[:2]) == (HEIGHT, WIDTH)
+        assert tuple(imageinfo.header_shape(data).numpy()) == (HEIGHT, WIDTH)
+
+
+def test_bmp_with_os2_core_header_is_unknown():
+    # 12-byte BITMAPCOREHEADER with 16-bit sizes: TF reads 32-bit fields there.
+    header = b"BM" + (26 + 3).to_bytes(4, "little") + bytes(4) + (26).to_bytes(4, "little")
+    core = (12).to_bytes(4, "little") + (1).to_bytes(2, "little") * 2 + b"\x01\x00\x18\x00"
+    assert list(imageinfo.header_shape(header + core + b"\x00\x00\xff").numpy()) == [-1, -1]
+
+
+# ----------------------------------------------------------------------------- eager == tf.data
+
+
+def _all_bytes(sample_files):
+    items = [path.read_bytes() for _, path in sample_files.values()]
+    items += [
+        _hostile_jpeg(), _hostile_png(), b"", _garbage(), _garbage(3, seed=1),
+        sample_files["jpeg_exif"][1].read_bytes()[:300], _gif(30000, 30000, [(_pattern(), 0, 0)]),
+    ]
+    jpeg = sample_files["jpeg"][1].read_bytes()
+    items += [
+        _with_app1_exif(jpeg, _tiff_orientation_block(o, big_endian=o % 2 == 0))
+        for o in range(1, 9)
+    ]
+    return items
+
+
+def test_header_functions_give_the_same_results_in_tf_data(sample_files):
+    items = _all_bytes(sample_files)
+    eager = [
+        (imageinfo.image_format(d).numpy(), tuple(imageinfo.header_shape(d).numpy()),
+         int(imageinfo.exif_orientation(d)))
+        for d in items
+    ]
+    dataset = tf.data.Dataset.from_tensor_slices(items).map(
+        lambda d: (
+            imageinfo.image_format(d), imageinfo.header_shape(d), imageinfo.exif_orientation(d)
+        )
+    )
+    in_graph = [(f, tuple(s), int(o)) for f, s, o in dataset.as_numpy_iterator()]
+    assert in_graph == eager
+    # The comparison is not vacuous: real sizes, unknowns and all eight orientations occur.
+    assert (HEIGHT, WIDTH) in {s for _, s, _ in eager} and (-1, -1) in {s for _, s, _ in eager}
+    assert {o for _, _, o in eager} == set(range(1, 9))
+
+
+def test_header_functions_work_inside_tf_function():
+    data = _encode(Image.fromarray(_pattern()), "PNG", exif=_exif(8))
+
+    @tf.function
+    def facts(contents):
+        return imageinfo.check_header(contents, 10_000), imageinfo.exif_orientation(contents)
+
+    shape, orientation = facts(tf.constant(data))
+    assert tuple(shape.numpy()) == (HEIGHT, WIDTH) and int(orientation) == 8
+
+
+# ----------------------------------------------------------------------------- EXIF orientation
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_exif_orientation_reads_the_written_tag(tmp_path, fmt, orientation):
+    path = tmp_path / f"oriented.{fmt.lower()}"
+    Image.fromarray(_pattern()).save(path, fmt, exif=_exif(orientation))
+    assert int(imageinfo.exif_orientation(path.read_bytes())) == orientation
+
+
+@pytest.mark.parametrize("big_endian", [False, True], ids=["II", "MM"])
+def test_exif_orientation_reads_both_byte_orders(sample_files, big_endian):
+    jpeg = sample_files["jpeg"][1].read_bytes()
+    for orientation in (3, 6, 8):
+        data = _with_app1_exif(jpeg, _tiff_orientation_block(orientation, big_endian))
+        assert int(imageinfo.exif_orientation(data)) == orientation
+        assert ImageOps.exif_transpose(Image.open(io.BytesIO(data))).size[0] == (
+            HEIGHT if orientation in (6, 8) else WIDTH
+        )
+
+
+def test_exif_orientation_defaults_to_upright(sample_files):
+    jpeg = sample_files["jpeg"][1].read_bytes()
+    good = _tiff_orientation_block(6, big_endian=False)
+    broken = {
+        "no exif": jpeg,
+        "value 0": _with_app1_exif(jpeg, _tiff_orientation_block(0, False)),
+        "value 9": _with_app1_exif(jpeg, _tiff_orientation_block(9, False)),
+        "IFD offset past the segment": _with_app1_exif(
+            jpeg, good[:4] + b"\xff\xff\x00\x00" + good[8:]
+        ),
+        "bad byte order mark": _with_app1_exif(jpeg, b"XX" + good[2:]),
+        "not 42": _with_app1_exif(jpeg, good[:2] + b"\x2b\x00" + good[4:]),
+        "entry cut off by the segment end": _with_app1_exif(jpeg, good[:-10]),
+        "exif after the image data": jpeg[:-2] + _segment(0xE1, b"Exif\x00\x00" + good) + jpeg[-2:],
+        "gif": sample_files["gif"][1].read_bytes(),
+        "bmp": sample_files["bmp"][1].read_bytes(),
+        "garbage": _garbage(),
+    }
+    assert int(imageinfo.exif_orientation(_with_app1_exif(jpeg, good))) == 6  # the control
+    for case, data in broken.items():
+        assert int(imageinfo.exif_orientation(data)) == 1, case
+
+
+# ----------------------------------------------------------------------------- apply_orientation
+
+
+def _oriented(fmt, orientation, **options):
+    return _encode(Image.fromarray(_pattern()), fmt, exif=_exif(orientation), **options)
+
+
+def _pil_upright(data):
+    return np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+
+
+def _tf_upright(data):
+    return imageinfo.apply_orientation(_decode(data), imageinfo.exif_orientation(data)).numpy()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_apply_orientation_equals_pil_exif_transpose_on_png(orientation):
+    data = _oriented("PNG", orientation)
+    expected = _pil_upright(data)
+    assert expected.shape[:2] == ((WIDTH, HEIGHT) if orientation >= 5 else (HEIGHT, WIDTH))
+    np.testing.assert_array_equal(_tf_upright(data), expected)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_apply_orientation_equals_pil_exif_transpose_on_jpeg(orientation):
+    # Both decode the same JPEG bytes; TF's default IDCT (IFAST) differs from Pillow's by a
+    # few levels, while a wrong transform would differ by up to 255.
+    data = _oriented("JPEG", orientation, quality=95)
+    expected = _pil_upright(data).astype(int)
+    actual = _tf_upright(data).astype(int)
+    assert actual.shape == expected.shape
+    assert np.abs(actual - expected).max() <= 8
+
+
+def test_apply_orientation_in_tf_data_with_unknown_shapes():
+    items = [_oriented("PNG", o) for o in range(1, 9)]
+    dataset = tf.data.Dataset.from_tensor_slices(items).map(
+        lambda d: imageinfo.apply_orientation(
+            tf.io.decode_png(d, channels=3), imageinfo.exif_orientation(d)
+        )
+    )
+    assert dataset.element_spec.shape.as_list() == [None, None, 3]
+    for data, image in zip(items, dataset.as_numpy_iterator()):
+        np.testing.assert_array_equal(image, _pil_upright(data))
+
+
+def test_apply_orientation_with_a_static_non_square_shape_in_a_graph():
+    image = _pattern()
+
+    static = [tf.TensorSpec([HEIGHT, WIDTH, 3], tf.uint8), tf.TensorSpec([], tf.int32)]
+
+    @tf.function(input_signature=static)
+    def orient(pixels, orientation):
+        return imageinfo.apply_orientation(pixels, orientation)
+
+    for orientation in range(1, 9):
+        eager = imageinfo.apply_orientation(image, orientation).numpy()
+        np.testing.assert_array_equal(orient(image, orientation).numpy(), eager)
+    # Values out of 1..8 leave the image alone, like a missing tag.
+    for orientation in (0, 9, -3):
+        np.testing.assert_array_equal(orient(image, orientation).numpy(), image)
+
+
+# ----------------------------------------------------------------------------- hostile input
+
+
+def test_hostile_jpeg_reports_the_claimed_size_without_decoding():
+    data = _hostile_jpeg()
+    assert 550 <= len(data) <= 700
+    assert imageinfo.image_format(data).numpy() == b"jpeg"
+    assert list(imageinfo.header_shape(data).numpy()) == [30000, 30000]
+    # TF's own header parser agrees; it reads headers only, like header_shape.
+    assert list(tf.image.extract_jpeg_shape(data).numpy()) == [30000, 30000, 3]
+
+
+def test_hostile_png_reports_the_claimed_size_without_decoding():
+    data = _hostile_png()
+    assert len(data) < 100
+    assert list(imageinfo.header_shape(data).numpy()) == [20000, 20000]
+
+
+def test_png_without_ihdr_first_is_unknown():
+    data = bytearray(_hostile_png(height=30, width=40))
+    data[12:16] = b"IHDx"
+    assert list(imageinfo.header_shape(bytes(data)).numpy()) == [-1, -1]
+
+
+def test_gif_logical_screen_does_not_count():
+    # A 30000x30000 screen around a 24x40 frame decodes to 24x40 in TF: no false alarm.
+    data = _gif(30000, 30000, [(_pattern(), 0, 0)])
+    assert tuple(_decode(data).shape[:2]) == (HEIGHT, WIDTH)
+    assert tuple(imageinfo.check_header(data, HEIGHT * WIDTH).numpy()) == (HEIGHT, WIDTH)
+
+
+@pytest.mark.parametrize("name", ["jpeg_exif", "png", "gif_animated", "bmp", "webp_extended"])
+def test_truncated_files_give_unknown_or_the_true_size(sample_files, name):
+    data = sample_files[name][1].read_bytes()
+    lengths = sorted(set(range(0, 64)) | set(range(64, len(data), max(1, len(data) // 40))))
+    for length in lengths:
+        prefix = data[:length]
+        shape = tuple(imageinfo.header_shape(prefix).numpy())
+        assert shape in {(-1, -1), (HEIGHT, WIDTH)}, length
+        assert int(imageinfo.exif_orientation(prefix)) in {1, 6, 3}, length
+
+
+def test_empty_and_garbage_bytes():
+    short_jpeg, zeros_jpeg = b"\xff\xd8\xff", b"\xff\xd8\xff" + bytes(5000)
+    for data in (b"", b"\x00", _garbage(), _garbage(7, seed=3), short_jpeg, zeros_jpeg):
+        assert list(imageinfo.header_shape(data).numpy()) == [-1, -1]
+        assert int(imageinfo.exif_orientation(data)) == 1
+    assert imageinfo.image_format(b"").numpy() == b"unknown"
+    assert imageinfo.image_format(_garbage()).numpy() == b"unknown"
+
+
+def test_jpeg_with_endless_fill_bytes_gives_up_and_stays_unknown():
+    data = b"\xff\xd8" + b"\xff" * 20000 + _hostile_jpeg()[2:]
+    assert list(imageinfo.header_shape(data).numpy()) == [-1, -1]
+
+
+# ----------------------------------------------------------------------------- check_header
+
+
+def _check_error(data, max_pixels=64_000_000, name="uploads/photo.jpg"):
+    with pytest.raises(tf.errors.InvalidArgumentError) as caught:
+        imageinfo.check_header(data, max_pixels, name=name)
+    return caught.value.message
+
+
+def test_check_header_passes_a_good_image_and_returns_its_shape(sample_files):
+    data = sample_files["webp_lossy"][1].read_bytes()
+    assert tuple(imageinfo.check_header(data, HEIGHT * WIDTH).numpy()) == (HEIGHT, WIDTH)
+    message = _check_error(data, max_pixels=HEIGHT * WIDTH - 1, name=None)
+    assert f"announces {WIDTH}x{HEIGHT} = {HEIGHT * WIDTH} pixels" in message
+    assert f"over the cap of {HEIGHT * WIDTH - 1}" in message
+    assert not message.startswith(":")
+
+
+def test_check_header_rejects_a_huge_jpeg_with_name_and_cap():
+    message = _check_error(_hostile_jpeg())
+    assert message.startswith("uploads/photo.jpg: ")
+    assert "image header announces 30000x30000 = 900000000 pixels" in message
+    assert "over the cap of 64000000; raise max_pixels if this is intended" in message
+
+
+def test_check_header_rejects_a_huge_png():
+    message = _check_error(_hostile_png(height=20000, width=15000), name="big.png")
+    assert "big.png: image header announces 15000x20000 = 300000000" in message
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (b"", "image is empty (0 bytes)"),
+        (_garbage(), "match no JPEG, PNG, GIF, BMP or WebP signature"),
+        (b"II*\x00" + bytes(100), "TIFF, which TensorFlow cannot decode"),
+        (b"\xff\x0a" + bytes(100), "JPEG XL"),
+        (_hostile_jpeg()[:150], "JPEG header is unreadable (truncated or malformed, 150 bytes)"),
+        (_hostile_png()[:20], "PNG header is unreadable"),
+    ],
+    ids=["empty", "garbage", "tiff", "jxl", "truncated-jpeg", "truncated-png"],
+)
+def test_check_header_names_the_problem_and_the_file(data, expected):
+    message = _check_error(data)
+    assert expected in message
+    assert message.startswith("uploads/photo.jpg: ")
+
+
+def test_check_header_tiff_message_suggests_converting(tmp_path):
+    path = tmp_path / "scan.tif"
+    Image.fromarray(_pattern()).save(path)
+    message = _check_error(path.read_bytes(), name=str(path))
+    assert str(path) in message and "convert it" in message
+
+
+def test_check_header_raises_inside_tf_data_with_the_message():
+    items = tf.constant([_hostile_png(), _hostile_jpeg()])
+    names = tf.constant(["a/first.png", "b/second.jpg"])
+    dataset = tf.data.Dataset.from_tensor_slices((items, names)).map(
+        lambda d, n: imageinfo.check_header(d, 64_000_000, name=n)
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError) as caught:
+        list(dataset.as_numpy_iterator())
+    message = caught.value.message
+    assert "a/first.png: image header announces 20000x20000 = 400000000" in message
+    assert "over the cap of 64000000" in message
+
+
+def test_check_header_in_tf_data_passes_good_images(sample_files):
+    items = [path.read_bytes() for fmt, path in sample_files.values()]
+    dataset = tf.data.Dataset.from_tensor_slices(items).map(
+        lambda d: imageinfo.check_header(d, tf.constant(HEIGHT * WIDTH, tf.int64))
+    )
+    assert [tuple(s) for s in dataset.as_numpy_iterator()] == [(HEIGHT, WIDTH)] * len(items)
+
+
+def test_check_header_rejects_a_nonpositive_cap():
+    with pytest.raises(ConfigError, match="max_pixels"):
+        imageinfo.check_header(b"", 0)
+
+
+# ----------------------------------------------------------------------------- properties
+
+_SIGNATURES = [
+    b"", b"\xff\xd8\xff", b"\xff\xd8\xff\xe1\x00\x40Exif\x00\x00II*\x00\x08\x00\x00\x00",
+    b"\xff\xd8\xff\xe1\x00\x40Exif\x00\x00MM\x00*\x00\x00\x00\x08", b"\x89PNG\r\n\x1a\n",
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR", b"GIF89a", b"BM", b"RIFF\x00\x00\x00\x00WEBP",
+    b"RIFF\x00\x00\x00\x00WEBPVP8X", b"RIFF\x00\x00\x00\x00WEBPVP8L", b"II*\x00", b"MM\x00*",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _exif_jpeg():
+    return _encode(Image.fromarray(_pattern()), "JPEG", exif=_exif(6))
+
+
+def _assert_valid_facts(data):
+    fmt = imageinfo.image_format(data).numpy().decode()
+    height, width = imageinfo.header_shape(data).numpy()
+    orientation = int(imageinfo.exif_orientation(data))
+    assert fmt in imageinfo.FORMATS
+    assert (height, width) == (-1, -1) or (1 <= height < 2**31 and 1 <= width < 2**31)
+    assert 1 <= orientation <= 8
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prefix=st.sampled_from(_SIGNATURES), body=st.binary(max_size=400))
+def test_random_bytes_never_raise(prefix, body):
+    _assert_valid_facts(prefix + body)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(edits=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), min_size=1, max_size=8),
+       length=st.integers(0, 2000))
+def test_corrupted_jpeg_headers_never_raise(edits, length):
+    data = bytearray(_exif_jpeg()[:length])
+    for position, value in edits:
+        if position < len(data):
+            data[position] = value
+    _assert_valid_facts(bytes(data))
