@@ -49,6 +49,9 @@ class TrainConfig:
         image_size: (height, width) every image is resized to (antialiased, whole
             image, no crop). KonIQ's photos are 4:3, so 384x512 keeps their aspect.
         hflip: random horizontal flips in training (quality-preserving).
+        train_crop: (height, width) of a random crop, without rescaling, taken from
+            each resized training image; None trains on whole images. Evaluation
+            always sees whole images (the model is fully convolutional).
         cache: "none", "memory" (decoded, resized uint8 images) or a directory for
             tf.data's file cache.
         variant: ConvNeXt size: tiny, small, base, large or xlarge.
@@ -85,6 +88,7 @@ class TrainConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     image_size: Tuple[int, int] = (384, 512)
     hflip: bool = True
+    train_crop: Optional[Tuple[int, int]] = None
     cache: str = "none"
     variant: str = "tiny"
     weights: str = "imagenet"
@@ -105,6 +109,8 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        if self.train_crop is not None:
+            object.__setattr__(self, "train_crop", tuple(int(v) for v in self.train_crop))
         self.validate()
 
     @classmethod
@@ -150,6 +156,13 @@ class TrainConfig:
             raise ConfigError(
                 f"image_size must be (height, width) of at least 32 pixels each, got {self.image_size}"
             )
+        if self.train_crop is not None and (
+            len(self.train_crop) != 2
+            or not all(16 <= c <= s for c, s in zip(self.train_crop, self.image_size))
+        ):
+            raise ConfigError(
+                f"train_crop must be (height, width) within image_size {self.image_size}, got {self.train_crop}"
+            )
         for field in ("repeats", "epochs", "batch_size", "patience", "max_pixels"):
             if getattr(self, field) < 1:
                 raise ConfigError(f"{field} must be at least 1, got {getattr(self, field)}")
@@ -175,6 +188,7 @@ class TrainConfig:
         """Returns the config as a JSON-ready dict."""
         data = dataclasses.asdict(self)
         data["image_size"] = list(self.image_size)
+        data["train_crop"] = list(self.train_crop) if self.train_crop else None
         return data
 
     def save(self, path):

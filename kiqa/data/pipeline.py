@@ -32,6 +32,25 @@ def _decode_file(config):
     return decode
 
 
+def augment(image, seeds, config):
+    """Quality-preserving augmentation: a random crop without rescaling, a horizontal flip.
+
+    Args:
+        image: float32 [H, W, 3].
+        seeds: int64 [4]; two stateless seeds (crop, flip), fresh for every element.
+        config: `TrainConfig` (train_crop, hflip).
+
+    Returns:
+        The augmented image, [crop_h, crop_w, 3] when cropping.
+    """
+    if config.train_crop:
+        height, width = config.train_crop
+        image = tf.image.stateless_random_crop(image, (height, width, 3), seeds[:2])
+    if config.hflip:
+        image = tf.image.stateless_random_flip_left_right(image, seeds[2:])
+    return image
+
+
 def _cache_file(config, paths, part):
     """A file-cache name unique to the files and decode settings (a stale cache is wrong data)."""
     key = hashlib.sha256(
@@ -81,17 +100,32 @@ def make_dataset(paths, mos, config, training, with_index=False, part="train"):
         dataset = dataset.map(lambda e: dict(e, image=tf.cast(e["image"], tf.uint8)))
         dataset = dataset.cache("" if config.cache == "memory" else _cache_file(config, paths, part))
         if training:
-            dataset = dataset.shuffle(
-                min(n, CACHED_SHUFFLE_BUFFER), seed=config.seed, reshuffle_each_iteration=True
-            )
+            dataset = shuffle_decoded(dataset, n, config)
         dataset = dataset.map(lambda e: dict(e, image=tf.cast(e["image"], tf.float32)))
+    return finish_dataset(dataset, config, training, with_index)
 
-    if training and config.hflip:
-        seeds = tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True).batch(2)
-        dataset = tf.data.Dataset.zip(dataset, seeds).map(
-            lambda e, seed: dict(e, image=tf.image.stateless_random_flip_left_right(e["image"], seed)),
-            num_parallel_calls=AUTOTUNE,
-        )
+
+def shuffle_decoded(dataset, n, config):
+    """Seeded, per-epoch shuffle of decoded images through a bounded buffer."""
+    return dataset.shuffle(min(n, CACHED_SHUFFLE_BUFFER), seed=config.seed, reshuffle_each_iteration=True)
+
+
+def finish_dataset(dataset, config, training, with_index):
+    """Augments (training only), shapes elements for Keras, batches and prefetches.
+
+    Args:
+        dataset: elements `dict(image=float32[H, W, 3], mos=float32, index=int64)`.
+        config: `TrainConfig`.
+        training: apply `augment`.
+        with_index: keep `index` in the features (see `make_dataset`).
+
+    Returns:
+        The batched dataset, sharded by element under multi-worker training.
+    """
+    if training and (config.hflip or config.train_crop):
+        dataset = tf.data.Dataset.zip(
+            dataset, tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True).batch(4)
+        ).map(lambda e, seeds: dict(e, image=augment(e["image"], seeds, config)), num_parallel_calls=AUTOTUNE)
 
     def to_model_inputs(e):
         if with_index:
@@ -99,4 +133,8 @@ def make_dataset(paths, mos, config, training, with_index=False, part="train"):
         return e["image"], {"mos": e["mos"]}
 
     dataset = dataset.map(to_model_inputs).batch(config.batch_size).prefetch(AUTOTUNE)
-    return dataset
+    # Multi-worker training shards by element: every worker lists all files, so
+    # sharding by file would give each worker everything.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)

@@ -36,7 +36,7 @@ PHOTOS = (
 )
 # Per-level severity of each distortion, chosen so that level 5 is plainly bad at 96x128.
 DISTORTIONS = {
-    "blur": (0.6, 1.0, 1.6, 2.4, 3.5),  # Gaussian radius in pixels at 192x256
+    "blur": (0.5, 0.8, 1.2, 1.8, 2.6),  # Gaussian radius in pixels at 96x128
     "noise": (5.0, 10.0, 18.0, 28.0, 42.0),  # Gaussian sigma in 8-bit levels
     "jpeg": (50, 30, 18, 10, 5),  # JPEG quality
 }
@@ -102,7 +102,7 @@ def _vote_columns(mos, rng):
     return fractions, votes, float(ratings.mean()), float(ratings.std(ddof=1))
 
 
-def write_demo_dataset(out_dir, crops_per_photo=3, size=(192, 256), seed=0):
+def write_demo_dataset(out_dir, crops_per_photo=3, size=(96, 128), seed=0):
     """Writes the demo dataset: `labels.csv` and `images/*.jpg`.
 
     Written to a temporary folder and renamed into place, so an interrupted run never
