@@ -1,0 +1,121 @@
+"""`kiqa predict`: score images through a TF Serving endpoint over gRPC."""
+
+import argparse
+import csv
+import sys
+
+from kiqa.cli._common import EXIT_OK, EXIT_PARTIAL, entry_point
+
+# Failures listed on the terminal; the CSV (--out) has all of them.
+SHOWN_FAILURES = 10
+# kiqa.serving_client's defaults, repeated so that --help does not wait for TensorFlow
+# (tests/test_serving_client.py checks they match).
+DEFAULT_SERVER = "localhost:8500"
+DEFAULT_MODEL = "kiqa"
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_MAX_MESSAGE_MB = 256
+
+
+def build_parser(prog=None):
+    """The argument parser."""
+    parser = argparse.ArgumentParser(
+        prog=prog or "kiqa predict",
+        description="Send image files to a kiqa model served by TF Serving (gRPC) and print "
+        "their MOS (KonIQ's 0-100 scale, higher is better) as CSV: path,mos,error. The "
+        "server decodes and resizes the images itself. Files the server rejects (not an "
+        "image, over the pixel cap) get an error row and the rest are scored (exit code 3).",
+    )
+    parser.add_argument("paths", nargs="*", metavar="PATH",
+                        help="image files and folders (searched recursively for .jpg .jpeg .png "
+                        ".bmp .gif .webp)")
+    parser.add_argument("--server", default=DEFAULT_SERVER,
+                        help=f"TF Serving's gRPC host:port (default {DEFAULT_SERVER}; 8501 is REST, not gRPC)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"model name in models.config (default {DEFAULT_MODEL})")
+    parser.add_argument("--version", type=int, default=None,
+                        help="a specific version (default: the latest available)")
+    parser.add_argument("--signature", default=None, help="signature name (default serving_default)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help=f"images per request (default {DEFAULT_BATCH_SIZE}; keep it at or below the "
+                        "server's max_batch_size)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help=f"seconds per request (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--max-message-mb", type=float, default=DEFAULT_MAX_MESSAGE_MB,
+                        help=f"this client's gRPC message limit in MB (default {DEFAULT_MAX_MESSAGE_MB}; "
+                        "gRPC's own default of 4 MB is less than one large JPEG)")
+    parser.add_argument("--status", action="store_true",
+                        help="print the model's versions, their states and the signature, then exit")
+    parser.add_argument("--out", help="write the CSV here instead of standard output")
+    return parser
+
+
+@entry_point
+def main(argv=None, prog=None):
+    """Runs `kiqa predict`."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if not args.paths and not args.status:
+        parser.error("give image files or folders to score, or --status")
+    from kiqa.export import BYTES_SIGNATURE
+    from kiqa.score import find_images
+    from kiqa.serving_client import ScoreResult, ServingClient
+
+    client = ServingClient(
+        args.server,
+        model_name=args.model,
+        version=args.version,
+        signature_name=args.signature or BYTES_SIGNATURE,
+        timeout=args.timeout,
+        max_message_bytes=int(args.max_message_mb * 2**20),
+    )
+    with client:
+        if args.status:
+            return _print_status(client)
+        found = find_images(args.paths)
+        client.check()
+        readable = [path for path, error in found if error is None]
+        scored = iter(client.score_files(readable, batch_size=args.batch_size))
+        results = [
+            next(scored) if error is None else ScoreResult(str(path), error=f"{path}: {error}")
+            for path, error in found
+        ]
+    _write_csv(results, args.out)
+    failures = [r for r in results if not r.ok]
+    print(f"{len(results)} files: {len(results) - len(failures)} scored, {len(failures)} failed", file=sys.stderr)
+    for result in failures[:SHOWN_FAILURES]:
+        print(f"  {result.error}", file=sys.stderr)
+    if len(failures) > SHOWN_FAILURES:
+        print(f"  ... and {len(failures) - SHOWN_FAILURES} more", file=sys.stderr)
+    return EXIT_PARTIAL if failures else EXIT_OK
+
+
+def _print_status(client):
+    info = client.check()
+    print(f"model {client.model_name!r} at {client.server}:")
+    for status in info["versions"]:
+        error = f" ({status.error_message})" if status.error_message else ""
+        print(f"  version {status.version}: {status.state}{error}")
+    signature = info["signature"]
+    print(f"requests go to version {info['version']}, signature {client.signature_name!r}:")
+    for kind in ("inputs", "outputs"):
+        for key, (dtype, shape) in signature[kind].items():
+            print(f"  {kind[:-1]} {key}: {dtype}{shape}")
+    return EXIT_OK
+
+
+def _write_csv(results, out):
+    handle = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout
+    try:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "mos", "error"])
+        for result in results:
+            mos = "" if result.mos is None else f"{result.mos:.4f}"
+            writer.writerow([result.name, mos, result.error or ""])
+    finally:
+        if out:
+            handle.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

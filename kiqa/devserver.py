@@ -1,0 +1,431 @@
+"""A local development and test server that speaks TF Serving's gRPC API. It is NOT TF Serving.
+
+The real `tensorflow_model_server` cannot be installed on every machine (it has no PyPI
+or Debian package here), yet the export and the client must be tried end to end. This
+module serves the versions under an export base path with TF Serving's own gRPC
+services and protobufs (`tensorflow_serving.apis`): `PredictionService.Predict`,
+`PredictionService.GetModelMetadata` and `ModelService.GetModelStatus`, answering with
+the status codes TF Serving's sources use for the same situations:
+
+- NOT_FOUND: unknown model name ("Servable not found for request: Latest(name)"),
+  unknown or unloaded version, or no versions at all in GetModelStatus.
+- FAILED_PRECONDITION: the requested signature is not in the SavedModel.
+- INVALID_ARGUMENT: inputs missing, extra or of the wrong dtype, a metadata field other
+  than "signature_def", and errors the graph raises on bad input (an undecodable image,
+  a header over the pixel cap).
+- UNIMPLEMENTED: Classify, Regress, MultiInference, HandleReloadConfigRequest, version
+  labels.
+
+Like TF Serving it loads the latest version by default (or all, or a given list),
+ignores directories whose names are not integers, replays the version's
+`assets.extra/tf_serving_warmup_requests` before marking it AVAILABLE (a failing warmup
+fails the load, state END with the error), and returns `mos` as `float_val`, as TF
+Serving's Predict does. What it does not do: batching, GPU placement, REST, model
+config files, version labels, monitoring, and TF Serving's C++ runtime. Passing here
+shows the protocol, signatures and error handling are right; it says nothing about TF
+Serving's performance or memory use.
+
+It binds 127.0.0.1 only: it is a developer tool, with no authentication or TLS.
+"""
+
+import logging
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2, types_pb2
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from kiqa import export
+from kiqa.errors import ServingError
+
+HOST = "127.0.0.1"
+# TF Serving raises gRPC's message limit to INT32_MAX (model_servers/server.cc).
+MAX_MESSAGE_BYTES = 2**31 - 1
+_log = logging.getLogger(__name__)
+
+
+class _Abort(Exception):
+    """A request failure with the gRPC status code TF Serving would return."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _Version:
+    """One version directory: its state as GetModelStatus reports it, and the loaded model."""
+
+    def __init__(self, number, path):
+        self.number = number
+        self.path = path
+        self.state = get_model_status_pb2.ModelVersionStatus.LOADING
+        self.error_code = 0
+        self.error_message = ""
+        self.loaded = None
+        self.meta_graph = None
+
+
+class DevServer:
+    """Serves one model's SavedModel versions over TF Serving's gRPC API on 127.0.0.1.
+
+    Use it as a context manager in tests:
+
+        with DevServer("export/kiqa") as server:
+            client = ServingClient(server.address)
+
+    Args:
+        base_path: the model base path (`export/kiqa`); versions are its integer-named
+            subdirectories.
+        model_name: name clients ask for; None takes the base path's last component.
+        port: TCP port on 127.0.0.1; 0 picks a free one (read `port` after `start`).
+        versions: "latest" (TF Serving's default policy: the highest version only),
+            "all", or a list of version numbers (TF Serving's "specific" policy).
+        warmup: replay each version's warmup records before serving it.
+        max_workers: request threads.
+    """
+
+    def __init__(self, base_path, model_name=None, port=0, versions="latest", warmup=True, max_workers=4):
+        self.base_path = Path(base_path)
+        self.model_name = model_name or self.base_path.resolve().name
+        self.requested_port = int(port)
+        self.port = None
+        self.warmup = warmup
+        self.max_workers = max_workers
+        if versions not in ("latest", "all"):
+            versions = sorted(int(v) for v in versions)
+        self.version_policy = versions
+        self._versions = {}
+        self._lock = threading.Lock()
+        self._server = None
+        self._poller = None
+        self._stop_polling = threading.Event()
+
+    # ------------------------------------------------------------------------- lifecycle
+
+    @property
+    def address(self):
+        """"127.0.0.1:<port>" once started."""
+        return f"{HOST}:{self.port}"
+
+    def start(self, poll_seconds=None):
+        """Loads the versions and starts serving.
+
+        Args:
+            poll_seconds: if set, re-scan the base path this often (TF Serving's
+                --file_system_poll_wait_seconds, 1 by default there).
+
+        Returns:
+            self.
+
+        Raises:
+            ServingError: the base path is missing or the port cannot be bound.
+        """
+        if not self.base_path.is_dir():
+            raise ServingError(
+                f"export base path {self.base_path} not found; export a model first "
+                f"(kiqa export RUN --base {self.base_path})"
+            )
+        self.reload()
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.max_workers),
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                # One server per port: without this a second server could share the port.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(_PredictionService(self), server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(_ModelService(self), server)
+        address = f"{HOST}:{self.requested_port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as err:
+            port = 0
+            reason = str(err)
+        else:
+            reason = "address in use?"
+        if not port:
+            raise ServingError(f"cannot listen on {address} ({reason}); pick another --port")
+        self.port = port
+        server.start()
+        self._server = server
+        if poll_seconds:
+            self._stop_polling.clear()
+            self._poller = threading.Thread(target=self._poll, args=(poll_seconds,), daemon=True)
+            self._poller.start()
+        return self
+
+    def stop(self, grace=None):
+        """Stops serving (in-flight requests get `grace` seconds)."""
+        self._stop_polling.set()
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+
+    def wait(self):
+        """Blocks until the server stops."""
+        if self._server is not None:
+            self._server.wait_for_termination()
+
+    def __enter__(self):
+        return self.start() if self._server is None else self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def _poll(self, seconds):
+        while not self._stop_polling.wait(seconds):
+            try:
+                self.reload()
+            except Exception:  # a poll must not kill the server; the next one retries
+                _log.exception("reloading %s failed", self.base_path)
+
+    # ------------------------------------------------------------------------- versions
+
+    def reload(self):
+        """Re-scans the base path: loads wanted new versions, unloads removed ones.
+
+        Returns:
+            The version numbers now AVAILABLE.
+        """
+        on_disk = export.list_versions(self.base_path)
+        if self.version_policy == "latest":
+            wanted = on_disk[-1:]
+        elif self.version_policy == "all":
+            wanted = on_disk
+        else:
+            wanted = [v for v in self.version_policy if v in on_disk]
+        with self._lock:
+            current = dict(self._versions)
+        for number in wanted:
+            if number not in current:
+                current[number] = self._load(number)
+        for number in list(current):
+            if number not in wanted:
+                del current[number]
+        with self._lock:
+            self._versions = current
+        return self.available_versions()
+
+    def available_versions(self):
+        """Sorted version numbers in state AVAILABLE."""
+        with self._lock:
+            return sorted(n for n, v in self._versions.items() if v.loaded is not None)
+
+    def _load(self, number):
+        version = _Version(number, self.base_path / str(number))
+        try:
+            version.meta_graph = export.read_meta_graph(version.path)
+            version.loaded = tf.saved_model.load(str(version.path), tags=["serve"])
+            if self.warmup:
+                self._replay_warmup(version)
+        except Exception as err:  # TF Serving reports any load failure in the version's status
+            version.loaded = None
+            version.state = get_model_status_pb2.ModelVersionStatus.END
+            version.error_code = grpc.StatusCode.UNKNOWN.value[0]
+            version.error_message = f"loading {version.path} failed: {err}"
+            _log.error("%s", version.error_message)
+            return version
+        version.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        return version
+
+    def _replay_warmup(self, version):
+        path = version.path / export.ASSETS_EXTRA / export.WARMUP_FILE
+        if not path.is_file():
+            return
+        for log in export.read_warmup_file(path):
+            if not log.HasField("predict_log"):
+                raise ServingError(f"{path}: only predict_log warmup records are supported here")
+            try:
+                self._run_predict(version, log.predict_log.request)
+            except _Abort as err:
+                raise ServingError(f"warmup request from {path} failed: {err.message}") from err
+
+    # ------------------------------------------------------------------------- requests
+
+    def _find(self, model_spec):
+        if model_spec.name != self.model_name:
+            label = f"Specific({model_spec.name}, {model_spec.version.value})" if model_spec.HasField("version") else f"Latest({model_spec.name})"
+            raise _Abort(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {label}")
+        if model_spec.version_label:
+            raise _Abort(grpc.StatusCode.UNIMPLEMENTED, "version labels are not supported by the kiqa dev server")
+        with self._lock:
+            available = {n: v for n, v in self._versions.items() if v.loaded is not None}
+        if model_spec.HasField("version"):
+            version = available.get(model_spec.version.value)
+            if version is None:
+                raise _Abort(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"Servable not found for request: Specific({model_spec.name}, {model_spec.version.value})",
+                )
+            return version
+        if not available:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({model_spec.name})")
+        return available[max(available)]
+
+    def predict(self, request):
+        """Answers a `PredictRequest` (the gRPC handler's body)."""
+        version = self._find(request.model_spec)
+        return self._run_predict(version, request)
+
+    def _run_predict(self, version, request):
+        name = request.model_spec.signature_name or export.BYTES_SIGNATURE
+        if name not in version.meta_graph.signature_def:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{name}" not found.')
+        signature = version.meta_graph.signature_def[name]
+        expected, sent = set(signature.inputs), set(request.inputs)
+        if expected != sent:
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"input size does not match signature: {len(sent)}!={len(expected)} "
+                f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
+                f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
+                f"Missing but required: {{{','.join(sorted(expected - sent))}}}.",
+            )
+        outputs = list(request.output_filter) or sorted(signature.outputs)
+        for alias in outputs:
+            if alias not in signature.outputs:
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"output tensor alias not found in signature: {alias} Outputs expected to be "
+                    f"in the set {{{','.join(sorted(signature.outputs))}}}.",
+                )
+        inputs = {}
+        for key, proto in request.inputs.items():
+            want = signature.inputs[key].dtype
+            if proto.dtype != want:
+                raise _Abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"Expects arg[{key}] to be {_dtype_word(want)} but {_dtype_word(proto.dtype)} is provided",
+                )
+            try:
+                inputs[key] = tf.constant(tf.make_ndarray(proto), dtype=tf.dtypes.as_dtype(want))
+            except (TypeError, ValueError) as err:
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"input {key!r} is not a valid tensor: {err}") from err
+        function = version.loaded.signatures[name]
+        try:
+            result = function(**inputs)
+        except tf.errors.OpError as err:
+            raise _Abort(_grpc_code(err), _clean_tf_message(err)) from err
+        except (TypeError, ValueError) as err:  # shape or rank mismatch caught in Python
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(err).splitlines()[0]) from err
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = self.model_name
+        response.model_spec.version.value = version.number
+        response.model_spec.signature_name = name
+        for alias in outputs:
+            response.outputs[alias].CopyFrom(_as_proto_field(result[alias].numpy()))
+        return response
+
+    def model_metadata(self, request):
+        """Answers a `GetModelMetadataRequest` (signature_def only, like TF Serving)."""
+        if not request.metadata_field:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "GetModelMetadataRequest must specify at least one metadata_field")
+        for field in request.metadata_field:
+            if field != "signature_def":
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field {field} is not supported")
+        version = self._find(request.model_spec)
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        for key, signature in version.meta_graph.signature_def.items():
+            signatures.signature_def[key].CopyFrom(signature)
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = self.model_name
+        response.model_spec.version.value = version.number
+        response.metadata["signature_def"].Pack(signatures)
+        return response
+
+    def model_status(self, request):
+        """Answers a `GetModelStatusRequest`."""
+        spec = request.model_spec
+        with self._lock:
+            versions = dict(self._versions) if spec.name == self.model_name else {}
+        if spec.HasField("version"):
+            version = versions.get(spec.version.value)
+            if version is None:
+                raise _Abort(grpc.StatusCode.NOT_FOUND, f"Could not find version {spec.version.value} of model {spec.name}")
+            chosen = [version]
+        else:
+            if not versions:
+                raise _Abort(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {spec.name}")
+            chosen = [versions[n] for n in sorted(versions)]
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for version in chosen:
+            entry = response.model_version_status.add()
+            entry.version = version.number
+            entry.state = version.state
+            entry.status.error_code = version.error_code
+            entry.status.error_message = version.error_message
+        return response
+
+
+# ----------------------------------------------------------------------------- gRPC glue
+
+
+def _handle(context, method, request):
+    try:
+        return method(request)
+    except _Abort as err:
+        context.abort(err.code, err.message)
+
+
+class _PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, server):
+        self._server = server
+
+    def Predict(self, request, context):  # noqa: N802 (gRPC's method names)
+        return _handle(context, self._server.predict, request)
+
+    def GetModelMetadata(self, request, context):  # noqa: N802
+        return _handle(context, self._server.model_metadata, request)
+
+
+class _ModelService(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, server):
+        self._server = server
+
+    def GetModelStatus(self, request, context):  # noqa: N802
+        return _handle(context, self._server.model_status, request)
+
+
+def _grpc_code(err):
+    """TF's error codes are the canonical gRPC codes, number for number."""
+    for code in grpc.StatusCode:
+        if code.value[0] == err.error_code:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def _clean_tf_message(err):
+    """TF's C++ message without the Python runtime's "Graph execution error" preamble."""
+    lines = [
+        line for line in (err.message or str(err)).splitlines()
+        if line.strip()
+        and not line.startswith(("Graph execution error", "Detected at node", "<stack traces unavailable>"))
+    ]
+    return "\n".join(lines) or type(err).__name__
+
+
+def _dtype_word(enum_value):
+    return tf.dtypes.as_dtype(enum_value).name if enum_value else "invalid"
+
+
+def _as_proto_field(array):
+    """A tensor as TF Serving's Predict returns it: typed repeated fields, not tensor_content."""
+    array = np.asarray(array)
+    if array.dtype == np.float32:
+        proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, tensor_shape=tf.TensorShape(array.shape).as_proto())
+        proto.float_val.extend(array.ravel().tolist())
+        return proto
+    return tf.make_tensor_proto(array)

@@ -1,0 +1,425 @@
+"""A gRPC client for kiqa models served by TF Serving.
+
+It uses the `tensorflow-serving-api` stubs: `PredictionService` (Predict,
+GetModelMetadata) and `ModelService` (GetModelStatus). Files are sent as encoded bytes to
+the `serving_default` signature (`image_bytes` string[-1] -> `mos` float[-1]); the server
+decodes and resizes them with the same function training used.
+
+What it takes care of:
+- Batching: files go in requests of at most `batch_size` images and `max_batch_bytes`
+  bytes (gRPC refuses messages over its limit; TF Serving raises its own to 2 GB, but
+  proxies and clients default to 4 MB, so this client raises its limit too).
+- Timeouts on every call, so a hung server is an error, not a hang.
+- Checks before scoring: a version is AVAILABLE and its signature is the one kiqa
+  exports; failures say what is wrong (no server at that address, model not loaded,
+  wrong signature) and what to do.
+- A bad image does not sink its batch: TF Serving answers the whole request with
+  INVALID_ARGUMENT, so the client finds the failing item (the export names it,
+  `image_bytes[i]`; otherwise by retrying items one by one), reports it by file name
+  and scores the rest.
+"""
+
+import dataclasses
+import re
+from typing import Optional
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from kiqa.errors import ImageError, ServingError
+from kiqa.export import BYTES_INPUT, BYTES_SIGNATURE, OUTPUT
+from kiqa.image import DEFAULT_MAX_BYTES, read_image_bytes
+
+DEFAULT_SERVER = "localhost:8500"
+DEFAULT_MODEL = "kiqa"
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_BATCH_SIZE = 16
+# gRPC's default is 4 MB, less than one 12 MP JPEG and its neighbours in a batch.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# Room for the request's own fields around the image bytes.
+_MESSAGE_OVERHEAD = 64 * 1024
+
+_INDEX = re.compile(re.escape(BYTES_INPUT) + r"\[(\d+)\]")
+_STATE_NAMES = {value: name for name, value in get_model_status_pb2.ModelVersionStatus.State.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreResult:
+    """One input's outcome: `mos` on 0-100, or `error` saying why it has none."""
+
+    name: str
+    mos: Optional[float] = None
+    error: Optional[str] = None
+
+    @property
+    def ok(self):
+        return self.error is None
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionStatus:
+    """A model version as GetModelStatus reports it."""
+
+    version: int
+    state: str
+    error_code: int
+    error_message: str
+
+
+class ServingClient:
+    """Scores images through a TF Serving endpoint over gRPC.
+
+    Args:
+        server: "host:port" of TF Serving's gRPC port (8500 by default; 8501 is REST).
+        model_name: the model's name in models.config.
+        version: a specific version number, or None for the latest AVAILABLE one.
+        signature_name: the bytes signature kiqa exports.
+        timeout: seconds allowed per call.
+        max_message_bytes: gRPC send/receive limit of this client.
+
+    Raises:
+        ServingError: `server` is not "host:port".
+    """
+
+    def __init__(
+        self,
+        server=DEFAULT_SERVER,
+        model_name=DEFAULT_MODEL,
+        version=None,
+        signature_name=BYTES_SIGNATURE,
+        timeout=DEFAULT_TIMEOUT,
+        max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
+    ):
+        host, _, port = str(server).rpartition(":")
+        if not host or not port.isdigit():
+            raise ServingError(f"server must be host:port (e.g. localhost:8500), got {server!r}")
+        if timeout <= 0:
+            raise ServingError(f"timeout must be positive seconds, got {timeout}")
+        self.server = server
+        self.model_name = model_name
+        self.version = None if version is None else int(version)
+        self.signature_name = signature_name
+        self.timeout = float(timeout)
+        self.max_message_bytes = int(max_message_bytes)
+        self._channel = grpc.insecure_channel(
+            server,
+            options=[
+                ("grpc.max_send_message_length", self.max_message_bytes),
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+            ],
+        )
+        self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
+
+    def close(self):
+        """Closes the channel."""
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------------------- status
+
+    def _model_spec(self, signature=False):
+        spec = model_pb2.ModelSpec(name=self.model_name)
+        if self.version is not None:
+            spec.version.value = self.version
+        if signature:
+            spec.signature_name = self.signature_name
+        return spec
+
+    def model_status(self):
+        """The model's versions and their states (GetModelStatus).
+
+        Returns:
+            list of `VersionStatus`, by version.
+
+        Raises:
+            ServingError: no server, unknown model or version, timeout.
+        """
+        request = get_model_status_pb2.GetModelStatusRequest(model_spec=self._model_spec())
+        response = self._call(self._models.GetModelStatus, request, "GetModelStatus")
+        return sorted(
+            (
+                VersionStatus(
+                    version=int(s.version),
+                    state=_STATE_NAMES.get(s.state, str(s.state)),
+                    error_code=int(s.status.error_code),
+                    error_message=s.status.error_message,
+                )
+                for s in response.model_version_status
+            ),
+            key=lambda s: s.version,
+        )
+
+    def signature(self):
+        """The served version's signature this client calls (GetModelMetadata).
+
+        Returns:
+            (version number, {"inputs": {key: [dtype, shape]}, "outputs": {...}}).
+
+        Raises:
+            ServingError: no server, model or version; or no such signature
+                (FAILED_PRECONDITION, as Predict would answer).
+        """
+        request = get_model_metadata_pb2.GetModelMetadataRequest(
+            model_spec=self._model_spec(), metadata_field=["signature_def"]
+        )
+        response = self._call(self._predict.GetModelMetadata, request, "GetModelMetadata")
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signatures)
+        if self.signature_name not in signatures.signature_def:
+            names = sorted(k for k in signatures.signature_def if not k.startswith("__"))
+            raise ServingError(
+                f"model {self.model_name!r} version {response.model_spec.version.value} at "
+                f"{self.server} has no signature {self.signature_name!r} (Predict would answer FAILED_PRECONDITION); "
+                f"it has {names}. Pass --signature, or re-export the model with kiqa export"
+            )
+        signature = signatures.signature_def[self.signature_name]
+
+        def describe(infos):
+            return {
+                key: [tf.dtypes.as_dtype(info.dtype).name, [int(d.size) for d in info.tensor_shape.dim]]
+                for key, info in sorted(infos.items())
+            }
+
+        return int(response.model_spec.version.value), {
+            "inputs": describe(signature.inputs),
+            "outputs": describe(signature.outputs),
+        }
+
+    def check(self):
+        """Checks that a version is AVAILABLE and has kiqa's bytes signature.
+
+        Returns:
+            dict with "version" (the one requests go to), "versions" (all
+            `VersionStatus`) and "signature".
+
+        Raises:
+            ServingError: saying what is wrong: no server at the address, model or
+                version not loaded (and each version's state and error), or a signature
+                other than `image_bytes` string[-1] -> `mos` float[-1].
+        """
+        versions = self.model_status()
+        available = [s.version for s in versions if s.state == "AVAILABLE"]
+        if not available:
+            states = "; ".join(
+                f"version {s.version} is {s.state}" + (f" ({s.error_message})" if s.error_message else "")
+                for s in versions
+            )
+            raise ServingError(
+                f"model {self.model_name!r} at {self.server} has no AVAILABLE version: {states}. "
+                f"Wait for loading to finish, or read the server's log for the load error"
+            )
+        version, signature = self.signature()
+        want_in = {BYTES_INPUT: ["string", [-1]]}
+        got_out = signature["outputs"].get(OUTPUT)
+        if signature["inputs"] != want_in or got_out is None or got_out[0] != "float32":
+            raise ServingError(
+                f"model {self.model_name!r} version {version} at {self.server}: signature "
+                f"{self.signature_name!r} is {signature['inputs']} -> {signature['outputs']}, but kiqa "
+                f"sends {BYTES_INPUT}: string[-1] and reads {OUTPUT}: float[-1]. Is this a kiqa "
+                f"export? Re-export it with kiqa export, or pass the right --model/--signature"
+            )
+        return {"version": version, "versions": versions, "signature": signature}
+
+    # ------------------------------------------------------------------------- scoring
+
+    def score_bytes(self, contents, names=None):
+        """Scores encoded images in one Predict request.
+
+        Args:
+            contents: list of encoded image bytes.
+            names: optional names for error messages (default `image_bytes[i]`).
+
+        Returns:
+            float32 numpy array [len(contents)] of MOS on 0-100.
+
+        Raises:
+            ServingError: the server rejected the request; an INVALID_ARGUMENT names the
+                failing input(s) and why.
+        """
+        contents = list(contents)
+        names = list(names) if names is not None else [f"{BYTES_INPUT}[{i}]" for i in range(len(contents))]
+        results = self._score_isolating(contents, names)
+        failed = [r for r in results if not r.ok]
+        if failed:
+            raise ServingError("; ".join(r.error for r in failed))
+        return np.array([r.mos for r in results], dtype=np.float32)
+
+    def score_files(self, paths, batch_size=DEFAULT_BATCH_SIZE, max_file_bytes=DEFAULT_MAX_BYTES, progress=None):
+        """Scores image files in batches; a bad file is reported, not fatal.
+
+        Args:
+            paths: image files.
+            batch_size: images per request (match TF Serving's max_batch_size).
+            max_file_bytes: files larger than this are refused without sending.
+            progress: optional callable(number of files done) called after each batch.
+
+        Returns:
+            list of `ScoreResult`, in the order of `paths`.
+
+        Raises:
+            ServingError: a failure that is not one file's fault (no server, model not
+                loaded, timeout, wrong signature).
+        """
+        if batch_size < 1:
+            raise ServingError(f"batch_size must be at least 1, got {batch_size}")
+        limit = self.max_message_bytes - _MESSAGE_OVERHEAD
+        results = {}
+        pending = []  # (index, name, bytes)
+        pending_bytes = 0
+        done = 0
+
+        def flush():
+            nonlocal pending, pending_bytes, done
+            if not pending:
+                return
+            scored = self._score_isolating([c for _, _, c in pending], [n for _, n, _ in pending])
+            for (index, _, _), result in zip(pending, scored):
+                results[index] = result
+            done += len(pending)
+            pending, pending_bytes = [], 0
+            if progress is not None:
+                progress(done)
+
+        for index, path in enumerate(paths):
+            name = str(path)
+            try:
+                contents = read_image_bytes(path, max_bytes=max_file_bytes)
+            except ImageError as err:
+                results[index] = ScoreResult(name, error=str(err))
+                continue
+            if len(contents) > limit:
+                results[index] = ScoreResult(
+                    name,
+                    error=f"{name}: {len(contents)} bytes is over this client's {self.max_message_bytes}-byte "
+                    f"message limit; raise --max-message-mb",
+                )
+                continue
+            if len(pending) >= batch_size or pending_bytes + len(contents) > limit:
+                flush()
+            pending.append((index, name, contents))
+            pending_bytes += len(contents)
+        flush()
+        return [results[i] for i in range(len(results))]
+
+    def _score_isolating(self, contents, names):
+        """Scores a batch; on INVALID_ARGUMENT, finds the bad items and scores the rest."""
+        results = [None] * len(contents)
+        todo = list(range(len(contents)))
+        while todo:
+            try:
+                scores = self._predict_once([contents[i] for i in todo])
+            except _Rejected as err:
+                culprit = err.index
+                if culprit is not None and culprit < len(todo):
+                    bad = todo[culprit]
+                    results[bad] = ScoreResult(names[bad], error=self._rejection(names[bad], err.details))
+                    todo = [i for i in todo if i != bad]
+                    continue
+                if len(todo) == 1:
+                    results[todo[0]] = ScoreResult(names[todo[0]], error=self._rejection(names[todo[0]], err.details))
+                    break
+                # The message names no item: find the bad ones by sending each alone.
+                for i in todo:
+                    results[i] = self._score_isolating([contents[i]], [names[i]])[0]
+                break
+            for i, score in zip(todo, scores):
+                results[i] = ScoreResult(names[i], mos=float(score))
+            break
+        return results
+
+    def _predict_once(self, contents):
+        request = predict_pb2.PredictRequest(model_spec=self._model_spec(signature=True), output_filter=[OUTPUT])
+        request.inputs[BYTES_INPUT].CopyFrom(tf.make_tensor_proto(contents, dtype=tf.string, shape=[len(contents)]))
+        try:
+            response = self._predict.Predict(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                match = _INDEX.search(err.details() or "")
+                raise _Rejected(int(match.group(1)) if match else None, err.details() or "") from err
+            raise self._error(err, "Predict") from err
+        if OUTPUT not in response.outputs:
+            raise ServingError(
+                f"model {self.model_name!r} at {self.server} answered without a {OUTPUT!r} output "
+                f"(outputs: {sorted(response.outputs)}); is this a kiqa export?"
+            )
+        scores = tf.make_ndarray(response.outputs[OUTPUT]).reshape(-1)
+        if scores.shape[0] != len(contents):
+            raise ServingError(
+                f"model {self.model_name!r} at {self.server} returned {scores.shape[0]} scores for "
+                f"{len(contents)} images"
+            )
+        return scores
+
+    def _rejection(self, name, details):
+        reason = details.strip().splitlines()[0] if details.strip() else "no reason given"
+        reason = reason.removeprefix("assertion failed: [").removesuffix("]")
+        reason = _INDEX.sub("", reason, count=1).lstrip(": ").strip()
+        return f"{name}: rejected by TF Serving (INVALID_ARGUMENT): {reason}"
+
+    def _call(self, method, request, action):
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise self._error(err, action) from err
+
+    def _error(self, err, action):
+        """A ServingError saying what went wrong and what to do, from a gRPC error."""
+        code, details = err.code(), (err.details() or "").strip()
+        model = f"model {self.model_name!r}" + (f" version {self.version}" if self.version is not None else "")
+        if code == grpc.StatusCode.UNAVAILABLE and "queue" in details.lower():
+            message = (
+                f"TF Serving at {self.server} is overloaded: its batching queue is full ({details}); "
+                f"retry later, send fewer requests at once, or raise max_enqueued_batches"
+            )
+        elif code == grpc.StatusCode.UNAVAILABLE:
+            message = (
+                f"no TF Serving at {self.server} ({details}). Start it (serving/README.md) or check "
+                f"--server: TF Serving's gRPC port is 8500 by default (8501 is REST)"
+            )
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            message = (
+                f"TF Serving at {self.server} did not answer {action} within {self.timeout:g} s; "
+                f"raise --timeout (a version's first requests can be slow) or check the server's load"
+            )
+        elif code == grpc.StatusCode.NOT_FOUND:
+            message = (
+                f"{model} is not loaded at {self.server} (NOT_FOUND: {details}). Check --model against "
+                f"the name in models.config, and `kiqa predict --status` for the versions' states"
+            )
+        elif code == grpc.StatusCode.FAILED_PRECONDITION:
+            message = (
+                f"{model} at {self.server} refused {action} (FAILED_PRECONDITION: {details}); the "
+                f"signature {self.signature_name!r} may be missing: pass --signature or re-export"
+            )
+        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            message = (
+                f"{action} to {self.server} hit a size or memory limit (RESOURCE_EXHAUSTED: {details}); "
+                f"lower --batch-size or raise --max-message-mb"
+            )
+        else:
+            message = f"{action} on {model} at {self.server} failed ({code.name}: {details})"
+        return ServingError(message)
+
+
+class _Rejected(Exception):
+    """A Predict answered INVALID_ARGUMENT; `index` is the named item, if any."""
+
+    def __init__(self, index, details):
+        super().__init__(details)
+        self.index = index
+        self.details = details

@@ -1,0 +1,210 @@
+"""Tests for kiqa.serving_client and `kiqa predict`, end to end against the dev server.
+
+The server is kiqa.devserver (TF Serving's gRPC services and protobufs over the exported
+SavedModel, on 127.0.0.1, ephemeral port), not TF Serving itself: see serving/README.md
+for what that does and does not prove.
+"""
+
+import csv
+import socket
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import shared_export
+
+from kiqa import export
+from kiqa.cli import predict as predict_cli
+from kiqa.devserver import DevServer
+from kiqa.errors import ServingError
+from kiqa.serving_client import (
+    DEFAULT_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MODEL, DEFAULT_SERVER, DEFAULT_TIMEOUT,
+    ServingClient,
+)
+
+CORRUPT = b"\xff\xd8\xff\xe0 a JPEG that stops here"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return shared_export(tmp_path_factory)[1]
+
+
+@pytest.fixture(scope="module")
+def server(base):
+    with DevServer(base, port=0) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Seven generated image files and one corrupt JPEG, in that order."""
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for name, contents in export.generated_images(7, seed=3):
+        (folder / name).write_bytes(contents)
+        paths.append(folder / name)
+    (folder / "corrupt.jpg").write_bytes(CORRUPT)
+    return paths, folder / "corrupt.jpg"
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def direct_scores(base):
+    """Scores from the exported SavedModel itself, without the server."""
+    loaded = tf.saved_model.load(str(base / "1"))
+    return lambda contents: loaded.signatures["serving_default"](image_bytes=tf.constant(contents))["mos"].numpy()
+
+
+def test_check_reports_version_and_signature(server):
+    with ServingClient(server.address, timeout=30) as client:
+        info = client.check()
+    assert info["version"] == 1
+    assert [(s.version, s.state) for s in info["versions"]] == [(1, "AVAILABLE")]
+    assert info["signature"] == {"inputs": {"image_bytes": ["string", [-1]]}, "outputs": {"mos": ["float32", [-1]]}}
+
+
+def test_score_files_in_batches_matches_the_savedmodel(server, direct_scores, images, monkeypatch):
+    paths, corrupt = images
+    with ServingClient(server.address, timeout=30) as client:
+        requests = []
+        real_predict = client._predict_once
+        monkeypatch.setattr(client, "_predict_once", lambda contents: requests.append(len(contents)) or real_predict(contents))
+        results = client.score_files(paths, batch_size=3)
+    assert requests == [3, 3, 1]
+    assert [r.name for r in results] == [str(p) for p in paths]
+    assert all(r.ok for r in results)
+    expected = direct_scores([p.read_bytes() for p in paths])
+    np.testing.assert_allclose([r.mos for r in results], expected, rtol=0, atol=1e-4)
+
+
+def test_corrupt_file_is_named_and_the_rest_are_scored(server, direct_scores, images):
+    paths, corrupt = images
+    files = [paths[0], corrupt, paths[1], paths[2]]
+    with ServingClient(server.address, timeout=30) as client:
+        results = client.score_files(files, batch_size=4)
+    assert [r.ok for r in results] == [True, False, True, True]
+    assert results[1].error.startswith(f"{corrupt}: rejected by TF Serving (INVALID_ARGUMENT): JPEG")
+    expected = direct_scores([paths[0].read_bytes(), paths[1].read_bytes(), paths[2].read_bytes()])
+    np.testing.assert_allclose([results[i].mos for i in (0, 2, 3)], expected, rtol=0, atol=1e-4)
+
+
+def test_score_bytes_raises_naming_the_bad_input(server, images):
+    paths, _ = images
+    with ServingClient(server.address, timeout=30) as client:
+        scores = client.score_bytes([paths[0].read_bytes(), paths[1].read_bytes()])
+        assert scores.shape == (2,) and scores.dtype == np.float32
+        with pytest.raises(ServingError, match=r"^upload-2\.png: rejected by TF Serving \(INVALID_ARGUMENT\): image format"):
+            client.score_bytes([paths[0].read_bytes(), b"plain text"], names=["upload-1.jpg", "upload-2.png"])
+
+
+def test_unknown_model_is_not_found(server):
+    with ServingClient(server.address, model_name="resnet", timeout=30) as client:
+        with pytest.raises(ServingError, match=r"model 'resnet' is not loaded at 127\.0\.0\.1:\d+ \(NOT_FOUND"):
+            client.check()
+        with pytest.raises(ServingError, match=r"NOT_FOUND: Servable not found for request: Latest\(resnet\)"):
+            client.score_bytes([b"x"])
+
+
+def test_unknown_version_is_not_found(server):
+    with ServingClient(server.address, version=9, timeout=30) as client:
+        with pytest.raises(ServingError, match=r"model 'kiqa' version 9 is not loaded.*NOT_FOUND"):
+            client.check()
+
+
+def test_wrong_signature_is_explained(server, images):
+    paths, _ = images
+    with ServingClient(server.address, signature_name="predict", timeout=30) as client:
+        with pytest.raises(ServingError, match=r"has no signature 'predict'.*\['score_pixels', 'serving_default'\]"):
+            client.check()
+        with pytest.raises(ServingError, match=r"FAILED_PRECONDITION: Serving signature key \"predict\" not found"):
+            client.score_bytes([paths[0].read_bytes()])
+    # The pixel signature exists but is not one this client can send bytes to.
+    with ServingClient(server.address, signature_name="score_pixels", timeout=30) as client:
+        with pytest.raises(ServingError, match=r"signature 'score_pixels' is .*image.*kiqa sends image_bytes"):
+            client.check()
+
+
+def test_server_down_is_a_clear_error():
+    port = free_port()
+    with ServingClient(f"127.0.0.1:{port}", timeout=5) as client:
+        with pytest.raises(ServingError, match=rf"^no TF Serving at 127\.0\.0\.1:{port} .*--server"):
+            client.check()
+        with pytest.raises(ServingError, match=rf"^no TF Serving at 127\.0\.0\.1:{port}"):
+            client.score_bytes([b"x"])
+
+
+def test_model_that_failed_to_load_is_reported(tmp_path):
+    base = tmp_path / "kiqa"
+    (base / "1").mkdir(parents=True)
+    (base / "1" / "saved_model.pb").write_bytes(b"not a protobuf")
+    with DevServer(base, port=0) as broken, ServingClient(broken.address, timeout=30) as client:
+        assert [(s.version, s.state) for s in client.model_status()] == [(1, "END")]
+        with pytest.raises(ServingError, match=r"no AVAILABLE version: version 1 is END \(loading .* failed"):
+            client.check()
+
+
+def test_oversized_file_is_refused_before_sending(server, images):
+    paths, _ = images
+    small = min(paths, key=lambda p: p.stat().st_size)
+    limit = small.stat().st_size + 1
+    with ServingClient(server.address, timeout=30, max_message_bytes=64 * 1024 + limit) as client:
+        results = client.score_files(paths, batch_size=8)
+    by_name = {r.name: r for r in results}
+    assert by_name[str(small)].ok
+    too_big = [p for p in paths if p.stat().st_size > limit]
+    assert too_big and all("message limit" in by_name[str(p)].error for p in too_big)
+
+
+def test_client_validates_its_arguments():
+    with pytest.raises(ServingError, match="host:port"):
+        ServingClient("localhost")
+    with pytest.raises(ServingError, match="timeout"):
+        ServingClient("localhost:8500", timeout=0)
+
+
+def test_predict_cli_writes_csv_and_reports_partial_failure(server, images, tmp_path, capsys):
+    paths, corrupt = images
+    out = tmp_path / "scores.csv"
+    code = predict_cli.main(["--server", server.address, "--batch-size", "4", "--out", str(out),
+                             str(paths[0]), str(corrupt), str(paths[1])])
+    assert code == 3  # EXIT_PARTIAL
+    rows = list(csv.DictReader(out.open()))
+    assert [r["path"] for r in rows] == [str(paths[0]), str(corrupt), str(paths[1])]
+    assert rows[0]["mos"] and rows[2]["mos"] and not rows[1]["mos"]
+    assert "INVALID_ARGUMENT" in rows[1]["error"]
+    err = capsys.readouterr().err
+    assert "3 files: 2 scored, 1 failed" in err and str(corrupt) in err
+
+
+def test_predict_cli_scores_a_folder_to_stdout(server, images, capsys):
+    paths, corrupt = images
+    code = predict_cli.main(["--server", server.address, str(paths[0].parent)])
+    assert code == 3
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "path,mos,error" and len(lines) == 1 + len(paths) + 1
+
+
+def test_predict_cli_status(server, capsys):
+    assert predict_cli.main(["--server", server.address, "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "version 1: AVAILABLE" in out and "input image_bytes: string[-1]" in out
+
+
+def test_predict_cli_server_down(capsys):
+    port = free_port()
+    assert predict_cli.main(["--server", f"127.0.0.1:{port}", "--timeout", "5", "--status"]) == 1
+    assert f"error: no TF Serving at 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_cli_defaults_match_the_client():
+    assert predict_cli.DEFAULT_SERVER == DEFAULT_SERVER
+    assert predict_cli.DEFAULT_MODEL == DEFAULT_MODEL
+    assert predict_cli.DEFAULT_TIMEOUT == DEFAULT_TIMEOUT
+    assert predict_cli.DEFAULT_BATCH_SIZE == DEFAULT_BATCH_SIZE
+    assert predict_cli.DEFAULT_MAX_MESSAGE_MB * 2**20 == DEFAULT_MAX_MESSAGE_BYTES
