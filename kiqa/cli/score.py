@@ -1,0 +1,96 @@
+"""`kiqa score`: score files and folders of images with a local model into a CSV."""
+
+import argparse
+import sys
+
+from kiqa.cli._common import EXIT_OK, EXIT_PARTIAL, entry_point
+
+# Failures listed on the terminal; the CSV has all of them.
+SHOWN_FAILURES = 10
+
+
+def build_parser(prog=None):
+    """The argument parser."""
+    parser = argparse.ArgumentParser(
+        prog=prog or "kiqa score",
+        description="Predict the quality of images without a reference: MOS on KonIQ-10k's "
+        "0-100 scale, higher is better. Writes one CSV row per file (path, mos, error); "
+        "files that cannot be used get a row with the reason and the job goes on "
+        "(exit code 3 when some failed). Rows are written as they come: rerunning the same "
+        "command after an interruption skips the files already in the CSV.",
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="image files and folders (folders are searched recursively for "
+                        ".jpg .jpeg .png .bmp .gif .webp, any case)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True,
+                       help="a run directory (model.keras + config.json), a .keras file, or an "
+                       "exported SavedModel (base path such as export/kiqa, or a version folder)")
+    model.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                       help="size images are resized to (default: the size the model was trained "
+                       "or exported at; needed for a bare .keras file without config.json)")
+    model.add_argument("--unsafe", action="store_true",
+                       help="load .keras files with Lambda layers (arbitrary code): only for files you trust")
+    job = parser.add_argument_group("job")
+    job.add_argument("--out", default="scores.csv", help="CSV to write or resume (default scores.csv)")
+    job.add_argument("--batch-size", type=int, default=None,
+                     help="images per model call (default 16; lower it if memory is short)")
+    job.add_argument("--no-skip", action="store_true",
+                     help="replace --out and rescore every file, instead of skipping files already in it")
+    job.add_argument("--max-mb", type=float, default=None,
+                     help="refuse files larger than this many megabytes (default 200)")
+    job.add_argument("--follow-links", action="store_true",
+                     help="follow symbolic links that point outside the given paths (default: "
+                     "such links get an error row)")
+    job.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def scoring_options(args):
+    """Keyword arguments for `score_paths` / `compare_folders` from parsed flags."""
+    from kiqa.image import DEFAULT_MAX_BYTES
+    from kiqa.score import DEFAULT_BATCH_SIZE
+
+    return dict(
+        batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
+        skip_existing=not args.no_skip,
+        progress=not args.quiet,
+        max_bytes=int(args.max_mb * 1024 * 1024) if args.max_mb else DEFAULT_MAX_BYTES,
+        follow_links_outside=args.follow_links,
+    )
+
+
+def print_failures(failures, where):
+    """Lists the first failed files on stderr."""
+    for path, error in failures[:SHOWN_FAILURES]:
+        print(f"  {path}: {error}", file=sys.stderr)
+    if len(failures) > SHOWN_FAILURES:
+        print(f"  ... and {len(failures) - SHOWN_FAILURES} more (see {where})", file=sys.stderr)
+
+
+@entry_point
+def main(argv=None, prog=None):
+    """Runs `kiqa score`."""
+    args = build_parser(prog).parse_args(argv)
+    from kiqa.inference import load_scorer
+    from kiqa.score import score_paths
+
+    scorer = load_scorer(args.model, image_size=args.image_size, safe_mode=not args.unsafe)
+    summary = score_paths(args.paths, scorer, args.out, **scoring_options(args))
+    resumed = f" ({summary.n_skipped} from an earlier run)" if summary.n_skipped else ""
+    print(f"{summary.n_files} files{resumed}: {summary.n_scored} scored, {summary.n_failed} failed")
+    if summary.n_scored:
+        print(
+            f"MOS (0-100, higher is better): mean {summary.mean_mos:.2f}, "
+            f"median {summary.median_mos:.2f}"
+        )
+    print(f"scores written to {summary.out_csv}")
+    if summary.n_failed:
+        print(f"{summary.n_failed} file(s) could not be scored:", file=sys.stderr)
+        print_failures(summary.failures, summary.out_csv)
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Tests for kiqa.score and `kiqa score`: folders, bad files, resuming, batching, CLI."""
+
+import csv
+import dataclasses
+import os
+import shutil
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from kiqa.cli import score as score_cli
+from kiqa.cli._common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
+from kiqa.config import TrainConfig
+from kiqa.errors import DataError
+from kiqa.export import export_model
+from kiqa.inference import load_scorer
+from kiqa.model import build_model
+from kiqa.score import CSV_COLUMNS, find_images, read_scores, score_paths
+
+SIZE = (32, 48)
+GOOD = ["a.jpg", "b.JPEG", "c.png", "nested/d.jpg", "nested/deeper/e.webp", "nested/f.bmp", "g.gif"]
+
+
+def make_tiny_run(run_dir):
+    """A run directory with a tiny-backbone model (model.keras + config.json)."""
+    config = TrainConfig.demo(weights="none", image_size=SIZE)
+    keras.utils.set_random_seed(1)
+    image = keras.Input((None, None, 3))
+    features = keras.layers.Rescaling(1 / 255.0)(image)
+    features = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(features)
+    model = build_model(config, backbone=keras.Model(image, features))
+    # A random head moves scores by ~0.01 MOS between images; scaled, they differ by points.
+    head = model.get_layer("head_dense")
+    head.kernel.assign(head.kernel * 50.0)
+    run_dir.mkdir(parents=True)
+    model.save(run_dir / "model.keras")
+    config.save(run_dir / "config.json")
+    return run_dir
+
+
+def write_images(folder, names, seed=0):
+    rng = np.random.default_rng(seed)
+    for i, name in enumerate(names):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Smooth gradients plus noise: different content per image, so scores differ.
+        y, x = np.mgrid[0:40 + i, 0:60]
+        base = np.stack([x * 4, y * 5, (x + y) * 2], axis=-1) % 256
+        pixels = np.clip(base + rng.normal(0, 20 * (i + 1), base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_tiny_run(tmp_path_factory.mktemp("score") / "run")
+
+
+@pytest.fixture(scope="module")
+def scorer(run_dir):
+    return load_scorer(run_dir)
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """A folder of good images plus every kind of file that must become an error row."""
+    root = tmp_path / "photos"
+    write_images(root, GOOD)
+    good = (root / "a.jpg").read_bytes()
+    (root / "corrupt.jpg").write_bytes(good[: len(good) // 3])  # truncated JPEG
+    (root / "empty.png").write_bytes(b"")
+    (root / "notes.jpg").write_text("this is a text file, not a JPEG\n")
+    (root / "readme.txt").write_text("not an image extension: not listed")
+    outside = tmp_path / "outside"
+    write_images(outside, ["secret.jpg"])
+    os.symlink(outside / "secret.jpg", root / "link-out.jpg")
+    os.symlink(outside, root / "link-dir")
+    os.symlink(root / "a.jpg", root / "nested" / "link-in.jpg")
+    os.mkfifo(root / "pipe.png")
+    return root
+
+
+BAD = {
+    "corrupt.jpg": "corrupt or truncated",
+    "empty.png": "empty (0 bytes)",
+    "notes.jpg": "format not recognised",
+    "link-out.jpg": "symbolic link to a file outside",
+    "link-dir": "symbolic link to a folder outside",
+    "pipe.png": "not a regular file",
+}
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert tuple(rows[0]) == CSV_COLUMNS
+    return rows[1:]
+
+
+def relative(rows, root):
+    return {os.path.relpath(row[0], root): row for row in rows}
+
+
+def test_find_images_lists_sorted_image_files_and_flags_links(photos):
+    files = find_images([photos])
+    names = [os.path.relpath(path, photos) for path, _ in files]
+    assert names == sorted(names)
+    errors = {name: error for name, (_, error) in zip(names, files)}
+    expected_ok = set(GOOD) | {"nested/link-in.jpg", "corrupt.jpg", "empty.png", "notes.jpg", "pipe.png"}
+    assert {name for name, error in errors.items() if error is None} == expected_ok
+    assert set(errors) == expected_ok | {"link-out.jpg", "link-dir"}
+    assert "outside" in errors["link-out.jpg"] and "--follow-links" in errors["link-out.jpg"]
+    # Following links leaves no error and reaches the file inside the linked folder.
+    followed = dict(find_images([photos], follow_links_outside=True))
+    assert followed[str(photos / "link-out.jpg")] is None
+    assert followed[str(photos / "link-dir" / "secret.jpg")] is None
+    # A file named directly is taken whatever its extension; repeats are listed once.
+    assert find_images([photos / "readme.txt", photos / "a.jpg", photos / "a.jpg"]) == [
+        (str(photos / "readme.txt"), None), (str(photos / "a.jpg"), None)
+    ]
+    with pytest.raises(DataError, match="no such file or folder: .*missing"):
+        find_images([photos, photos / "missing"])
+
+
+def test_every_bad_file_is_a_named_row_and_the_job_goes_on(photos, scorer, tmp_path):
+    out = tmp_path / "out" / "scores.csv"
+    summary = score_paths([photos], scorer, out, batch_size=3, progress=False)
+    rows = relative(read_csv(out), photos)
+    assert set(rows) == set(GOOD) | {"nested/link-in.jpg"} | set(BAD)
+    for name, reason in BAD.items():
+        assert rows[name][1] == "" and reason in rows[name][2], (name, rows[name])
+    scores = np.array([float(rows[name][1]) for name in GOOD])
+    assert np.all(np.isfinite(scores)) and np.all((scores >= 0) & (scores <= 100))
+    assert all(rows[name][2] == "" for name in GOOD)
+    assert rows["nested/link-in.jpg"][1] == rows["a.jpg"][1]  # a link inside is the same image
+    assert len(np.unique(scores)) > 1  # different images, different scores
+    assert (summary.n_files, summary.n_scored, summary.n_failed, summary.n_skipped) == (14, 8, 6, 0)
+    ok = [float(row[1]) for row in rows.values() if row[1]]
+    assert summary.mean_mos == pytest.approx(np.mean(ok))
+    assert summary.median_mos == pytest.approx(np.median(ok))
+    assert {os.path.relpath(path, photos) for path, _ in summary.failures} == set(BAD)
+
+
+def test_byte_and_pixel_caps_give_error_rows(photos, scorer, tmp_path):
+    files = [photos / "a.jpg", photos / "c.png"]
+    small = (photos / "a.jpg").stat().st_size
+    assert (photos / "c.png").stat().st_size > small  # noisy PNG is larger than the JPEG
+    summary = score_paths(files, scorer, tmp_path / "bytes.csv", max_bytes=small, progress=False)
+    rows = relative(read_csv(tmp_path / "bytes.csv"), photos)
+    assert rows["a.jpg"][1] != "" and "over the" in rows["c.png"][2] and "byte cap" in rows["c.png"][2]
+    assert summary.n_failed == 1
+    capped = dataclasses.replace(scorer, max_pixels=1000)  # the images are 60x40+ = 2400+ pixels
+    summary = score_paths(files, capped, tmp_path / "pixels.csv", progress=False)
+    rows = relative(read_csv(tmp_path / "pixels.csv"), photos)
+    assert summary.n_failed == 2 and all("over the cap of 1000" in row[2] for row in rows.values())
+
+
+class SpyScorer:
+    """Wraps a scorer; records batch sizes and how many rows the CSV held at each call."""
+
+    def __init__(self, scorer, out_csv):
+        self.scorer, self.out_csv, self.calls = scorer, out_csv, []
+        self.image_size, self.max_pixels = scorer.image_size, scorer.max_pixels
+
+    def predict_pixels(self, batch):
+        self.calls.append((len(batch), len(read_csv(self.out_csv))))
+        return self.scorer.predict_pixels(batch)
+
+
+def test_rows_are_written_batch_by_batch(tmp_path, scorer):
+    folder = tmp_path / "many"
+    write_images(folder, [f"{i:02d}.png" for i in range(7)])
+    out = tmp_path / "many.csv"
+    spy = SpyScorer(scorer, out)
+    score_paths([folder], spy, out, batch_size=3, progress=False)
+    # Never more than batch_size images in memory; earlier batches already on disk.
+    assert spy.calls == [(3, 0), (3, 3), (1, 6)]
+    assert len(read_csv(out)) == 7
+
+
+def test_interrupted_job_resumes_without_duplicates(photos, scorer, tmp_path):
+    reference = tmp_path / "reference.csv"
+    score_paths([photos], scorer, reference, progress=False)
+    complete = read_csv(reference)
+
+    # What a kill leaves: the header, some flushed rows and half of the next line.
+    out = tmp_path / "resumed.csv"
+    kept = [list(row) for row in complete[:4]]
+    kept[0][1] = "12.3456"  # a marker: a row kept from the earlier run is not rescored
+    with open(out, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS)
+        writer.writerows(kept)
+        handle.write(f"{complete[4][0]},58.1")  # no newline: cut mid-row
+    summary = score_paths([photos], scorer, out, progress=False)
+
+    rows = read_csv(out)
+    paths = [row[0] for row in rows]
+    assert len(paths) == len(set(paths)) == len(complete)
+    assert set(paths) == {row[0] for row in complete}
+    assert summary.n_skipped == 4 and summary.n_files == len(complete)
+    by_path = {row[0]: row for row in rows}
+    assert by_path[kept[0][0]][1] == "12.3456"
+    for row in complete[1:]:
+        assert by_path[row[0]][1:] == row[1:]  # the rest, including the cut row, scored afresh
+
+    # A second rerun has nothing left to do; --no-skip starts over.
+    again = score_paths([photos], scorer, out, progress=False)
+    assert again.n_skipped == len(complete) and len(read_csv(out)) == len(complete)
+    fresh = score_paths([photos], scorer, out, skip_existing=False, progress=False)
+    assert fresh.n_skipped == 0
+    assert {row[0]: row[1:] for row in read_csv(out)} == {row[0]: row[1:] for row in complete}
+
+
+def test_resume_refuses_a_file_that_is_not_a_scores_csv(photos, scorer, tmp_path):
+    other = tmp_path / "labels.csv"
+    other.write_text("image_name,MOS\nx.jpg,50\n")
+    with pytest.raises(DataError, match="labels.csv exists but is not a kiqa scores CSV.*--no-skip"):
+        score_paths([photos / "a.jpg"], scorer, other, progress=False)
+    assert other.read_text() == "image_name,MOS\nx.jpg,50\n"  # left untouched
+
+
+def test_folder_without_images_is_an_error(tmp_path, scorer):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("x")
+    with pytest.raises(DataError, match="no image files"):
+        score_paths([tmp_path / "docs"], scorer, tmp_path / "s.csv", progress=False)
+
+
+def test_the_20_real_photos_score_in_range(realset, scorer, tmp_path):
+    summary = score_paths([realset / "images"], scorer, tmp_path / "real.csv", progress=False)
+    scores = read_scores(tmp_path / "real.csv")
+    assert summary.n_files == len(scores) == 20
+    assert summary.n_failed == 0, summary.failures
+    values = np.array([mos for mos, _ in scores.values()])
+    assert np.all(np.isfinite(values)) and np.all((values >= 0) & (values <= 100))
+
+
+def test_cli_exit_codes_and_summary(photos, run_dir, tmp_path, capsys):
+    out = tmp_path / "cli.csv"
+    code = score_cli.main([str(photos), "--model", str(run_dir), "--out", str(out), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == EXIT_PARTIAL
+    assert "14 files: 8 scored, 6 failed" in captured.out and "mean" in captured.out
+    assert "notes.jpg: image format not recognised" in captured.err
+    assert len(read_csv(out)) == 14
+
+    clean = tmp_path / "clean"
+    write_images(clean, ["x.png", "y.jpg"])
+    code = score_cli.main([str(clean), "--model", str(run_dir), "--out", str(tmp_path / "clean.csv"),
+                           "--quiet", "--batch-size", "1"])
+    assert code == EXIT_OK
+    assert "2 files: 2 scored, 0 failed" in capsys.readouterr().out
+
+    code = score_cli.main([str(clean), "--model", str(tmp_path / "nope"), "--quiet"])
+    assert code == EXIT_ERROR
+    assert "nope not found" in capsys.readouterr().err
+
+
+def test_keras_model_and_its_savedmodel_export_score_alike(photos, run_dir, tmp_path):
+    base = tmp_path / "export" / "kiqa"
+    export_model(run_dir, base_path=base)
+    keras_summary = score_paths([photos], load_scorer(run_dir), tmp_path / "keras.csv", progress=False)
+    saved = load_scorer(base)
+    assert saved.kind == "savedmodel" and saved.image_size == SIZE
+    saved_summary = score_paths([photos], saved, tmp_path / "saved.csv", progress=False)
+    keras_scores = read_scores(tmp_path / "keras.csv")
+    saved_scores = read_scores(tmp_path / "saved.csv")
+    assert keras_scores.keys() == saved_scores.keys()
+    assert keras_summary.n_scored == saved_summary.n_scored == 8
+    for path, (mos, error) in keras_scores.items():
+        other, other_error = saved_scores[path]
+        if mos is None:
+            assert other is None and other_error == error
+        else:
+            assert other == pytest.approx(mos, abs=2e-3), path
+
+
+def test_copied_images_keep_their_score(photos, scorer, tmp_path):
+    # The same bytes under another name score the same (no state carried between batches).
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(photos / "c.png", copy / "c.png")
+    first = score_paths([photos / "c.png"], scorer, tmp_path / "1.csv", progress=False)
+    second = score_paths([copy], scorer, tmp_path / "2.csv", batch_size=1, progress=False)
+    assert first.mean_mos == second.mean_mos
