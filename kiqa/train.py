@@ -21,6 +21,7 @@ import tensorflow as tf
 from kiqa.config import TrainConfig
 from kiqa.data import koniq
 from kiqa.data.pipeline import make_dataset
+from kiqa.data.prepared import default_prepared_dir, open_prepared
 from kiqa.data.validate import load_checked_labels
 from kiqa.distribute import make_strategy, writable_run_dir
 from kiqa.errors import ConfigError
@@ -53,12 +54,14 @@ class TrainResult:
         model_path: the final `.keras` model (best weights), or None for repeated splits
             (each split's model is in its own subfolder).
         rejects: images that were rejected before training.
+        prepared_dir: the prepared set training read its images from, or None.
     """
 
     run_dir: Path
     metrics: dict
     model_path: Path
     rejects: pd.DataFrame
+    prepared_dir: Path = None
 
 
 def caveats(config, backbone=None):
@@ -153,7 +156,7 @@ def _fit_phase(model, train_ds, callbacks_for, phase_dir, epochs, verbose):
     done.write_text("completed\n")
 
 
-def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=None):
+def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=None, prepared=None):
     """Trains and evaluates on one split; writes everything into `run_dir`.
 
     Args:
@@ -163,6 +166,8 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
         backbone: optional Keras model replacing ConvNeXt (tests use a small CNN).
         verbose: Keras verbosity ("auto" shows progress bars).
         strategy: a `tf.distribute.Strategy`; None uses the default one.
+        prepared: a `kiqa.data.prepared.Prepared` set to read training images from
+            instead of decoding the files every epoch (used when it holds them all).
 
     Returns:
         (metrics, model_path).
@@ -185,7 +190,10 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
-    train_ds = make_dataset(split.train["path"], split.train["mos"], config, training=True, part="train")
+    if prepared is not None and prepared.check_names(split.train["image_name"]) is None:
+        train_ds = prepared.dataset(split.train["image_name"], split.train["mos"], config, training=True)
+    else:
+        train_ds = make_dataset(split.train["path"], split.train["mos"], config, training=True, part="train")
     history_csv = run_dir / "history.csv"
     best_path = run_dir / "checkpoints" / "best.keras"
     best_path.parent.mkdir(exist_ok=True)
@@ -281,9 +289,11 @@ def train(config, backbone=None, overwrite=False, progress=True):
 
     splits = koniq.make_splits(frame, config)
     verbose = "auto" if progress else 0
+    # A prepared set (`kiqa prepare`) beside the label file is used when it matches.
+    prepared = open_prepared(default_prepared_dir(config.labels, config.image_size), config) if config.labels else None
     if len(splits) == 1:
-        metrics, model_path = train_split(splits[0], config, run_dir, backbone, verbose, strategy)
-        return TrainResult(run_dir, metrics, model_path, rejects)
+        metrics, model_path = train_split(splits[0], config, run_dir, backbone, verbose, strategy, prepared)
+        return TrainResult(run_dir, metrics, model_path, rejects, prepared and prepared.path)
 
     rows = []
     for index, split in enumerate(splits):
@@ -292,7 +302,7 @@ def train(config, backbone=None, overwrite=False, progress=True):
             metrics = json.loads((split_dir / "metrics.json").read_text())
         else:
             metrics, _ = train_split(
-                split, config.replace(seed=config.seed + index), split_dir, backbone, verbose, strategy
+                split, config.replace(seed=config.seed + index), split_dir, backbone, verbose, strategy, prepared
             )
         rows.append(dict(split=split.name, **{k: v for k, v in metrics.items() if k != "split"}))
     table = pd.DataFrame(rows)
@@ -300,4 +310,4 @@ def train(config, backbone=None, overwrite=False, progress=True):
     summary = summarize_repeats([{k: v for k, v in r.items() if k != "split"} for r in rows])
     plot_repeats(table, run_dir / "repeats.png")
     write_json(run_dir / "metrics.json", {"protocol": f"{len(splits)} seeded random splits", "summary": summary, "splits": rows})
-    return TrainResult(run_dir, summary, None, rejects)
+    return TrainResult(run_dir, summary, None, rejects, prepared and prepared.path)

@@ -109,6 +109,8 @@ def main(argv=None, prog=None):
         print(f"note: {note}\n", file=sys.stderr)
     print(f"run directory: {config.resolved_run_dir}", file=sys.stderr)
     result = train(config, overwrite=args.overwrite, progress=not args.quiet)
+    if result.prepared_dir:
+        print(f"training images were read from the prepared set {result.prepared_dir}")
     if len(result.rejects):
         print(f"{len(result.rejects)} image(s) were rejected; see {result.run_dir / 'rejects.csv'}")
     _print_metrics(result)
