@@ -234,6 +234,10 @@ def logistic_4p_fit(y_pred, y_true):
     y_true, y_pred = _validate(y_true, y_pred)
     if np.ptp(y_pred) == 0:
         return _identity_fallback("the predictions are constant")
+    if len(y_pred) <= 4:
+        # Four parameters through four or fewer points is no fit at all (curve_fit
+        # raises TypeError for fewer points than parameters).
+        return _identity_fallback(f"{len(y_pred)} scores are too few for 4 parameters")
     spread = float(np.std(y_pred)) / 4.0
     initial = [float(np.max(y_true)), float(np.min(y_true)), float(np.mean(y_pred)), spread]
     try:

@@ -183,3 +183,11 @@ def test_importing_metrics_does_not_load_tensorflow():
     code = "import sys, kiqa.metrics; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_logistic_fit_with_too_few_points_falls_back_to_identity():
+    with pytest.warns(metrics.LogisticFitWarning, match="too few"):
+        mapping = metrics.logistic_4p_fit([1.0, 2.0, 3.0], [10.0, 30.0, 20.0])
+    assert mapping.params is None and list(mapping(np.array([1.0, 2.0]))) == [1.0, 2.0]
+    scores = metrics.evaluate_scores([10.0, 30.0, 20.0, 40.0], [1.0, 2.0, 3.0, 4.0])
+    assert scores["plcc_logistic4"] == pytest.approx(scores["plcc"])
