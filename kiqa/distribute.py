@@ -52,7 +52,9 @@ def make_strategy(name):
     Raises:
         ConfigError: multi-worker without a usable TF_CONFIG.
     """
-    gpus = tf.config.list_logical_devices("GPU")
+    # Physical devices only: listing logical ones starts the TF runtime, after which
+    # multi-worker collectives can no longer be configured.
+    gpus = tf.config.list_physical_devices("GPU")
     if name == "auto":
         if _worker_count(tf_config()) > 1:
             name = "multi-worker"
@@ -60,6 +62,8 @@ def make_strategy(name):
             name = "mirrored"
         else:
             return tf.distribute.get_strategy()
+    if name != "multi-worker":
+        gpus = tf.config.list_logical_devices("GPU")
     if name == "one-device":
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
     if name == "mirrored":

@@ -1,6 +1,7 @@
 """Evaluating a model on a labelled set: predictions, the field's metrics, plots."""
 
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +32,21 @@ def predict_paths(model, paths, config, part="test"):
     if not len(paths):
         return predictions
     dataset = make_dataset(paths, np.zeros(len(paths)), config, training=False, with_index=True, part=part)
-
-    @tf.function(reduce_retracing=True)
-    def forward(images):
-        return model(images, training=False)["mos"]
-
+    forward = _forward_function(model)
     for features, _ in dataset:
         predictions[features["index"].numpy()] = forward(features["image"]).numpy()
     return predictions
+
+
+# One traced forward function per model: the validation callback predicts every epoch,
+# and a new tf.function each time would trace the whole model again.
+_FORWARD = weakref.WeakKeyDictionary()
+
+
+def _forward_function(model):
+    if model not in _FORWARD:
+        _FORWARD[model] = tf.function(lambda images: model(images, training=False)["mos"], reduce_retracing=True)
+    return _FORWARD[model]
 
 
 def evaluate_frame(model, frame, config, out_dir=None, title="test set", part="test"):

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import keras
@@ -24,12 +23,14 @@ from kiqa.data.pipeline import make_dataset
 from kiqa.data.prepared import default_prepared_dir, open_prepared
 from kiqa.data.validate import load_checked_labels
 from kiqa.distribute import make_strategy, writable_run_dir
-from kiqa.errors import ConfigError
+from kiqa.errors import ConfigError, DataError
 from kiqa.evaluate import evaluate_frame, predict_paths, write_json
 from kiqa.metrics import evaluate_scores, summarize_repeats
-from kiqa.model import MOS_SCALE, build_model, mos_loss, set_backbone_trainable
+from kiqa.model import MOS_SCALE, build_model, custom_objects, mos_loss, set_backbone_trainable
 from kiqa.plots import plot_history, plot_repeats
 
+# PLCC/SRCC need a few points; fewer makes every epoch's validation metric meaningless.
+MIN_PART_SIZE = 3
 FROM_SCRATCH_CAVEAT = (
     "ConvNeXt is being trained from random weights (--weights none). Measured on "
     "demo-like data, a ConvNeXt trained from scratch on a few hundred images learns next "
@@ -37,6 +38,12 @@ FROM_SCRATCH_CAVEAT = (
     "photos). Treat this run's test numbers as a check that the pipeline runs, not as a "
     "result. ImageNet weights (--weights imagenet, or a local weights file) are what make "
     "ConvNeXt work for quality."
+)
+MULTI_WORKER_UNSUPPORTED = (
+    "Keras 3's model.fit cannot train under tf.distribute.MultiWorkerMirroredStrategy on TF "
+    "2.21: its train step hands a PerReplica value to an op that wants a tensor (open "
+    "upstream: keras-team/keras issue 20585, tensorflow/tensorflow issue 72388). Train on one "
+    "host: --strategy mirrored uses every local GPU."
 )
 DEMO_CAVEAT = (
     "Training on kiqa's built-in demo data: sample photos with synthetic blur, noise and "
@@ -122,9 +129,14 @@ def _read_history(history_csv):
 
 
 def _save_model_atomically(model, path):
+    """Saves the model for inference (no optimizer state: a third of the size), atomically."""
     path = Path(path)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".keras", dir=path.parent)
-    os.close(handle)
+    if model.optimizer is not None:
+        # A fresh, uncompiled copy (clone_model would compile it again).
+        weights = model.get_weights()
+        model = keras.Model.from_config(model.get_config(), custom_objects=custom_objects())
+        model.set_weights(weights)
+    tmp = path.parent / f".{path.stem}-{os.getpid()}.keras"
     try:
         model.save(tmp)
         os.replace(tmp, path)
@@ -147,12 +159,14 @@ def _fit_phase(model, train_ds, callbacks_for, phase_dir, epochs, verbose):
     if done.exists():
         return
     phase_dir.mkdir(parents=True, exist_ok=True)
-    model.fit(
-        train_ds,
-        epochs=epochs,
-        callbacks=callbacks_for(phase_dir),
-        verbose=verbose,
-    )
+    try:
+        model.fit(train_ds, epochs=epochs, callbacks=callbacks_for(phase_dir), verbose=verbose)
+    except ValueError as err:
+        if "PerReplica" in str(err) and isinstance(
+            tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy
+        ):
+            raise ConfigError(MULTI_WORKER_UNSUPPORTED) from err
+        raise
     done.write_text("completed\n")
 
 
@@ -163,7 +177,9 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
         split: `kiqa.data.koniq.Split` whose frames carry a `path` column.
         config: `TrainConfig`.
         run_dir: output folder.
-        backbone: optional Keras model replacing ConvNeXt (tests use a small CNN).
+        backbone: optional Keras model replacing ConvNeXt (tests use a small CNN), or a
+            function returning one (needed with a distribution strategy, whose scope
+            must create the variables).
         verbose: Keras verbosity ("auto" shows progress bars).
         strategy: a `tf.distribute.Strategy`; None uses the default one.
         prepared: a `kiqa.data.prepared.Prepared` set to read training images from
@@ -174,6 +190,12 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    for name, part in (("training", split.train), ("validation", split.val), ("test", split.test)):
+        if len(part) < MIN_PART_SIZE:
+            raise DataError(
+                f"split {split.name!r}: the {name} part has {len(part)} image(s); it needs at least "
+                f"{MIN_PART_SIZE} for correlations (use more images, or larger fractions)"
+            )
     pd.concat(
         [part.assign(part=name)[["image_name", "mos", "part"]]
          for name, part in (("train", split.train), ("val", split.val), ("test", split.test))]
@@ -186,6 +208,8 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         with strategy.scope():
+            if backbone is not None and not isinstance(backbone, keras.Model):
+                backbone = backbone()  # a factory: variables must be made inside the scope
             model = build_model(config, backbone=backbone)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
