@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from kiqa.config import DEFAULT_MAX_PIXELS, TrainConfig
-from kiqa.errors import ConfigError, ModelError
+from kiqa.errors import ConfigError, ExportError, ModelError
 
 # Size for a bare .keras file with no config.json: the default training size.
 DEFAULT_IMAGE_SIZE = (384, 512)
@@ -105,8 +105,9 @@ def load_scorer(model_ref, image_size=None, safe_mode=True):
         A `Scorer`.
 
     Raises:
-        ModelError: the path is missing, is none of the layouts above, or the
-            model cannot be loaded; the message names the path and the fix.
+        ModelError: the path is missing, is none of the layouts above, the model
+            cannot be loaded, or a SavedModel's graph holds file-system ops (it is
+            scanned before anything runs); the message names the path and the fix.
     """
     path = Path(model_ref)
     if image_size is not None:
@@ -228,8 +229,33 @@ def _read_export_info(version_dir):
     return size, max_pixels
 
 
+def _refuse_file_system_ops(version_dir):
+    """Scans the graph like `saved_model_cli scan` before TF runs any of it.
+
+    A SavedModel is a program: a hostile or careless one can read or write files on
+    the machine that scores with it (`ReadFile`, `WriteFile`, ...). kiqa's exports
+    contain none of those ops (`kiqa.export` refuses them), so one that does is not a
+    kiqa export and is not run.
+    """
+    from kiqa import export  # the export's own deny list and graph reader
+
+    try:
+        meta_graph = export.read_meta_graph(version_dir)
+    except ExportError as err:
+        raise ModelError(f"cannot load SavedModel {version_dir}: {err}; re-export it with `kiqa export`") from err
+    denied = sorted(export.ops_used(meta_graph) & export.DENYLISTED_OPS)
+    if denied:
+        raise ModelError(
+            f"SavedModel {version_dir} uses ops that touch the file system or logs {denied}; "
+            f"a SavedModel is a program and kiqa does not run one that can read or write "
+            f"files. kiqa exports have none: use an export made by `kiqa export` from a "
+            f"source you trust"
+        )
+
+
 def _saved_model_scorer(version_dir, image_size):
     export_size, max_pixels = _read_export_info(version_dir)
+    _refuse_file_system_ops(version_dir)
     try:
         loaded = tf.saved_model.load(str(version_dir))
     except Exception as err:  # TF raises several op/IO error types for a broken SavedModel

@@ -73,9 +73,19 @@ class ScoreSummary:
     failures: Tuple[Tuple[str, str], ...]
 
 
+# Listed in folders although TF cannot decode them: a folder of scans or camera exports
+# holds TIFFs, and skipping them silently would report a job as complete with files
+# missing. Each gets an error row saying to convert it (the header check's message).
+LISTED_UNSUPPORTED_EXTENSIONS = (".tif", ".tiff")
+
+
 def has_image_extension(name):
     """True if `name` ends with one of `kiqa.image.IMAGE_EXTENSIONS` (any case)."""
     return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _is_listed(name):
+    return has_image_extension(name) or name.lower().endswith(LISTED_UNSUPPORTED_EXTENSIONS)
 
 
 def _inside(path, roots):
@@ -85,10 +95,11 @@ def _inside(path, roots):
 def find_images(paths, follow_links_outside=False):
     """Lists the image files to score under files and folders.
 
-    Folders are searched recursively for `IMAGE_EXTENSIONS` (any case); files named
-    directly are taken whatever their extension. Each folder's files are sorted by
-    path, so two runs list the same files in the same order; a file reached twice
-    is listed once.
+    Folders are searched recursively for `IMAGE_EXTENSIONS` (any case), plus TIFF
+    files, which are listed so that each gets an error row saying to convert it
+    instead of being skipped silently; files named directly are taken whatever their
+    extension. Each folder's files are sorted by path, so two runs list the same
+    files in the same order; a file reached twice is listed once.
 
     Symbolic links found inside a folder are followed only when their target lies
     inside one of the given paths (links to folders inside them are not followed at
@@ -149,13 +160,13 @@ def _walk(root, real_roots, follow_links_outside):
                         visited.add(target)
                         folders.append(path)
                     continue
-                if not has_image_extension(child.name):
+                if not _is_listed(child.name):
                     continue
                 allowed = inside or follow_links_outside
                 entries.append((path, None if allowed else _link_error("file", target)))
             elif child.is_dir(follow_symlinks=False):
                 folders.append(path)
-            elif has_image_extension(child.name):
+            elif _is_listed(child.name):
                 # Devices and pipes named *.jpg stay in: read_image_bytes refuses them by name.
                 entries.append((path, None))
     return entries

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import keras
@@ -79,6 +80,28 @@ def caveats(config, backbone=None):
     if config.weights == "none" and backbone is None:
         notes.append(FROM_SCRATCH_CAVEAT)
     return notes
+
+
+class ResumableBackup(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` that survives its own backup being cut short by a kill.
+
+    Keeps two backup copies (`double_checkpoint`), and if the backup still cannot be
+    read (a truncated file), warns and starts the phase again instead of failing the
+    same way on every rerun.
+    """
+
+    def __init__(self, backup_dir):
+        super().__init__(backup_dir, save_freq="epoch", double_checkpoint=True)
+
+    def on_train_begin(self, logs=None):
+        try:
+            super().on_train_begin(logs)
+        except (OSError, ValueError, KeyError) as err:
+            warnings.warn(
+                f"the training backup in {self.backup_dir} cannot be read ({err}); "
+                "starting this phase again from its first epoch"
+            )
+            shutil.rmtree(self.backup_dir)
 
 
 class ValidationMetrics(keras.callbacks.Callback):
@@ -226,7 +249,7 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
     def callbacks_for(phase_dir):
         return [
             ValidationMetrics(split.val["path"], split.val["mos"], config),
-            keras.callbacks.BackupAndRestore(str(phase_dir / "backup"), save_freq="epoch"),
+            ResumableBackup(str(phase_dir / "backup")),
             keras.callbacks.ModelCheckpoint(
                 str(best_path), monitor=config.monitor, mode=mode, save_best_only=True,
                 initial_value_threshold=_best_so_far(history_csv, config.monitor),

@@ -46,14 +46,26 @@ def demo_subset(folder, per_source=4, crops_per_photo=1, seed=0):
     return path
 
 
-def make_tiny_run(run_dir, seed=0):
-    """A run directory (model.keras + config.json) holding a tiny-backbone kiqa model."""
+def make_tiny_run(run_dir, seed=0, head_scale=1.0):
+    """A run directory (model.keras + config.json) holding a tiny-backbone kiqa model.
+
+    Args:
+        run_dir: folder to create.
+        seed: weight initialisation seed.
+        head_scale: multiplies the head's kernel; a random head moves scores by ~0.01 MOS
+            between images, so tests that compare scores scale it until they differ by points.
+
+    Returns:
+        The model.
+    """
     config = TrainConfig.demo(weights="none", image_size=EXPORT_SIZE)
     keras.utils.set_random_seed(seed)
     image = keras.Input((None, None, 3))
     features = keras.layers.Rescaling(1 / 255.0)(image)
     features = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(features)
     model = build_model(config, backbone=keras.Model(image, features))
+    head = model.get_layer("head_dense")
+    head.kernel.assign(head.kernel * head_scale)
     run_dir.mkdir(parents=True)
     model.save(run_dir / "model.keras")
     config.save(run_dir / "config.json")

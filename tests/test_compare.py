@@ -4,7 +4,6 @@ import dataclasses
 import json
 import os
 
-import keras
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,29 +19,18 @@ from kiqa.compare import (
     wilcoxon_test,
     win_rate,
 )
-from kiqa.config import TrainConfig
 from kiqa.errors import ConfigError, DataError
 from kiqa.inference import load_scorer
-from kiqa.model import build_model
 
-SIZE = (32, 48)
+import helpers
+
+SIZE = helpers.EXPORT_SIZE
 NAMES = [f"img{i:02d}.jpg" for i in range(8)] + ["sub/img08.jpg", "sub/img09.jpg"]
 
 
 def make_tiny_run(run_dir):
-    """A run directory with a tiny-backbone model (model.keras + config.json)."""
-    config = TrainConfig.demo(weights="none", image_size=SIZE)
-    keras.utils.set_random_seed(2)
-    image = keras.Input((None, None, 3))
-    features = keras.layers.Rescaling(1 / 255.0)(image)
-    features = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(features)
-    model = build_model(config, backbone=keras.Model(image, features))
-    # A random head moves scores by ~0.01 MOS between images; scaled, they differ by points.
-    head = model.get_layer("head_dense")
-    head.kernel.assign(head.kernel * 50.0)
-    run_dir.mkdir(parents=True)
-    model.save(run_dir / "model.keras")
-    config.save(run_dir / "config.json")
+    """A run directory with a tiny-backbone model whose scores differ by points between images."""
+    helpers.make_tiny_run(run_dir, seed=2, head_scale=50.0)
     return run_dir
 
 

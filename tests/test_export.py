@@ -29,7 +29,7 @@ from kiqa.errors import ExportError
 from kiqa.image import decode_image
 from kiqa.model import build_model, load_model
 
-from helpers import EXPORT_SIZE as SIZE, make_tiny_run, shared_export
+from helpers import EXPORT_SIZE as SIZE, shared_export
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAVED_MODEL_CLI = Path(sys.executable).parent / "saved_model_cli"

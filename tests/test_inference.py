@@ -4,31 +4,22 @@ import dataclasses
 import json
 import shutil
 
-import keras
 import numpy as np
 import pytest
+import keras
 import tensorflow as tf
 
 from kiqa.config import TrainConfig
 from kiqa.errors import ModelError
 from kiqa.inference import DEFAULT_IMAGE_SIZE, load_scorer
-from kiqa.model import build_model
 
-SIZE = (32, 48)
+import helpers
+
+SIZE = helpers.EXPORT_SIZE
 
 
 def make_tiny_run(run_dir):
-    """A run directory with a tiny-backbone model (model.keras + config.json)."""
-    config = TrainConfig.demo(weights="none", image_size=SIZE)
-    keras.utils.set_random_seed(0)
-    image = keras.Input((None, None, 3))
-    features = keras.layers.Rescaling(1 / 255.0)(image)
-    features = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(features)
-    model = build_model(config, backbone=keras.Model(image, features))
-    run_dir.mkdir(parents=True)
-    model.save(run_dir / "model.keras")
-    config.save(run_dir / "config.json")
-    return model
+    return helpers.make_tiny_run(run_dir, seed=0)
 
 
 @pytest.fixture(scope="module")

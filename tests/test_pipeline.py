@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from kiqa.config import TrainConfig
 from kiqa.data import koniq, synthetic

@@ -5,38 +5,26 @@ import dataclasses
 import os
 import shutil
 
-import keras
 import numpy as np
 import pytest
 from PIL import Image
 
 from kiqa.cli import score as score_cli
 from kiqa.cli._common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
-from kiqa.config import TrainConfig
 from kiqa.errors import DataError
 from kiqa.export import export_model
 from kiqa.inference import load_scorer
-from kiqa.model import build_model
 from kiqa.score import CSV_COLUMNS, find_images, read_scores, score_paths
 
-SIZE = (32, 48)
+import helpers
+
+SIZE = helpers.EXPORT_SIZE
 GOOD = ["a.jpg", "b.JPEG", "c.png", "nested/d.jpg", "nested/deeper/e.webp", "nested/f.bmp", "g.gif"]
 
 
 def make_tiny_run(run_dir):
-    """A run directory with a tiny-backbone model (model.keras + config.json)."""
-    config = TrainConfig.demo(weights="none", image_size=SIZE)
-    keras.utils.set_random_seed(1)
-    image = keras.Input((None, None, 3))
-    features = keras.layers.Rescaling(1 / 255.0)(image)
-    features = keras.layers.Conv2D(8, 3, strides=2, activation="relu")(features)
-    model = build_model(config, backbone=keras.Model(image, features))
-    # A random head moves scores by ~0.01 MOS between images; scaled, they differ by points.
-    head = model.get_layer("head_dense")
-    head.kernel.assign(head.kernel * 50.0)
-    run_dir.mkdir(parents=True)
-    model.save(run_dir / "model.keras")
-    config.save(run_dir / "config.json")
+    """A run directory with a tiny-backbone model whose scores differ by points between images."""
+    helpers.make_tiny_run(run_dir, seed=1, head_scale=50.0)
     return run_dir
 
 

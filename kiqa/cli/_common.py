@@ -34,3 +34,21 @@ def entry_point(func):
             return EXIT_INTERRUPTED
 
     return wrapper
+
+
+def add_model_arguments(parser):
+    """The `--model`, `--image-size` and `--unsafe` flags of the commands that load a model.
+
+    Returns:
+        The argument group, for commands that add more model flags.
+    """
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True,
+                       help="a run directory (model.keras + config.json), a .keras file, or an "
+                       "exported SavedModel (base path such as export/kiqa, or a version folder)")
+    model.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                       help="size images are resized to (default: the size the model was trained "
+                       "or exported at; needed for a bare .keras file without config.json)")
+    model.add_argument("--unsafe", action="store_true",
+                       help="load .keras files with Lambda layers (arbitrary code): only for files you trust")
+    return model

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from kiqa.cli._common import EXIT_OK, EXIT_PARTIAL, entry_point
+from kiqa.cli._common import add_model_arguments, EXIT_OK, EXIT_PARTIAL, entry_point
 from kiqa.cli.score import print_failures, scoring_options
 
 
@@ -21,15 +21,7 @@ def build_parser(prog=None):
     )
     parser.add_argument("dirs", nargs="+", metavar="DIR",
                         help="two or more folders; differences are first minus second")
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True,
-                       help="a run directory (model.keras + config.json), a .keras file, or an "
-                       "exported SavedModel (base path such as export/kiqa, or a version folder)")
-    model.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
-                       help="size images are resized to (default: the size the model was trained "
-                       "or exported at; needed for a bare .keras file without config.json)")
-    model.add_argument("--unsafe", action="store_true",
-                       help="load .keras files with Lambda layers (arbitrary code): only for files you trust")
+    add_model_arguments(parser)
     job = parser.add_argument_group("job")
     job.add_argument("--out", required=True,
                      help="output folder; its per-folder score CSVs are resumed when the command "

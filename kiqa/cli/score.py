@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from kiqa.cli._common import EXIT_OK, EXIT_PARTIAL, entry_point
+from kiqa.cli._common import add_model_arguments, EXIT_OK, EXIT_PARTIAL, entry_point
 
 # Failures listed on the terminal; the CSV has all of them.
 SHOWN_FAILURES = 10
@@ -22,15 +22,7 @@ def build_parser(prog=None):
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="image files and folders (folders are searched recursively for "
                         ".jpg .jpeg .png .bmp .gif .webp, any case)")
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", required=True,
-                       help="a run directory (model.keras + config.json), a .keras file, or an "
-                       "exported SavedModel (base path such as export/kiqa, or a version folder)")
-    model.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
-                       help="size images are resized to (default: the size the model was trained "
-                       "or exported at; needed for a bare .keras file without config.json)")
-    model.add_argument("--unsafe", action="store_true",
-                       help="load .keras files with Lambda layers (arbitrary code): only for files you trust")
+    add_model_arguments(parser)
     job = parser.add_argument_group("job")
     job.add_argument("--out", default="scores.csv", help="CSV to write or resume (default scores.csv)")
     job.add_argument("--batch-size", type=int, default=None,

@@ -16,6 +16,7 @@ side of every random split).
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +70,19 @@ def read_labels(path):
     """
     path = Path(path)
     try:
-        frame = pd.read_csv(path, dtype={"image_name": str})
+        with warnings.catch_warnings():
+            # Rows with one field more than the header would otherwise make pandas use
+            # the first column as the index and shift every column by one, silently
+            # (image_name would hold the scores). With index_col=False it warns instead.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(path, dtype={"image_name": str}, index_col=False)
     except FileNotFoundError as err:
         raise DataError(f"label file not found: {path}") from err
+    except pd.errors.ParserWarning as err:
+        raise DataError(
+            f"{path}: rows have more fields than the header has columns; check the "
+            f"separator and quoting (KonIQ label files are comma-separated with one header row)"
+        ) from err
     except (OSError, pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
         raise DataError(f"cannot read label file {path} as CSV: {err}") from err
 

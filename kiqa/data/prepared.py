@@ -166,7 +166,7 @@ def _write_shards(staging, frame, paths, good, config, shards, progress):
     shard_of = {row: position * shards // len(good) for position, row in enumerate(good)}
 
     shard_list, images, written = [], [], set()
-    writer = None
+    writer, current = None, None
     try:
         with tqdm(total=len(good), desc="preparing images", unit="img", disable=not progress) as bar:
             for row, pixels in dataset.as_numpy_iterator():

@@ -9,6 +9,7 @@ name, in `rejects.csv`. The user chooses whether to drop the rejects or stop; mo
 """
 
 import os
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -36,6 +37,21 @@ def _decodable_indices(paths, config, progress):
             good.add(int(index))
             bar.update(1)
     return good
+
+
+# TF's eager wrappers around an op's own message, e.g. "{{function_node
+# __wrapped__DecodeJpeg_device_/job:localhost/...}} jpeg::Uncompress failed. [Op:DecodeJpeg]".
+_TF_WRAPPERS = re.compile(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\]")
+
+
+def _reason(err, path):
+    """One readable line for rejects.csv: the message without the leading path(s)
+    (rejects.csv has its own path column, and `load_image` and the header check each
+    put the path in front) and without TF's op wrappers."""
+    reason = _TF_WRAPPERS.sub("", str(err)).strip()
+    while reason.startswith(f"{path}: "):
+        reason = reason[len(path) + 2 :]
+    return reason
 
 
 def find_bad_images(frame, root, config, progress=True):
@@ -69,7 +85,7 @@ def find_bad_images(frame, root, config, progress=True):
                 load_image(paths[row], config.image_size, max_pixels=config.max_pixels)
                 reason = "failed to decode in the parallel pass (not reproducible eagerly)"
             except ImageError as err:
-                reason = str(err)
+                reason = _reason(err, paths[row])
             rejects.append((frame["image_name"].iat[row], paths[row], reason))
             paths[row] = None
     return paths, pd.DataFrame(rejects, columns=REJECT_COLUMNS)

@@ -1,0 +1,504 @@
+"""The hostile-input corpus: every bad file of issue 8, generated here (nothing downloaded).
+
+`write_corpus(folder)` writes the files and returns a `Corpus` whose `cases` are the table
+tests/test_hostile.py checks: for each file, what it is and the expected outcome on each
+path that meets user files:
+
+- "training": the pre-validation pass of a training run (`kiqa.data.validate`, whose
+  `rejects.csv` lists each rejected image by name with the reason) and the tf.data
+  pipeline over the images it keeps.
+- "score": `kiqa score` over the image folder (one CSV row per file: a MOS or the reason).
+- "serving": the SavedModel's `serving_default` bytes signature through the gRPC dev
+  server, reached with `kiqa predict` over the same folder (the server answers
+  INVALID_ARGUMENT for bytes it cannot use; links leaving the folder are refused by the
+  client before anything is sent).
+
+An expected outcome is "decoded" (and then, where a `reference` is given, the decoded
+pixels must match the reference image decoded by the same function, i.e. upright, first
+frame, 8-bit RGB) or "rejected" with a message matching `reason` (a case-insensitive
+regular expression), and the path names the file. `None` means the case does not reach
+that path (a CSV row is not a file in a folder).
+
+`probe(...)` (run as `python tests/hostile_corpus.py probe ...`) sends every file through
+the three paths in a fresh process and measures its peak memory; tests/test_hostile.py
+runs it in a subprocess, so that a crash or a hang fails one test instead of pytest.
+
+The PNG of 20000x20000 pixels is a real, valid PNG (TF would decode it to 1.2 GB), built
+in a few milliseconds by repeating one deflate block of zero rows; the JPEG announcing
+30000x30000 is a small real JPEG whose frame header was rewritten.
+"""
+
+import dataclasses
+import io
+import os
+import re
+import struct
+import zlib
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+EXIF_ORIENTATION = 0x0112
+# A real PNG this size decodes to 20000 * 20000 * 3 bytes = 1.2 GB in TF (no size cap).
+HUGE_PNG_SIZE = (20000, 20000)
+# What the rewritten JPEG header announces: 900 MP, 2.7 GB as decoded RGB.
+HUGE_JPEG_CLAIM = (30000, 30000)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """Expected result of one file on one path.
+
+    Attributes:
+        decoded: True when the file must be decoded and used.
+        reason: for rejections, a case-insensitive regex the message must match.
+    """
+
+    decoded: bool
+    reason: str = ""
+
+    def describe(self):
+        return "decoded" if self.decoded else f"rejected /{self.reason}/"
+
+
+DECODED = Outcome(True)
+
+
+def rejected(reason):
+    return Outcome(False, reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One row of the table.
+
+    Attributes:
+        name: the image_name in labels.csv (a file name in `images/`, or the hostile
+            name itself for CSV-row cases).
+        kind: what the file is.
+        training, score, serving: expected `Outcome` per path (None: does not apply).
+        reference: file in `references/` holding what a correct decode shows (lossless
+            PNG), or None.
+        tolerance: largest mean absolute difference (0..255 levels) from the reference
+            (JPEG coding loss; 0 for lossless formats).
+        sends_bytes: the file's bytes can be read and sent to a server as they are.
+    """
+
+    name: str
+    kind: str
+    training: Optional[Outcome]
+    score: Optional[Outcome]
+    serving: Optional[Outcome]
+    reference: Optional[str] = None
+    tolerance: float = 0.0
+    sends_bytes: bool = True
+
+    def expected(self, path):
+        return getattr(self, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    """What `write_corpus` wrote.
+
+    Attributes:
+        root: the folder holding everything.
+        images: the image folder (what a user would point training and scoring at).
+        references: lossless PNGs of what decodable files must decode to.
+        outside: a folder beside `images/` (targets of links that leave it).
+        labels: a KonIQ-format CSV (download-file layout) listing every case.
+        cases: the table.
+    """
+
+    root: Path
+    images: Path
+    references: Path
+    outside: Path
+    labels: Path
+    cases: Tuple[Case, ...]
+
+    def case(self, name):
+        return next(c for c in self.cases if c.name == name)
+
+    def files(self):
+        """Cases that are files in `images/` (not CSV-row cases)."""
+        return [c for c in self.cases if c.score is not None]
+
+    def table(self):
+        """The table as text, one line per case (for reports and failure messages)."""
+        lines = [f"{'file':<22} {'kind':<44} {'training':<34} {'score':<34} serving"]
+        for c in self.cases:
+            cells = [(o.describe() if o else "n/a") for o in (c.training, c.score, c.serving)]
+            lines.append(f"{c.name:<22} {c.kind:<44} {cells[0]:<34} {cells[1]:<34} {cells[2]}")
+        return "\n".join(lines)
+
+
+# Reasons, as the product words them (regexes).
+EMPTY = r"empty \(0 bytes\)"
+UNDECODABLE_JPEG = r"Invalid JPEG data"
+NOT_AN_IMAGE = r"format not recognised"
+TIFF = r"TIFF, which TensorFlow cannot decode"
+OVER_CAP = r"announces {w}x{h} = {p} pixels, over the cap"
+LINK_TRAINING = r"outside the image folder"
+LINK_SCORING = r"symbolic link to a file outside the given folders"
+DOTDOT = r"'\.\.' is not allowed"
+ABSOLUTE = r"absolute paths are not allowed"
+
+
+def _photo(height, width, seed):
+    """Smooth, asymmetric content with some texture (so a wrong turn or flip shows)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 / (width - 1), y * 255 / (height - 1), (x + y) * 127 / (height + width)], -1)
+    base[height // 4 : height // 2, width // 5 : width // 3] = (250, 30, 30)  # a red block, top left
+    return np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
+
+
+def _encode(image, fmt, **options):
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _png_chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def huge_png(width, height):
+    """A valid 8-bit RGB PNG of width x height black pixels, ~1 MB for 20000x20000.
+
+    Every scanline is a filter byte and 3 * width zero bytes. One deflate block holding
+    `rows_per_block` rows is compressed once, ended with a full flush (so it refers to
+    nothing before it), and repeated; the zlib trailer's Adler-32 of n zero bytes is
+    (n mod 65521) << 16 | 1, so nothing of the 1.2 GB is ever held in memory.
+    """
+    rows_per_block = 100
+    assert height % rows_per_block == 0
+    row = bytes(1 + 3 * width)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = compressor.compress(row * rows_per_block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    final = zlib.compressobj(9, zlib.DEFLATED, -15).flush(zlib.Z_FINISH)  # an empty last block
+    total = len(row) * height
+    adler = ((total % 65521) << 16) | 1
+    stream = b"\x78\xda" + block * (height // rows_per_block) + final + struct.pack(">I", adler)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (
+        b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", stream)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def check_png_is_complete(path, chunk=64 * 1024 * 1024):
+    """Verifies a PNG's CRCs and inflates its image data in bounded pieces.
+
+    Returns:
+        (width, height, number of decompressed bytes); raises ValueError or zlib.error
+        when the file is not a valid PNG.
+    """
+    data = Path(path).read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError("no PNG signature")
+    position, idat, width = 8, b"", None
+    while position < len(data):
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        kind = data[position + 4 : position + 8]
+        body = data[position + 8 : position + 8 + length]
+        (crc,) = struct.unpack(">I", data[position + 8 + length : position + 12 + length])
+        if zlib.crc32(kind + body) != crc:
+            raise ValueError(f"bad CRC in chunk {kind!r}")
+        if kind == b"IHDR":
+            width, height = struct.unpack(">II", body[:8])
+        elif kind == b"IDAT":
+            idat += body
+        position += 12 + length
+    inflater, produced, pending = zlib.decompressobj(), 0, idat
+    while pending:
+        out = inflater.decompress(pending, chunk)
+        produced += len(out)
+        pending = inflater.unconsumed_tail
+    produced += len(inflater.flush())
+    if not inflater.eof:
+        raise ValueError("image data stream is incomplete")
+    return width, height, produced
+
+
+def _jpeg_claiming(size, seed=0):
+    """A small real JPEG whose SOF0 frame header announces `size` (height, width)."""
+    data = bytearray(_encode(Image.fromarray(_photo(16, 16, seed)), "JPEG", quality=50))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", *size)
+    return bytes(data)
+
+
+def _corrupt_huffman_table(jpeg):
+    """The first DHT segment's 16 code-length counts set to 255: libjpeg fails
+    ("Bogus Huffman table definition") instead of decoding garbage."""
+    data = bytearray(jpeg)
+    dht = data.find(b"\xff\xc4")
+    data[dht + 5 : dht + 21] = b"\xff" * 16
+    return bytes(data)
+
+
+def _corrupt_scan(jpeg, seed=0):
+    """300 random bytes written into the entropy-coded data after the SOS header."""
+    data = bytearray(jpeg)
+    start = data.find(b"\xff\xda") + 200
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 255, 300, dtype=np.uint8)
+    noise[noise == 0xFF] = 0x7F  # no stray markers: libjpeg then decodes through it
+    data[start : start + 300] = noise.tobytes()
+    return bytes(data)
+
+
+def write_corpus(folder):
+    """Writes every hostile file of issue 8 (and two good controls) into `folder`.
+
+    Args:
+        folder: an empty or missing folder.
+
+    Returns:
+        A `Corpus`.
+    """
+    root = Path(folder)
+    images, references, outside = root / "images", root / "references", root / "outside"
+    for sub in (images, references, outside):
+        sub.mkdir(parents=True, exist_ok=True)
+
+    def reference(name, pixels):
+        Image.fromarray(pixels).save(references / name)
+        return name
+
+    def write(name, contents):
+        (images / name).write_bytes(contents)
+
+    photo = _photo(96, 128, seed=1)
+    good_jpeg = _encode(Image.fromarray(photo), "JPEG", quality=92)
+    ref_photo = reference("photo.png", photo)
+    cases = []
+
+    write("good.jpg", good_jpeg)
+    cases.append(Case("good.jpg", "control: plain RGB JPEG", DECODED, DECODED, DECODED, ref_photo, 3.0))
+    write("good.png", _encode(Image.fromarray(photo), "PNG"))
+    cases.append(Case("good.png", "control: plain RGB PNG", DECODED, DECODED, DECODED, ref_photo, 0.0))
+
+    write("empty.jpg", b"")
+    cases.append(Case("empty.jpg", "zero-byte file", *[rejected(EMPTY)] * 3))
+
+    write("truncated.jpg", good_jpeg[: len(good_jpeg) // 2])
+    cases.append(Case("truncated.jpg", "JPEG cut in half (header intact)", *[rejected(UNDECODABLE_JPEG)] * 3))
+
+    write("corrupt.jpg", _corrupt_huffman_table(good_jpeg))
+    cases.append(Case("corrupt.jpg", "corrupt JPEG: bogus Huffman table", *[rejected(UNDECODABLE_JPEG)] * 3))
+
+    # libjpeg recovers from damaged entropy-coded data (a warning, not an error), as
+    # Pillow and browsers do: the image decodes with a damaged region. Not rejectable
+    # from the bytes; the test checks it decodes to the right size without harm.
+    write("corrupt-scan.jpg", _corrupt_scan(good_jpeg))
+    cases.append(Case("corrupt-scan.jpg", "corrupt JPEG: noise in the scan data", DECODED, DECODED, DECODED))
+
+    (images / "notes.jpg").write_text("these are meeting notes, saved with a .jpg name\n")
+    cases.append(Case("notes.jpg", "text file with a .jpg name", *[rejected(NOT_AN_IMAGE)] * 3))
+
+    write("scan.tiff", _encode(Image.fromarray(photo), "TIFF"))
+    cases.append(Case("scan.tiff", "TIFF", *[rejected(TIFF)] * 3))
+
+    cmyk = Image.fromarray(photo).convert("CMYK")
+    write("cmyk.jpg", _encode(cmyk, "JPEG", quality=95))
+    ref_cmyk = reference("cmyk.png", np.asarray(cmyk.convert("RGB")))
+    cases.append(Case("cmyk.jpg", "CMYK JPEG", DECODED, DECODED, DECODED, ref_cmyk, 3.0))
+
+    grey = np.asarray(Image.fromarray(photo).convert("L"))
+    sixteen = grey.astype(np.uint16) * 257  # 8-bit grey spread over 16 bits, exactly
+    write("grey16.png", _encode(Image.fromarray(sixteen), "PNG"))
+    ref_grey = reference("grey.png", np.stack([grey] * 3, -1))
+    cases.append(Case("grey16.png", "16-bit greyscale PNG", DECODED, DECODED, DECODED, ref_grey, 0.0))
+
+    write("grey.jpg", _encode(Image.fromarray(grey), "JPEG", quality=95))
+    cases.append(Case("grey.jpg", "greyscale (1-channel) JPEG", DECODED, DECODED, DECODED, ref_grey, 3.0))
+
+    frames = [Image.fromarray(photo).quantize(64), Image.fromarray(255 - photo).quantize(64)]
+    write("animated.gif", _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100))
+    ref_gif = reference("gif-frame0.png", np.asarray(frames[0].convert("RGB")))
+    cases.append(Case("animated.gif", "animated GIF, 2 frames (first one is used)", DECODED, DECODED, DECODED, ref_gif, 0.0))
+
+    write("photo.webp", _encode(Image.fromarray(photo), "WEBP", lossless=True))
+    cases.append(Case("photo.webp", "lossless WebP", DECODED, DECODED, DECODED, ref_photo, 0.0))
+
+    # Stored on its side with EXIF orientation 6 (turn 90 degrees clockwise to view), as
+    # phones write portrait photos.
+    upright = _photo(128, 96, seed=2)
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    stored = np.ascontiguousarray(np.rot90(upright, k=1))
+    write("rotated.jpg", _encode(Image.fromarray(stored), "JPEG", quality=95, exif=exif.tobytes()))
+    ref_upright = reference("upright.png", upright)
+    cases.append(Case("rotated.jpg", "EXIF orientation 6 (portrait stored landscape)", DECODED, DECODED, DECODED, ref_upright, 3.0))
+
+    h, w = HUGE_JPEG_CLAIM
+    write("claims-30000.jpg", _jpeg_claiming(HUGE_JPEG_CLAIM))
+    over = rejected(OVER_CAP.format(w=w, h=h, p=w * h))
+    cases.append(Case("claims-30000.jpg", f"{len(_jpeg_claiming(HUGE_JPEG_CLAIM))}-byte JPEG announcing {w}x{h}", over, over, over))
+
+    h, w = HUGE_PNG_SIZE
+    write("huge.png", huge_png(w, h))
+    over = rejected(OVER_CAP.format(w=w, h=h, p=w * h))
+    size_mb = (images / "huge.png").stat().st_size / 1e6
+    cases.append(Case("huge.png", f"real {w}x{h} PNG ({size_mb:.1f} MB; 1.2 GB decoded)", over, over, over))
+
+    os.symlink("/dev/zero", images / "zero.jpg")
+    cases.append(Case(
+        "zero.jpg", "symbolic link to /dev/zero",
+        rejected(LINK_TRAINING), rejected(LINK_SCORING), rejected(LINK_SCORING), sends_bytes=False,
+    ))
+
+    secret = _photo(64, 64, seed=3)
+    Image.fromarray(secret).save(outside / "private.png")
+    os.symlink(outside / "private.png", images / "link-out.png")
+    cases.append(Case(
+        "link-out.png", "symbolic link to an image outside the folder",
+        rejected(LINK_TRAINING), rejected(LINK_SCORING), rejected(LINK_SCORING), sends_bytes=False,
+    ))
+
+    # CSV rows naming files outside the image folder; the files exist, so only the
+    # name check can stop them.
+    Image.fromarray(secret).save(root / "escape.png")
+    cases.append(Case("../escape.png", "labels.csv row with '../'", rejected(DOTDOT), None, None, sends_bytes=False))
+    cases.append(Case(str(outside / "private.png"), "labels.csv row with an absolute path",
+                      rejected(ABSOLUTE), None, None, sends_bytes=False))
+
+    labels = root / "labels.csv"
+    pd.DataFrame({
+        "image_name": [c.name for c in cases],
+        "MOS_zscore": np.linspace(20, 80, len(cases)).round(2),
+    }).to_csv(labels, index=False)
+    return Corpus(root, images, references, outside, labels, tuple(cases))
+
+
+# ----------------------------------------------------------------------------- the probe
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as handle:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", handle.read(), re.M).group(1))
+
+
+def _reset_peak():
+    """Resets VmHWM to the current RSS (Linux; needs write access to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def probe(folder, run_dir, base_path, image_size):
+    """Runs every corpus file through the three paths in this (fresh) process and
+    measures memory. Meant to run in a subprocess (`python hostile_corpus.py probe ...`):
+    a crash then fails one test instead of killing pytest, a hang is ended by the
+    subprocess timeout, and the measurement starts from a clean process.
+
+    TF keeps freed tensor memory for reuse (measured: RSS stays at 1.7 GB after a 950 MB
+    tensor is freed), so growth measured in a long-running process can hide an
+    allocation that reuses memory an earlier one left; in a fresh process whose warm-up
+    only decoded small images, the peak over the whole run minus the resident set after
+    warm-up bounds what any one hostile file cost.
+
+    Args:
+        folder: where to write the corpus.
+        run_dir: a run directory (the model `kiqa score` uses).
+        base_path: an export base path of the same model (served over gRPC here).
+        image_size: (height, width) of the model.
+
+    Returns:
+        dict: "per_file" {"path/file": peak growth in MB}, "baseline_mb" (RSS after
+        warm-up), "overall_growth_mb" (highest peak over the run minus the baseline),
+        "control_mb" (growth while decoding a 5000x4000 PNG, 60 MB: the measure works),
+        "exact" (VmHWM could be reset).
+    """
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_pb2_grpc
+
+    from kiqa.config import TrainConfig
+    from kiqa.data import koniq
+    from kiqa.data.pipeline import make_dataset
+    from kiqa.data.validate import find_bad_images
+    from kiqa.devserver import DevServer
+    from kiqa.image import read_image_bytes
+    from kiqa.inference import load_scorer
+    from kiqa.score import score_files
+
+    corpus = write_corpus(folder)
+    config = TrainConfig.demo(weights="none", image_size=tuple(image_size), cache="none", batch_size=8)
+    frame = koniq.read_labels(corpus.labels)
+    scorer = load_scorer(run_dir)
+    out_csv = Path(folder) / "scores.csv"
+    files = [c for c in corpus.files() if c.sends_bytes]
+
+    def predict(stub, contents):
+        request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=Path(base_path).name))
+        request.inputs["image_bytes"].CopyFrom(tf.make_tensor_proto(contents, dtype=tf.string, shape=[len(contents)]))
+        try:
+            return stub.Predict(request, timeout=120).outputs["mos"].float_val
+        except grpc.RpcError as err:
+            return err.code().name
+
+    def through_pipeline(paths):
+        return list(make_dataset(paths, np.zeros(len(paths)), config, training=False, with_index=True))
+
+    peaks, per_file = [], {}
+
+    def measure(key, function, *args):
+        exact = _reset_peak()
+        before = _status_kb("VmRSS")
+        function(*args)
+        peak = _status_kb("VmHWM" if exact else "VmRSS")
+        peaks.append(peak)
+        per_file[key] = (peak - before) / 1024
+        return exact
+
+    # Warm-up replays of the export are not needed: the first request below traces.
+    server = DevServer(base_path, port=0, warmup=False)
+    with server, grpc.insecure_channel(server.address) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        good = [str(corpus.images / "good.jpg"), str(corpus.images / "good.png")]
+        # Warm-up: scoring and serving traced on good files, so tracing is not counted
+        # (each tf.data pass traces its own graph: counted, a few MB).
+        score_files([(p, None) for p in good], scorer, out_csv, skip_existing=False, progress=False)
+        predict(stub, [read_image_bytes(good[0])])
+        baseline = _status_kb("VmRSS")
+
+        exact = measure("training/pre-validation of the whole corpus", find_bad_images, frame, corpus.images,
+                        config, False)
+        measure("training/pipeline over every readable file", through_pipeline,
+                [str(corpus.images / c.name) for c in files])
+        for case in files:
+            path = corpus.images / case.name
+            measure(f"score/{case.name}", score_files, [(str(path), None)], scorer, out_csv, 16, False, False)
+            measure(f"serving/{case.name}", predict, stub, [read_image_bytes(path)])
+
+    overall = (max(peaks) - baseline) / 1024
+    control = huge_png(5000, 4000)
+    measure("control/5000x4000 PNG decoded (60 MB)", lambda: tf.io.decode_png(control).shape)
+    return {
+        "per_file": per_file,
+        "baseline_mb": baseline / 1024,
+        "overall_growth_mb": overall,
+        "control_mb": per_file["control/5000x4000 PNG decoded (60 MB)"],
+        "exact": exact,
+    }
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if len(sys.argv) != 7 or sys.argv[1] != "probe":
+        sys.exit("usage: hostile_corpus.py probe FOLDER RUN_DIR BASE_PATH HEIGHT,WIDTH OUT_JSON")
+    _, _, folder, run_dir, base_path, size, out_json = sys.argv
+    result = probe(folder, run_dir, base_path, [int(v) for v in size.split(",")])
+    Path(out_json).write_text(json.dumps(result, indent=2))
