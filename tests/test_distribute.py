@@ -73,9 +73,15 @@ def test_two_workers_on_loopback_stop_with_the_documented_keras_limitation(label
             outputs.append(proc.communicate(timeout=240))
         finally:
             proc.kill()
-    chief_err = outputs[0][1]
-    assert procs[0].returncode != 0
-    assert "keras-team/keras issue 20585" in chief_err and "--strategy mirrored" in chief_err
+    assert all(proc.returncode != 0 for proc in procs)
+    # The worker that meets the Keras error first says why; its peer's next collective
+    # op then fails too ("CollectiveBcastSend"), so either one may carry the explanation.
+    explained = [err for _, err in outputs if "keras-team/keras issue 20585" in err]
+    if not explained and any("stopped sending heartbeats" in err for _, err in outputs):
+        # On a starved 2-core machine a worker can miss its heartbeats before it reaches
+        # model.fit; that is the cluster timing out, not the behaviour under test.
+        pytest.skip("a worker missed its coordination heartbeats (machine overloaded)")
+    assert explained and "--strategy mirrored" in explained[0], outputs[0][1][-2000:]
     # Only the chief wrote into the run directory; it got as far as the split.
     assert (tmp_path / "run" / "split.csv").is_file()
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from kiqa import explore
+from kiqa.data import synthetic
 from kiqa.config import TrainConfig
 from kiqa.data import koniq
 from kiqa.errors import ConfigError, DataError, ModelError, ServingError
@@ -312,7 +313,7 @@ def test_run_image_root(tmp_path, monkeypatch):
     assert str(explore.run_image_root(TrainConfig(labels=str(labels), images="/data/x"))) == "/data/x"
     # Demo runs (labels=None): the demo data's images/ folder, found through KIQA_HOME.
     monkeypatch.setenv("KIQA_HOME", str(tmp_path / "home"))
-    demo = tmp_path / "home" / "demo-v1"
+    demo = synthetic.default_demo_dir()
     (demo / "images").mkdir(parents=True)
     (demo / "labels.csv").write_text("image_name,MOS_zscore\n")
     assert explore.run_image_root(TrainConfig.demo()) == (demo / "images").resolve()

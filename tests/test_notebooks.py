@@ -111,7 +111,7 @@ def png(path):
 def kernel_and_demo_home(tmp_path_factory):
     """A kernelspec running this interpreter, and a small demo data set as KIQA_HOME.
 
-    The demo data (1 crop per photo: 176 images) stands in for the default 528 so that
+    The demo data (1 crop per photo: 8 x 16 = 128 images) stands in for the default 512 so that
     notebooks given `LABELS = None` stay quick; kiqa finds it through KIQA_HOME.
     """
     root = tmp_path_factory.mktemp("notebook-env")
@@ -169,7 +169,7 @@ def test_explore_notebook_on_the_demo_data(tmp_path):
     labels = pd.read_csv(synthetic.default_demo_dir() / "labels.csv")
 
     summary = pd.read_csv(out / "label_summary.csv", index_col=0)
-    assert summary.loc["mos", "count"] == len(labels) == 176
+    assert summary.loc["mos", "count"] == len(labels) == len(synthetic.PHOTOS) * (1 + 3 * synthetic.LEVELS)
     assert summary.loc["mos", "mean"] == pytest.approx(labels["MOS_zscore"].mean())
 
     splits = pd.read_csv(out / "split_statistics.csv")
