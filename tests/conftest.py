@@ -58,3 +58,20 @@ def realset(shared_data):
     if not (path / "labels.csv").is_file():
         pytest.skip(f"real photo set not found at {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """Base path of the tiny model exported once per session (tests/helpers.shared_export)."""
+    from helpers import shared_export
+
+    return shared_export(tmp_path_factory)[1]
+
+
+@pytest.fixture(scope="module")
+def server(base):
+    """kiqa's local development gRPC server over `base`, on 127.0.0.1 and a free port."""
+    from kiqa.devserver import DevServer
+
+    with DevServer(base, port=0) as running:
+        yield running

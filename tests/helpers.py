@@ -3,6 +3,7 @@
 import shutil
 
 import keras
+import numpy as np
 import pandas as pd
 
 from kiqa import export
@@ -81,3 +82,15 @@ def shared_export(tmp_path_factory):
         make_tiny_run(run_dir)
         export.export_model(run_dir, base_path=base)
     return run_dir, base
+
+
+def collect(dataset):
+    """All batches of a kiqa pipeline as (images, mos, index or None) arrays."""
+    images, mos, index = [], [], []
+    for features, targets in dataset:
+        if isinstance(features, dict):
+            index.append(features["index"].numpy())
+            features = features["image"]
+        images.append(features.numpy())
+        mos.append(targets["mos"].numpy())
+    return np.concatenate(images), np.concatenate(mos), (np.concatenate(index) if index else None)

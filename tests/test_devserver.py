@@ -17,7 +17,7 @@ from tensorflow_serving.apis import (
     prediction_log_pb2,
     prediction_service_pb2_grpc,
 )
-from helpers import EXPORT_SIZE as SIZE, shared_export
+from helpers import EXPORT_SIZE as SIZE
 
 from kiqa import export
 from kiqa.cli import serve_dev as serve_dev_cli
@@ -25,15 +25,6 @@ from kiqa.devserver import DevServer
 from kiqa.errors import ServingError
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return shared_export(tmp_path_factory)[1]
-
-
-@pytest.fixture(scope="module")
-def server(base):
-    with DevServer(base, port=0) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 
+from helpers import collect
+
 from kiqa.config import TrainConfig
 from kiqa.data import koniq, synthetic
 from kiqa.data.pipeline import make_dataset
@@ -17,15 +19,6 @@ def demo(tmp_path_factory):
     return frame.head(40)
 
 
-def collect(dataset):
-    images, mos, index = [], [], []
-    for features, targets in dataset:
-        if isinstance(features, dict):
-            index.append(features["index"].numpy())
-            features = features["image"]
-        images.append(features.numpy())
-        mos.append(targets["mos"].numpy())
-    return np.concatenate(images), np.concatenate(mos), (np.concatenate(index) if index else None)
 
 
 def test_eval_pipeline_matches_the_eager_image_function(demo):

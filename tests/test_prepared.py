@@ -5,6 +5,8 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+
+from helpers import collect
 import tensorflow as tf
 from PIL import Image
 
@@ -37,15 +39,6 @@ def store(demo, tmp_path_factory):
     return prepared.prepare_dataset(frame, labels.parent / "images", config, out, shards=3, progress=False)
 
 
-def collect(dataset):
-    images, mos, index = [], [], []
-    for features, targets in dataset:
-        if isinstance(features, dict):
-            index.append(features["index"].numpy())
-            features = features["image"]
-        images.append(features.numpy())
-        mos.append(targets["mos"].numpy())
-    return np.concatenate(images), np.concatenate(mos), (np.concatenate(index) if index else None)
 
 
 def test_manifest_records_size_labels_and_every_image(demo, store):

@@ -11,7 +11,6 @@ import socket
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import shared_export
 
 from kiqa import export
 from kiqa.cli import predict as predict_cli
@@ -25,15 +24,6 @@ from kiqa.serving_client import (
 CORRUPT = b"\xff\xd8\xff\xe0 a JPEG that stops here"
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return shared_export(tmp_path_factory)[1]
-
-
-@pytest.fixture(scope="module")
-def server(base):
-    with DevServer(base, port=0) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")
