@@ -35,34 +35,38 @@ DEFAULT_MAX_BYTES = 200 * 1024 * 1024
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
+# Bumped whenever decode_image's pixels change (2: scaled JPEG decoding with the
+# accurate DCT). Caches and prepared sets record it, so stale pixels are never reused.
+DECODE_VERSION = 2
+
 
 def decode_image(contents, size, max_pixels=DEFAULT_MAX_PIXELS, name=None):
     """Decodes encoded image bytes into a model-ready float32 RGB image.
 
     Works eagerly, inside `tf.data.Dataset.map` and inside a SavedModel signature.
 
-    JPEGs take a faster road to the same kind of result. libjpeg can decode at 1/2, 1/4
-    or 1/8 scale in the DCT domain (`tf.io.decode_jpeg(ratio=r)`, what Pillow's
-    `Image.draft` does), which skips most of the inverse DCT, the colour conversion and
-    the resize work. The largest r whose decoded size (ceil(h / r) x ceil(w / r), read
-    from the header and turned by the EXIF orientation) still covers `size` on both axes
-    is used, and the antialiased resize does the rest; it is skipped when nothing is
-    left to do (a resize to the same size is the identity). KonIQ's 1024x768 photos at
-    the default 384x512 are exactly r=2, 2.1-2.6x less CPU per image than a full decode
-    plus resize (benchmarks/README.md). What it changes, measured on the four 1024x768
+    JPEGs take a faster road. libjpeg can decode at 1/2, 1/4 or 1/8 scale in the DCT
+    domain (`tf.io.decode_jpeg(ratio=r)`, what Pillow's `Image.draft` does), skipping
+    most of the inverse DCT, colour conversion and resize work. The largest r whose
+    decoded size (ceil(h / r) x ceil(w / r), from the header, turned by the EXIF
+    orientation) still covers `size` on both axes is used, and the antialiased resize
+    does the rest; it is skipped when nothing is left to do (a resize to the same size
+    is the identity, checked on real photos). KonIQ's 1024x768 photos at the default
+    384x512 are exactly r=2: about half the CPU time per image of a full decode plus
+    resize (benchmarks/README.md). The cost in pixels, measured on the four 1024x768
     KonIQ photos of the shared real set at 384x512: 0.5-4.6 (mean 1.8) 8-bit levels of
-    mean absolute difference from a full decode plus antialiased bilinear resize (max
-    per-pixel 33-68, at sharp edges). Both are antialiased: the DCT scaling acts like a
-    2x2 box average (0.9-1.1 levels from `tf.image.resize(method="area")`), which keeps
-    more detail than the bilinear triangle filter; on the sharpest photo the two
-    differ from Lanczos by 3.4 and 4.2 levels. The output equals Pillow's draft-mode
-    decode of the same file bit for bit.
+    mean absolute difference from a full decode plus antialiased bilinear resize (up
+    to 33-68 at single pixels on sharp edges). Both are antialiased: the DCT scaling
+    acts like a 2x2 box average (0.3-0.9 levels from `tf.image.resize(method="area")`)
+    and keeps more detail than the bilinear triangle filter; it is the closer of the
+    two to a Lanczos-3 resize on 3 of the 4 photos (3.4 against 4.2 levels on the
+    sharpest). The result equals Pillow's draft-mode decode bit for bit.
 
-    JPEGs are decoded with `dct_method="INTEGER_ACCURATE"` (libjpeg's JDCT_ISLOW, the
-    default of libjpeg and Pillow). TF's own default is the fast integer DCT, which
-    is no faster here (same CPU time per image, full or 1/2 scale) and is off from the
-    reference decode by 0.9-2.1 levels at full size (0.9-1.3 after the resize to
-    384x512); the accurate one matches Pillow's decode exactly.
+    JPEGs are decoded with `dct_method="INTEGER_ACCURATE"` (libjpeg's and Pillow's
+    default, JDCT_ISLOW). TF's own default, the fast integer DCT, costs the same CPU
+    time here (full or 1/2 scale) but is off from the accurate decode by 1.0-2.1
+    levels at full size (0.9-1.5 after resizing to 384x512); the accurate one matches
+    Pillow's decode exactly, so kiqa sees the pixels other IQA tools see.
 
     Args:
         contents: scalar `tf.string` tensor of encoded JPEG, PNG, GIF, BMP or WebP bytes.
@@ -81,7 +85,7 @@ def decode_image(contents, size, max_pixels=DEFAULT_MAX_PIXELS, name=None):
     contents = tf.convert_to_tensor(contents, dtype=tf.string)
     stored_shape = imageinfo.check_header(contents, max_pixels, name=name)
     is_jpeg = tf.equal(imageinfo.image_format(contents), "jpeg")
-    orientation = _orientation(contents, is_jpeg)
+    orientation = imageinfo.exif_orientation(contents)
     branch = tf.where(
         is_jpeg,
         _jpeg_ratio_index(stored_shape, orientation, height, width),
@@ -102,8 +106,6 @@ def decode_image(contents, size, max_pixels=DEFAULT_MAX_PIXELS, name=None):
 
 # libjpeg's DCT-domain scales that `tf.io.decode_jpeg(ratio=...)` accepts, largest last.
 _JPEG_RATIOS = (1, 2, 4, 8)
-# The identifier that opens the APP1 segment holding a JPEG's EXIF block.
-_EXIF_IDENTIFIER = b"Exif\x00\x00"
 
 
 def _decoders(contents):
@@ -141,18 +143,6 @@ def _jpeg_ratio_index(stored_shape, orientation, height, width):
         scaled = (stored_shape + (ratio - 1)) // ratio
         index += tf.cast(tf.reduce_all(scaled >= needed), tf.int32)
     return index
-
-
-def _orientation(contents, is_jpeg):
-    """`imageinfo.exif_orientation`, skipping the JPEG segment walk (~3 ms of graph ops
-    per photo) when the bytes do not hold the EXIF identifier anywhere, so no APP1 EXIF
-    segment can exist (KonIQ's photos have none)."""
-    has_identifier = tf.size(tf.strings.split(contents, sep=_EXIF_IDENTIFIER, maxsplit=1)) > 1
-    return tf.cond(
-        ~is_jpeg | has_identifier,
-        lambda: imageinfo.exif_orientation(contents),
-        lambda: tf.constant(1, tf.int32),
-    )
 
 
 def _resize(image, height, width):

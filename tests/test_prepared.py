@@ -206,3 +206,23 @@ def test_cli_lists_rejects_and_a_changed_source_makes_the_set_stale(tmp_path, ca
     assert prepared.open_prepared(target, config).image_names == ["1.jpg", "2.jpg"]
     assert sorted(p.name for p in data.iterdir()) == ["images", "labels.csv", "prepared-32x48"]
     assert os.path.isfile(target / prepared.MANIFEST)
+
+
+def test_a_set_decoded_by_an_older_image_function_is_not_used(tmp_path):
+    import json as _json
+
+    from kiqa.config import TrainConfig
+    from kiqa.data import koniq, synthetic
+    from kiqa.data.prepared import inspect_prepared, prepare_dataset
+
+    labels = synthetic.write_demo_dataset(tmp_path / "demo", crops_per_photo=1, size=(32, 48))
+    frame = koniq.read_labels(labels).head(6)
+    config = TrainConfig.demo(image_size=(32, 48))
+    out = prepare_dataset(frame, labels.parent / "images", config, tmp_path / "prep", progress=False)
+    assert inspect_prepared(out, config)[0] is not None
+    manifest = out / "manifest.json"
+    data = _json.loads(manifest.read_text())
+    data["decode_version"] = 1
+    manifest.write_text(_json.dumps(data))
+    prepared, why = inspect_prepared(out, config)
+    assert prepared is None and "older kiqa image function" in why

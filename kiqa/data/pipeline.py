@@ -15,7 +15,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from kiqa.image import decode_image
+from kiqa.image import DECODE_VERSION, decode_image
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Decoded images held by the shuffle buffer when a cache fixes the element order:
@@ -54,7 +54,7 @@ def augment(image, seeds, config):
 def _cache_file(config, paths, part):
     """A file-cache name unique to the files and decode settings (a stale cache is wrong data)."""
     key = hashlib.sha256(
-        "\n".join([*paths, str(config.image_size), str(config.max_pixels)]).encode()
+        "\n".join([*paths, str(config.image_size), str(config.max_pixels), f"decode-v{DECODE_VERSION}"]).encode()
     ).hexdigest()[:16]
     folder = Path(config.cache)
     folder.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ from kiqa import __version__
 from kiqa.data.pipeline import AUTOTUNE, finish_dataset, shuffle_decoded
 from kiqa.data.validate import REJECT_COLUMNS, find_bad_images
 from kiqa.errors import ConfigError, DataError
-from kiqa.image import decode_image
+from kiqa.image import DECODE_VERSION, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ def prepare_dataset(frame, root, config, out_dir, shards=None, progress=True):
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "image_size": [int(height), int(width)],
             "max_pixels": int(config.max_pixels),
+            "decode_version": DECODE_VERSION,
             "pixels": "uint8 RGB [height, width, 3] from kiqa.image.decode_image (EXIF-oriented, "
             "antialiased bilinear resize of the whole image, rounded)",
             "labels": {
@@ -275,6 +276,9 @@ def _inspect(out_dir, manifest, config, redo):
     if manifest.get("max_pixels") != config.max_pixels:
         return None, (f"{out_dir} was prepared with max_pixels={manifest.get('max_pixels')} but the "
                       f"run uses {config.max_pixels} (a different set of images is rejected); {redo}")
+    if manifest.get("decode_version") != DECODE_VERSION:
+        return None, (f"{out_dir} was decoded by an older kiqa image function (version "
+                      f"{manifest.get('decode_version', 1)}, now {DECODE_VERSION}): its pixels differ; {redo}")
     missing = [s["file"] for s in manifest["shards"] if not (out_dir / s["file"]).is_file()]
     if missing:
         return None, f"{out_dir} is missing shard file(s) {missing[:_LISTED]}; {redo}"
