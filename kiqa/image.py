@@ -20,6 +20,7 @@ Decisions, the same on every path:
 """
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -207,15 +208,38 @@ def load_image(path, size, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_
     try:
         return decode_image(contents, size, max_pixels=max_pixels, name=str(path))
     except tf.errors.OpError as err:
-        raise ImageError(f"{path}: {describe_decode_error(err)}", path=str(path)) from err
+        raise ImageError(f"{path}: {describe_decode_error(err, path)}", path=str(path)) from err
 
 
-def describe_decode_error(err):
-    """Turns a TF decode error into one readable line (TF's messages carry op traces)."""
-    message = (getattr(err, "message", None) or str(err)).strip()
-    # In graphs (tf.data, SavedModels) check_header's text sits inside
-    # "assertion failed: [...]" after a "Graph execution error:" preamble.
-    if "assertion failed: [" in message:
-        message = message.split("assertion failed: [", 1)[1].split("]", 1)[0]
-    first = message.splitlines()[0] if message else type(err).__name__
-    return first.split(" [[")[0].strip()
+_ASSERTION = re.compile(r"assertion failed: \[(.*?)\]\s*(?:\n|\[\[|\[Op:|$)", re.S)
+_TF_WRAPPERS = re.compile(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\]|\s*\[\[.*$", re.S)
+# Lines a traced function's error adds around the op's own message.
+_TF_CONTEXT = ("Graph execution error", "Detected at node", "File ", "[[")
+
+
+def describe_decode_error(err, path=None):
+    """Turns a TF decode error into one readable line.
+
+    TF wraps an op's message in graph context ("Graph execution error:", "{{function_node
+    ...}}", "[Op:DecodeJpeg]", "[[node ...]]"); kiqa's own header checks sit inside
+    "assertion failed: [...]". This keeps the message itself.
+
+    Args:
+        err: a `tf.errors.OpError` (or any exception).
+        path: if given, a leading "<path>: " is dropped (callers name the file themselves).
+
+    Returns:
+        One line of text.
+    """
+    message = getattr(err, "message", None) or str(err)
+    match = _ASSERTION.search(message)
+    if match:
+        text = match.group(1)
+    else:
+        lines = [line.strip() for line in message.splitlines()]
+        lines = [line for line in lines if line and not line.startswith(_TF_CONTEXT)]
+        text = _TF_WRAPPERS.sub("", lines[0] if lines else "")
+    text = text.strip() or type(err).__name__
+    while path and text.startswith(f"{path}: "):
+        text = text[len(str(path)) + 2:]
+    return text

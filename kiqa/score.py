@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import math
 import os
-import re
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -307,24 +306,11 @@ def _load(path, decode, max_pixels, max_bytes):
         return None, _decode_error_text(err, path)
 
 
-_ASSERTION = re.compile(r"assertion failed: \[(.*?)\]\s*(?:\n|\[\[|\[Op:|$)", re.S)
-_TF_NOISE = (re.compile(r"\{\{function_node [^}]*\}\}\s*"), re.compile(r"\s*(\[\[|\[Op:).*$", re.S))
-# Lines a traced function's error adds around the op's own message.
-_TF_CONTEXT = ("Graph execution error", "Detected at node", "File ", "[[")
-
-
 def _decode_error_text(err, path):
     """One line without TF's graph wrappers; the CSV's path column already names the file."""
-    message = getattr(err, "message", None) or str(err)
-    match = _ASSERTION.search(message)
-    if match:  # kiqa's own header checks: the message already says what to do
-        return match.group(1).strip().removeprefix(f"{path}: ")
-    lines = [line.strip() for line in message.splitlines()]
-    lines = [line for line in lines if line and not line.startswith(_TF_CONTEXT)]
-    text = lines[0] if lines else describe_decode_error(err)
-    for pattern in _TF_NOISE:
-        text = pattern.sub("", text)
-    text = text.strip() or type(err).__name__
+    text = describe_decode_error(err, path)
+    if "assertion failed: [" in (getattr(err, "message", None) or str(err)):
+        return text  # kiqa's own header checks: the message already says what to do
     return f"cannot decode the image ({text}); the file is corrupt or truncated: re-encode or replace it"
 
 

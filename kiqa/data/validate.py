@@ -9,7 +9,6 @@ name, in `rejects.csv`. The user chooses whether to drop the rejects or stop; mo
 """
 
 import os
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 
 from kiqa.data.koniq import check_image_names
 from kiqa.errors import DataError, ImageError
-from kiqa.image import DEFAULT_MAX_BYTES, decode_image, load_image
+from kiqa.image import DEFAULT_MAX_BYTES, decode_image, describe_decode_error, load_image
 
 REJECT_COLUMNS = ["image_name", "path", "reason"]
 
@@ -39,19 +38,9 @@ def _decodable_indices(paths, config, progress):
     return good
 
 
-# TF's eager wrappers around an op's own message, e.g. "{{function_node
-# __wrapped__DecodeJpeg_device_/job:localhost/...}} jpeg::Uncompress failed. [Op:DecodeJpeg]".
-_TF_WRAPPERS = re.compile(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\]")
-
-
 def _reason(err, path):
-    """One readable line for rejects.csv: the message without the leading path(s)
-    (rejects.csv has its own path column, and `load_image` and the header check each
-    put the path in front) and without TF's op wrappers."""
-    reason = _TF_WRAPPERS.sub("", str(err)).strip()
-    while reason.startswith(f"{path}: "):
-        reason = reason[len(path) + 2 :]
-    return reason
+    """One readable line for rejects.csv (which has its own path column)."""
+    return describe_decode_error(err, path)
 
 
 def find_bad_images(frame, root, config, progress=True):
