@@ -6,6 +6,7 @@ matplotlib.use("Agg")  # headless: runs on servers and in CI without a display
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_history(history, path, title="Training"):
@@ -33,10 +34,12 @@ def plot_history(history, path, title="Training"):
     if correlations:
         corr_ax = axes[0][1]
         for column in correlations:
-            corr_ax.plot(epochs, history[column], marker="o", label=column.replace("val_", "validation ").upper())
+            corr_ax.plot(epochs, history[column], marker="o", label=f"validation {column[4:].upper()}")
         corr_ax.set(xlabel="epoch", ylabel="correlation", title="validation PLCC / SRCC")
         corr_ax.legend()
         corr_ax.grid(alpha=0.3)
+    for ax in axes[0]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
