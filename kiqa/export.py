@@ -60,6 +60,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from kiqa import __version__
 from kiqa.config import DEFAULT_MAX_PIXELS, TrainConfig
 from kiqa.errors import ConfigError, ExportError, ImageError, ModelError
+from kiqa.fsutil import swap_directory
 from kiqa.image import IMAGE_EXTENSIONS, decode_image, describe_decode_error, read_image_bytes
 
 DEFAULT_BASE_PATH = "export/kiqa"
@@ -713,14 +714,7 @@ def _publish(temp, target, overwrite):
             )
         # Two renames: a kill between them leaves the old version aside (restored by the
         # next export) and the new one in its dot-directory, never a half-written version.
-        aside = target.parent / f"{_ASIDE_PREFIX}{target.name}-{_host()}-{os.getpid()}"
-        os.rename(target, aside)
-        try:
-            os.rename(temp, target)
-        except OSError:
-            os.rename(aside, target)
-            raise
-        shutil.rmtree(aside, ignore_errors=True)
+        swap_directory(temp, target, target.parent / f"{_ASIDE_PREFIX}{target.name}-{_host()}-{os.getpid()}")
     else:
         try:
             os.rename(temp, target)

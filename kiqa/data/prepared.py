@@ -44,6 +44,7 @@ from kiqa import __version__
 from kiqa.data.pipeline import AUTOTUNE, finish_dataset, shuffle_decoded
 from kiqa.data.validate import REJECT_COLUMNS, find_bad_images
 from kiqa.errors import ConfigError, DataError
+from kiqa.fsutil import swap_directory
 from kiqa.image import DECODE_VERSION, decode_image
 
 logger = logging.getLogger(__name__)
@@ -231,14 +232,7 @@ def _swap_into_place(staging, out_dir):
     if not out_dir.exists():
         os.replace(staging, out_dir)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent))
-    os.replace(out_dir, old)  # replaces the empty placeholder folder
-    try:
-        os.replace(staging, out_dir)
-    except OSError:
-        os.replace(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    swap_directory(staging, out_dir, Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent)))
 
 
 def inspect_prepared(out_dir, config):
