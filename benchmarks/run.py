@@ -55,7 +55,7 @@ import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
 import kiqa  # noqa: E402
-from kiqa import imageinfo  # noqa: E402
+from kiqa.image import header as imageinfo  # noqa: E402
 from kiqa.config import DEFAULT_MAX_PIXELS, TrainConfig  # noqa: E402
 from kiqa.image import decode_image  # noqa: E402
 from kiqa.model import build_model, mos_loss  # noqa: E402
@@ -432,7 +432,7 @@ def directory_bytes(path):
 
 def export_sections(model, settings, files, workdir, notes):
     """SavedModel signatures, export size and cold start. Returns (cases, export info, cold runs)."""
-    from kiqa.export import export_model
+    from kiqa.serving.export import export_model
 
     height, width = settings["export_size"]
     batch = settings["signature_batch"]

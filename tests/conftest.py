@@ -71,7 +71,7 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(base):
     """kiqa's local development gRPC server over `base`, on 127.0.0.1 and a free port."""
-    from kiqa.devserver import DevServer
+    from kiqa.serving.devserver import DevServer
 
     with DevServer(base, port=0) as running:
         yield running

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from kiqa import export
+from kiqa.serving import export
 from kiqa.config import TrainConfig
 from kiqa.data import synthetic
 from kiqa.model import build_model

@@ -427,9 +427,9 @@ def probe(folder, run_dir, base_path, image_size):
     from kiqa.data import koniq
     from kiqa.data.pipeline import make_dataset
     from kiqa.data.validate import find_bad_images
-    from kiqa.devserver import DevServer
+    from kiqa.serving.devserver import DevServer
     from kiqa.image import read_image_bytes
-    from kiqa.inference import load_scorer
+    from kiqa.scorer import load_scorer
     from kiqa.score import score_files
 
     corpus = write_corpus(folder)

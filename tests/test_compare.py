@@ -20,7 +20,7 @@ from kiqa.compare import (
     win_rate,
 )
 from kiqa.errors import ConfigError, DataError
-from kiqa.inference import load_scorer
+from kiqa.scorer import load_scorer
 
 import helpers
 

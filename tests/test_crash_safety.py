@@ -35,7 +35,7 @@ from helpers import demo_subset, make_tiny_run, small_cnn
 from kiqa import train as kiqa_train
 from kiqa.config import TrainConfig
 from kiqa.evaluate import predict_paths
-from kiqa.inference import load_scorer
+from kiqa.scorer import load_scorer
 from kiqa.model import MOS_SCALE, load_model
 from kiqa.score import CSV_COLUMNS, read_scores, score_paths
 

@@ -19,9 +19,9 @@ from tensorflow_serving.apis import (
 )
 from helpers import EXPORT_SIZE as SIZE
 
-from kiqa import export
+from kiqa.serving import export
 from kiqa.cli import serve_dev as serve_dev_cli
-from kiqa.devserver import DevServer
+from kiqa.serving.devserver import DevServer
 from kiqa.errors import ServingError
 
 

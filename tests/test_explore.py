@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from kiqa import explore
+from kiqa.notebook import explore
 from kiqa.data import synthetic
 from kiqa.config import TrainConfig
 from kiqa.data import koniq
 from kiqa.errors import ConfigError, DataError, ModelError, ServingError
-from kiqa.serving_client import VersionStatus
+from kiqa.serving.client import VersionStatus
 
 
 def split_file(path, n_train=14, n_val=2, n_test=4, seed=0):

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kiqa import export
+from kiqa.serving import export
 from kiqa.cli import export as export_cli
 from kiqa.config import TrainConfig
 from kiqa.errors import ExportError
@@ -263,7 +263,7 @@ def test_kill_9_during_export_leaves_no_version(exported, tmp_path):
     base, marker = tmp_path / "kiqa", tmp_path / "written"
     script = (
         "import pathlib, sys, time\n"
-        "from kiqa import export\n"
+        "from kiqa.serving import export\n"
         "def paused(temp, image_size=None):\n"
         "    pathlib.Path(sys.argv[3]).write_text(str(temp))\n"
         "    time.sleep(600)\n"

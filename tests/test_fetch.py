@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from kiqa import fetch
+from kiqa.data import fetch
 from kiqa.cli import fetch as fetch_cli
 from kiqa.errors import DataError
 
@@ -162,7 +162,7 @@ def test_clean_download_extracts_and_checks_every_image(server, tmp_path):
 def test_unknown_checksum_is_recorded_and_logged(server, tmp_path, caplog):
     archives = koniq_archives()
     server.serve(archives)
-    with caplog.at_level(logging.INFO, logger="kiqa.fetch"):
+    with caplog.at_level(logging.INFO, logger="kiqa.data.fetch"):
         run_fetch(server, tmp_path)
     assert f"--sha256 {IMAGES_ZIP}={sha(archives[IMAGES_ZIP])}" in caplog.text
     state = json.loads((tmp_path / fetch.STATE_FILE).read_text())
@@ -301,7 +301,7 @@ def test_split_file_is_fetched_and_preferred(server, tmp_path):
 
 def test_split_file_failure_is_only_a_warning(server, tmp_path, caplog):
     server.serve(koniq_archives())
-    with caplog.at_level(logging.WARNING, logger="kiqa.fetch"):
+    with caplog.at_level(logging.WARNING, logger="kiqa.data.fetch"):
         labels = run_fetch(server, tmp_path, split_file_url=server.url + "missing.csv")
     assert labels.name == "koniq10k_scores_and_distributions.csv"
     assert "official split file not fetched" in caplog.text and "404" in caplog.text
@@ -311,7 +311,7 @@ def test_split_file_failure_is_only_a_warning(server, tmp_path, caplog):
 def test_split_file_with_a_wrong_checksum_is_dropped_with_a_warning(server, tmp_path, caplog):
     split = labels_csv(split=True)
     server.serve({**koniq_archives(), fetch.SPLIT_FILE: split})
-    with caplog.at_level(logging.WARNING, logger="kiqa.fetch"):
+    with caplog.at_level(logging.WARNING, logger="kiqa.data.fetch"):
         labels = run_fetch(server, tmp_path, split_file_url=server.url + fetch.SPLIT_FILE,
                            expected={fetch.SPLIT_FILE: {"sha256": "b" * 64, "size": len(split)}})
     assert labels.name == "koniq10k_scores_and_distributions.csv"

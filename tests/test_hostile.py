@@ -40,9 +40,9 @@ from kiqa.config import TrainConfig
 from kiqa.data import koniq
 from kiqa.data.pipeline import make_dataset
 from kiqa.data.validate import find_bad_images
-from kiqa.devserver import DevServer
+from kiqa.serving.devserver import DevServer
 from kiqa.image import decode_image, read_image_bytes
-from kiqa.inference import load_scorer
+from kiqa.scorer import load_scorer
 from kiqa.score import read_scores, score_paths
 from kiqa.train import train
 

@@ -26,7 +26,7 @@ from nbclient import NotebookClient
 from PIL import Image
 
 from conftest import PROJECT_ROOT
-from kiqa import explore
+from kiqa.notebook import explore
 from kiqa.data import koniq, synthetic
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
@@ -317,7 +317,7 @@ class RestToGrpc(http.server.BaseHTTPRequestHandler):
     requests = []
 
     def do_POST(self):  # noqa: N802 (http.server's method names)
-        from kiqa.serving_client import ServingClient
+        from kiqa.serving.client import ServingClient
 
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         RestToGrpc.requests.append((self.path, body))
@@ -341,7 +341,7 @@ class RestToGrpc(http.server.BaseHTTPRequestHandler):
 
 @pytest.mark.large
 def test_serving_notebook_against_a_running_server_over_grpc_and_rest(trained_run, tmp_path):
-    from kiqa.devserver import DevServer
+    from kiqa.serving.devserver import DevServer
 
     _, run_dir = trained_run
     base = tmp_path / "export" / "watched"

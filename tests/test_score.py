@@ -12,8 +12,8 @@ from PIL import Image
 from kiqa.cli import score as score_cli
 from kiqa.cli._common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
 from kiqa.errors import DataError
-from kiqa.export import export_model
-from kiqa.inference import load_scorer
+from kiqa.serving.export import export_model
+from kiqa.scorer import load_scorer
 from kiqa.score import CSV_COLUMNS, find_images, read_scores, score_paths
 
 import helpers

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kiqa import export
+from kiqa.serving import export
 from kiqa.cli import predict as predict_cli
-from kiqa.devserver import DevServer
+from kiqa.serving.devserver import DevServer
 from kiqa.errors import ServingError
-from kiqa.serving_client import (
+from kiqa.serving.client import (
     DEFAULT_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MODEL, DEFAULT_SERVER, DEFAULT_TIMEOUT,
     ServingClient,
 )

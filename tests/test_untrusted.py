@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from helpers import EXPORT_SIZE
-from kiqa import export
+from kiqa.serving import export
 from kiqa.cli import compare as compare_cli
 from kiqa.cli import evaluate as evaluate_cli
 from kiqa.cli import export as export_cli
@@ -31,7 +31,7 @@ from kiqa.config import TrainConfig
 from kiqa.data.koniq import read_labels
 from kiqa.errors import DataError, ExportError, ModelError
 from kiqa.image import decode_image
-from kiqa.inference import load_scorer
+from kiqa.scorer import load_scorer
 from kiqa.model import build_model
 
 

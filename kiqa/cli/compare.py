@@ -65,7 +65,7 @@ def main(argv=None, prog=None):
     if len(args.dirs) < 2:
         parser.error("give at least two folders to compare")
     from kiqa.compare import compare_folders
-    from kiqa.inference import load_scorer
+    from kiqa.scorer import load_scorer
 
     scorer = load_scorer(args.model, image_size=args.image_size, safe_mode=not args.unsafe)
     result = compare_folders(

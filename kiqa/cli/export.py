@@ -48,7 +48,7 @@ def build_parser(prog=None):
 def main(argv=None, prog=None):
     """Runs `kiqa export`."""
     args = build_parser(prog).parse_args(argv)
-    from kiqa import export
+    from kiqa.serving import export
 
     base = args.base or export.DEFAULT_BASE_PATH
     print(f"exporting {args.model} to {base}/ ...", file=sys.stderr)

@@ -10,7 +10,7 @@ from kiqa.errors import ConfigError
 
 def build_parser(prog=None):
     """The argument parser."""
-    from kiqa.fetch import DEFAULT_TIMEOUT, OFFICIAL_BASE_URL, SPLIT_FILE_URL
+    from kiqa.data.fetch import DEFAULT_TIMEOUT, OFFICIAL_BASE_URL, SPLIT_FILE_URL
 
     parser = argparse.ArgumentParser(
         prog=prog or "kiqa fetch-koniq",
@@ -55,7 +55,7 @@ def parse_checksums(values):
 def main(argv=None, prog=None):
     """Runs `kiqa fetch-koniq`."""
     args = build_parser(prog).parse_args(argv)
-    from kiqa.fetch import DEFAULT_ARCHIVES, SMALL_ARCHIVES, SPLIT_FILE, fetch_koniq
+    from kiqa.data.fetch import DEFAULT_ARCHIVES, SMALL_ARCHIVES, SPLIT_FILE, fetch_koniq
 
     archives = SMALL_ARCHIVES if args.small else DEFAULT_ARCHIVES
     expected = parse_checksums(args.sha256)
@@ -78,7 +78,7 @@ def _log_to_stderr(prog):
     """The library logs what it did (checksums, resumes, warnings); show it to the user."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
-    logger = logging.getLogger("kiqa.fetch")
+    logger = logging.getLogger("kiqa.data.fetch")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
 

@@ -57,9 +57,9 @@ def main(argv=None, prog=None):
     args = parser.parse_args(argv)
     if not args.paths and not args.status:
         parser.error("give image files or folders to score, or --status")
-    from kiqa.export import BYTES_SIGNATURE
+    from kiqa.serving.export import BYTES_SIGNATURE
     from kiqa.score import find_images
-    from kiqa.serving_client import ScoreResult, ServingClient
+    from kiqa.serving.client import ScoreResult, ServingClient
 
     client = ServingClient(
         args.server,

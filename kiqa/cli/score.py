@@ -64,7 +64,7 @@ def print_failures(failures, where):
 def main(argv=None, prog=None):
     """Runs `kiqa score`."""
     args = build_parser(prog).parse_args(argv)
-    from kiqa.inference import load_scorer
+    from kiqa.scorer import load_scorer
     from kiqa.score import score_paths
 
     scorer = load_scorer(args.model, image_size=args.image_size, safe_mode=not args.unsafe)

@@ -49,7 +49,7 @@ def _versions(text):
 def main(argv=None, prog=None):
     """Runs `kiqa serve-dev` until interrupted."""
     args = build_parser(prog).parse_args(argv)
-    from kiqa.devserver import DevServer
+    from kiqa.serving.devserver import DevServer
 
     server = DevServer(
         args.base, model_name=args.model_name, port=args.port,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from kiqa import imageinfo
+from kiqa.image import header as imageinfo
 from kiqa.config import DEFAULT_MAX_PIXELS
 from kiqa.errors import ImageError
 

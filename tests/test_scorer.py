@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from kiqa.config import TrainConfig
 from kiqa.errors import ModelError
-from kiqa.inference import DEFAULT_IMAGE_SIZE, load_scorer
+from kiqa.scorer import DEFAULT_IMAGE_SIZE, load_scorer
 
 import helpers
 

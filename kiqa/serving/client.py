@@ -36,7 +36,7 @@ from tensorflow_serving.apis import (
 )
 
 from kiqa.errors import ImageError, ServingError
-from kiqa.export import BYTES_INPUT, BYTES_SIGNATURE, OUTPUT
+from kiqa.serving.export import BYTES_INPUT, BYTES_SIGNATURE, OUTPUT
 from kiqa.image import DEFAULT_MAX_BYTES, read_image_bytes
 
 DEFAULT_SERVER = "localhost:8500"

@@ -45,7 +45,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from kiqa import export
+from kiqa.serving import export
 from kiqa.errors import ServingError
 
 HOST = "127.0.0.1"

@@ -237,7 +237,7 @@ def _refuse_file_system_ops(version_dir):
     contain none of those ops (`kiqa.export` refuses them), so one that does is not a
     kiqa export and is not run.
     """
-    from kiqa import export  # the export's own deny list and graph reader
+    from kiqa.serving import export  # the export's own deny list and graph reader
 
     try:
         meta_graph = export.read_meta_graph(version_dir)

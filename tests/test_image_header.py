@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-from kiqa import imageinfo
+from kiqa.image import header as imageinfo
 from kiqa.errors import ConfigError
 
 HEIGHT, WIDTH = 24, 40  # not square, so a missed or wrong rotation changes the shape
