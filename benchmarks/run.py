@@ -15,7 +15,7 @@ What is measured (ConvNeXt-Tiny with random weights and kiqa's 1-output head, fl
   ("fast"), also under `mixed_bfloat16`; PyTorch eager fp32 and bf16 channels-last
   (timm convnext_tiny, or a plain-PyTorch copy of it when timm cannot import);
 - training images/s (Adam, one `train_on_batch` / optimizer step per batch);
-- the exported SavedModel (`kiqa.export.export_model`): its float and bytes signatures,
+- the exported SavedModel (`kiqa.serving.export.export_model`): its float and bytes signatures,
   its size against the weights' bytes, and cold start (load + first answer, with and
   without replaying the warmup records) in fresh processes;
 - the input pipeline: `kiqa.image.decode_image` in tf.data with 2 threads, KonIQ-sized
@@ -56,7 +56,8 @@ import keras  # noqa: E402
 
 import kiqa  # noqa: E402
 from kiqa.image import header as imageinfo  # noqa: E402
-from kiqa.config import DEFAULT_MAX_PIXELS, TrainConfig  # noqa: E402
+from kiqa.config import TrainConfig  # noqa: E402
+from kiqa.contract import DEFAULT_MAX_PIXELS  # noqa: E402
 from kiqa.image import decode_image  # noqa: E402
 from kiqa.model import build_model, mos_loss  # noqa: E402
 
@@ -741,7 +742,7 @@ def main(argv=None):
                 try:
                     export_cases, export_info, cold = export_sections(fast, settings, files, workdir, notes)
                     cases += export_cases
-                except Exception as err:  # e.g. kiqa.export still being written
+                except Exception as err:  # e.g. kiqa.serving.export still being written
                     notes.append(f"export not measured: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
                     log(notes[-1])
         if "pipeline" not in args.skip:

@@ -36,7 +36,7 @@ import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from kiqa.errors import ConfigError, DataError  # noqa: E402
-from kiqa.image import DEFAULT_MAX_BYTES  # noqa: E402
+from kiqa.contract import DEFAULT_MAX_BYTES  # noqa: E402
 from kiqa.score import DEFAULT_BATCH_SIZE, find_images, read_scores, score_files  # noqa: E402
 
 DEFAULT_BOOTSTRAP = 10_000
@@ -241,7 +241,7 @@ def compare_folders(
     Args:
         dirs: two or more folders holding the same images (same relative paths),
             e.g. the outputs of different restoration models.
-        scorer: a `kiqa.inference.Scorer`.
+        scorer: a `kiqa.scorer.Scorer`.
         out_dir: output folder (created).
         batch_size: images per model call.
         skip_existing: resume the per-folder score CSVs in `out_dir` (False rescores).

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Optional, Tuple
 
+from kiqa.contract import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_PIXELS
 from kiqa.errors import ConfigError
 
 VARIANTS = ("tiny", "small", "base", "large", "xlarge")
@@ -19,11 +20,6 @@ MONITORS = ("val_loss", "val_srcc", "val_plcc")
 CACHES = ("none", "memory")  # or a directory path for tf.data's file cache
 ON_BAD_IMAGES = ("drop", "stop")
 STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")
-
-# Images whose header announces more pixels than this are rejected before decoding.
-# 64 MP covers every camera photo in common use; a 20000x20000 PNG of 1 MB would
-# otherwise decode to 1.2 GB.
-DEFAULT_MAX_PIXELS = 64_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +82,7 @@ class TrainConfig:
     on_bad_images: str = "drop"
     max_bad_fraction: float = 0.01
     max_pixels: int = DEFAULT_MAX_PIXELS
-    image_size: Tuple[int, int] = (384, 512)
+    image_size: Tuple[int, int] = DEFAULT_IMAGE_SIZE
     hflip: bool = True
     train_crop: Optional[Tuple[int, int]] = None
     cache: str = "none"

@@ -35,6 +35,7 @@ from pathlib import Path
 import keras
 from keras import ops
 
+from kiqa.contract import MOS_OUTPUT as OUTPUT_NAME, MOS_SCALE, PIXELS_INPUT as INPUT_NAME
 from kiqa.errors import ModelError
 
 # A model variant is data: one builder (`build_model`) reads this table.
@@ -53,10 +54,6 @@ KONIQ_MEAN_MOS = 58.73
 # Stable layer names: the trainer freezes the backbone by name and the exporter
 # reads the output by name.
 BACKBONE_NAME = "backbone"
-INPUT_NAME = "image"
-OUTPUT_NAME = "mos"
-
-MOS_SCALE = 100.0
 
 
 @keras.saving.register_keras_serializable(package="kiqa")

@@ -28,14 +28,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from kiqa.contract import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS
 from kiqa.errors import ConfigError, DataError, ImageError
-from kiqa.image import (
-    DEFAULT_MAX_BYTES,
-    IMAGE_EXTENSIONS,
-    decode_image,
-    describe_decode_error,
-    read_image_bytes,
-)
+from kiqa.image import decode_image, describe_decode_error, read_image_bytes
 
 CSV_COLUMNS = ("path", "mos", "error")
 # 16 images at 384x512 hold 38 MB of float32 pixels; ConvNeXt-Tiny's activations for
@@ -332,7 +327,7 @@ def score_paths(
 
     Args:
         paths: files and folders (folders are searched recursively; see `find_images`).
-        scorer: a `kiqa.inference.Scorer`.
+        scorer: a `kiqa.scorer.Scorer`.
         out_csv: CSV to write. With `skip_existing`, an existing one is resumed.
         batch_size: images per model call.
         skip_existing: keep the rows of an existing `out_csv` and skip their paths
@@ -372,7 +367,7 @@ def score_files(
 
     Args:
         files: list of (path, error or None) from `find_images`.
-        scorer: a `kiqa.inference.Scorer`.
+        scorer: a `kiqa.scorer.Scorer`.
         out_csv: CSV to write or resume.
         batch_size: images per model call.
         skip_existing: resume an existing CSV (see `score_paths`).

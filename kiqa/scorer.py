@@ -23,16 +23,20 @@ from typing import Any, Callable, Tuple
 import numpy as np
 import tensorflow as tf
 
-from kiqa.config import DEFAULT_MAX_PIXELS, TrainConfig
+from kiqa.config import TrainConfig
+from kiqa.contract import (
+    ASSETS_EXTRA,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_MAX_PIXELS,
+    METADATA_FILE,
+    MOS_OUTPUT,
+    PIXELS_INPUT,
+    PIXELS_SIGNATURE,
+)
 from kiqa.errors import ConfigError, ExportError, ModelError
 
-# Size for a bare .keras file with no config.json: the default training size.
-DEFAULT_IMAGE_SIZE = (384, 512)
 SAVED_MODEL_FILE = "saved_model.pb"
-EXPORT_INFO = Path("assets.extra") / "kiqa.json"
-PIXELS_SIGNATURE = "score_pixels"
-PIXELS_INPUT = "image"
-MOS_OUTPUT = "mos"
+EXPORT_INFO = Path(ASSETS_EXTRA) / METADATA_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +238,7 @@ def _refuse_file_system_ops(version_dir):
 
     A SavedModel is a program: a hostile or careless one can read or write files on
     the machine that scores with it (`ReadFile`, `WriteFile`, ...). kiqa's exports
-    contain none of those ops (`kiqa.export` refuses them), so one that does is not a
+    contain none of those ops (`kiqa.serving.export` refuses them), so one that does is not a
     kiqa export and is not run.
     """
     from kiqa.serving import export  # the export's own deny list and graph reader

@@ -1,4 +1,4 @@
-"""Tests for kiqa.devserver, the local TF-Serving-API stand-in, through the raw gRPC stubs."""
+"""Tests for kiqa.serving.devserver, the local TF-Serving-API stand-in, through the raw gRPC stubs."""
 
 import os
 import shutil

@@ -1,4 +1,4 @@
-"""Tests for kiqa.explore, the notebooks' summaries and figures (no ConvNeXt, no training)."""
+"""Tests for kiqa.notebook.explore, the notebooks' summaries and figures (no ConvNeXt, no training)."""
 
 import base64
 import http.server

@@ -1,4 +1,4 @@
-"""Tests for kiqa.export: atomic versioned SavedModel export for TF Serving.
+"""Tests for kiqa.serving.export: atomic versioned SavedModel export for TF Serving.
 
 One tiny-backbone model is exported once per session (`shared_export`, reused by
 tests/test_serving_client.py and tests/test_devserver.py); the few tests that need

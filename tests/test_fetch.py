@@ -1,4 +1,4 @@
-"""kiqa.fetch against a local HTTP server on 127.0.0.1 serving small fixture archives."""
+"""kiqa.data.fetch against a local HTTP server on 127.0.0.1 serving small fixture archives."""
 
 import hashlib
 import http.server

@@ -1,4 +1,4 @@
-"""Tests for kiqa.imageinfo: header sniffing, size, EXIF orientation, eagerly and in tf.data.
+"""Tests for kiqa.image.header: header sniffing, size, EXIF orientation, eagerly and in tf.data.
 
 Images are written by Pillow into tmp_path; hostile files are crafted byte by byte and are
 never handed to a decoder (a 30000x30000 header would make TF allocate 2.7 GB).

@@ -1,4 +1,4 @@
-"""Tests for kiqa.inference: loading run dirs, .keras files and SavedModels as scorers."""
+"""Tests for kiqa.scorer: loading run dirs, .keras files and SavedModels as scorers."""
 
 import dataclasses
 import json

@@ -1,6 +1,6 @@
-"""Tests for kiqa.serving_client and `kiqa predict`, end to end against the dev server.
+"""Tests for kiqa.serving.client and `kiqa predict`, end to end against the dev server.
 
-The server is kiqa.devserver (TF Serving's gRPC services and protobufs over the exported
+The server is kiqa.serving.devserver (TF Serving's gRPC services and protobufs over the exported
 SavedModel, on 127.0.0.1, ephemeral port), not TF Serving itself: see serving/README.md
 for what that does and does not prove.
 """
@@ -16,10 +16,7 @@ from kiqa.serving import export
 from kiqa.cli import predict as predict_cli
 from kiqa.serving.devserver import DevServer
 from kiqa.errors import ServingError
-from kiqa.serving.client import (
-    DEFAULT_BATCH_SIZE, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MODEL, DEFAULT_SERVER, DEFAULT_TIMEOUT,
-    ServingClient,
-)
+from kiqa.serving.client import ServingClient
 
 CORRUPT = b"\xff\xd8\xff\xe0 a JPEG that stops here"
 
@@ -191,10 +188,3 @@ def test_predict_cli_server_down(capsys):
     assert predict_cli.main(["--server", f"127.0.0.1:{port}", "--timeout", "5", "--status"]) == 1
     assert f"error: no TF Serving at 127.0.0.1:{port}" in capsys.readouterr().err
 
-
-def test_cli_defaults_match_the_client():
-    assert predict_cli.DEFAULT_SERVER == DEFAULT_SERVER
-    assert predict_cli.DEFAULT_MODEL == DEFAULT_MODEL
-    assert predict_cli.DEFAULT_TIMEOUT == DEFAULT_TIMEOUT
-    assert predict_cli.DEFAULT_BATCH_SIZE == DEFAULT_BATCH_SIZE
-    assert predict_cli.DEFAULT_MAX_MESSAGE_MB * 2**20 == DEFAULT_MAX_MESSAGE_BYTES

@@ -5,16 +5,19 @@ import csv
 import sys
 
 from kiqa.cli._common import EXIT_OK, EXIT_PARTIAL, entry_point
+from kiqa.contract import (
+    BYTES_SIGNATURE,
+    CLIENT_BATCH_SIZE as DEFAULT_BATCH_SIZE,
+    CLIENT_MAX_MESSAGE_BYTES,
+    CLIENT_TIMEOUT as DEFAULT_TIMEOUT,
+    DEFAULT_MODEL_NAME as DEFAULT_MODEL,
+    DEFAULT_SERVER,
+    IMAGE_EXTENSIONS,
+)
 
 # Failures listed on the terminal; the CSV (--out) has all of them.
 SHOWN_FAILURES = 10
-# kiqa.serving_client's defaults, repeated so that --help does not wait for TensorFlow
-# (tests/test_serving_client.py checks they match).
-DEFAULT_SERVER = "localhost:8500"
-DEFAULT_MODEL = "kiqa"
-DEFAULT_TIMEOUT = 30.0
-DEFAULT_BATCH_SIZE = 16
-DEFAULT_MAX_MESSAGE_MB = 256
+DEFAULT_MAX_MESSAGE_MB = CLIENT_MAX_MESSAGE_BYTES // 2**20
 
 
 def build_parser(prog=None):
@@ -27,15 +30,14 @@ def build_parser(prog=None):
         "image, over the pixel cap) get an error row and the rest are scored (exit code 3).",
     )
     parser.add_argument("paths", nargs="*", metavar="PATH",
-                        help="image files and folders (searched recursively for .jpg .jpeg .png "
-                        ".bmp .gif .webp)")
+                        help=f"image files and folders (searched recursively for {' '.join(IMAGE_EXTENSIONS)})")
     parser.add_argument("--server", default=DEFAULT_SERVER,
                         help=f"TF Serving's gRPC host:port (default {DEFAULT_SERVER}; 8501 is REST, not gRPC)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"model name in models.config (default {DEFAULT_MODEL})")
     parser.add_argument("--version", type=int, default=None,
                         help="a specific version (default: the latest available)")
-    parser.add_argument("--signature", default=None, help="signature name (default serving_default)")
+    parser.add_argument("--signature", default=None, help=f"signature name (default {BYTES_SIGNATURE})")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help=f"images per request (default {DEFAULT_BATCH_SIZE}; keep it at or below the "
                         "server's max_batch_size)")
@@ -57,7 +59,6 @@ def main(argv=None, prog=None):
     args = parser.parse_args(argv)
     if not args.paths and not args.status:
         parser.error("give image files or folders to score, or --status")
-    from kiqa.serving.export import BYTES_SIGNATURE
     from kiqa.score import find_images
     from kiqa.serving.client import ScoreResult, ServingClient
 

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from kiqa.cli._common import EXIT_OK, EXIT_PARTIAL, entry_point
-from kiqa.config import DEFAULT_MAX_PIXELS, TrainConfig
+from kiqa.config import TrainConfig
+from kiqa.contract import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_PIXELS
 
 
 def build_parser(prog=None):
@@ -28,7 +29,7 @@ def build_parser(prog=None):
                         "koniq10k_scores_and_distributions.csv, or one in either layout)")
     parser.add_argument("--images", help="image folder the CSV's image_name values are relative to "
                         "(default: the CSV's folder, or its 1024x768/ or 512x384/ subfolder)")
-    parser.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=(384, 512),
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"), default=DEFAULT_IMAGE_SIZE,
                         help="size every whole image is resized to, as in training (default 384 512)")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help=f"reject images whose header announces more pixels (default {DEFAULT_MAX_PIXELS}); "

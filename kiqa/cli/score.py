@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from kiqa.cli._common import add_model_arguments, EXIT_OK, EXIT_PARTIAL, entry_point
+from kiqa.contract import DEFAULT_MAX_BYTES
 
 # Failures listed on the terminal; the CSV has all of them.
 SHOWN_FAILURES = 10
@@ -40,7 +41,6 @@ def build_parser(prog=None):
 
 def scoring_options(args):
     """Keyword arguments for `score_paths` / `compare_folders` from parsed flags."""
-    from kiqa.image import DEFAULT_MAX_BYTES
     from kiqa.score import DEFAULT_BATCH_SIZE
 
     return dict(

@@ -1,7 +1,7 @@
 """`kiqa serve-dev`: a local development gRPC server speaking TF Serving's API. Not TF Serving.
 
 For trying `kiqa predict` and the export on a machine without `tensorflow_model_server`.
-It binds 127.0.0.1 only. See `kiqa.devserver` for what it does and does not imitate.
+It binds 127.0.0.1 only. See `kiqa.serving.devserver` for what it does and does not imitate.
 """
 
 import argparse

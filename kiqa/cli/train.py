@@ -10,8 +10,9 @@ import sys
 
 from kiqa.cli._common import EXIT_OK, entry_point
 from kiqa.config import (
-    CACHES, DEFAULT_MAX_PIXELS, MONITORS, ON_BAD_IMAGES, SPLITS, STRATEGIES, VARIANTS, TrainConfig,
+    CACHES, MONITORS, ON_BAD_IMAGES, SPLITS, STRATEGIES, VARIANTS, TrainConfig,
 )
+from kiqa.contract import DEFAULT_MAX_PIXELS
 
 
 def build_parser(prog=None):

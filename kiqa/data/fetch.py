@@ -41,6 +41,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from kiqa import __version__
+from kiqa.contract import IMAGE_EXTENSIONS
 from kiqa.data.koniq import check_image_names, read_labels
 from kiqa.errors import ConfigError, DataError
 
@@ -407,9 +408,6 @@ def extract_archive(archive, out_dir, progress=True):
         DataError: the file is not a valid zip, has unsafe members (listed), fails its
             CRC checks, or would not fit on the disk.
     """
-    # Imported here: kiqa.image loads TensorFlow, which `kiqa fetch-koniq --help` need not wait for.
-    from kiqa.image import IMAGE_EXTENSIONS
-
     archive, out_dir = Path(archive), Path(out_dir)
     try:
         with zipfile.ZipFile(archive) as zipped:

@@ -16,8 +16,9 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from kiqa.data.koniq import check_image_names
+from kiqa.contract import DEFAULT_MAX_BYTES
 from kiqa.errors import DataError, ImageError
-from kiqa.image import DEFAULT_MAX_BYTES, decode_image, describe_decode_error, load_image
+from kiqa.image import decode_image, describe_decode_error, load_image
 
 REJECT_COLUMNS = ["image_name", "path", "reason"]
 

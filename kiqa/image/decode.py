@@ -2,7 +2,7 @@
 
 Training, evaluation, local scoring and the SavedModel's `image_bytes` signature all call
 `decode_image`, so a model sees the same pixels wherever it runs (train/serve skew is a
-bug; tests/test_image.py and the export parity check prove there is none).
+bug; tests/test_image_decode.py and the export parity check prove there is none).
 
 Decisions, the same on every path:
 - EXIF orientation is applied (TF's decoders ignore it; phone photos would be scored
@@ -26,15 +26,9 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from kiqa.contract import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from kiqa.image import header as imageinfo
-from kiqa.config import DEFAULT_MAX_PIXELS
 from kiqa.errors import ImageError
-
-# Encoded files larger than this are refused before reading: a JPEG of a 64 MP photo
-# is ~30 MB, and `tf.io.read_file` on a link to /dev/zero reads until memory runs out.
-DEFAULT_MAX_BYTES = 200 * 1024 * 1024
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 # Bumped whenever decode_image's pixels change (2: scaled JPEG decoding with the
 # accurate DCT). Caches and prepared sets record it, so stale pixels are never reused.

@@ -748,7 +748,7 @@ def wait_until_available(client, version, timeout=60.0, poll=1.0):
     versions from its base path on its own schedule, once a second by default).
 
     Args:
-        client: a `kiqa.serving_client.ServingClient`.
+        client: a `kiqa.serving.client.ServingClient`.
         version: the version number to wait for.
         timeout: seconds to wait.
         poll: seconds between status calls.

@@ -35,16 +35,19 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from kiqa.contract import (
+    BYTES_INPUT,
+    BYTES_SIGNATURE,
+    CLIENT_BATCH_SIZE as DEFAULT_BATCH_SIZE,
+    CLIENT_MAX_MESSAGE_BYTES as DEFAULT_MAX_MESSAGE_BYTES,
+    CLIENT_TIMEOUT as DEFAULT_TIMEOUT,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MODEL_NAME as DEFAULT_MODEL,
+    DEFAULT_SERVER,
+    MOS_OUTPUT as OUTPUT,
+)
 from kiqa.errors import ImageError, ServingError
-from kiqa.serving.export import BYTES_INPUT, BYTES_SIGNATURE, OUTPUT
-from kiqa.image import DEFAULT_MAX_BYTES, read_image_bytes
-
-DEFAULT_SERVER = "localhost:8500"
-DEFAULT_MODEL = "kiqa"
-DEFAULT_TIMEOUT = 30.0
-DEFAULT_BATCH_SIZE = 16
-# gRPC's default is 4 MB, less than one 12 MP JPEG and its neighbours in a batch.
-DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+from kiqa.image import read_image_bytes
 # Room for the request's own fields around the image bytes.
 _MESSAGE_OVERHEAD = 64 * 1024
 

@@ -58,20 +58,25 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from kiqa import __version__
-from kiqa.config import DEFAULT_MAX_PIXELS, TrainConfig
+from kiqa.config import TrainConfig
+from kiqa.contract import (
+    ASSETS_EXTRA,
+    BYTES_INPUT,
+    BYTES_SIGNATURE,
+    DEFAULT_IMAGE_SIZE,
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    METADATA_FILE,
+    MOS_OUTPUT as OUTPUT,
+    PIXELS_INPUT,
+    PIXELS_SIGNATURE,
+    WARMUP_FILE,
+)
 from kiqa.errors import ConfigError, ExportError, ImageError, ModelError
 from kiqa.fsutil import swap_directory
-from kiqa.image import IMAGE_EXTENSIONS, decode_image, describe_decode_error, read_image_bytes
+from kiqa.image import decode_image, describe_decode_error, read_image_bytes
 
 DEFAULT_BASE_PATH = "export/kiqa"
-# KonIQ's photos are 4:3; 384x512 is the training default (see kiqa.config).
-DEFAULT_IMAGE_SIZE = (384, 512)
-
-BYTES_SIGNATURE = "serving_default"
-PIXELS_SIGNATURE = "score_pixels"
-BYTES_INPUT = "image_bytes"
-PIXELS_INPUT = "image"
-OUTPUT = "mos"
 
 # Largest |SavedModel - Keras| allowed on the 0-100 scale. Both sides run the same
 # decode and the same float32 weights; what differs is graph vs eager kernel choice
@@ -80,9 +85,6 @@ OUTPUT = "mos"
 # resize, a missing EXIF turn or a missing rescale, which move scores by whole points.
 PARITY_TOLERANCE = 0.05
 
-ASSETS_EXTRA = "assets.extra"
-METADATA_FILE = "kiqa.json"
-WARMUP_FILE = "tf_serving_warmup_requests"
 # One warmup record per batch size that serving/batching_parameters.txt pads to
 # (allowed_batch_sizes): on a GPU each new shape pays cuDNN autotuning once.
 WARMUP_BATCH_SIZES = (1, 2, 4, 8, 16)
@@ -131,7 +133,7 @@ def export_model(
         image_size: (height, width) the signatures resize to. None takes the run's
             `config.json`; without one, 384x512 with a warning.
         max_pixels: header pixel cap of the bytes signature. None takes the config's,
-            else `kiqa.config.DEFAULT_MAX_PIXELS`.
+            else `kiqa.contract.DEFAULT_MAX_PIXELS`.
         overwrite: replace an existing version. Without it an existing version is never
             touched. TF Serving does not reload a version number it already serves, so
             publish a new version to roll out a new model.

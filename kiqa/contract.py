@@ -1,0 +1,49 @@
+"""Facts every layer shares: image defaults, SavedModel names, the score scale, client defaults.
+
+Training, local scoring, the exporter, the gRPC client, the dev server and the CLI read
+these from here, so each is defined once. This module imports nothing (no TensorFlow), so
+`kiqa predict --help` and `kiqa fetch-koniq --help` can use it without waiting for TF.
+"""
+
+# The training and scoring default (height, width). KonIQ's photos are all 4:3 (1024x768),
+# so 384x512 keeps their aspect exactly.
+DEFAULT_IMAGE_SIZE = (384, 512)
+
+# Images whose header announces more pixels than this are rejected before decoding.
+# 64 MP covers every camera photo in common use; a 20000x20000 PNG of 1 MB would
+# otherwise decode to 1.2 GB.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+# Encoded files larger than this are refused before reading: a JPEG of a 64 MP photo
+# is ~30 MB, and `tf.io.read_file` on a link to /dev/zero reads until memory runs out.
+DEFAULT_MAX_BYTES = 200 * 1024 * 1024
+
+# File name endings (lower case) that folder searches treat as images.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+# Scores are KonIQ-10k's MOS: 0 (worst) to 100 (best); higher is better.
+MOS_SCALE = 100.0
+
+# The exported SavedModel's signatures and their tensor names. `serving_default` takes
+# encoded files and decodes them in the graph; `score_pixels` takes pixels already
+# decoded and resized (0..255 float32). The Keras model's input and output use the same
+# `image` and `mos` names.
+BYTES_SIGNATURE = "serving_default"
+PIXELS_SIGNATURE = "score_pixels"
+BYTES_INPUT = "image_bytes"
+PIXELS_INPUT = "image"
+MOS_OUTPUT = "mos"
+
+# Files inside an export version directory, beside saved_model.pb. TF Serving replays the
+# warmup file at load; kiqa.json records the image size, pixel cap and versions.
+ASSETS_EXTRA = "assets.extra"
+METADATA_FILE = "kiqa.json"
+WARMUP_FILE = "tf_serving_warmup_requests"
+
+# TF Serving gRPC client defaults (`kiqa predict`, `kiqa.serving.client.ServingClient`).
+DEFAULT_SERVER = "localhost:8500"  # TF Serving's gRPC port; 8501 is REST
+DEFAULT_MODEL_NAME = "kiqa"
+CLIENT_TIMEOUT = 30.0  # seconds per request
+CLIENT_BATCH_SIZE = 16  # images per request; keep it at or below the server's max_batch_size
+# gRPC's default is 4 MB, less than one 12 MP JPEG and its neighbours in a batch.
+CLIENT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
