@@ -247,7 +247,10 @@ def load_image(path, size, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_
 
 
 _ASSERTION = re.compile(r"assertion failed: \[(.*?)\]\s*(?:\n|\[\[|\[Op:|$)", re.S)
-_TF_WRAPPERS = re.compile(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\]|\s*\[\[.*$", re.S)
+# An eager op's error ends "[Op:DecodeImage] name: <op name>" (empty when unnamed).
+_TF_WRAPPERS = re.compile(
+    r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\](?: name:[ ]?\S*)?|\s*\[\[.*$", re.S
+)
 # Lines a traced function's error adds around the op's own message.
 _TF_CONTEXT = ("Graph execution error", "Detected at node", "File ", "[[")
 

@@ -137,11 +137,11 @@ def _samples():
         "gif_animated": ("gif", _encode(
             rgb, "GIF", save_all=True, append_images=[Image.fromarray(_pattern()[::-1])], loop=0
         )),
-        # TF decodes a GIF to its largest frame, whatever the logical screen says.
+        # TF decodes a GIF to its largest frame (kiqa gives it only the first), whatever
+        # the logical screen says.
         "gif_screen_larger": ("gif", _gif(WIDTH + 60, HEIGHT + 50, [(_pattern(), 0, 0)])),
         "gif_screen_smaller": ("gif", _gif(10, 8, [(_pattern(), 0, 0)])),
         "gif_first_frame_larger": ("gif", _gif(WIDTH, HEIGHT, [(_pattern(), 0, 0), (small, 1, 1)])),
-        "gif_second_frame_larger": ("gif", _gif(7, 5, [(small, 0, 0), (_pattern(), 3, 2)])),
         "bmp": ("bmp", _encode(rgb, "BMP")),
         "bmp_grey": ("bmp", _encode(grey, "BMP")),
         "bmp_top_down": ("bmp", _bmp_top_down(_pattern())),
@@ -204,7 +204,7 @@ def test_header_shape_is_the_size_tf_decodes(sample_files, name):
     expected = (HEIGHT, WIDTH)
     assert imageinfo.image_format(data).numpy() == fmt.encode()
     assert tuple(imageinfo.header_shape(data).numpy()) == expected
-    assert tuple(_decode(data).shape[:2]) == expected
+    assert tuple(_decode(imageinfo.first_image(data)).shape[:2]) == expected
 
 
 def test_header_shape_agrees_with_pillow_and_tf_jpeg_parser(sample_files):
