@@ -636,20 +636,24 @@ def probe(folder, run_dir, base_path, image_size):
         # (each tf.data pass traces its own graph: counted, a few MB).
         score_files([(p, None) for p in good], scorer, out_csv, skip_existing=False, progress=False)
         predict(stub, [read_image_bytes(good[0])])
+        # The control first: later large decodes leave freed heap that malloc hands out
+        # again (measured: after the GIF frame bombs, the 60 MB decode showed 0 MB).
+        control = huge_png(5000, 4000)
+        exact = measure("control/5000x4000 PNG decoded (60 MB)", lambda: tf.io.decode_png(control).shape)
+        peaks.clear()
         baseline = _status_kb("VmRSS")
 
-        exact = measure("training/pre-validation of the whole corpus", find_bad_images, frame, corpus.images,
-                        config, False)
-        measure("training/pipeline over every readable file", through_pipeline,
-                [str(corpus.images / c.name) for c in files])
+        # One file at a time first, so each is measured before the whole-corpus passes
+        # have grown the heap; the highest peak of the run bounds them all regardless.
         for case in files:
             path = corpus.images / case.name
             measure(f"score/{case.name}", score_files, [(str(path), None)], scorer, out_csv, 16, False, False)
             measure(f"serving/{case.name}", predict, stub, [read_image_bytes(path)])
+        measure("training/pre-validation of the whole corpus", find_bad_images, frame, corpus.images, config, False)
+        measure("training/pipeline over every readable file", through_pipeline,
+                [str(corpus.images / c.name) for c in files])
 
     overall = (max(peaks) - baseline) / 1024
-    control = huge_png(5000, 4000)
-    measure("control/5000x4000 PNG decoded (60 MB)", lambda: tf.io.decode_png(control).shape)
     return {
         "per_file": per_file,
         "baseline_mb": baseline / 1024,
