@@ -1,6 +1,7 @@
 """The one image function, eagerly and inside tf.data (they must agree to the pixel)."""
 
 import io
+import re
 
 import numpy as np
 import pandas as pd
@@ -8,8 +9,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from hostile_corpus import animated, claiming, gif_file, gif_frame_bomb, gif_image_block
+from kiqa import image as image_module
 from kiqa.errors import ImageError
-from kiqa.image import decode_image, load_image, read_image_bytes
+from kiqa.image import decode_image, describe_decode_error, load_image, read_image_bytes
 
 SIZE = (48, 64)
 
@@ -158,3 +161,102 @@ def test_the_real_photos_decode(realset):
         image = load_image(realset / name, (384, 512)).numpy()
         assert image.shape == (384, 512, 3)
         assert 20 < image.mean() < 235 and image.std() > 5, name
+
+
+# ----------------------------------------------------------------------------- frames, headers
+
+
+def _eager_and_mapped(contents, name="upload.bin", size=SIZE):
+    """decode_image's outcome eagerly and inside tf.data: (pixels or None, message or None)
+    for each, the message as users see it (describe_decode_error)."""
+    outcomes = []
+    for run in (
+        lambda: decode_image(contents, size, name=name).numpy(),
+        lambda: next(iter(tf.data.Dataset.from_tensors(contents).map(
+            lambda b: decode_image(b, size, name=name)))).numpy(),
+    ):
+        try:
+            outcomes.append((run(), None))
+        except tf.errors.InvalidArgumentError as err:
+            outcomes.append((None, describe_decode_error(err)))
+    return outcomes
+
+
+def _frames():
+    return [Image.fromarray(a).quantize(64) for a in (photo(), 255 - photo(), photo()[::-1])]
+
+
+@pytest.mark.parametrize("kind", ["bomb", "photo_then_bomb", "cut_last_frame", "second_frame_larger"])
+def test_an_animated_gif_gives_its_first_frame_only(kind):
+    first, second, third = _frames()
+    contents = {
+        "bomb": gif_frame_bomb(1200, 900, 40),  # 43 MP of frames, one of 1 MP decoded
+        "photo_then_bomb": gif_frame_bomb(1200, 900, 20, first=first),
+        "cut_last_frame": animated([first, second, third], "GIF")[:-500],
+        # Before DECODE_VERSION 3, TF padded the first frame to the later, larger one.
+        "second_frame_larger": gif_file((160, 120), [gif_image_block(first), gif_image_block(
+            Image.fromarray(photo(400, 300)).quantize(16))]),
+    }[kind]
+    if kind == "bomb":
+        expected = decode_image(encode(np.full((90, 120, 3), (40, 128, 200), np.uint8), "PNG"), SIZE).numpy()
+    else:
+        expected = decode_image(encode(np.asarray(first.convert("RGB")), "PNG"), SIZE).numpy()
+    for pixels, message in _eager_and_mapped(contents):
+        assert message is None, message
+        np.testing.assert_array_equal(pixels, expected)
+
+
+def test_animated_webp_is_refused_by_name_and_apng_gives_its_default_image():
+    still, moved = photo(), 255 - photo()
+    for options in (dict(lossless=True), dict(quality=80)):
+        webp = animated([Image.fromarray(still), Image.fromarray(moved)], "WEBP", **options)
+        for pixels, message in _eager_and_mapped(webp, name="clip.webp"):
+            assert pixels is None
+            assert message.startswith("clip.webp: image is an animated WebP;")
+            assert "convert it to a still image" in message and "corrupt" not in message
+    apng = animated([Image.fromarray(still), Image.fromarray(moved)], "PNG")
+    expected = decode_image(encode(still, "PNG"), SIZE).numpy()
+    for pixels, message in _eager_and_mapped(apng):
+        np.testing.assert_array_equal(pixels, expected)
+
+
+@pytest.mark.parametrize("fmt, options, size, reason", [
+    ("JPEG", {}, (7999, 7999), r"JPEG header announces 7999x7999 pixels, which need at least \d+ bytes"),
+    ("JPEG", dict(progressive=True), (4000, 3000), r"JPEG header announces 4000x3000 pixels, which need"),
+    ("PNG", {}, (5000, 5000), r"Invalid PNG data"),
+    ("PNG", {}, (64, 48), r"Invalid PNG data"),
+    ("GIF", {}, (5000, 5000), r"Invalid GIF data"),
+    ("BMP", {}, (5000, 5000), r"Input size should match"),
+    ("BMP", {}, (64, 48), r"Input size should match"),
+    ("WEBP", dict(lossless=True), (5000, 5000), r"Failed to decode WebP"),
+    ("WEBP", dict(quality=80), (5000, 5000), r"Failed to decode WebP"),
+], ids=["jpeg", "jpeg-progressive", "png", "png-smaller", "gif", "bmp", "bmp-smaller", "webp-lossless",
+        "webp-lossy"])
+def test_a_header_that_disagrees_with_the_data_is_refused(fmt, options, size, reason):
+    contents = claiming(encode(photo(), fmt, **options), *size)
+    for pixels, message in _eager_and_mapped(contents, name="photos/x.img"):
+        assert pixels is None, f"{fmt} claiming {size} was decoded"
+        assert re.search(reason, message), message
+        assert "name:" not in message and "[[" not in message
+
+
+def test_a_decoded_size_other_than_the_header_is_refused():
+    # No TF 2.21 decoder was found to do this on any file (they decode the header's size
+    # or fail); the check keeps the pixel cap and the JPEG scale honest if one does.
+    image = tf.zeros([30, 40, 3], tf.uint8)
+    same = image_module._check_decoded_shape(image, tf.constant([30, 40], tf.int64), 4, "a.gif")
+    assert same.shape == (30, 40, 3)
+    with pytest.raises(tf.errors.InvalidArgumentError) as caught:
+        image_module._check_decoded_shape(image, tf.constant([300, 400], tf.int64), 4, "a.gif")
+    assert caught.value.message.startswith(
+        "a.gif: image header announces 400x300 pixels, but its data decodes to 40x30: the header was altered"
+    )
+    scaled = tf.function(lambda: image_module._check_decoded_shape(
+        image, tf.constant([300, 400], tf.int64), 3, tf.constant("image_bytes[2]")))  # ratio 8
+    with pytest.raises(tf.errors.InvalidArgumentError) as caught:
+        scaled()
+    text = describe_decode_error(caught.value)
+    assert text.startswith("image_bytes[2]: image header announces 400x300 pixels, but its data decodes to "
+                           "40x30 at 1/8 scale, where 50x38 was expected")
+    ok = tf.function(lambda: image_module._check_decoded_shape(image, tf.constant([240, 320], tf.int64), 3, "b"))
+    assert ok().shape == (30, 40, 3)
