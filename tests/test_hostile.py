@@ -41,7 +41,7 @@ from kiqa.data import koniq
 from kiqa.data.pipeline import make_dataset
 from kiqa.data.validate import find_bad_images
 from kiqa.devserver import DevServer
-from kiqa.image import decode_image, read_image_bytes
+from kiqa.image import decode_image, describe_decode_error, read_image_bytes
 from kiqa.inference import load_scorer
 from kiqa.score import read_scores, score_paths
 from kiqa.train import train
@@ -322,6 +322,26 @@ def test_bytes_signature_answers_each_file_or_invalid_argument(corpus, server, s
                 if case.serving.reason not in DECODER_REASONS:
                     # kiqa's own checks name the item; TF's decoders' errors cannot.
                     assert "image_bytes[1]" in answer
+
+
+def test_serving_default_called_directly_decides_like_kiqa_score(corpus, exported, scored):
+    # The SavedModel itself, as TF Serving runs it: no server, no client in between.
+    _, rows = scored
+    signature = tf.saved_model.load(str(exported[1] / "1")).signatures["serving_default"]
+    good = read_image_bytes(corpus.images / "good.jpg")
+    for case in corpus.files():
+        if not case.sends_bytes:
+            continue
+        batch = tf.constant([good, read_image_bytes(corpus.images / case.name)])
+        try:
+            mos = bounded(signature, image_bytes=batch)["mos"].numpy()
+        except tf.errors.InvalidArgumentError as err:
+            assert_message(describe_decode_error(err), case, "serving")
+            if case.serving.reason not in DECODER_REASONS:
+                assert describe_decode_error(err).startswith("image_bytes[1]: "), err.message
+        else:
+            assert case.serving.decoded, f"{case.name} was scored by serving_default: {mos}"
+            assert mos[1] == pytest.approx(rows[case.name][0], abs=1e-3)
 
 
 def test_kiqa_predict_names_each_rejected_file(corpus, server, scored, tmp_path):
