@@ -252,7 +252,8 @@ _TF_WRAPPERS = re.compile(
     r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\](?: name:[ ]?\S*)?|\s*\[\[.*$", re.S
 )
 # Lines a traced function's error adds around the op's own message.
-_TF_CONTEXT = ("Graph execution error", "Detected at node", "File ", "[[")
+# A SavedModel's functions carry no Python stack: "<stack traces unavailable>" instead.
+_TF_CONTEXT = ("Graph execution error", "Detected at node", "File ", "[[", "<stack traces unavailable>")
 
 
 def describe_decode_error(err, path=None):

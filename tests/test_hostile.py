@@ -143,7 +143,9 @@ def test_the_corpus_is_the_issue_list(corpus):
     kinds = " | ".join(c.kind for c in corpus.cases).lower()
     for word in ("zero-byte", "cut in half", "corrupt jpeg", "text file", "tiff", "cmyk", "16-bit",
                  "greyscale", "animated gif", "webp", "announcing 30000x30000", "20000x20000",
-                 "/dev/zero", "outside the folder", "'../'", "absolute path", "exif orientation"):
+                 "/dev/zero", "outside the folder", "'../'", "absolute path", "exif orientation",
+                 "frame bomb", "local colour tables", "last frame truncated", "zero frames", "animated webp",
+                 "animated png", "header claims 7999x7999"):
         assert word in kinds, f"the corpus has no {word!r} case:\n{corpus.table()}"
     assert (corpus.images / "zero.jpg").resolve() == Path("/dev/zero")
     assert not (corpus.images / "link-out.png").resolve().is_relative_to(corpus.images.resolve())

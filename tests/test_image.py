@@ -260,3 +260,17 @@ def test_a_decoded_size_other_than_the_header_is_refused():
                            "40x30 at 1/8 scale, where 50x38 was expected")
     ok = tf.function(lambda: image_module._check_decoded_shape(image, tf.constant([240, 320], tf.int64), 3, "b"))
     assert ok().shape == (30, 40, 3)
+
+
+def test_describe_decode_error_keeps_only_the_decoders_words():
+    # As a SavedModel function raises it (no Python stack), and as an eager op does.
+    graph = (
+        "Graph execution error:\n\nDetected at node map/while/DecodeJpeg defined at (most recent call last):\n"
+        "<stack traces unavailable>\njpeg::Uncompress failed. Invalid JPEG data or crop window.\n"
+        "\t [[{{node map/while/DecodeJpeg}}]] [Op:__inference_signature_wrapper_91450]"
+    )
+    eager = "{{function_node __wrapped__DecodeImage_device_/job:localhost}} Invalid PNG data, size 23908 [Op:DecodeImage] name: "
+    assert describe_decode_error(tf.errors.InvalidArgumentError(None, None, graph)) == (
+        "jpeg::Uncompress failed. Invalid JPEG data or crop window."
+    )
+    assert describe_decode_error(tf.errors.InvalidArgumentError(None, None, eager)) == "Invalid PNG data, size 23908"
