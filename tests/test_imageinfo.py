@@ -78,38 +78,16 @@ def _with_app1_exif(jpeg, tiff_block):
 # ----------------------------------------------------------------------------- GIF assembly
 
 
-def _gif_blocks(data):
-    """Splits a GIF into (header with screen, global colour table, blocks before the trailer)."""
-    flags = data[10]
-    table = 3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0
-    pos, blocks = 13 + table, []
-    while data[pos] != 0x3B:
-        start = pos
-        if data[pos] == 0x21:
-            pos += 2
-        else:
-            local = data[pos + 9]
-            pos += 10 + (3 * 2 ** ((local & 7) + 1) if local & 0x80 else 0) + 1
-        while data[pos]:
-            pos += 1 + data[pos]
-        blocks.append(data[start : pos + 1])
-        pos += 1
-    return data[:13], data[13 : 13 + table], blocks
-
-
 def _gif_frame(pixels, left, top):
     """One self-contained GIF image block (local colour table) placed at (left, top)."""
-    header, table, blocks = _gif_blocks(_encode(Image.fromarray(pixels), "GIF"))
-    image = bytearray(next(block for block in blocks if block[0] == 0x2C))
+    image = bytearray(gif_image_block(Image.fromarray(pixels)))
     image[1:5] = left.to_bytes(2, "little") + top.to_bytes(2, "little")
-    image[9] = 0x80 | (header[10] & 7)
-    return bytes(image[:10]) + table + bytes(image[10:])
+    return bytes(image)
 
 
 def _gif(screen_width, screen_height, frames):
     """A GIF with a chosen logical screen around frames [(pixels, left, top), ...]."""
-    screen = screen_width.to_bytes(2, "little") + screen_height.to_bytes(2, "little")
-    return b"GIF89a" + screen + b"\x00\x00\x00" + b"".join(_gif_frame(*f) for f in frames) + b";"
+    return gif_file((screen_width, screen_height), [_gif_frame(*f) for f in frames])
 
 
 # ----------------------------------------------------------------------------- samples
