@@ -86,7 +86,10 @@ def decode_image(contents, size, max_pixels=DEFAULT_MAX_PIXELS, name=None):
 
     Raises:
         tf.errors.InvalidArgumentError: the bytes are not a decodable image, the format
-            is unsupported, or the header announces more than `max_pixels` pixels.
+            is unsupported (TIFF, JPEG XL, an animated WebP), the header announces more
+            than `max_pixels` pixels, or it disagrees with the data (a JPEG too short for
+            its announced size; pixels of another size than the header's). The message
+            starts with `name` when given and carries no batch position of its own.
     """
     height, width = int(size[0]), int(size[1])
     contents = tf.convert_to_tensor(contents, dtype=tf.string)
