@@ -1,5 +1,6 @@
 """The one image function, eagerly and inside tf.data (they must agree to the pixel)."""
 
+import importlib
 import io
 import re
 
@@ -10,9 +11,12 @@ import tensorflow as tf
 from PIL import Image
 
 from hostile_corpus import animated, claiming, gif_file, gif_frame_bomb, gif_image_block
-from kiqa import image as image_module
 from kiqa.errors import ImageError
 from kiqa.image import decode_image, describe_decode_error, load_image, read_image_bytes
+
+# The module that defines decode_image (kiqa.image, or kiqa.image.decode after the layout
+# step), for its private size check.
+image_module = importlib.import_module(decode_image.__module__)
 
 SIZE = (48, 64)
 
