@@ -146,6 +146,19 @@ LINK_TRAINING = r"outside the image folder"
 LINK_SCORING = r"symbolic link to a file outside the given folders"
 DOTDOT = r"'\.\.' is not allowed"
 ABSOLUTE = r"absolute paths are not allowed"
+ANIMATED_WEBP = r"animated WebP; kiqa scores still images only .*convert it to a still image"
+UNREADABLE_GIF = r"GIF header is unreadable"
+SHORT_JPEG = r"JPEG header announces {w}x{h} pixels, which need at least \d+ bytes of image data, but the file holds \d+"
+# What TF's own decoders say about a header that disagrees with the data (they refuse it
+# before or while decoding; kiqa cannot word these, nor can they name a batch item).
+BAD_PNG = r"Invalid PNG data"
+BAD_GIF = r"Invalid GIF data .*image EOF detected before image complete"
+BAD_BMP = r"Input size should match"
+BAD_WEBP = r"Failed to decode WebP"
+DECODER_REASONS = (UNDECODABLE_JPEG, BAD_PNG, BAD_GIF, BAD_BMP, BAD_WEBP)
+# Frames of the GIF frame bombs: 60 x 2400 x 2400 = 346 MP in one 290 KB file. Before
+# kiqa cut GIFs after their first image, giflib held every frame (346 MB) at once.
+BOMB_FRAMES, BOMB_SIZE = 60, 2400
 
 
 def _photo(height, width, seed):
@@ -253,6 +266,108 @@ def _corrupt_scan(jpeg, seed=0):
     return bytes(data)
 
 
+# ----------------------------------------------------------------------------- frames, headers
+
+
+def gif_blocks(data):
+    """Splits a GIF into (header with logical screen and global colour table, blocks).
+
+    Blocks are the extension and image blocks before the trailer, each with its
+    sub-blocks and their terminator, as bytes.
+    """
+    flags = data[10]
+    table = 3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0
+    pos, blocks = 13 + table, []
+    while data[pos] != 0x3B:
+        start = pos
+        if data[pos] == 0x21:
+            pos += 2
+        else:
+            local = data[pos + 9]
+            pos += 10 + (3 * 2 ** ((local & 7) + 1) if local & 0x80 else 0) + 1
+        while data[pos]:
+            pos += 1 + data[pos]
+        blocks.append(data[start : pos + 1])
+        pos += 1
+    return data[: 13 + table], blocks
+
+
+def gif_image_block(image, local_table=True):
+    """One GIF image block of a P-mode or RGB Pillow image, with its own colour table
+    (local_table) or relying on the file's global one."""
+    header, blocks = gif_blocks(_encode(image, "GIF"))
+    block = bytearray(next(b for b in blocks if b[0] == 0x2C))
+    if not local_table or block[9] & 0x80:
+        return bytes(block)
+    table = header[13:]
+    block[9] = 0x80 | (block[9] & 0x40) | (header[10] & 7)  # keep the interlace bit
+    return bytes(block[:10]) + table + bytes(block[10:])
+
+
+def gif_comment(text):
+    return b"\x21\xfe" + bytes([len(text)]) + text + b"\x00"
+
+
+def gif_delay(hundredths=10):
+    """A graphic control extension: what an animation puts before each frame."""
+    return b"\x21\xf9\x04\x00" + hundredths.to_bytes(2, "little") + b"\x00\x00"
+
+
+def gif_file(screen, blocks):
+    """A GIF89a with a (width, height) logical screen, no global table, and `blocks`."""
+    head = b"GIF89a" + screen[0].to_bytes(2, "little") + screen[1].to_bytes(2, "little") + b"\x00\x00\x00"
+    return head + b"".join(blocks) + b";"
+
+
+def gif_frame_bomb(width, height, frames, first=None):
+    """An animated GIF of `frames` one-colour frames of width x height (a few KB each:
+    LZW codes a flat frame in ~1 byte per 1000 pixels), each with its own colour table
+    and delay, after an optional different `first` image (a Pillow image). giflib
+    decodes every frame: 60 frames of 2400x2400 are 346 MP, over five times the cap."""
+    flat = Image.new("P", (width, height), 0)
+    blocks = []
+    for index in range(frames):
+        flat.putpalette([40 + index % 200, 128, 200 - index % 200] * 2)
+        blocks += [gif_delay(), gif_image_block(flat)]
+    if first is not None:
+        blocks = [gif_delay(), gif_comment(b"first frame"), gif_image_block(first)] + blocks
+    return gif_file((width, height), blocks)
+
+
+def animated(frames, fmt, **options):
+    """An animated file (Pillow's save_all) of a list of Pillow images."""
+    return _encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, **options)
+
+
+def claiming(data, width, height):
+    """The same file with the size in its header rewritten (checksums kept valid):
+    JPEG's SOF0/SOF2, PNG's IHDR (CRC fixed), GIF's first image descriptor, BMP's
+    info header, WebP's VP8L, VP8 or VP8X canvas. The data stays what it was."""
+    data = bytearray(data)
+    if data[:2] == b"\xff\xd8":
+        sof = max(data.find(b"\xff\xc0"), data.find(b"\xff\xc2"))
+        data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    elif data[:4] == b"\x89PNG":
+        data[16:24] = struct.pack(">II", width, height)
+        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    elif data[:3] == b"GIF":
+        header, blocks = gif_blocks(bytes(data))
+        image = len(header) + sum(len(b) for b in blocks[: next(i for i, b in enumerate(blocks) if b[0] == 0x2C)])
+        data[image + 5 : image + 9] = struct.pack("<HH", width, height)
+    elif data[:2] == b"BM":
+        data[18:26] = struct.pack("<ii", width, height)
+    elif data[12:16] == b"VP8L":
+        bits = struct.unpack("<I", data[21:25])[0] & ~((1 << 28) - 1)
+        data[21:25] = struct.pack("<I", bits | (width - 1) | ((height - 1) << 14))
+    elif data[12:16] == b"VP8 ":
+        data[26:30] = struct.pack("<HH", width, height)
+    elif data[12:16] == b"VP8X":
+        data[24:30] = (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    else:
+        raise ValueError("not a JPEG, PNG, GIF, BMP or WebP")
+    return bytes(data)
+
+
 def write_corpus(folder):
     """Writes every hostile file of issue 8 (and two good controls) into `folder`.
 
@@ -323,6 +438,57 @@ def write_corpus(folder):
     write("animated.gif", _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100))
     ref_gif = reference("gif-frame0.png", np.asarray(frames[0].convert("RGB")))
     cases.append(Case("animated.gif", "animated GIF, 2 frames (first one is used)", DECODED, DECODED, DECODED, ref_gif, 0.0))
+
+    # Animated GIFs whose frames together are far over the pixel cap (issue 12): only
+    # the first image is decoded, whatever follows it.
+    write("frame-bomb.gif", gif_frame_bomb(BOMB_SIZE, BOMB_SIZE, BOMB_FRAMES))
+    ref_flat = reference("bomb-frame0.png", np.full((24, 24, 3), (40, 128, 200), np.uint8))
+    cases.append(Case("frame-bomb.gif", f"animated GIF frame bomb: {BOMB_FRAMES} frames of {BOMB_SIZE}x{BOMB_SIZE}",
+                      DECODED, DECODED, DECODED, ref_flat, 0.0))
+    write("bomb-after-photo.gif", gif_frame_bomb(BOMB_SIZE, BOMB_SIZE, BOMB_FRAMES // 2, first=frames[0]))
+    cases.append(Case("bomb-after-photo.gif", "animated GIF: a photo, then larger frames with local colour tables",
+                      DECODED, DECODED, DECODED, ref_gif, 0.0))
+    three = frames + [Image.fromarray(photo[::-1]).quantize(64)]
+    write("cut-last-frame.gif", animated(three, "GIF")[:-300])
+    cases.append(Case("cut-last-frame.gif", "animated GIF with its last frame truncated",
+                      DECODED, DECODED, DECODED, ref_gif, 0.0))
+    write("no-frames.gif", gif_file((96, 128), [gif_comment(b"nothing here")]))
+    cases.append(Case("no-frames.gif", "GIF with no image (zero frames)", *[rejected(UNREADABLE_GIF)] * 3))
+    write("moving.webp", animated([Image.fromarray(photo), Image.fromarray(255 - photo)], "WEBP", lossless=True))
+    cases.append(Case("moving.webp", "animated WebP (lossless, 2 frames)", *[rejected(ANIMATED_WEBP)] * 3))
+    write("moving-alpha.webp", animated([Image.fromarray(photo).convert("RGBA"), Image.fromarray(255 - photo).convert("RGBA")],
+                                        "WEBP", quality=80))
+    cases.append(Case("moving-alpha.webp", "animated WebP (lossy with alpha, 2 frames)", *[rejected(ANIMATED_WEBP)] * 3))
+    write("moving.png", animated([Image.fromarray(photo), Image.fromarray(255 - photo)], "PNG"))
+    cases.append(Case("moving.png", "animated PNG (APNG, 2 frames: the default image is used)",
+                      DECODED, DECODED, DECODED, ref_photo, 0.0))
+
+    # Headers rewritten to disagree with the data (issue 12, item 7).
+    h, w = 7999, 7999
+    write("claims-7999.jpg", claiming(good_jpeg, w, h))
+    short = rejected(SHORT_JPEG.format(w=w, h=h))
+    cases.append(Case("claims-7999.jpg", f"JPEG of 128x96 whose header claims {w}x{h}", short, short, short))
+    progressive = _encode(Image.fromarray(photo), "JPEG", quality=92, progressive=True)
+    write("claims-4000.jpg", claiming(progressive, 4000, 3000))
+    short = rejected(SHORT_JPEG.format(w=4000, h=3000))
+    cases.append(Case("claims-4000.jpg", "progressive JPEG of 128x96 whose header claims 4000x3000", short, short, short))
+    upright_exif = Image.Exif()
+    upright_exif[EXIF_ORIENTATION] = 1  # any EXIF makes Pillow write an extended (VP8X) WebP
+    for name, data, reason in [
+        ("claims-5000.png", _encode(Image.fromarray(photo), "PNG"), BAD_PNG),
+        ("claims-64.png", claiming(_encode(Image.fromarray(photo), "PNG"), 64, 48), BAD_PNG),
+        ("claims-5000.gif", _encode(frames[0], "GIF"), BAD_GIF),
+        ("claims-5000.bmp", _encode(Image.fromarray(photo), "BMP"), BAD_BMP),
+        ("claims-64.bmp", claiming(_encode(Image.fromarray(photo), "BMP"), 64, 48), BAD_BMP),
+        ("claims-5000.webp", _encode(Image.fromarray(photo), "WEBP", lossless=True), BAD_WEBP),
+        ("claims-5000x.webp", _encode(Image.fromarray(photo), "WEBP", quality=80, exif=upright_exif.tobytes()), BAD_WEBP),
+    ]:
+        size = name.split("-")[1].split(".")[0].rstrip("x")
+        if size == "5000":
+            data = claiming(data, 5000, 5000)
+        write(name, data)
+        fmt = name.split(".")[1].upper()
+        cases.append(Case(name, f"{fmt} of 128x96 whose header claims {size} pixels wide", *[rejected(reason)] * 3))
 
     write("photo.webp", _encode(Image.fromarray(photo), "WEBP", lossless=True))
     cases.append(Case("photo.webp", "lossless WebP", DECODED, DECODED, DECODED, ref_photo, 0.0))
@@ -470,20 +636,24 @@ def probe(folder, run_dir, base_path, image_size):
         # (each tf.data pass traces its own graph: counted, a few MB).
         score_files([(p, None) for p in good], scorer, out_csv, skip_existing=False, progress=False)
         predict(stub, [read_image_bytes(good[0])])
+        # The control first: later large decodes leave freed heap that malloc hands out
+        # again (measured: after the GIF frame bombs, the 60 MB decode showed 0 MB).
+        control = huge_png(5000, 4000)
+        exact = measure("control/5000x4000 PNG decoded (60 MB)", lambda: tf.io.decode_png(control).shape)
+        peaks.clear()
         baseline = _status_kb("VmRSS")
 
-        exact = measure("training/pre-validation of the whole corpus", find_bad_images, frame, corpus.images,
-                        config, False)
-        measure("training/pipeline over every readable file", through_pipeline,
-                [str(corpus.images / c.name) for c in files])
+        # One file at a time first, so each is measured before the whole-corpus passes
+        # have grown the heap; the highest peak of the run bounds them all regardless.
         for case in files:
             path = corpus.images / case.name
             measure(f"score/{case.name}", score_files, [(str(path), None)], scorer, out_csv, 16, False, False)
             measure(f"serving/{case.name}", predict, stub, [read_image_bytes(path)])
+        measure("training/pre-validation of the whole corpus", find_bad_images, frame, corpus.images, config, False)
+        measure("training/pipeline over every readable file", through_pipeline,
+                [str(corpus.images / c.name) for c in files])
 
     overall = (max(peaks) - baseline) / 1024
-    control = huge_png(5000, 4000)
-    measure("control/5000x4000 PNG decoded (60 MB)", lambda: tf.io.decode_png(control).shape)
     return {
         "per_file": per_file,
         "baseline_mb": baseline / 1024,

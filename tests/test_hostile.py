@@ -32,7 +32,7 @@ from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_p
 
 from helpers import EXPORT_SIZE, demo_subset, shared_export, small_cnn
 import hostile_corpus
-from hostile_corpus import HUGE_PNG_SIZE, UNDECODABLE_JPEG, check_png_is_complete, huge_png, write_corpus
+from hostile_corpus import DECODER_REASONS, HUGE_PNG_SIZE, check_png_is_complete, huge_png, write_corpus
 from kiqa.cli import predict as predict_cli
 from kiqa.cli import score as score_cli
 from kiqa.cli._common import EXIT_PARTIAL
@@ -41,7 +41,7 @@ from kiqa.data import koniq
 from kiqa.data.pipeline import make_dataset
 from kiqa.data.validate import find_bad_images
 from kiqa.serving.devserver import DevServer
-from kiqa.image import decode_image, read_image_bytes
+from kiqa.image import decode_image, describe_decode_error, read_image_bytes
 from kiqa.scorer import load_scorer
 from kiqa.score import read_scores, score_paths
 from kiqa.train import train
@@ -143,7 +143,9 @@ def test_the_corpus_is_the_issue_list(corpus):
     kinds = " | ".join(c.kind for c in corpus.cases).lower()
     for word in ("zero-byte", "cut in half", "corrupt jpeg", "text file", "tiff", "cmyk", "16-bit",
                  "greyscale", "animated gif", "webp", "announcing 30000x30000", "20000x20000",
-                 "/dev/zero", "outside the folder", "'../'", "absolute path", "exif orientation"):
+                 "/dev/zero", "outside the folder", "'../'", "absolute path", "exif orientation",
+                 "frame bomb", "local colour tables", "last frame truncated", "zero frames", "animated webp",
+                 "animated png", "header claims 7999x7999"):
         assert word in kinds, f"the corpus has no {word!r} case:\n{corpus.table()}"
     assert (corpus.images / "zero.jpg").resolve() == Path("/dev/zero")
     assert not (corpus.images / "link-out.png").resolve().is_relative_to(corpus.images.resolve())
@@ -319,9 +321,29 @@ def test_bytes_signature_answers_each_file_or_invalid_argument(corpus, server, s
             else:
                 assert code == grpc.StatusCode.INVALID_ARGUMENT, f"{case.name}: {code} {answer}"
                 assert_message(answer, case, "serving", raw=True)
-                if case.serving.reason != UNDECODABLE_JPEG:
-                    # kiqa's header checks name the item; libjpeg's own errors cannot.
+                if case.serving.reason not in DECODER_REASONS:
+                    # kiqa's own checks name the item; TF's decoders' errors cannot.
                     assert "image_bytes[1]" in answer
+
+
+def test_serving_default_called_directly_decides_like_kiqa_score(corpus, exported, scored):
+    # The SavedModel itself, as TF Serving runs it: no server, no client in between.
+    _, rows = scored
+    signature = tf.saved_model.load(str(exported[1] / "1")).signatures["serving_default"]
+    good = read_image_bytes(corpus.images / "good.jpg")
+    for case in corpus.files():
+        if not case.sends_bytes:
+            continue
+        batch = tf.constant([good, read_image_bytes(corpus.images / case.name)])
+        try:
+            mos = bounded(signature, image_bytes=batch)["mos"].numpy()
+        except tf.errors.InvalidArgumentError as err:
+            assert_message(describe_decode_error(err), case, "serving")
+            if case.serving.reason not in DECODER_REASONS:
+                assert describe_decode_error(err).startswith("image_bytes[1]: "), err.message
+        else:
+            assert case.serving.decoded, f"{case.name} was scored by serving_default: {mos}"
+            assert mos[1] == pytest.approx(rows[case.name][0], abs=1e-3)
 
 
 def test_kiqa_predict_names_each_rejected_file(corpus, server, scored, tmp_path):

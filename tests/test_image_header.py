@@ -15,6 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
+from hostile_corpus import (
+    animated, claiming, gif_blocks, gif_comment, gif_delay, gif_file, gif_frame_bomb, gif_image_block,
+)
 from kiqa.image import header as imageinfo
 from kiqa.errors import ConfigError
 
@@ -75,38 +78,16 @@ def _with_app1_exif(jpeg, tiff_block):
 # ----------------------------------------------------------------------------- GIF assembly
 
 
-def _gif_blocks(data):
-    """Splits a GIF into (header with screen, global colour table, blocks before the trailer)."""
-    flags = data[10]
-    table = 3 * 2 ** ((flags & 7) + 1) if flags & 0x80 else 0
-    pos, blocks = 13 + table, []
-    while data[pos] != 0x3B:
-        start = pos
-        if data[pos] == 0x21:
-            pos += 2
-        else:
-            local = data[pos + 9]
-            pos += 10 + (3 * 2 ** ((local & 7) + 1) if local & 0x80 else 0) + 1
-        while data[pos]:
-            pos += 1 + data[pos]
-        blocks.append(data[start : pos + 1])
-        pos += 1
-    return data[:13], data[13 : 13 + table], blocks
-
-
 def _gif_frame(pixels, left, top):
     """One self-contained GIF image block (local colour table) placed at (left, top)."""
-    header, table, blocks = _gif_blocks(_encode(Image.fromarray(pixels), "GIF"))
-    image = bytearray(next(block for block in blocks if block[0] == 0x2C))
+    image = bytearray(gif_image_block(Image.fromarray(pixels)))
     image[1:5] = left.to_bytes(2, "little") + top.to_bytes(2, "little")
-    image[9] = 0x80 | (header[10] & 7)
-    return bytes(image[:10]) + table + bytes(image[10:])
+    return bytes(image)
 
 
 def _gif(screen_width, screen_height, frames):
     """A GIF with a chosen logical screen around frames [(pixels, left, top), ...]."""
-    screen = screen_width.to_bytes(2, "little") + screen_height.to_bytes(2, "little")
-    return b"GIF89a" + screen + b"\x00\x00\x00" + b"".join(_gif_frame(*f) for f in frames) + b";"
+    return gif_file((screen_width, screen_height), [_gif_frame(*f) for f in frames])
 
 
 # ----------------------------------------------------------------------------- samples
@@ -137,11 +118,11 @@ def _samples():
         "gif_animated": ("gif", _encode(
             rgb, "GIF", save_all=True, append_images=[Image.fromarray(_pattern()[::-1])], loop=0
         )),
-        # TF decodes a GIF to its largest frame, whatever the logical screen says.
+        # TF decodes a GIF to its largest frame (kiqa gives it only the first), whatever
+        # the logical screen says.
         "gif_screen_larger": ("gif", _gif(WIDTH + 60, HEIGHT + 50, [(_pattern(), 0, 0)])),
         "gif_screen_smaller": ("gif", _gif(10, 8, [(_pattern(), 0, 0)])),
         "gif_first_frame_larger": ("gif", _gif(WIDTH, HEIGHT, [(_pattern(), 0, 0), (small, 1, 1)])),
-        "gif_second_frame_larger": ("gif", _gif(7, 5, [(small, 0, 0), (_pattern(), 3, 2)])),
         "bmp": ("bmp", _encode(rgb, "BMP")),
         "bmp_grey": ("bmp", _encode(grey, "BMP")),
         "bmp_top_down": ("bmp", _bmp_top_down(_pattern())),
@@ -204,7 +185,7 @@ def test_header_shape_is_the_size_tf_decodes(sample_files, name):
     expected = (HEIGHT, WIDTH)
     assert imageinfo.image_format(data).numpy() == fmt.encode()
     assert tuple(imageinfo.header_shape(data).numpy()) == expected
-    assert tuple(_decode(data).shape[:2]) == expected
+    assert tuple(_decode(imageinfo.first_image(data)).shape[:2]) == expected
 
 
 def test_header_shape_agrees_with_pillow_and_tf_jpeg_parser(sample_files):
@@ -470,6 +451,187 @@ def test_jpeg_with_endless_fill_bytes_gives_up_and_stays_unknown():
     assert list(imageinfo.header_shape(data).numpy()) == [-1, -1]
 
 
+# ----------------------------------------------------------------------------- GIF frames
+
+
+def _frames(count=3, height=HEIGHT, width=WIDTH):
+    """Distinct palette images (each frame a different turn of the pattern)."""
+    pattern = _pattern(height, width)
+    turns = [pattern, pattern[::-1], pattern[:, ::-1], 255 - pattern]
+    return [Image.fromarray(turns[i % 4]).quantize(32) for i in range(count)]
+
+
+def _one_frame(data):
+    """What TF decodes from `first_image(data)`: all its frames (must be one)."""
+    return tf.io.decode_gif(imageinfo.first_image(data)).numpy()
+
+
+def _hostile_gifs():
+    """name -> (GIF bytes, the first image block alone as a GIF, first image's (h, w))."""
+    first, second, third = _frames()
+    block = gif_image_block(first)
+    alone = gif_file((WIDTH, HEIGHT), [block])
+    many = animated([first, second, third] * 10, "GIF")
+    bomb = gif_frame_bomb(300, 200, 20, first=first)
+    return {
+        "thirty_frames": (many, animated([first], "GIF"), (HEIGHT, WIDTH)),
+        "local_tables_and_extensions": (bomb, alone, (HEIGHT, WIDTH)),
+        "truncated_last_frame": (many[:-100], animated([first], "GIF"), (HEIGHT, WIDTH)),
+        "no_trailer": (many[:-1], animated([first], "GIF"), (HEIGHT, WIDTH)),
+        "frame_larger_than_screen": (
+            gif_file((10, 8), [gif_comment(b"hi"), block, gif_delay(), gif_image_block(second)]),
+            alone, (HEIGHT, WIDTH),
+        ),
+        "second_frame_larger": (
+            gif_file((7, 5), [gif_image_block(Image.fromarray(_pattern(5, 7)).quantize(8)), block]),
+            gif_file((7, 5), [gif_image_block(Image.fromarray(_pattern(5, 7)).quantize(8))]), (5, 7),
+        ),
+        "global_table_then_local_tables": (
+            gif_blocks(_encode(first, "GIF"))[0] + gif_image_block(first, local_table=False)
+            + gif_delay() + gif_image_block(second) + b";",
+            animated([first], "GIF"), (HEIGHT, WIDTH),
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_hostile_gifs()))
+def test_first_image_of_a_gif_is_its_first_frame_alone(name):
+    data, alone, shape = _hostile_gifs()[name]
+    frames = _one_frame(data)
+    assert frames.shape == (1, *shape, 3)
+    assert tuple(imageinfo.header_shape(data).numpy()) == shape
+    if alone is not None:
+        np.testing.assert_array_equal(frames[0], tf.io.decode_gif(alone).numpy()[0])
+    assert imageinfo.first_image(data).numpy().endswith(b";")
+
+
+def test_first_image_of_a_gif_matches_pillow():
+    first, second, third = _frames()
+    data = animated([first, second, third], "GIF")
+    frame = _one_frame(data)[0]
+    np.testing.assert_array_equal(frame, np.asarray(first.convert("RGB")))
+    assert not np.array_equal(frame, np.asarray(second.convert("RGB")))
+
+
+def test_first_image_stops_the_walk_after_the_first_frame():
+    # 2000 frames of 200x300 (120 MP in all): the walk reads only the first, so this
+    # costs the same as a one-frame GIF, and what follows it is never looked at.
+    data = gif_frame_bomb(300, 200, 2000)
+    cut = imageinfo.first_image(data).numpy()
+    assert len(cut) < len(data) / 1000
+    header, blocks = gif_blocks(cut)
+    assert [b[0] for b in blocks] == [0x21, 0x2C]  # its delay, its image: nothing more
+    assert tuple(imageinfo.check_header(data, 200 * 300).numpy()) == (200, 300)
+
+
+@pytest.mark.parametrize("cut", ["no_image", "trailer_only", "inside_first_image", "after_descriptor"])
+def test_gif_without_a_complete_first_image_is_unknown(cut):
+    whole = animated(_frames(2), "GIF")
+    header, blocks = gif_blocks(whole)
+    image = header + b"".join(blocks[: next(i for i, b in enumerate(blocks) if b[0] == 0x2C) + 1])
+    data = {
+        "no_image": gif_file((WIDTH, HEIGHT), [gif_comment(b"no frames"), gif_delay()]),
+        "trailer_only": header + b";",
+        "inside_first_image": image[:-40],
+        "after_descriptor": image[: len(header) + 11],
+    }[cut]
+    assert list(imageinfo.header_shape(data).numpy()) == [-1, -1]
+    assert imageinfo.first_image(data).numpy() == data  # left for check_header to refuse
+    assert "GIF header is unreadable" in _check_error(data)
+
+
+def test_first_image_leaves_other_formats_alone(sample_files):
+    for name in ("jpeg", "png", "bmp", "webp_extended"):
+        data = sample_files[name][1].read_bytes()
+        assert imageinfo.first_image(data).numpy() == data
+    assert imageinfo.first_image(b"").numpy() == b""
+
+
+def test_first_image_inside_tf_data():
+    data = [animated(_frames(3), "GIF"), gif_frame_bomb(300, 200, 5), _garbage()]
+    dataset = tf.data.Dataset.from_tensor_slices(data).map(imageinfo.first_image)
+    assert list(dataset.as_numpy_iterator()) == [imageinfo.first_image(d).numpy() for d in data]
+
+
+# ----------------------------------------------------------------------------- data facts
+
+
+def test_animated_webp_is_flagged_and_refused_by_name(sample_files):
+    moving = [
+        animated([Image.fromarray(_pattern()), Image.fromarray(255 - _pattern())], "WEBP", lossless=True),
+        animated([Image.fromarray(f).convert("RGBA") for f in (_pattern(), _pattern()[::-1])], "WEBP", quality=70),
+    ]
+    for data in moving:
+        assert imageinfo.data_facts(data).numpy()[0] == 1
+        message = _check_error(data, name="clip.webp")
+        assert message.startswith("clip.webp: image is an animated WebP")
+        assert "convert it to a still image" in message and "corrupt" not in message
+    for name in ("webp_lossy", "webp_lossless", "webp_extended", "gif_animated", "png"):
+        assert imageinfo.data_facts(sample_files[name][1].read_bytes()).numpy()[0] == 0, name
+
+
+def _flat_jpeg(size, mode="RGB", **options):
+    return _encode(Image.new(mode, size, 128 if mode == "L" else (128, 128, 128)), "JPEG", **options)
+
+
+@pytest.mark.parametrize("options", [
+    dict(optimize=True), dict(optimize=True, subsampling=0), dict(optimize=True, progressive=True),
+    dict(mode="L", optimize=True), dict(quality=20), dict(optimize=True, size=(1001, 777)),
+], ids=["baseline-420", "baseline-444", "progressive", "grey", "standard-tables", "odd-size"])
+def test_jpeg_data_bound_holds_for_the_most_compressible_jpegs(options):
+    # A flat grey image with optimised Huffman tables codes every block in 2 bits: the
+    # fewest a baseline JPEG can use. The bound must hold for it, and be close.
+    size = options.pop("size", (1024, 768))
+    data = _flat_jpeg(size, **options)
+    _, needed, available = imageinfo.data_facts(data).numpy()
+    assert 0 < needed <= available
+    if options == dict(optimize=True):
+        assert needed > 0.95 * available  # tight: within 5% of the real data
+    assert tuple(imageinfo.check_header(data, 64_000_000).numpy()) == size[::-1]
+
+
+def test_jpeg_data_bound_holds_for_real_photos(realset):
+    photos = sorted((realset / "images").glob("*.jpg"))
+    assert photos
+    for path in photos:
+        _, needed, available = imageinfo.data_facts(path.read_bytes()).numpy()
+        assert 0 < needed < available / 4, path.name  # real photos are far from the bound
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_jpeg_claiming_more_than_its_data_is_refused_with_both_sizes(sample_files, progressive):
+    data = claiming(_encode(Image.fromarray(_pattern()), "JPEG", progressive=progressive), 7999, 7999)
+    message = _check_error(data, name="holiday.jpg")
+    assert message.startswith("holiday.jpg: JPEG header announces 7999x7999 pixels, which need at least ")
+    assert f"the file holds {imageinfo.data_facts(data).numpy()[2]}" in message
+    dataset = tf.data.Dataset.from_tensors(data).map(lambda d: imageinfo.check_header(d, 64_000_000))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="announces 7999x7999 pixels, which need"):
+        list(dataset)
+
+
+def test_arithmetic_coded_jpegs_are_not_bounded():
+    data = bytearray(claiming(_encode(Image.fromarray(_pattern()), "JPEG"), 7999, 7999))
+    sof = data.find(b"\xff\xc0")
+    data[sof + 1] = 0xC9  # SOF9, arithmetic coding: no bits-per-block bound exists
+    assert imageinfo.data_facts(bytes(data)).numpy()[1] == 0
+
+
+def test_require_raises_with_the_name_in_front_eagerly_and_in_graphs():
+    result = tf.constant([1, 2])
+    assert imageinfo.require(tf.constant(True), tf.constant("never"), result).numpy().tolist() == [1, 2]
+    with pytest.raises(tf.errors.InvalidArgumentError) as caught:
+        imageinfo.require(tf.constant(False), tf.constant("too wide"), result, name="a.png")
+    assert caught.value.message == "a.png: too wide"
+
+    @tf.function
+    def checked(ok):
+        return imageinfo.require(ok, tf.constant("too wide"), result, name=tf.constant("image_bytes[3]"))
+
+    assert checked(tf.constant(True)).numpy().tolist() == [1, 2]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"image_bytes\[3\]: too wide"):
+        checked(tf.constant(False))
+
+
 # ----------------------------------------------------------------------------- check_header
 
 
@@ -573,6 +735,9 @@ def _assert_valid_facts(data):
     assert fmt in imageinfo.FORMATS
     assert (height, width) == (-1, -1) or (1 <= height < 2**31 and 1 <= width < 2**31)
     assert 1 <= orientation <= 8
+    facts = imageinfo.data_facts(data).numpy()
+    assert facts.shape == (3,) and facts[0] in (0, 1) and facts[1] >= 0
+    assert len(imageinfo.first_image(data).numpy()) <= len(data) + 1
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

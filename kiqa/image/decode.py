@@ -15,8 +15,13 @@ Decisions, the same on every path:
 - The result is rounded to the 8-bit grid (0..255 integers as float32): what a resized
   image saved losslessly would hold, so an 8-bit cache of resized images is exact.
 - Grey, palette, CMYK and 16-bit images become 8-bit RGB; animated GIFs give their first
-  frame; TIFF is rejected with a clear error (TF has no TIFF decoder).
+  frame, and only that frame is decoded (the file is cut after it: giflib would decode
+  every frame); an animated PNG gives its default image (libpng ignores the animation);
+  an animated WebP, TIFF and JPEG XL are rejected with a clear error.
 - The header's pixel count is checked against `max_pixels` before anything is decoded.
+- A header that disagrees with the data is refused: a JPEG whose coded data is too short
+  for the size its header announces (libjpeg would paint the rest grey), and pixels of
+  any format that decode to another size than the header's.
 """
 
 import os
@@ -31,8 +36,9 @@ from kiqa.image import header as imageinfo
 from kiqa.errors import ImageError
 
 # Bumped whenever decode_image's pixels change (2: scaled JPEG decoding with the
-# accurate DCT). Caches and prepared sets record it, so stale pixels are never reused.
-DECODE_VERSION = 2
+# accurate DCT; 3: a GIF's first frame is no longer padded to its largest later frame).
+# Caches and prepared sets record it, so stale pixels are never reused.
+DECODE_VERSION = 3
 
 
 def decode_image(contents, size, max_pixels=DEFAULT_MAX_PIXELS, name=None):
@@ -74,7 +80,10 @@ def decode_image(contents, size, max_pixels=DEFAULT_MAX_PIXELS, name=None):
 
     Raises:
         tf.errors.InvalidArgumentError: the bytes are not a decodable image, the format
-            is unsupported, or the header announces more than `max_pixels` pixels.
+            is unsupported (TIFF, JPEG XL, an animated WebP), the header announces more
+            than `max_pixels` pixels, or it disagrees with the data (a JPEG too short for
+            its announced size; pixels of another size than the header's). The message
+            starts with `name` when given and carries no batch position of its own.
     """
     height, width = int(size[0]), int(size[1])
     contents = tf.convert_to_tensor(contents, dtype=tf.string)
@@ -87,7 +96,9 @@ def decode_image(contents, size, max_pixels=DEFAULT_MAX_PIXELS, name=None):
         len(_JPEG_RATIOS),
     )
     with tf.control_dependencies([stored_shape]):
-        image = tf.switch_case(branch, _decoders(contents))
+        # For a GIF only its first image goes to the decoder (giflib decodes every frame).
+        image = tf.switch_case(branch, _decoders(imageinfo.first_image(contents)))
+    image = _check_decoded_shape(image, stored_shape, branch, name)
     image = imageinfo.apply_orientation(image, orientation)
     decoded = tf.shape(image)
     image = tf.cond(
@@ -101,6 +112,33 @@ def decode_image(contents, size, max_pixels=DEFAULT_MAX_PIXELS, name=None):
 
 # libjpeg's DCT-domain scales that `tf.io.decode_jpeg(ratio=...)` accepts, largest last.
 _JPEG_RATIOS = (1, 2, 4, 8)
+
+
+def _check_decoded_shape(image, stored_shape, branch, name):
+    """Refuses pixels whose size is not the one the header announced.
+
+    The header's size is what the pixel cap was checked against and what the JPEG scale
+    was chosen for; a decoder that made something else of the data (TF's GIF canvas is
+    its own invention, for one) must not slip past those checks. Before orientation, so
+    the comparison is with the stored (unturned) size, scaled as libjpeg scales it
+    (ceil(dim / ratio)).
+    """
+    ratio = tf.gather(tf.constant(_JPEG_RATIOS + (1,), tf.int64), branch)
+    expected = (stored_shape + ratio - 1) // ratio
+    decoded = tf.shape(image, out_type=tf.int64)[:2]
+    text = tf.strings.as_string
+    scaled = tf.where(
+        ratio > 1,
+        tf.strings.join([" at 1/", text(ratio), " scale, where ", text(expected[1]), "x",
+                         text(expected[0]), " was expected"]),
+        "",
+    )
+    message = tf.strings.join([
+        "image header announces ", text(stored_shape[1]), "x", text(stored_shape[0]),
+        " pixels, but its data decodes to ", text(decoded[1]), "x", text(decoded[0]), scaled,
+        ": the header was altered or the file is damaged; re-encode the file from its source",
+    ])
+    return imageinfo.require(tf.reduce_all(decoded == expected), message, image, name=name)
 
 
 def _decoders(contents):
@@ -206,9 +244,13 @@ def load_image(path, size, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_
 
 
 _ASSERTION = re.compile(r"assertion failed: \[(.*?)\]\s*(?:\n|\[\[|\[Op:|$)", re.S)
-_TF_WRAPPERS = re.compile(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\]|\s*\[\[.*$", re.S)
+# An eager op's error ends "[Op:DecodeImage] name: <op name>" (empty when unnamed).
+_TF_WRAPPERS = re.compile(
+    r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\](?: name:[ ]?\S*)?|\s*\[\[.*$", re.S
+)
 # Lines a traced function's error adds around the op's own message.
-_TF_CONTEXT = ("Graph execution error", "Detected at node", "File ", "[[")
+# A SavedModel's functions carry no Python stack: "<stack traces unavailable>" instead.
+_TF_CONTEXT = ("Graph execution error", "Detected at node", "File ", "[[", "<stack traces unavailable>")
 
 
 def describe_decode_error(err, path=None):

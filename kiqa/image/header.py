@@ -13,6 +13,11 @@ That is the point: TF's PNG decoder has no size cap (a 1.2 MB PNG decoded to 1.2
 size must be checked before `tf.io.decode_image` runs. Walks over JPEG segments, GIF blocks
 and PNG/WebP chunks are `tf.while_loop`s with a fixed iteration bound, so hostile files cost
 bounded time (a few milliseconds; ~10 ms for the worst JPEG).
+
+Besides the size, the header tells what the decoders would do wrong: a GIF is cut after its
+first image (`first_image`: giflib decodes every frame otherwise), an animated WebP is
+refused by name, and a JPEG whose coded data is too short for the size its header announces
+is refused (libjpeg would paint the rest grey and say nothing).
 """
 
 import tensorflow as tf
@@ -191,16 +196,66 @@ def _walk_jpeg(contents, n, is_target):
     return tf.where(found >= 0, found, not_found)
 
 
-def _jpeg_shape(contents, n):
+def _jpeg_frame_header(contents, n):
+    """Position of the JPEG frame header (SOF0..SOF15) whose size libjpeg decodes, else -1."""
+
     def is_frame_header(b, pos):
         is_sof = tf.reduce_any(b[1] == tf.constant(_SOF_MARKERS, tf.int64))
         # Length, precision, height, width: 9 bytes must be there to read the size.
         return is_sof & (b[2] * 256 + b[3] >= 8) & (pos + 9 <= n)
 
-    pos = _walk_jpeg(contents, n, is_frame_header)
+    return _walk_jpeg(contents, n, is_frame_header)
+
+
+def _jpeg_shape(contents, n):
+    pos = _jpeg_frame_header(contents, n)
     b = _read(contents, n, pos, 9)
     shape = tf.stack([_big_endian(b[5:7]), _big_endian(b[7:9])])
     return tf.where(pos >= 0, shape, tf.constant([-1, -1], tf.int64))
+
+
+def _jpeg_data(contents, n):
+    """(fewest bytes of coded image data the frame header's size needs, bytes the file has).
+
+    libjpeg does not fail when the coded data runs out before the frame header's size is
+    filled: it warns ("premature end of data segment") and paints the rest grey, so a
+    512x384 photo whose header was rewritten to 7999x7999 decodes, at the header's size,
+    to a grey field with a strip of noise, and would be scored. A size the data cannot
+    hold is found from the header instead: every 8x8 block of every component costs at
+    least one Huffman code of 1 bit or more for its DC coefficient, and in a sequential
+    (baseline or extended) JPEG one more for its AC coefficients (an end-of-block code at
+    the least). So a Huffman-coded frame needs at least blocks * 2 bits (SOF0, SOF1) or
+    blocks * 1 bit (progressive SOF2) after its first scan header. This is a lower bound
+    that any real JPEG exceeds (a flat grey image with optimised tables comes nearest);
+    arithmetic-coded and lossless frames, which have no such bound, are not checked. It
+    catches a header that claims far more than the data holds, not every altered one.
+
+    Returns:
+        int64 (needed, available): needed is 0 when not checked; available counts the
+        bytes from the first SOS marker (or, without one, the frame header) to the end.
+    """
+    sof = _jpeg_frame_header(contents, n)
+    b = _read(contents, n, sof, 22)
+    height, width, count = _big_endian(b[5:7]), _big_endian(b[7:9]), b[9]
+    # Up to four components (id, sampling factors H << 4 | V, table): 1, 3 or 4 in
+    # practice; leaving any further ones out keeps the bound a lower bound.
+    sampling = tf.reshape(b[10:22], [4, 3])[:, 1]
+    present = tf.range(4, dtype=tf.int64) < count
+    horizontal = tf.where(present, sampling // 16, 0)
+    vertical = tf.where(present, sampling % 16, 0)
+    h_max = tf.maximum(tf.reduce_max(horizontal), 1)
+    v_max = tf.maximum(tf.reduce_max(vertical), 1)
+    columns = (width * horizontal + h_max - 1) // h_max  # the component's own size
+    rows = (height * vertical + v_max - 1) // v_max
+    blocks = tf.reduce_sum(((columns + 7) // 8) * ((rows + 7) // 8))
+    marker = b[1]
+    bits = tf.where(
+        (marker == 0xC0) | (marker == 0xC1), _int64(2), tf.where(marker == 0xC2, _int64(1), _int64(0))
+    )
+    needed = tf.where(sof >= 0, (blocks * bits + 7) // 8, _int64(0))
+    scan = _walk_jpeg(contents, n, lambda b, pos: b[1] == 0xDA)
+    available = n - tf.maximum(tf.where(scan >= 0, scan, sof), 0)
+    return needed, available
 
 
 def _jpeg_orientation(contents, n):
@@ -350,56 +405,70 @@ def _colour_table_size(flags):
     return tf.where(flags >= 128, size, _int64(0))
 
 
-def _gif_shape(contents, n):
-    """The canvas TF decodes a GIF to: the largest frame width and height, found by
-    walking every block of the file.
+def _gif_first_image(contents, n):
+    """The first image of a GIF: its (height, width) and the offset where its data ends.
 
-    Not the logical screen in the header: TF 2.21 ignores it (a GIF whose screen says
-    10x8 around a 20x30 frame decodes to 20x30), so a hostile screen size could hide a
-    huge frame, and every frame is decoded even when only the first is kept. The walk
-    hops over each data sub-block (at most 255 bytes), _GIF_HOPS per loop step, at most
-    _MAX_GIF_STEPS steps; a GIF that needs more, is truncated, has no frame or no trailer
-    is reported unknown (TF's giflib fails on the last three too).
+    kiqa decodes only this image (`first_image` cuts the file after it), so its size is
+    the canvas TF decodes to: TF 2.21 sizes the canvas by the largest frame it is given
+    and ignores the logical screen in the header (a GIF whose screen says 10x8 around a
+    20x30 frame decodes to 20x30), and giflib decodes every frame of the file, even when
+    only the first is kept. The walk steps over the blocks before the first image
+    (extensions: graphic control, comments, application blocks) and over the image's
+    data sub-blocks (at most 255 bytes each), _GIF_HOPS per loop step, at most
+    _MAX_GIF_STEPS steps; it stops where the first image's data ends, so what follows
+    (more frames, a truncated last frame, a missing trailer) is never read. A GIF whose
+    first image is cut short, has no image, or needs more steps gives an unknown shape.
+
+    Returns:
+        (int64 [2] shape or [-1, -1], int64 offset just past the first image's data).
     """
     head = _read(contents, n, 0, 13)
 
-    def walking(step, pos, in_run, height, width, frames, trailer, broken):
-        return (step < _MAX_GIF_STEPS) & ~trailer & ~broken & (pos < n)
+    def walking(step, pos, in_run, in_image, height, width, done, broken):
+        return (step < _MAX_GIF_STEPS) & ~done & ~broken & (pos < n)
 
-    def step_once(step, pos, in_run, height, width, frames, trailer, broken):
+    def step_once(step, pos, in_run, in_image, height, width, done, broken):
         # A block: extension (0x21, label, sub-blocks), image (0x2C, left, top, width,
         # height, flags with the local colour table size, table, LZW code size byte,
-        # sub-blocks) or the trailer 0x3B. Anything else where a block starts is corrupt.
+        # sub-blocks) or the trailer 0x3B. A trailer before any image, or anything else
+        # where a block starts, ends the walk with no image.
         b = _read(contents, n, pos, 10)
         at_block = ~in_run
         is_extension = at_block & (b[0] == 0x21)
         is_image = at_block & (b[0] == 0x2C) & (pos + 11 <= n)
-        trailer = at_block & (b[0] == 0x3B)
-        broken = at_block & ~(is_extension | is_image | trailer)
-        height = tf.where(is_image, tf.maximum(height, _little_endian(b[7:9])), height)
-        width = tf.where(is_image, tf.maximum(width, _little_endian(b[5:7])), width)
-        frames = frames + tf.cast(is_image, tf.int64)
+        broken = at_block & ~(is_extension | is_image)
+        height = tf.where(is_image, _little_endian(b[7:9]), height)
+        width = tf.where(is_image, _little_endian(b[5:7]), width)
         opening = tf.where(is_extension, _int64(2), 11 + _colour_table_size(b[9]))
         pos = tf.where(is_extension | is_image, pos + opening, pos)
+        in_image = tf.where(at_block, is_image, in_image)
         in_run = in_run | is_extension | is_image
         # Sub-blocks: a size byte and that many bytes; size 0 ends the run. Several hops
-        # per loop step, because a loop step costs more than the hop itself.
+        # per loop step, because a loop step costs more than the hop itself. A run that
+        # reaches the end of the bytes stays open: the image is incomplete.
         for _ in range(_GIF_HOPS):
             size = _read(contents, n, pos, 1)[0]
             hop = in_run & (pos < n)
+            ended = hop & (size == 0)
             pos = tf.where(hop, pos + 1 + size, pos)
-            in_run = hop & (size != 0)
-        return step + 1, pos, in_run, height, width, frames, trailer, broken
+            done = done | (ended & in_image)
+            in_run = in_run & ~ended
+        return step + 1, pos, in_run, in_image, height, width, done, broken
 
     zero, no = _int64(0), tf.constant(False)
     start = 13 + _colour_table_size(head[10])
-    _, _, _, height, width, frames, trailer, _ = tf.while_loop(
+    _, end, _, _, height, width, done, _ = tf.while_loop(
         walking,
         step_once,
-        (tf.constant(0, tf.int32), start, no, zero, zero, zero, no, no),
+        (tf.constant(0, tf.int32), start, no, no, zero, zero, no, no),
         parallel_iterations=1,
     )
-    return _shape_or_unknown((n >= 13) & trailer & (frames > 0), height, width)
+    ok = (n >= 13) & done & (end <= n)
+    return _shape_or_unknown(ok, height, width), tf.where(ok, end, _int64(-1))
+
+
+def _gif_shape(contents, n):
+    return _gif_first_image(contents, n)[0]
 
 
 def _bmp_shape(contents, n):
@@ -437,10 +506,10 @@ def header_shape(contents):
     """Reads (height, width) from an encoded image's header, without decoding it.
 
     Covers JPEG (the SOF0..SOF15 frame header, found by walking the marker segments; the
-    walk is bounded), PNG (IHDR), GIF (the largest frame, which is the canvas TF decodes
-    to: TF ignores the logical screen), BMP (BITMAPINFOHEADER and later; a negative,
-    top-down height is reported positive) and WebP (VP8 lossy, VP8L lossless, VP8X
-    extended canvas). Each is the size `tf.io.decode_image` allocates. TIFF and JPEG XL
+    walk is bounded), PNG (IHDR), GIF (the first image, the only one kiqa decodes; see
+    `first_image`), BMP (BITMAPINFOHEADER and later; a negative, top-down height is
+    reported positive) and WebP (VP8 lossy, VP8L lossless, VP8X extended canvas). Each is
+    the size `tf.io.decode_image` allocates for what kiqa gives it. TIFF and JPEG XL
     are recognised by `image_format` but their size is not read here.
     `tf.image.extract_jpeg_shape` is not used: it raises on truncated or non-JPEG bytes,
     and this function must not.
@@ -491,10 +560,74 @@ def exif_orientation(contents):
     return tf.switch_case(_format_index(contents, n), branches)
 
 
+def _webp_animated(contents, n):
+    # An extended file (VP8X) says in its flags byte (offset 20) whether it is animated
+    # (bit 1): the flag libwebp's WebPGetFeatures reports and TF dispatches on.
+    b = _read(contents, n, 0, 21)
+    return (n >= 21) & _matches(b, 12, b"VP8X") & ((b[20] // 2) % 2 == 1)
+
+
+@tf.function(input_signature=_SCALAR_STRING, autograph=False)
+def data_facts(contents):
+    """Facts beyond the size that decide whether kiqa decodes an image at all.
+
+    Args:
+        contents: scalar `tf.string`, the encoded file.
+
+    Returns:
+        int64 [3]: (1 if an animated WebP else 0, the fewest bytes of coded image data a
+        JPEG's frame header needs (0 for other formats, see `_jpeg_data`), the bytes the
+        file holds from its first scan on). Never raises.
+    """
+    n = _length(contents)
+    none = lambda: tf.zeros([3], tf.int64)  # noqa: E731
+    branches = [none] * len(FORMATS)
+    branches[_JPEG] = lambda: tf.stack([_int64(0), *_jpeg_data(contents, n)])
+    branches[_WEBP] = lambda: tf.stack(
+        [tf.cast(_webp_animated(contents, n), tf.int64), _int64(0), _int64(0)]
+    )
+    facts = tf.switch_case(_format_index(contents, n), branches)
+    facts.set_shape([3])
+    return facts
+
+
+@tf.function(input_signature=_SCALAR_STRING, autograph=False)
+def first_image(contents):
+    """The bytes to hand to TF's decoder: a GIF cut after its first image, else as given.
+
+    giflib (inside `tf.io.decode_gif` and `decode_image`) decodes every frame of a GIF
+    before TF keeps the first, so a 1.8 MB GIF of 40 frames of 7900x7900 cost 3.6 GB
+    while the pixel cap counted one frame. Cut after the first image's data and ended
+    with the trailer byte (0x3B), the file is a valid one-frame GIF: the extension
+    blocks before the image (transparency, loop count, comments) are kept, everything
+    after it is never decoded. The pixels of the first frame are the same, except that
+    TF no longer pads it to the largest later frame (a canvas TF invents: GIF's own is
+    the logical screen, which TF ignores).
+
+    Args:
+        contents: scalar `tf.string`, the encoded file.
+
+    Returns:
+        Scalar `tf.string`. A GIF whose first image cannot be found is returned as given
+        (`check_header` refuses it before anything is decoded).
+    """
+    n = _length(contents)
+
+    def gif():
+        _, end = _gif_first_image(contents, n)
+        return tf.cond(
+            end > 0,
+            lambda: tf.strings.join([tf.strings.substr(contents, _int64(0), end), b";"]),
+            lambda: contents,
+        )
+
+    return tf.cond(tf.equal(_format_index(contents, n), _GIF), gif, lambda: contents)
+
+
 # ----------------------------------------------------------------------------- checks
 
 
-def _header_problem(n, format_index, shape, max_pixels):
+def _header_problem(n, format_index, shape, max_pixels, facts):
     """The message for the first thing wrong with a header, and whether anything is."""
     as_text = tf.strings.as_string
     format_name = tf.gather(tf.constant(_DISPLAY_NAMES), format_index)
@@ -504,6 +637,9 @@ def _header_problem(n, format_index, shape, max_pixels):
     readable = shape[0] > 0
     pixels = shape[0] * shape[1]
     within = pixels <= max_pixels
+    animated = facts[0] > 0
+    needed, available = facts[1], facts[2]
+    short = available < needed
     problems = [  # in order: the first that applies is reported
         (
             n == 0,
@@ -532,6 +668,14 @@ def _header_problem(n, format_index, shape, max_pixels):
             ]),
         ),
         (
+            animated,
+            tf.constant(
+                "image is an animated WebP; kiqa scores still images only (TensorFlow "
+                "cannot decode WebP animations reliably); convert it to a still image, "
+                "e.g. its first frame as PNG"
+            ),
+        ),
+        (
             ~readable,
             tf.strings.join([
                 format_name, " header is unreadable (truncated or malformed, ", as_text(n),
@@ -547,15 +691,24 @@ def _header_problem(n, format_index, shape, max_pixels):
                 as_text(max_pixels), "; raise max_pixels if this is intended",
             ]),
         ),
+        (
+            short,
+            tf.strings.join([
+                format_name, " header announces ", as_text(shape[1]), "x", as_text(shape[0]),
+                " pixels, which need at least ", as_text(needed), " bytes of image data, but "
+                "the file holds ", as_text(available), ": the header was altered or the data "
+                "is cut short; re-encode the file from its source",
+            ]),
+        ),
     ]
     message = tf.constant("")
     for condition, text in reversed(problems):
         message = tf.where(condition, text, message)
-    return checked & readable & within, message
+    return checked & readable & within & ~animated & ~short, message
 
 
 def check_header(contents, max_pixels, name=None):
-    """Checks that an encoded image is one TF decodes and announces at most `max_pixels`.
+    """Checks that an encoded image is one kiqa decodes and announces at most `max_pixels`.
 
     Run it before `tf.io.decode_image`: TF's decoders allocate whatever the header
     announces. Failures raise in graphs too (a `tf.debugging.Assert`), so TF Serving
@@ -571,9 +724,10 @@ def check_header(contents, max_pixels, name=None):
 
     Raises:
         tf.errors.InvalidArgumentError: the bytes are empty, TIFF (TF has no TIFF decoder:
-            convert it), JPEG XL (size unreadable here), of no known format, have an
-            unreadable header, or announce more than `max_pixels` pixels. In a graph it is
-            raised when the graph runs.
+            convert it), JPEG XL (size unreadable here), of no known format, an animated
+            WebP, have an unreadable header, announce more than `max_pixels` pixels, or
+            (JPEG) announce a size their coded data is too short to hold. In a graph it
+            is raised when the graph runs.
         ConfigError: `max_pixels` is a Python number below 1.
     """
     if isinstance(max_pixels, (int, float)) and max_pixels < 1:
@@ -582,8 +736,31 @@ def check_header(contents, max_pixels, name=None):
     n = _length(contents)
     shape = header_shape(contents)
     ok, message = _header_problem(
-        n, _format_index(contents, n), shape, tf.cast(max_pixels, tf.int64)
+        n, _format_index(contents, n), shape, tf.cast(max_pixels, tf.int64), data_facts(contents)
     )
+    return require(ok, message, shape, name=name)
+
+
+def require(ok, message, result, name=None):
+    """Returns `result` once `ok` holds; raises InvalidArgumentError with `message` if not.
+
+    Eagerly it raises at once; in a graph (tf.data, a SavedModel) the check is a
+    `tf.debugging.Assert` that `result` depends on, so it raises when the graph runs.
+    The message is kept free of any batch position: the SavedModel's signature passes
+    `image_bytes[i]` as `name`, put in front like a file path.
+
+    Args:
+        ok: scalar bool tensor.
+        message: scalar string tensor, what is wrong and the fix.
+        result: tensor returned when `ok` holds.
+        name: optional scalar string (a file path, `image_bytes[i]`), put in front.
+
+    Returns:
+        `result` (in a graph, an identity of it that runs after the check).
+
+    Raises:
+        tf.errors.InvalidArgumentError: `ok` is false (in a graph: when it runs).
+    """
     if name is not None:
         message = tf.strings.join([tf.convert_to_tensor(name, tf.string), ": ", message])
     if tf.executing_eagerly():
@@ -592,10 +769,10 @@ def check_header(contents, max_pixels, name=None):
         if not bool(ok):
             text = message.numpy().decode("utf-8", "replace")
             raise tf.errors.InvalidArgumentError(None, None, text)
-        return shape
+        return result
     check = tf.debugging.Assert(ok, [message])
     with tf.control_dependencies([check]):
-        return tf.identity(shape)
+        return tf.identity(result)
 
 
 # ----------------------------------------------------------------------------- orientation
