@@ -211,6 +211,13 @@ def load_image(path, size, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_
         raise ImageError(f"{path}: {describe_decode_error(err, path)}", path=str(path)) from err
 
 
+# What every path says about a file whose header passes but whose data the decoder
+# refuses: `kiqa score` fills in TF's own message, the SavedModel's signatures (which
+# cannot catch TF's message in the graph) the format's name.
+UNDECODABLE_MESSAGE = (
+    "cannot decode the image ({reason}); the file is corrupt or truncated: re-encode or replace it"
+)
+
 _ASSERTION = re.compile(r"assertion failed: \[(.*?)\]\s*(?:\n|\[\[|\[Op:|$)", re.S)
 _TF_WRAPPERS = re.compile(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\]|\s*\[\[.*$", re.S)
 # Lines a traced function's error adds around the op's own message.

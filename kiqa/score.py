@@ -32,6 +32,7 @@ from kiqa.errors import ConfigError, DataError, ImageError
 from kiqa.image import (
     DEFAULT_MAX_BYTES,
     IMAGE_EXTENSIONS,
+    UNDECODABLE_MESSAGE,
     decode_image,
     describe_decode_error,
     read_image_bytes,
@@ -311,7 +312,7 @@ def _decode_error_text(err, path):
     text = describe_decode_error(err, path)
     if "assertion failed: [" in (getattr(err, "message", None) or str(err)):
         return text  # kiqa's own header checks: the message already says what to do
-    return f"cannot decode the image ({text}); the file is corrupt or truncated: re-encode or replace it"
+    return UNDECODABLE_MESSAGE.format(reason=text)
 
 
 def _format_mos(value):

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kiqa import export
+from kiqa import export, serving_ops
 from kiqa.cli import export as export_cli
 from kiqa.config import TrainConfig
 from kiqa.errors import ExportError
@@ -83,11 +83,15 @@ def test_signatures_are_batch_first_and_named(exported):
     assert export.describe_signatures(meta_graph) == {
         "serving_default": {"inputs": {"image_bytes": ["DT_STRING", [-1]]}, "outputs": {"mos": ["DT_FLOAT", [-1]]}},
         "score_pixels": {"inputs": {"image": ["DT_FLOAT", [-1, *SIZE, 3]]}, "outputs": {"mos": ["DT_FLOAT", [-1]]}},
+        "score_bytes_lenient": {
+            "inputs": {"image_bytes": ["DT_STRING", [-1]]},
+            "outputs": {"error": ["DT_STRING", [-1]], "mos": ["DT_FLOAT", [-1]]},
+        },
     }
     # The bytes signature decodes in the graph: no op may read a path.
     ops = export.ops_used(meta_graph)
     assert "DecodeImage" in ops or "DecodeJpeg" in ops
-    assert not ops & export.DENYLISTED_OPS
+    assert serving_ops.refused_ops(meta_graph) == []  # kiqa's own export passes its allow list
 
 
 def test_each_weight_is_stored_once(exported):
@@ -153,14 +157,15 @@ def test_empty_batch_gives_empty_scores(loaded):
 
 def test_warmup_records_replay_on_the_export(exported, loaded):
     logs = export.read_warmup_file(exported[1] / "1" / "assets.extra" / "tf_serving_warmup_requests")
-    assert len(logs) == len(export.WARMUP_BATCH_SIZES)
-    for log, batch in zip(logs, export.WARMUP_BATCH_SIZES):
+    expected = [(sig, batch) for sig in ("serving_default", "score_bytes_lenient") for batch in export.WARMUP_BATCH_SIZES]
+    assert len(logs) == len(expected)
+    for log, (signature, batch) in zip(logs, expected):
         request = log.predict_log.request
         assert request.model_spec.name == "kiqa"
-        assert request.model_spec.signature_name == "serving_default"
+        assert request.model_spec.signature_name == signature
         contents = tf.make_ndarray(request.inputs["image_bytes"])
         assert contents.shape == (batch,)
-        mos = loaded.signatures["serving_default"](image_bytes=tf.constant(contents))["mos"]
+        mos = loaded.signatures[signature](image_bytes=tf.constant(contents))["mos"]
         assert mos.shape == (batch,) and np.all(np.isfinite(mos))
 
 
@@ -191,8 +196,9 @@ def test_check_refuses_file_system_ops(tmp_path):
 
     reader = Reader()
     tf.saved_model.save(reader, str(tmp_path / "m"), signatures={"serving_default": reader.serve})
-    with pytest.raises(ExportError, match=r"denylisted ops \['ReadFile'\]"):
+    with pytest.raises(ExportError, match=r"outside kiqa's allow list \['ReadFile', 'StringToNumber'\]") as info:
         export.check_saved_model(tmp_path / "m")
+    assert info.value.refused_ops == ("ReadFile", "StringToNumber")
 
 
 # ----------------------------------------------------------------------------- versions
@@ -264,7 +270,7 @@ def test_kill_9_during_export_leaves_no_version(exported, tmp_path):
     script = (
         "import pathlib, sys, time\n"
         "from kiqa import export\n"
-        "def paused(temp, image_size=None):\n"
+        "def paused(temp, image_size=None, check_ops=True):\n"
         "    pathlib.Path(sys.argv[3]).write_text(str(temp))\n"
         "    time.sleep(600)\n"
         "export.check_saved_model = paused\n"
@@ -328,6 +334,8 @@ def test_serving_files_agree_with_the_export():
     allowed = tuple(int(v) for v in re.findall(r"^allowed_batch_sizes: (\d+)", batching, re.M))
     max_batch = int(re.search(r"^max_batch_size \{ value: (\d+) \}", batching, re.M).group(1))
     assert allowed == export.WARMUP_BATCH_SIZES and allowed[-1] == max_batch
+    # The batching layer's largest batch is the one the signatures check in the graph.
+    assert max_batch == export.MAX_BATCH
 
 
 # ----------------------------------------------------------------------------- large
