@@ -82,9 +82,31 @@ def decode_image(contents, size, max_pixels=DEFAULT_MAX_PIXELS, name=None):
         tf.errors.InvalidArgumentError: the bytes are not a decodable image, the format
             is unsupported, or the header announces more than `max_pixels` pixels.
     """
-    height, width = int(size[0]), int(size[1])
     contents = tf.convert_to_tensor(contents, dtype=tf.string)
     stored_shape = imageinfo.check_header(contents, max_pixels, name=name)
+    branch, orientation = decode_plan(contents, stored_shape, size)
+    with tf.control_dependencies([stored_shape]):
+        return decode_planned(contents, branch, orientation, size)
+
+
+def decode_plan(contents, stored_shape, size):
+    """The header half of `decode_image`: which decoder to run and how to turn the result.
+
+    Split from `decode_planned` for the SavedModel's bytes signatures, which run the
+    header half for a whole batch and the decode half inside tf.data (whose
+    `ignore_errors` is the only way a graph can survive a decoder's error); tf.data
+    re-instantiates its functions on every request, and the header parsers' loops made
+    that cost 1.7 s a request.
+
+    Args:
+        contents: scalar `tf.string`, the encoded file.
+        stored_shape: int64 [2] (height, width) from the header (`imageinfo.check_header`).
+        size: (height, width) of the output.
+
+    Returns:
+        (branch, orientation): int32 index into the decoders, int EXIF orientation.
+    """
+    height, width = int(size[0]), int(size[1])
     is_jpeg = tf.equal(imageinfo.image_format(contents), "jpeg")
     orientation = imageinfo.exif_orientation(contents)
     branch = tf.where(
@@ -92,8 +114,25 @@ def decode_image(contents, size, max_pixels=DEFAULT_MAX_PIXELS, name=None):
         _jpeg_ratio_index(stored_shape, orientation, height, width),
         len(_JPEG_RATIOS),
     )
-    with tf.control_dependencies([stored_shape]):
-        image = tf.switch_case(branch, _decoders(contents))
+    return branch, orientation
+
+
+def decode_planned(contents, branch, orientation, size):
+    """The decode half of `decode_image`: decode, orient, resize, as `decode_plan` says.
+
+    Only call it on bytes whose header passed `imageinfo.check_header`: it allocates
+    whatever the header announces.
+
+    Args:
+        contents: scalar `tf.string`, the encoded file.
+        branch, orientation: from `decode_plan`.
+        size: (height, width) of the output.
+
+    Returns:
+        float32 [height, width, 3], integer values in 0..255.
+    """
+    height, width = int(size[0]), int(size[1])
+    image = tf.switch_case(branch, _decoders(contents))
     image = imageinfo.apply_orientation(image, orientation)
     decoded = tf.shape(image)
     image = tf.cond(

@@ -45,6 +45,8 @@ DEFAULT_BATCH_SIZE = 16
 # CSV fields are text in UTF-8; surrogateescape round-trips Linux file names that are
 # not valid UTF-8 instead of failing on them.
 _CSV_ENCODING = dict(encoding="utf-8", errors="surrogateescape", newline="")
+# The same rule for every kiqa CSV of paths (`kiqa predict --out` too).
+CSV_OPEN_OPTIONS = _CSV_ENCODING
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,7 +60,7 @@ _TRACED = {
     # dataset op that reads or writes files (TextLineDataset, TFRecordDataset,
     # FixedLengthRecordDataset, snapshot, save, load, cache to a file) is allowed.
     "BatchDatasetV2", "FilterDataset", "IgnoreErrorsDataset", "ParallelMapDatasetV2",
-    "ReduceDataset", "TensorSliceDataset",
+    "OptionsDataset", "ReduceDataset", "TensorSliceDataset",
 }
 
 # Not in today's exports but reviewed for a kiqa export that could need them: the

@@ -26,10 +26,10 @@ from kiqa import export, serving_ops
 from kiqa.cli import export as export_cli
 from kiqa.config import TrainConfig
 from kiqa.errors import ExportError
-from kiqa.image import decode_image
+from kiqa.image import decode_image, describe_decode_error
 from kiqa.model import build_model, load_model
 
-from helpers import EXPORT_SIZE as SIZE, shared_export
+from helpers import EXPORT_SIZE as SIZE, shared_export, bad_image_kinds, good_image_kinds
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAVED_MODEL_CLI = Path(sys.executable).parent / "saved_model_cli"
@@ -352,3 +352,83 @@ def test_convnext_tiny_export_stores_its_27m_weights_once(tmp_path):
     assert info["variables_bytes"] < 1.1 * 4 * model.count_params()
     assert info["xla_must_compile_functions"] == 0  # fast depthwise: no XLA-only grouped convs
     assert json.loads((path / "assets.extra" / "kiqa.json").read_text())["parity"]["max_abs_diff_bytes"] <= 0.05
+
+
+# ----------------------------------------------------------------------------- hostile requests
+
+
+def _score_text(contents, tmp_path, name):
+    """What `kiqa score` writes in the error column for a file holding `contents`."""
+    from kiqa import score
+
+    path = tmp_path / name
+    path.write_bytes(contents)
+    pixels, error = score._load(str(path), score._decoder(*SIZE), 64_000_000, 10**8)
+    return error
+
+
+def test_every_bad_file_is_named_by_index_and_isolated_by_the_lenient_signature(loaded, tmp_path):
+    good = good_image_kinds()
+    goods = list(good.values())
+    strict = loaded.signatures["serving_default"]
+    lenient = loaded.signatures["score_bytes_lenient"]
+    reference = strict(image_bytes=tf.constant(goods))["mos"].numpy()
+    # Unusual but valid files are scored alike by both signatures, in one batch.
+    both = lenient(image_bytes=tf.constant(goods))
+    np.testing.assert_allclose(both["mos"].numpy(), reference, atol=1e-4)
+    assert list(both["error"].numpy()) == [b""] * len(goods)
+    bad = bad_image_kinds()
+    for kind, contents in bad.items():
+        batch = tf.constant([goods[0], goods[1], contents, goods[2]])
+        with pytest.raises(tf.errors.InvalidArgumentError) as info:
+            strict(image_bytes=batch)
+        text = describe_decode_error(info.value)
+        assert text.startswith("image_bytes[2]: "), f"{kind}: {text}"
+        result = lenient(image_bytes=batch)
+        mos, errors = result["mos"].numpy(), [e.decode() for e in result["error"].numpy()]
+        assert np.isnan(mos[2]) and errors[2], kind
+        np.testing.assert_allclose(mos[[0, 1, 3]], reference[:3], atol=1e-4, err_msg=kind)
+        assert errors[:2] == ["", ""] and errors[3] == ""
+        assert text == f"image_bytes[2]: {errors[2]}"
+        # The words kiqa score writes for the same file: the same text for kiqa's own
+        # checks; for a decoder's refusal, the same sentence with the format for TF's
+        # message (which a graph cannot catch).
+        scored = _score_text(contents, tmp_path, f"{kind}.img")
+        if scored.startswith("cannot decode the image ("):
+            assert re.fullmatch(
+                r"cannot decode the image \(the \w+ decoder refused its data\); the file is corrupt "
+                r"or truncated: re-encode or replace it", errors[2]), (kind, errors[2])
+        else:
+            assert errors[2] == scored, kind
+    all_bad = lenient(image_bytes=tf.constant(list(bad.values())[:5]))
+    assert np.all(np.isnan(all_bad["mos"].numpy())) and all(all_bad["error"].numpy())
+    empty = lenient(image_bytes=tf.zeros([0], tf.string))
+    assert empty["mos"].shape == (0,) and empty["error"].shape == (0,)
+
+
+def test_every_signature_refuses_more_than_the_maximum_batch(loaded):
+    tiny = export.generated_images(1)[0][1]
+    over = export.MAX_BATCH + 1
+    calls = {
+        "serving_default": {"image_bytes": tf.constant([tiny] * over)},
+        "score_bytes_lenient": {"image_bytes": tf.constant([tiny] * over)},
+        "score_pixels": {"image": tf.zeros([over, *SIZE, 3])},
+    }
+    for name, inputs in calls.items():
+        with pytest.raises(tf.errors.InvalidArgumentError, match=rf"at most {export.MAX_BATCH} images"):
+            loaded.signatures[name](**inputs)
+    full = loaded.signatures["score_bytes_lenient"](image_bytes=tf.constant([tiny] * export.MAX_BATCH))
+    assert np.all(np.isfinite(full["mos"].numpy()))
+
+
+def test_score_pixels_refuses_nan_infinite_and_out_of_range_pixels(loaded):
+    score = loaded.signatures["score_pixels"]
+    for value, what in ((np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"), (-np.inf, "NaN or infinite"),
+                        (-1.0, "outside 0..255"), (255.5, "outside 0..255")):
+        pixels = np.full((3, *SIZE, 3), 100.0, np.float32)
+        pixels[1, 5, 7, 2] = value
+        with pytest.raises(tf.errors.InvalidArgumentError, match=rf"image\[1\]: pixels must be .*{what}"):
+            score(image=tf.constant(pixels))
+    edges = np.zeros((2, *SIZE, 3), np.float32)
+    edges[1] = 255.0
+    assert np.all(np.isfinite(score(image=tf.constant(edges))["mos"].numpy()))

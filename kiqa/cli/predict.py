@@ -105,10 +105,19 @@ def _print_status(client):
 
 
 def _write_csv(results, out):
-    handle = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout
+    """path,mos,error rows, with `kiqa score`'s encoding rule: UTF-8, and file names that
+    are not valid UTF-8 written back as their original bytes (surrogateescape), so every
+    path round-trips (`os.fsencode` of the field read back with the same rule)."""
+    from kiqa.score import CSV_COLUMNS, CSV_OPEN_OPTIONS
+
+    if out:
+        handle = open(out, "w", **CSV_OPEN_OPTIONS)
+    else:
+        handle = sys.stdout
+        handle.reconfigure(errors="surrogateescape")
     try:
         writer = csv.writer(handle)
-        writer.writerow(["path", "mos", "error"])
+        writer.writerow(CSV_COLUMNS)
         for result in results:
             mos = "" if result.mos is None else f"{result.mos:.4f}"
             writer.writerow([result.name, mos, result.error or ""])
