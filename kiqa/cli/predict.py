@@ -114,7 +114,8 @@ def _write_csv(results, out):
         handle = open(out, "w", **CSV_OPEN_OPTIONS)
     else:
         handle = sys.stdout
-        handle.reconfigure(errors="surrogateescape")
+        if hasattr(handle, "reconfigure"):
+            handle.reconfigure(errors="surrogateescape")
     try:
         writer = csv.writer(handle)
         writer.writerow(CSV_COLUMNS)
