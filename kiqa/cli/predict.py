@@ -84,7 +84,8 @@ def main(argv=None, prog=None):
     failures = [r for r in results if not r.ok]
     print(f"{len(results)} files: {len(results) - len(failures)} scored, {len(failures)} failed", file=sys.stderr)
     for result in failures[:SHOWN_FAILURES]:
-        print(f"  {result.error}", file=sys.stderr)
+        # A name that is not valid UTF-8 is shown escaped (the CSV keeps its bytes).
+        print(f"  {result.error}".encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
     if len(failures) > SHOWN_FAILURES:
         print(f"  ... and {len(failures) - SHOWN_FAILURES} more", file=sys.stderr)
     return EXIT_PARTIAL if failures else EXIT_OK
