@@ -10,18 +10,25 @@ the status codes TF Serving's sources use for the same situations:
 - NOT_FOUND: unknown model name ("Servable not found for request: Latest(name)"),
   unknown or unloaded version, or no versions at all in GetModelStatus.
 - FAILED_PRECONDITION: the requested signature is not in the SavedModel.
-- INVALID_ARGUMENT: inputs missing, extra or of the wrong dtype, a metadata field other
-  than "signature_def", and errors the graph raises on bad input (an undecodable image,
-  a header over the pixel cap).
+- INVALID_ARGUMENT: inputs missing, extra or of the wrong dtype, a tensor whose shape
+  declares more elements than it carries (refused before it is expanded: TF itself
+  would fill it up to the declared shape), a metadata field other than
+  "signature_def", and errors the graph raises on bad input (an undecodable image, a
+  header over the pixel cap, more than the export's maximum batch, NaN pixels).
+- RESOURCE_EXHAUSTED: a message over `max_message_bytes` (128 MiB by default, not TF
+  Serving's 2 GiB; see `kiqa.export.MAX_REQUEST_BYTES`).
 - UNIMPLEMENTED: Classify, Regress, MultiInference, HandleReloadConfigRequest, version
   labels.
 
-Like TF Serving it loads the latest version by default (or all, or a given list),
+Like TF Serving it loads the latest version by default (or all, or a given list;
+a broken newest version leaves the newest good one serving, and is reported in
+GetModelStatus as END with its error),
 ignores directories whose names are not integers, replays the version's
 `assets.extra/tf_serving_warmup_requests` before marking it AVAILABLE (a failing warmup
 fails the load, state END with the error), and returns `mos` as `float_val`, as TF
 Serving's Predict does. What it does not do: batching, GPU placement, REST, model
-config files, version labels, monitoring, and TF Serving's C++ runtime. Passing here
+config files, version labels, monitoring, load retries, the op allow list (like TF
+Serving, it runs whatever SavedModel it is given), and TF Serving's C++ runtime. Passing here
 shows the protocol, signatures and error handling are right; it says nothing about TF
 Serving's performance or memory use.
 

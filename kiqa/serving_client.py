@@ -13,10 +13,13 @@ What it takes care of:
 - Checks before scoring: a version is AVAILABLE and its signature is the one kiqa
   exports; failures say what is wrong (no server at that address, model not loaded,
   wrong signature) and what to do.
-- A bad image does not sink its batch: TF Serving answers the whole request with
-  INVALID_ARGUMENT, so the client finds the failing item (the export names it,
-  `image_bytes[i]`; otherwise by retrying items one by one), reports it by file name
-  and scores the rest.
+- A bad image does not sink its batch: where the served version has the
+  `score_bytes_lenient` signature (kiqa exports since it exists), each batch is one
+  Predict whose answer says per image `mos` or `error`. With an older export, TF
+  Serving answers the whole request with INVALID_ARGUMENT, so the client finds the
+  failing item (the export names it, `image_bytes[i]`; otherwise by retrying items
+  one by one), reports it by file name and scores the rest.
+- At most `kiqa.export.MAX_BATCH` images per request (the export refuses more).
 """
 
 import dataclasses
