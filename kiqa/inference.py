@@ -33,6 +33,9 @@ EXPORT_INFO = Path("assets.extra") / "kiqa.json"
 PIXELS_SIGNATURE = "score_pixels"
 PIXELS_INPUT = "image"
 MOS_OUTPUT = "mos"
+# kiqa.export.MAX_BATCH, repeated so that scoring with a .keras model does not import the
+# export module (tests/test_inference.py checks they match).
+SAVED_MODEL_MAX_BATCH = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,7 +294,12 @@ def _saved_model_scorer(version_dir, image_size, safe_mode=True):
         )
 
     def predict(images):
-        return signature(**{PIXELS_INPUT: images})[MOS_OUTPUT]
+        # kiqa exports refuse more than MAX_BATCH images per call (kiqa.export): a larger
+        # --batch-size is split here rather than refused.
+        return tf.concat([
+            signature(**{PIXELS_INPUT: images[start : start + SAVED_MODEL_MAX_BATCH]})[MOS_OUTPUT]
+            for start in range(0, int(images.shape[0]), SAVED_MODEL_MAX_BATCH)
+        ], axis=0)
 
     return Scorer(
         image_size=tuple(image_size), max_pixels=max_pixels, source=str(version_dir),

@@ -1,7 +1,11 @@
 """Tests for kiqa.devserver, the local TF-Serving-API stand-in, through the raw gRPC stubs."""
 
 import os
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -303,11 +307,8 @@ def _vm_kb(pid, field):
 def test_hostile_requests_do_not_grow_the_server(base):
     # One child process runs `kiqa serve-dev`; this process sends it every hostile
     # request over loopback gRPC and reads the child's peak resident set (VmHWM).
-    import re
-    import subprocess
-    import sys
-
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(export.Path(export.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     child = subprocess.Popen([sys.executable, "-c", _MEMORY_CHILD, str(base)], stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True, env=env)
     try:
