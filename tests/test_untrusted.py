@@ -3,8 +3,8 @@ and property-based tests of the two parsers that read user bytes (label CSVs, im
 
 A `.keras` file with a Lambda layer carries Python bytecode that runs when the model is
 rebuilt; a SavedModel is a TensorFlow program. kiqa refuses the first unless the user
-says --unsafe, and refuses to export or score with a graph holding file-system ops
-(`saved_model_cli scan`'s deny list and more: kiqa.export.DENYLISTED_OPS).
+says --unsafe, and refuses to export or score with a graph holding any op outside its
+allow list (kiqa.serving_ops; every hostile op kind is in tests/test_serving_ops.py).
 kiqa.model.load_model's own refusal is tested in tests/test_model.py; here it is every
 command that loads a model, and proof that the refused code never ran.
 """
