@@ -29,10 +29,27 @@ MOS_SCALE = 100.0
 # decoded and resized (0..255 float32). The Keras model's input and output use the same
 # `image` and `mos` names.
 BYTES_SIGNATURE = "serving_default"
+# Same input as serving_default, but a bad item never fails the request: its `mos` is
+# NaN and its `error` says why (empty for a scored item). Exports made before it existed
+# lack it; kiqa's client then falls back to serving_default and per-item retries.
+LENIENT_SIGNATURE = "score_bytes_lenient"
 PIXELS_SIGNATURE = "score_pixels"
 BYTES_INPUT = "image_bytes"
 PIXELS_INPUT = "image"
 MOS_OUTPUT = "mos"
+ERROR_OUTPUT = "error"
+# Most images one request may hold, in every signature, checked in the graph (a larger
+# request fails with INVALID_ARGUMENT on TF Serving too, before anything is decoded).
+# 32 images at 384x512 are 75 MB of float32 pixels in one score_pixels request and a
+# few GB of ConvNeXt-Tiny activations on the GPU; serving/batching_parameters.txt's
+# max_batch_size must equal it (a test compares them).
+MAX_BATCH = 32
+# Largest gRPC message kiqa's client sends and `kiqa serve-dev` accepts by default:
+# 128 MiB holds a full score_pixels batch at the default size (32 x 384x512x3 float32 =
+# 75.5 MB) and a full bytes batch of 32 camera JPEGs of 4 MB. A larger file needs a
+# higher limit on both sides. (TF Serving itself allows 2 GiB; its memory per request
+# is then bounded only by MAX_BATCH and the pixel cap.)
+MAX_REQUEST_BYTES = 128 * 2**20
 
 # Files inside an export version directory, beside saved_model.pb. TF Serving replays the
 # warmup file at load; kiqa.json records the image size, pixel cap and versions.
@@ -46,4 +63,4 @@ DEFAULT_MODEL_NAME = "kiqa"
 CLIENT_TIMEOUT = 30.0  # seconds per request
 CLIENT_BATCH_SIZE = 16  # images per request; keep it at or below the server's max_batch_size
 # gRPC's default is 4 MB, less than one 12 MP JPEG and its neighbours in a batch.
-CLIENT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+CLIENT_MAX_MESSAGE_BYTES = MAX_REQUEST_BYTES

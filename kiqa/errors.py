@@ -29,6 +29,15 @@ class ModelError(KiqaError):
     """A model cannot be built, loaded or given its weights."""
 
 
+class UntrustedModelError(ModelError):
+    """A SavedModel uses ops outside kiqa's allow list; `ops` names them."""
+
+    def __init__(self, message, path=None, ops=()):
+        super().__init__(message)
+        self.path = path
+        self.ops = tuple(ops)
+
+
 class ExportError(KiqaError):
     """A SavedModel export failed its checks; nothing was made visible to TF Serving."""
 

@@ -30,7 +30,14 @@ from tqdm.auto import tqdm
 
 from kiqa.contract import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS
 from kiqa.errors import ConfigError, DataError, ImageError
-from kiqa.image import decode_image, describe_decode_error, read_image_bytes
+from kiqa.image import (
+    DEFAULT_MAX_BYTES,
+    IMAGE_EXTENSIONS,
+    UNDECODABLE_MESSAGE,
+    decode_image,
+    describe_decode_error,
+    read_image_bytes,
+)
 
 CSV_COLUMNS = ("path", "mos", "error")
 # 16 images at 384x512 hold 38 MB of float32 pixels; ConvNeXt-Tiny's activations for
@@ -39,6 +46,8 @@ DEFAULT_BATCH_SIZE = 16
 # CSV fields are text in UTF-8; surrogateescape round-trips Linux file names that are
 # not valid UTF-8 instead of failing on them.
 _CSV_ENCODING = dict(encoding="utf-8", errors="surrogateescape", newline="")
+# The same rule for every kiqa CSV of paths (`kiqa predict --out` too).
+CSV_OPEN_OPTIONS = _CSV_ENCODING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,7 +315,7 @@ def _decode_error_text(err, path):
     text = describe_decode_error(err, path)
     if "assertion failed: [" in (getattr(err, "message", None) or str(err)):
         return text  # kiqa's own header checks: the message already says what to do
-    return f"cannot decode the image ({text}); the file is corrupt or truncated: re-encode or replace it"
+    return UNDECODABLE_MESSAGE.format(reason=text)
 
 
 def _format_mos(value):

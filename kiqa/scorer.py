@@ -28,12 +28,13 @@ from kiqa.contract import (
     ASSETS_EXTRA,
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MAX_PIXELS,
+    MAX_BATCH as SAVED_MODEL_MAX_BATCH,
     METADATA_FILE,
     MOS_OUTPUT,
     PIXELS_INPUT,
     PIXELS_SIGNATURE,
 )
-from kiqa.errors import ConfigError, ExportError, ModelError
+from kiqa.errors import ConfigError, ExportError, ModelError, UntrustedModelError
 
 SAVED_MODEL_FILE = "saved_model.pb"
 EXPORT_INFO = Path(ASSETS_EXTRA) / METADATA_FILE
@@ -103,15 +104,17 @@ def load_scorer(model_ref, image_size=None, safe_mode=True):
         image_size: (height, width) to decode images to. None takes the size the
             model was trained or exported at. A Keras model is fully convolutional
             and accepts another size; a SavedModel only takes its export size.
-        safe_mode: refuse `.keras` files with Lambda layers (arbitrary code).
+        safe_mode: refuse `.keras` files with Lambda layers (arbitrary code) and
+            SavedModels using ops outside kiqa's allow list (`kiqa.serving.ops`).
 
     Returns:
         A `Scorer`.
 
     Raises:
         ModelError: the path is missing, is none of the layouts above, the model
-            cannot be loaded, or a SavedModel's graph holds file-system ops (it is
-            scanned before anything runs); the message names the path and the fix.
+            or the model cannot be loaded; the message names the path and the fix.
+        UntrustedModelError: (a ModelError) a SavedModel's graph uses ops outside the
+            allow list (it is scanned before anything runs); they are named.
     """
     path = Path(model_ref)
     if image_size is not None:
@@ -131,10 +134,10 @@ def load_scorer(model_ref, image_size=None, safe_mode=True):
     if (path / "model.keras").is_file():
         return _keras_scorer(path / "model.keras", image_size, safe_mode)
     if (path / SAVED_MODEL_FILE).is_file():
-        return _saved_model_scorer(path, image_size)
+        return _saved_model_scorer(path, image_size, safe_mode)
     versions = _versions(path)
     if versions:
-        return _saved_model_scorer(versions[-1][1], image_size)
+        return _saved_model_scorer(versions[-1][1], image_size, safe_mode)
     raise ModelError(
         f"{path} is not a model: no model.keras (run directory), no {SAVED_MODEL_FILE} "
         f"(SavedModel version directory) and no integer version folders holding one "
@@ -233,33 +236,35 @@ def _read_export_info(version_dir):
     return size, max_pixels
 
 
-def _refuse_file_system_ops(version_dir):
-    """Scans the graph like `saved_model_cli scan` before TF runs any of it.
+def _refuse_unknown_ops(version_dir):
+    """Checks the graph against kiqa's op allow list before TF runs any of it.
 
     A SavedModel is a program: a hostile or careless one can read or write files on
-    the machine that scores with it (`ReadFile`, `WriteFile`, ...). kiqa's exports
-    contain none of those ops (`kiqa.serving.export` refuses them), so one that does is not a
-    kiqa export and is not run.
+    the machine that scores with it (`ReadFile`, `TextLineDataset`, `SaveV2` in a
+    signature, ...). kiqa's own exports use only the ops of `kiqa.serving.ops`
+    (`kiqa.serving.export` checks that too), so one that uses any other is not run.
     """
-    from kiqa.serving import export  # the export's own deny list and graph reader
+    from kiqa.serving import export, ops as serving_ops  # the export's graph reader and the allow list
 
     try:
         meta_graph = export.read_meta_graph(version_dir)
     except ExportError as err:
         raise ModelError(f"cannot load SavedModel {version_dir}: {err}; re-export it with `kiqa export`") from err
-    denied = sorted(export.ops_used(meta_graph) & export.DENYLISTED_OPS)
-    if denied:
-        raise ModelError(
-            f"SavedModel {version_dir} uses ops that touch the file system or logs {denied}; "
-            f"a SavedModel is a program and kiqa does not run one that can read or write "
-            f"files. kiqa exports have none: use an export made by `kiqa export` from a "
-            f"source you trust"
+    refused = serving_ops.refused_ops(meta_graph)
+    if refused:
+        raise UntrustedModelError(
+            f"SavedModel {version_dir} uses ops outside kiqa's allow list: {refused}. A "
+            f"SavedModel is a program, and these may read or write files, open connections "
+            f"or run code; kiqa's own exports use none of them. Use an export made by `kiqa "
+            f"export` from a source you trust",
+            path=str(version_dir), ops=refused,
         )
 
 
-def _saved_model_scorer(version_dir, image_size):
+def _saved_model_scorer(version_dir, image_size, safe_mode=True):
     export_size, max_pixels = _read_export_info(version_dir)
-    _refuse_file_system_ops(version_dir)
+    if safe_mode:
+        _refuse_unknown_ops(version_dir)
     try:
         loaded = tf.saved_model.load(str(version_dir))
     except Exception as err:  # TF raises several op/IO error types for a broken SavedModel
@@ -291,7 +296,12 @@ def _saved_model_scorer(version_dir, image_size):
         )
 
     def predict(images):
-        return signature(**{PIXELS_INPUT: images})[MOS_OUTPUT]
+        # kiqa exports refuse more than MAX_BATCH images per call (kiqa.export): a larger
+        # --batch-size is split here rather than refused.
+        return tf.concat([
+            signature(**{PIXELS_INPUT: images[start : start + SAVED_MODEL_MAX_BATCH]})[MOS_OUTPUT]
+            for start in range(0, int(images.shape[0]), SAVED_MODEL_MAX_BATCH)
+        ], axis=0)
 
     return Scorer(
         image_size=tuple(image_size), max_pixels=max_pixels, source=str(version_dir),

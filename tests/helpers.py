@@ -94,3 +94,87 @@ def collect(dataset):
         images.append(features.numpy())
         mos.append(targets["mos"].numpy())
     return np.concatenate(images), np.concatenate(mos), (np.concatenate(index) if index else None)
+
+
+def _encoded(pixels, fmt, **options):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    image = pixels if hasattr(pixels, "save") else Image.fromarray(pixels)
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _photo(height=40, width=56, seed=0):
+    y, x = np.mgrid[0:height, 0:width]
+    rng = np.random.default_rng(seed)
+    pixels = np.stack([x * 4, y * 5, (x + y) * 2], -1) + rng.normal(0, 12, (height, width, 3))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def good_image_kinds():
+    """{kind: encoded bytes} of unusual files every path must decode."""
+    from PIL import Image
+
+    photo = _photo()
+    frames = [Image.fromarray(photo).quantize(32), Image.fromarray(255 - photo).quantize(32)]
+    return {
+        "jpeg": _encoded(photo, "JPEG", quality=90),
+        "png": _encoded(photo, "PNG"),
+        "cmyk-jpeg": _encoded(Image.fromarray(photo).convert("CMYK"), "JPEG"),
+        "grey16-png": _encoded(Image.fromarray(photo[..., 0].astype(np.uint16) * 257), "PNG"),
+        "palette-png": _encoded(frames[0], "PNG"),
+        "animated-gif": _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "bmp": _encoded(photo, "BMP"),
+        "webp": _encoded(photo, "WEBP", lossless=True),
+    }
+
+
+def bad_image_kinds():
+    """{kind: encoded bytes} of files no path may score: every way we know a file is bad."""
+    import struct
+    import zlib
+
+    photo = _photo()
+    jpeg, png = _encoded(photo, "JPEG", quality=90), _encoded(photo, "PNG")
+    gif, bmp, webp = _encoded(photo, "GIF"), _encoded(photo, "BMP"), _encoded(photo, "WEBP")
+    sof = jpeg.find(b"\xff\xc0")
+    jpeg_bomb = jpeg[: sof + 5] + struct.pack(">HH", 30000, 30000) + jpeg[sof + 9 :]
+    dht = jpeg.find(b"\xff\xc4")
+    bad_huffman = jpeg[: dht + 5] + b"\xff" * 16 + jpeg[dht + 21 :]
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+    png_bomb = b"\x89PNG\r\n\x1a\n" + ihdr + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b"")
+    small_ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", 40, 40, 8, 2, 0, 0, 0))
+    png_bad_idat = b"\x89PNG\r\n\x1a\n" + small_ihdr + chunk(b"IDAT", b"not zlib data at all") + chunk(b"IEND", b"")
+    bmp_bomb = bmp[:18] + struct.pack("<ii", 30000, 30000) + bmp[26:]
+    return {
+        "zero-bytes": b"",
+        "text": b"these are meeting notes, saved with a .jpg name\n",
+        "html": b"<!doctype html><html><body>404 Not Found</body></html>",
+        "random-bytes": np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8).tobytes(),
+        "zip": b"PK\x03\x04" + b"\x00" * 60,
+        "tiff": _encoded(photo, "TIFF"),
+        "jpeg-xl": b"\xff\x0a" + b"\x00" * 40,
+        "truncated-jpeg": jpeg[: len(jpeg) // 2],
+        "jpeg-header-only": jpeg[: sof + 19],
+        "jpeg-soi-only": b"\xff\xd8\xff",
+        "bad-huffman-jpeg": bad_huffman,
+        "jpeg-header-bomb": jpeg_bomb,
+        "truncated-png": png[: len(png) // 2],
+        "png-header-only": png[:33],
+        "png-bad-idat": png_bad_idat,
+        "png-header-bomb": png_bomb,
+        "wrong-magic-png": b"\x89PNX" + png[4:],
+        "truncated-gif": gif[: len(gif) // 3],
+        "gif-magic-garbage": b"GIF89a" + b"\xff" * 40,
+        "truncated-bmp": bmp[: len(bmp) // 3],
+        "bmp-header-bomb": bmp_bomb,
+        "truncated-webp": webp[: len(webp) // 2],
+        "webp-garbage": b"RIFF\x40\x00\x00\x00WEBPVP8 " + b"\x07" * 60,
+    }

@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kiqa.serving import export
+from kiqa.serving import export, ops as serving_ops
 from kiqa.cli import export as export_cli
 from kiqa.config import TrainConfig
 from kiqa.errors import ExportError
-from kiqa.image import decode_image
+from kiqa.image import decode_image, describe_decode_error
 from kiqa.model import build_model, load_model
 
-from helpers import EXPORT_SIZE as SIZE, shared_export
+from helpers import EXPORT_SIZE as SIZE, shared_export, bad_image_kinds, good_image_kinds
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SAVED_MODEL_CLI = Path(sys.executable).parent / "saved_model_cli"
@@ -83,11 +83,15 @@ def test_signatures_are_batch_first_and_named(exported):
     assert export.describe_signatures(meta_graph) == {
         "serving_default": {"inputs": {"image_bytes": ["DT_STRING", [-1]]}, "outputs": {"mos": ["DT_FLOAT", [-1]]}},
         "score_pixels": {"inputs": {"image": ["DT_FLOAT", [-1, *SIZE, 3]]}, "outputs": {"mos": ["DT_FLOAT", [-1]]}},
+        "score_bytes_lenient": {
+            "inputs": {"image_bytes": ["DT_STRING", [-1]]},
+            "outputs": {"error": ["DT_STRING", [-1]], "mos": ["DT_FLOAT", [-1]]},
+        },
     }
     # The bytes signature decodes in the graph: no op may read a path.
     ops = export.ops_used(meta_graph)
     assert "DecodeImage" in ops or "DecodeJpeg" in ops
-    assert not ops & export.DENYLISTED_OPS
+    assert serving_ops.refused_ops(meta_graph) == []  # kiqa's own export passes its allow list
 
 
 def test_each_weight_is_stored_once(exported):
@@ -153,14 +157,15 @@ def test_empty_batch_gives_empty_scores(loaded):
 
 def test_warmup_records_replay_on_the_export(exported, loaded):
     logs = export.read_warmup_file(exported[1] / "1" / "assets.extra" / "tf_serving_warmup_requests")
-    assert len(logs) == len(export.WARMUP_BATCH_SIZES)
-    for log, batch in zip(logs, export.WARMUP_BATCH_SIZES):
+    expected = [(sig, batch) for sig in ("serving_default", "score_bytes_lenient") for batch in export.WARMUP_BATCH_SIZES]
+    assert len(logs) == len(expected)
+    for log, (signature, batch) in zip(logs, expected):
         request = log.predict_log.request
         assert request.model_spec.name == "kiqa"
-        assert request.model_spec.signature_name == "serving_default"
+        assert request.model_spec.signature_name == signature
         contents = tf.make_ndarray(request.inputs["image_bytes"])
         assert contents.shape == (batch,)
-        mos = loaded.signatures["serving_default"](image_bytes=tf.constant(contents))["mos"]
+        mos = loaded.signatures[signature](image_bytes=tf.constant(contents))["mos"]
         assert mos.shape == (batch,) and np.all(np.isfinite(mos))
 
 
@@ -191,8 +196,9 @@ def test_check_refuses_file_system_ops(tmp_path):
 
     reader = Reader()
     tf.saved_model.save(reader, str(tmp_path / "m"), signatures={"serving_default": reader.serve})
-    with pytest.raises(ExportError, match=r"denylisted ops \['ReadFile'\]"):
+    with pytest.raises(ExportError, match=r"outside kiqa's allow list \['ReadFile', 'StringToNumber'\]") as info:
         export.check_saved_model(tmp_path / "m")
+    assert info.value.refused_ops == ("ReadFile", "StringToNumber")
 
 
 # ----------------------------------------------------------------------------- versions
@@ -264,7 +270,7 @@ def test_kill_9_during_export_leaves_no_version(exported, tmp_path):
     script = (
         "import pathlib, sys, time\n"
         "from kiqa.serving import export\n"
-        "def paused(temp, image_size=None):\n"
+        "def paused(temp, image_size=None, check_ops=True):\n"
         "    pathlib.Path(sys.argv[3]).write_text(str(temp))\n"
         "    time.sleep(600)\n"
         "export.check_saved_model = paused\n"
@@ -328,6 +334,8 @@ def test_serving_files_agree_with_the_export():
     allowed = tuple(int(v) for v in re.findall(r"^allowed_batch_sizes: (\d+)", batching, re.M))
     max_batch = int(re.search(r"^max_batch_size \{ value: (\d+) \}", batching, re.M).group(1))
     assert allowed == export.WARMUP_BATCH_SIZES and allowed[-1] == max_batch
+    # The batching layer's largest batch is the one the signatures check in the graph.
+    assert max_batch == export.MAX_BATCH
 
 
 # ----------------------------------------------------------------------------- large
@@ -344,3 +352,82 @@ def test_convnext_tiny_export_stores_its_27m_weights_once(tmp_path):
     assert info["variables_bytes"] < 1.1 * 4 * model.count_params()
     assert info["xla_must_compile_functions"] == 0  # fast depthwise: no XLA-only grouped convs
     assert json.loads((path / "assets.extra" / "kiqa.json").read_text())["parity"]["max_abs_diff_bytes"] <= 0.05
+
+
+# ----------------------------------------------------------------------------- hostile requests
+
+
+def _score_text(contents, tmp_path, name):
+    """What `kiqa score` writes in the error column for a file holding `contents`."""
+    from kiqa import score
+
+    path = tmp_path / name
+    path.write_bytes(contents)
+    pixels, error = score._load(str(path), score._decoder(*SIZE), 64_000_000, 10**8)
+    return error
+
+
+def test_every_bad_file_is_named_by_index_and_isolated_by_the_lenient_signature(loaded, tmp_path):
+    goods = list(good_image_kinds().values())
+    strict = loaded.signatures["serving_default"]
+    lenient = loaded.signatures["score_bytes_lenient"]
+    reference = strict(image_bytes=tf.constant(goods))["mos"].numpy()
+    # Unusual but valid files are scored alike by both signatures.
+    both = lenient(image_bytes=tf.constant(goods))
+    np.testing.assert_allclose(both["mos"].numpy(), reference, atol=1e-4)
+    assert list(both["error"].numpy()) == [b""] * len(goods)
+    # Every bad kind in one batch (within the maximum), the good files in front.
+    bad = bad_image_kinds()
+    batch = goods + list(bad.values())
+    assert len(batch) <= export.MAX_BATCH
+    with pytest.raises(tf.errors.InvalidArgumentError) as info:
+        strict(image_bytes=tf.constant(batch))
+    named = dict(re.findall(r"image_bytes\[(\d+)\]: (.*?)(?=; image_bytes\[|$)", describe_decode_error(info.value)))
+    result = lenient(image_bytes=tf.constant(batch))
+    mos, errors = result["mos"].numpy(), [e.decode() for e in result["error"].numpy()]
+    np.testing.assert_allclose(mos[: len(goods)], reference, atol=1e-4)  # bad neighbours change nothing
+    assert errors[: len(goods)] == [""] * len(goods)
+    assert sorted(int(i) for i in named) == list(range(len(goods), len(batch)))  # each bad item, by index
+    for i, (kind, contents) in enumerate(bad.items(), start=len(goods)):
+        assert np.isnan(mos[i]) and errors[i], kind
+        assert named[str(i)] == errors[i], kind  # both signatures say the same
+        # The words kiqa score writes for the same file: the same text for kiqa's own
+        # checks; for a decoder's refusal, the same sentence with the format in place
+        # of TF's message (which a graph cannot catch).
+        scored = _score_text(contents, tmp_path, f"{kind}.img")
+        if scored.startswith("cannot decode the image ("):
+            assert re.fullmatch(
+                r"cannot decode the image \(the \w+ decoder refused its data\); the file is corrupt "
+                r"or truncated: re-encode or replace it", errors[i]), (kind, errors[i])
+        else:
+            assert errors[i] == scored, kind
+    empty = lenient(image_bytes=tf.zeros([0], tf.string))
+    assert empty["mos"].shape == (0,) and empty["error"].shape == (0,)
+
+
+def test_every_signature_refuses_more_than_the_maximum_batch(loaded):
+    tiny = export.generated_images(1)[0][1]
+    over = export.MAX_BATCH + 1
+    calls = {
+        "serving_default": {"image_bytes": tf.constant([tiny] * over)},
+        "score_bytes_lenient": {"image_bytes": tf.constant([tiny] * over)},
+        "score_pixels": {"image": tf.zeros([over, *SIZE, 3])},
+    }
+    for name, inputs in calls.items():
+        with pytest.raises(tf.errors.InvalidArgumentError, match=rf"at most {export.MAX_BATCH} images"):
+            loaded.signatures[name](**inputs)
+    full = loaded.signatures["score_bytes_lenient"](image_bytes=tf.constant([tiny] * export.MAX_BATCH))
+    assert np.all(np.isfinite(full["mos"].numpy()))
+
+
+def test_score_pixels_refuses_nan_infinite_and_out_of_range_pixels(loaded):
+    score = loaded.signatures["score_pixels"]
+    for value, what in ((np.nan, "NaN or infinite"), (np.inf, "NaN or infinite"), (-np.inf, "NaN or infinite"),
+                        (-1.0, "outside 0..255"), (255.5, "outside 0..255")):
+        pixels = np.full((3, *SIZE, 3), 100.0, np.float32)
+        pixels[1, 5, 7, 2] = value
+        with pytest.raises(tf.errors.InvalidArgumentError, match=rf"image\[1\]: pixels must be .*{what}"):
+            score(image=tf.constant(pixels))
+    edges = np.zeros((2, *SIZE, 3), np.float32)
+    edges[1] = 255.0
+    assert np.all(np.isfinite(score(image=tf.constant(edges))["mos"].numpy()))

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from kiqa.config import TrainConfig
 from kiqa.errors import ModelError
+from kiqa import scorer as inference
 from kiqa.scorer import DEFAULT_IMAGE_SIZE, load_scorer
 
 import helpers
@@ -182,3 +183,14 @@ def test_scorer_is_immutable_but_replaceable(tiny_run):
     with pytest.raises(dataclasses.FrozenInstanceError):
         scorer.max_pixels = 1
     assert dataclasses.replace(scorer, max_pixels=10).max_pixels == 10
+
+
+def test_saved_model_batches_are_split_at_the_exports_maximum(base):
+    from kiqa import export
+
+    assert inference.SAVED_MODEL_MAX_BATCH == export.MAX_BATCH
+    scorer = load_scorer(base)
+    pixels = np.random.default_rng(0).integers(0, 256, (export.MAX_BATCH + 3, *scorer.image_size, 3))
+    mos = scorer.predict_pixels(pixels.astype(np.float32))
+    assert mos.shape == (export.MAX_BATCH + 3,) and np.all(np.isfinite(mos))
+    np.testing.assert_allclose(mos[-3:], scorer.predict_pixels(pixels[-3:].astype(np.float32)), atol=1e-4)

@@ -6,7 +6,10 @@ for what that does and does not prove.
 """
 
 import csv
+import os
+import shutil
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,9 +63,10 @@ def test_score_files_in_batches_matches_the_savedmodel(server, direct_scores, im
     paths, corrupt = images
     with ServingClient(server.address, timeout=30) as client:
         requests = []
-        real_predict = client._predict_once
-        monkeypatch.setattr(client, "_predict_once", lambda contents: requests.append(len(contents)) or real_predict(contents))
+        real_send = client._send
+        monkeypatch.setattr(client, "_send", lambda request, count, outputs: requests.append(count) or real_send(request, count, outputs))
         results = client.score_files(paths, batch_size=3)
+        assert client.lenient
     assert requests == [3, 3, 1]
     assert [r.name for r in results] == [str(p) for p in paths]
     assert all(r.ok for r in results)
@@ -70,13 +74,18 @@ def test_score_files_in_batches_matches_the_savedmodel(server, direct_scores, im
     np.testing.assert_allclose([r.mos for r in results], expected, rtol=0, atol=1e-4)
 
 
-def test_corrupt_file_is_named_and_the_rest_are_scored(server, direct_scores, images):
+def test_corrupt_file_is_named_and_the_rest_are_scored_in_one_round_trip(server, direct_scores, images, monkeypatch):
     paths, corrupt = images
     files = [paths[0], corrupt, paths[1], paths[2]]
     with ServingClient(server.address, timeout=30) as client:
+        calls = []
+        real_send = client._send
+        monkeypatch.setattr(client, "_send", lambda *args: calls.append(args[0].model_spec.signature_name) or real_send(*args))
         results = client.score_files(files, batch_size=4)
+    assert calls == ["score_bytes_lenient"]  # the bad file cost the others nothing
     assert [r.ok for r in results] == [True, False, True, True]
-    assert results[1].error.startswith(f"{corrupt}: rejected by TF Serving (INVALID_ARGUMENT): JPEG")
+    # The words `kiqa score` writes for the same file.
+    assert results[1].error == f"{corrupt}: JPEG header is unreadable (truncated or malformed, {len(CORRUPT)} bytes); re-encode the file, e.g. as PNG"
     expected = direct_scores([paths[0].read_bytes(), paths[1].read_bytes(), paths[2].read_bytes()])
     np.testing.assert_allclose([results[i].mos for i in (0, 2, 3)], expected, rtol=0, atol=1e-4)
 
@@ -86,7 +95,7 @@ def test_score_bytes_raises_naming_the_bad_input(server, images):
     with ServingClient(server.address, timeout=30) as client:
         scores = client.score_bytes([paths[0].read_bytes(), paths[1].read_bytes()])
         assert scores.shape == (2,) and scores.dtype == np.float32
-        with pytest.raises(ServingError, match=r"^upload-2\.png: rejected by TF Serving \(INVALID_ARGUMENT\): image format"):
+        with pytest.raises(ServingError, match=r"^upload-2\.png: image format not recognised"):
             client.score_bytes([paths[0].read_bytes(), b"plain text"], names=["upload-1.jpg", "upload-2.png"])
 
 
@@ -107,7 +116,7 @@ def test_unknown_version_is_not_found(server):
 def test_wrong_signature_is_explained(server, images):
     paths, _ = images
     with ServingClient(server.address, signature_name="predict", timeout=30) as client:
-        with pytest.raises(ServingError, match=r"has no signature 'predict'.*\['score_pixels', 'serving_default'\]"):
+        with pytest.raises(ServingError, match=r"has no signature 'predict'.*\['score_bytes_lenient', 'score_pixels', 'serving_default'\]"):
             client.check()
         with pytest.raises(ServingError, match=r"FAILED_PRECONDITION: Serving signature key \"predict\" not found"):
             client.score_bytes([paths[0].read_bytes()])
@@ -164,7 +173,7 @@ def test_predict_cli_writes_csv_and_reports_partial_failure(server, images, tmp_
     rows = list(csv.DictReader(out.open()))
     assert [r["path"] for r in rows] == [str(paths[0]), str(corrupt), str(paths[1])]
     assert rows[0]["mos"] and rows[2]["mos"] and not rows[1]["mos"]
-    assert "INVALID_ARGUMENT" in rows[1]["error"]
+    assert rows[1]["error"].startswith(f"{corrupt}: JPEG header is unreadable")
     err = capsys.readouterr().err
     assert "3 files: 2 scored, 1 failed" in err and str(corrupt) in err
 
@@ -188,3 +197,53 @@ def test_predict_cli_server_down(capsys):
     assert predict_cli.main(["--server", f"127.0.0.1:{port}", "--timeout", "5", "--status"]) == 1
     assert f"error: no TF Serving at 127.0.0.1:{port}" in capsys.readouterr().err
 
+
+@pytest.fixture(scope="module")
+def old_export(base, tmp_path_factory):
+    """The shared export re-saved without the lenient signature, as exports made before
+    it existed are (and without warmup records, which name it)."""
+    old = tmp_path_factory.mktemp("old") / "kiqa"
+    loaded = tf.saved_model.load(str(base / "1"))
+    tf.saved_model.save(loaded, str(old / "1"), signatures={
+        name: loaded.signatures[name] for name in ("serving_default", "score_pixels")
+    })
+    (old / "1" / "assets.extra").mkdir()
+    shutil.copy(base / "1" / "assets.extra" / "kiqa.json", old / "1" / "assets.extra" / "kiqa.json")
+    return old
+
+
+def test_without_the_lenient_signature_the_client_falls_back(old_export, direct_scores, images):
+    paths, corrupt = images
+    with DevServer(old_export, port=0, warmup=False) as old:
+        with ServingClient(old.address, timeout=30) as client:
+            assert client.check()["lenient"] is False
+            results = client.score_files([paths[0], corrupt, paths[1]], batch_size=4)
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].error.startswith(f"{corrupt}: rejected by TF Serving (INVALID_ARGUMENT): JPEG header is unreadable")
+    expected = direct_scores([paths[0].read_bytes(), paths[1].read_bytes()])
+    np.testing.assert_allclose([results[0].mos, results[2].mos], expected, rtol=0, atol=1e-4)
+
+
+def test_batch_size_over_the_maximum_batch_is_refused(server, images):
+    with ServingClient(server.address, timeout=30) as client:
+        with pytest.raises(ServingError, match=rf"batch_size must be 1 to {export.MAX_BATCH}"):
+            client.score_files(images[0], batch_size=export.MAX_BATCH + 1)
+
+
+def test_predict_cli_round_trips_non_utf8_file_names(server, images, tmp_path, capsys):
+    paths, corrupt = images
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    names = [b"caf\xe9.jpg", b"\xff\xfe-bad.png", b"plain.png"]
+    for name, source in zip(names, (paths[0], corrupt, paths[1])):
+        (folder / os.fsdecode(name)).write_bytes(source.read_bytes())
+    out = tmp_path / "scores.csv"
+    assert predict_cli.main(["--server", server.address, "--out", str(out), str(folder)]) == 3
+    with open(out, newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        rows = {os.fsencode(r["path"]): r for r in csv.DictReader(handle)}
+    assert sorted(rows) == sorted(os.fsencode(folder / os.fsdecode(n)) for n in names)
+    by_name = {Path(os.fsdecode(k)).name.encode("utf-8", "surrogateescape"): r for k, r in rows.items()}
+    assert by_name[b"caf\xe9.jpg"]["mos"] and by_name[b"plain.png"]["mos"]
+    assert not by_name[b"\xff\xfe-bad.png"]["mos"] and "JPEG header is unreadable" in by_name[b"\xff\xfe-bad.png"]["error"]
+    # The raw bytes are in the file, as kiqa score writes them.
+    assert b"caf\xe9.jpg" in out.read_bytes()

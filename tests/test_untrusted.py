@@ -3,8 +3,8 @@ and property-based tests of the two parsers that read user bytes (label CSVs, im
 
 A `.keras` file with a Lambda layer carries Python bytecode that runs when the model is
 rebuilt; a SavedModel is a TensorFlow program. kiqa refuses the first unless the user
-says --unsafe, and refuses to export or score with a graph holding file-system ops
-(`saved_model_cli scan`'s deny list and more: kiqa.serving.export.DENYLISTED_OPS).
+says --unsafe, and refuses to export or score with a graph holding any op outside its
+allow list (kiqa.serving.ops; every hostile op kind is in tests/test_serving_ops.py).
 kiqa.model.load_model's own refusal is tested in tests/test_model.py; here it is every
 command that loads a model, and proof that the refused code never ran.
 """
@@ -115,7 +115,7 @@ def test_export_refuses_a_model_with_file_system_ops(tmp_path):
     features = keras.layers.Conv2D(4, 3, strides=2)(_Snoop(str(secret))(image))
     model = build_model(TrainConfig.demo(weights="none", image_size=EXPORT_SIZE), backbone=keras.Model(image, features))
     base = tmp_path / "kiqa"
-    with pytest.raises(ExportError, match=r"denylisted ops \['ReadFile'\]"):
+    with pytest.raises(ExportError, match=r"outside kiqa's allow list \['ReadFile'\]"):
         export.export_model(model, base_path=base, image_size=EXPORT_SIZE)
     assert export.list_versions(base) == [] and list(base.iterdir()) == []  # no version, no leftovers
 
@@ -150,7 +150,7 @@ def test_scoring_refuses_a_savedmodel_with_file_system_ops(tmp_path, capsys):
     })
     (version / "assets.extra").mkdir()
     (version / "assets.extra" / "kiqa.json").write_text(json.dumps({"image_size": list(EXPORT_SIZE)}))
-    with pytest.raises(ModelError, match=r"\['ReadFile'\].*a SavedModel is a program"):
+    with pytest.raises(ModelError, match=r"allow list: \['ReadFile'\]\. A SavedModel is a program"):
         load_scorer(tmp_path / "kiqa")
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -28,6 +28,11 @@ def entry_point(func):
             return func(argv, prog=prog)
         except KiqaError as err:
             print(f"{prog or 'kiqa'}: error: {err}", file=sys.stderr)
+            if getattr(err, "ops", None) or getattr(err, "refused_ops", None):
+                print(
+                    f"{prog or 'kiqa'}: --unsafe skips the op check, for a SavedModel whose "
+                    f"source you trust and whose ops you reviewed", file=sys.stderr,
+                )
             return EXIT_ERROR
         except KeyboardInterrupt:
             print(f"{prog or 'kiqa'}: interrupted", file=sys.stderr)
@@ -50,5 +55,6 @@ def add_model_arguments(parser):
                        help="size images are resized to (default: the size the model was trained "
                        "or exported at; needed for a bare .keras file without config.json)")
     model.add_argument("--unsafe", action="store_true",
-                       help="load .keras files with Lambda layers (arbitrary code): only for files you trust")
+                       help="load .keras files with Lambda layers (arbitrary code) and SavedModels "
+                       "using ops outside kiqa's allow list: only for files you trust")
     return model

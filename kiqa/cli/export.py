@@ -40,7 +40,8 @@ def build_parser(prog=None):
                         help="image files or folders the SavedModel and the Keras model must "
                         "agree on (generated images are always added)")
     parser.add_argument("--unsafe", action="store_true",
-                        help="load .keras files with Lambda layers (arbitrary code): only for files you trust")
+                        help="load .keras files with Lambda layers (arbitrary code) and publish a "
+                        "SavedModel using ops outside kiqa's allow list: only for models you reviewed")
     return parser
 
 

@@ -85,7 +85,8 @@ def main(argv=None, prog=None):
     failures = [r for r in results if not r.ok]
     print(f"{len(results)} files: {len(results) - len(failures)} scored, {len(failures)} failed", file=sys.stderr)
     for result in failures[:SHOWN_FAILURES]:
-        print(f"  {result.error}", file=sys.stderr)
+        # A name that is not valid UTF-8 is shown escaped (the CSV keeps its bytes).
+        print(f"  {result.error}".encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
     if len(failures) > SHOWN_FAILURES:
         print(f"  ... and {len(failures) - SHOWN_FAILURES} more", file=sys.stderr)
     return EXIT_PARTIAL if failures else EXIT_OK
@@ -106,10 +107,20 @@ def _print_status(client):
 
 
 def _write_csv(results, out):
-    handle = open(out, "w", newline="", encoding="utf-8") if out else sys.stdout
+    """path,mos,error rows, with `kiqa score`'s encoding rule: UTF-8, and file names that
+    are not valid UTF-8 written back as their original bytes (surrogateescape), so every
+    path round-trips (`os.fsencode` of the field read back with the same rule)."""
+    from kiqa.score import CSV_COLUMNS, CSV_OPEN_OPTIONS
+
+    if out:
+        handle = open(out, "w", **CSV_OPEN_OPTIONS)
+    else:
+        handle = sys.stdout
+        if hasattr(handle, "reconfigure"):
+            handle.reconfigure(errors="surrogateescape")
     try:
         writer = csv.writer(handle)
-        writer.writerow(["path", "mos", "error"])
+        writer.writerow(CSV_COLUMNS)
         for result in results:
             mos = "" if result.mos is None else f"{result.mos:.4f}"
             writer.writerow([result.name, mos, result.error or ""])

@@ -8,6 +8,10 @@ import argparse
 import sys
 
 from kiqa.cli._common import EXIT_OK, entry_point
+from kiqa.contract import MAX_REQUEST_BYTES
+
+# kiqa.contract.MAX_REQUEST_BYTES in MiB (the contract is TF-free, so --help stays fast).
+MAX_MESSAGE_MB = MAX_REQUEST_BYTES // 2**20
 
 
 def build_parser(prog=None):
@@ -29,6 +33,9 @@ def build_parser(prog=None):
                         help="latest (TF Serving's default), all, or a comma-separated list of versions")
     parser.add_argument("--poll", type=float, default=1.0,
                         help="seconds between scans of --base for new versions (default 1, as TF Serving; 0 = never)")
+    parser.add_argument("--max-message-mb", type=float, default=MAX_MESSAGE_MB,
+                        help=f"largest request accepted, in MiB (default {MAX_MESSAGE_MB}: a full batch of "
+                        "32 images; TF Serving allows 2048)")
     parser.add_argument("--no-warmup", action="store_true",
                         help="skip replaying assets.extra/tf_serving_warmup_requests at load")
     return parser
@@ -54,6 +61,7 @@ def main(argv=None, prog=None):
     server = DevServer(
         args.base, model_name=args.model_name, port=args.port,
         versions=_versions(args.versions), warmup=not args.no_warmup,
+        max_message_bytes=int(args.max_message_mb * 2**20),
     )
     server.start(poll_seconds=args.poll or None)
     try:

@@ -8,7 +8,10 @@ decode_image` is the import to use. Importing this package loads TensorFlow.
 from kiqa.contract import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS
 from kiqa.image.decode import (
     DECODE_VERSION,
+    UNDECODABLE_MESSAGE,
     decode_image,
+    decode_plan,
+    decode_planned,
     describe_decode_error,
     load_image,
     read_image_bytes,
@@ -18,7 +21,10 @@ __all__ = [
     "DECODE_VERSION",
     "DEFAULT_MAX_BYTES",
     "IMAGE_EXTENSIONS",
+    "UNDECODABLE_MESSAGE",
     "decode_image",
+    "decode_plan",
+    "decode_planned",
     "describe_decode_error",
     "load_image",
     "read_image_bytes",

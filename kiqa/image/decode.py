@@ -85,9 +85,31 @@ def decode_image(contents, size, max_pixels=DEFAULT_MAX_PIXELS, name=None):
             its announced size; pixels of another size than the header's). The message
             starts with `name` when given and carries no batch position of its own.
     """
-    height, width = int(size[0]), int(size[1])
     contents = tf.convert_to_tensor(contents, dtype=tf.string)
     stored_shape = imageinfo.check_header(contents, max_pixels, name=name)
+    branch, orientation = decode_plan(contents, stored_shape, size)
+    with tf.control_dependencies([stored_shape]):
+        return decode_planned(contents, branch, orientation, size, stored_shape, name)
+
+
+def decode_plan(contents, stored_shape, size):
+    """The header half of `decode_image`: which decoder to run and how to turn the result.
+
+    Split from `decode_planned` for the SavedModel's bytes signatures, which run the
+    header half for a whole batch and the decode half inside tf.data (whose
+    `ignore_errors` is the only way a graph can survive a decoder's error); tf.data
+    re-instantiates its functions on every request, and the header parsers' loops made
+    that cost 1.7 s a request.
+
+    Args:
+        contents: scalar `tf.string`, the encoded file.
+        stored_shape: int64 [2] (height, width) from the header (`imageinfo.check_header`).
+        size: (height, width) of the output.
+
+    Returns:
+        (branch, orientation): int32 index into the decoders, int EXIF orientation.
+    """
+    height, width = int(size[0]), int(size[1])
     is_jpeg = tf.equal(imageinfo.image_format(contents), "jpeg")
     orientation = imageinfo.exif_orientation(contents)
     branch = tf.where(
@@ -95,9 +117,29 @@ def decode_image(contents, size, max_pixels=DEFAULT_MAX_PIXELS, name=None):
         _jpeg_ratio_index(stored_shape, orientation, height, width),
         len(_JPEG_RATIOS),
     )
-    with tf.control_dependencies([stored_shape]):
-        # For a GIF only its first image goes to the decoder (giflib decodes every frame).
-        image = tf.switch_case(branch, _decoders(imageinfo.first_image(contents)))
+    return branch, orientation
+
+
+def decode_planned(contents, branch, orientation, size, stored_shape, name=None):
+    """The decode half of `decode_image`: decode, orient, resize, as `decode_plan` says.
+
+    Only call it on bytes whose header passed `imageinfo.check_header`: it allocates
+    whatever the header announces.
+
+    Args:
+        contents: scalar `tf.string`, the encoded file.
+        branch, orientation: from `decode_plan`.
+        size: (height, width) of the output.
+        stored_shape: int64 [2] (height, width) from the header; pixels of another size
+            are refused.
+        name: optional scalar string put in front of an error message.
+
+    Returns:
+        float32 [height, width, 3], integer values in 0..255.
+    """
+    height, width = int(size[0]), int(size[1])
+    # For a GIF only its first image goes to the decoder (giflib decodes every frame).
+    image = tf.switch_case(branch, _decoders(imageinfo.first_image(contents)))
     image = _check_decoded_shape(image, stored_shape, branch, name)
     image = imageinfo.apply_orientation(image, orientation)
     decoded = tf.shape(image)
@@ -242,6 +284,13 @@ def load_image(path, size, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_
     except tf.errors.OpError as err:
         raise ImageError(f"{path}: {describe_decode_error(err, path)}", path=str(path)) from err
 
+
+# What every path says about a file whose header passes but whose data the decoder
+# refuses: `kiqa score` fills in TF's own message, the SavedModel's signatures (which
+# cannot catch TF's message in the graph) the format's name.
+UNDECODABLE_MESSAGE = (
+    "cannot decode the image ({reason}); the file is corrupt or truncated: re-encode or replace it"
+)
 
 _ASSERTION = re.compile(r"assertion failed: \[(.*?)\]\s*(?:\n|\[\[|\[Op:|$)", re.S)
 # An eager op's error ends "[Op:DecodeImage] name: <op name>" (empty when unnamed).

@@ -707,6 +707,29 @@ def _header_problem(n, format_index, shape, max_pixels, facts):
     return checked & readable & within & ~animated & ~short, message
 
 
+def header_problem(contents, max_pixels):
+    """What `check_header` decides, without raising: for callers that must go on.
+
+    The SavedModel's lenient signature uses it to report a bad item and score the
+    others, with the very message `check_header` would raise.
+
+    Args:
+        contents: scalar `tf.string`, the encoded file.
+        max_pixels: int or int tensor, the largest height * width accepted.
+
+    Returns:
+        (shape, ok, message): int64 [2] header (height, width), scalar bool (the header
+        passes), scalar string (why not; empty when it passes).
+    """
+    contents = tf.convert_to_tensor(contents, tf.string)
+    n = _length(contents)
+    shape = header_shape(contents)
+    ok, message = _header_problem(
+        n, _format_index(contents, n), shape, tf.cast(max_pixels, tf.int64), data_facts(contents)
+    )
+    return shape, ok, message
+
+
 def check_header(contents, max_pixels, name=None):
     """Checks that an encoded image is one kiqa decodes and announces at most `max_pixels`.
 
@@ -732,12 +755,7 @@ def check_header(contents, max_pixels, name=None):
     """
     if isinstance(max_pixels, (int, float)) and max_pixels < 1:
         raise ConfigError(f"max_pixels must be a positive pixel count, got {max_pixels}")
-    contents = tf.convert_to_tensor(contents, tf.string)
-    n = _length(contents)
-    shape = header_shape(contents)
-    ok, message = _header_problem(
-        n, _format_index(contents, n), shape, tf.cast(max_pixels, tf.int64), data_facts(contents)
-    )
+    shape, ok, message = header_problem(contents, max_pixels)
     return require(ok, message, shape, name=name)
 
 

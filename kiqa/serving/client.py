@@ -13,10 +13,13 @@ What it takes care of:
 - Checks before scoring: a version is AVAILABLE and its signature is the one kiqa
   exports; failures say what is wrong (no server at that address, model not loaded,
   wrong signature) and what to do.
-- A bad image does not sink its batch: TF Serving answers the whole request with
-  INVALID_ARGUMENT, so the client finds the failing item (the export names it,
-  `image_bytes[i]`; otherwise by retrying items one by one), reports it by file name
-  and scores the rest.
+- A bad image does not sink its batch: where the served version has the
+  `score_bytes_lenient` signature (kiqa exports since it exists), each batch is one
+  Predict whose answer says per image `mos` or `error`. With an older export, TF
+  Serving answers the whole request with INVALID_ARGUMENT, so the client finds the
+  failing item (the export names it, `image_bytes[i]`; otherwise by retrying items
+  one by one), reports it by file name and scores the rest.
+- At most `kiqa.contract.MAX_BATCH` images per request (the export refuses more).
 """
 
 import dataclasses
@@ -41,13 +44,15 @@ from kiqa.contract import (
     CLIENT_BATCH_SIZE as DEFAULT_BATCH_SIZE,
     CLIENT_MAX_MESSAGE_BYTES as DEFAULT_MAX_MESSAGE_BYTES,
     CLIENT_TIMEOUT as DEFAULT_TIMEOUT,
-    DEFAULT_MAX_BYTES,
     DEFAULT_MODEL_NAME as DEFAULT_MODEL,
     DEFAULT_SERVER,
+    ERROR_OUTPUT,
+    LENIENT_SIGNATURE,
+    MAX_BATCH,
     MOS_OUTPUT as OUTPUT,
 )
 from kiqa.errors import ImageError, ServingError
-from kiqa.image import read_image_bytes
+from kiqa.image import DEFAULT_MAX_BYTES, read_image_bytes
 # Room for the request's own fields around the image bytes.
 _MESSAGE_OVERHEAD = 64 * 1024
 
@@ -122,6 +127,7 @@ class ServingClient:
         )
         self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
+        self._lenient = None  # the lenient signature's name once known, "" when absent
 
     def close(self):
         """Closes the channel."""
@@ -167,6 +173,16 @@ class ServingClient:
             key=lambda s: s.version,
         )
 
+    def _signature_defs(self):
+        """(served version number, SignatureDefMap) from GetModelMetadata."""
+        request = get_model_metadata_pb2.GetModelMetadataRequest(
+            model_spec=self._model_spec(), metadata_field=["signature_def"]
+        )
+        response = self._call(self._predict.GetModelMetadata, request, "GetModelMetadata")
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signatures)
+        return int(response.model_spec.version.value), signatures
+
     def signature(self):
         """The served version's signature this client calls (GetModelMetadata).
 
@@ -177,38 +193,37 @@ class ServingClient:
             ServingError: no server, model or version; or no such signature
                 (FAILED_PRECONDITION, as Predict would answer).
         """
-        request = get_model_metadata_pb2.GetModelMetadataRequest(
-            model_spec=self._model_spec(), metadata_field=["signature_def"]
-        )
-        response = self._call(self._predict.GetModelMetadata, request, "GetModelMetadata")
-        signatures = get_model_metadata_pb2.SignatureDefMap()
-        response.metadata["signature_def"].Unpack(signatures)
+        version, signatures = self._signature_defs()
         if self.signature_name not in signatures.signature_def:
             names = sorted(k for k in signatures.signature_def if not k.startswith("__"))
             raise ServingError(
-                f"model {self.model_name!r} version {response.model_spec.version.value} at "
+                f"model {self.model_name!r} version {version} at "
                 f"{self.server} has no signature {self.signature_name!r} (Predict would answer FAILED_PRECONDITION); "
                 f"it has {names}. Pass --signature, or re-export the model with kiqa export"
             )
-        signature = signatures.signature_def[self.signature_name]
+        self._lenient = _lenient_signature(self.signature_name, signatures)
+        return version, _describe(signatures.signature_def[self.signature_name])
 
-        def describe(infos):
-            return {
-                key: [tf.dtypes.as_dtype(info.dtype).name, [int(d.size) for d in info.tensor_shape.dim]]
-                for key, info in sorted(infos.items())
-            }
+    @property
+    def lenient(self):
+        """Whether batches go to the lenient signature (one bad image costs nothing).
 
-        return int(response.model_spec.version.value), {
-            "inputs": describe(signature.inputs),
-            "outputs": describe(signature.outputs),
-        }
+        True when this client calls `serving_default` and the served version also has
+        `score_bytes_lenient` (kiqa exports since that signature was added), or when it
+        calls the lenient signature itself. Asked once (GetModelMetadata), then cached;
+        reset when the server stops knowing the signature (a roll-back to an old export).
+        """
+        if self._lenient is None:
+            self._lenient = _lenient_signature(self.signature_name, self._signature_defs()[1])
+        return bool(self._lenient)
 
     def check(self):
         """Checks that a version is AVAILABLE and has kiqa's bytes signature.
 
         Returns:
             dict with "version" (the one requests go to), "versions" (all
-            `VersionStatus`) and "signature".
+            `VersionStatus`), "signature" and "lenient" (whether batches go to the
+            lenient signature).
 
         Raises:
             ServingError: saying what is wrong: no server at the address, model or
@@ -236,7 +251,7 @@ class ServingClient:
                 f"sends {BYTES_INPUT}: string[-1] and reads {OUTPUT}: float[-1]. Is this a kiqa "
                 f"export? Re-export it with kiqa export, or pass the right --model/--signature"
             )
-        return {"version": version, "versions": versions, "signature": signature}
+        return {"version": version, "versions": versions, "signature": signature, "lenient": self.lenient}
 
     # ------------------------------------------------------------------------- scoring
 
@@ -256,7 +271,7 @@ class ServingClient:
         """
         contents = list(contents)
         names = list(names) if names is not None else [f"{BYTES_INPUT}[{i}]" for i in range(len(contents))]
-        results = self._score_isolating(contents, names)
+        results = self._score_batch(contents, names)
         failed = [r for r in results if not r.ok]
         if failed:
             raise ServingError("; ".join(r.error for r in failed))
@@ -278,8 +293,11 @@ class ServingClient:
             ServingError: a failure that is not one file's fault (no server, model not
                 loaded, timeout, wrong signature).
         """
-        if batch_size < 1:
-            raise ServingError(f"batch_size must be at least 1, got {batch_size}")
+        if not 1 <= batch_size <= MAX_BATCH:
+            raise ServingError(
+                f"batch_size must be 1 to {MAX_BATCH} (the most images a kiqa export takes in "
+                f"one request), got {batch_size}"
+            )
         limit = self.max_message_bytes - _MESSAGE_OVERHEAD
         results = {}
         pending = []  # (index, name, bytes)
@@ -290,7 +308,7 @@ class ServingClient:
             nonlocal pending, pending_bytes, done
             if not pending:
                 return
-            scored = self._score_isolating([c for _, _, c in pending], [n for _, n, _ in pending])
+            scored = self._score_batch([c for _, _, c in pending], [n for _, n, _ in pending])
             for (index, _, _), result in zip(pending, scored):
                 results[index] = result
             done += len(pending)
@@ -318,6 +336,38 @@ class ServingClient:
             pending_bytes += len(contents)
         flush()
         return [results[i] for i in range(len(results))]
+
+    def _score_batch(self, contents, names):
+        """One round trip per batch where the server has the lenient signature; else
+        serving_default with `_score_isolating`'s retries."""
+        if contents and self.lenient:
+            try:
+                return self._predict_lenient(contents, names)
+            except _MissingSignature:
+                self._lenient = None  # the served version changed (a roll-back?): ask again
+            except _Rejected as err:
+                # Only the whole request can be refused here (over MAX_BATCH, a
+                # malformed tensor): no image is to blame.
+                raise ServingError(self._rejection(f"a batch of {len(contents)} images", err.details)) from err
+        return self._score_isolating(contents, names)
+
+    def _predict_lenient(self, contents, names):
+        request = predict_pb2.PredictRequest(model_spec=self._model_spec(), output_filter=[OUTPUT, ERROR_OUTPUT])
+        request.model_spec.signature_name = self._lenient
+        request.inputs[BYTES_INPUT].CopyFrom(tf.make_tensor_proto(contents, dtype=tf.string, shape=[len(contents)]))
+        response = self._send(request, len(contents), (OUTPUT, ERROR_OUTPUT))
+        scores = tf.make_ndarray(response.outputs[OUTPUT]).reshape(-1)
+        errors = tf.make_ndarray(response.outputs[ERROR_OUTPUT]).reshape(-1)
+        if errors.shape[0] != len(contents):
+            raise ServingError(
+                f"model {self.model_name!r} at {self.server} returned {errors.shape[0]} errors for "
+                f"{len(contents)} images"
+            )
+        return [
+            ScoreResult(name, error=f"{name}: {error.decode('utf-8', 'replace')}") if error
+            else ScoreResult(name, mos=float(score))
+            for name, score, error in zip(names, scores, errors)
+        ]
 
     def _score_isolating(self, contents, names):
         """Scores a batch; on INVALID_ARGUMENT, finds the bad items and scores the rest."""
@@ -348,25 +398,33 @@ class ServingClient:
     def _predict_once(self, contents):
         request = predict_pb2.PredictRequest(model_spec=self._model_spec(signature=True), output_filter=[OUTPUT])
         request.inputs[BYTES_INPUT].CopyFrom(tf.make_tensor_proto(contents, dtype=tf.string, shape=[len(contents)]))
+        return tf.make_ndarray(self._send(request, len(contents), (OUTPUT,)).outputs[OUTPUT]).reshape(-1)
+
+    def _send(self, request, count, outputs):
+        """Predict; INVALID_ARGUMENT and FAILED_PRECONDITION become `_Rejected`, every
+        output must be there and hold one value per image."""
         try:
             response = self._predict.Predict(request, timeout=self.timeout)
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 match = _INDEX.search(err.details() or "")
                 raise _Rejected(int(match.group(1)) if match else None, err.details() or "") from err
+            if err.code() == grpc.StatusCode.FAILED_PRECONDITION and request.model_spec.signature_name == self._lenient:
+                raise _MissingSignature(err.details() or "") from err
             raise self._error(err, "Predict") from err
-        if OUTPUT not in response.outputs:
-            raise ServingError(
-                f"model {self.model_name!r} at {self.server} answered without a {OUTPUT!r} output "
-                f"(outputs: {sorted(response.outputs)}); is this a kiqa export?"
-            )
-        scores = tf.make_ndarray(response.outputs[OUTPUT]).reshape(-1)
-        if scores.shape[0] != len(contents):
-            raise ServingError(
-                f"model {self.model_name!r} at {self.server} returned {scores.shape[0]} scores for "
-                f"{len(contents)} images"
-            )
-        return scores
+        for output in outputs:
+            if output not in response.outputs:
+                raise ServingError(
+                    f"model {self.model_name!r} at {self.server} answered without a {output!r} output "
+                    f"(outputs: {sorted(response.outputs)}); is this a kiqa export?"
+                )
+            got = int(np.prod([d.size for d in response.outputs[output].tensor_shape.dim]))
+            if got != count:
+                raise ServingError(
+                    f"model {self.model_name!r} at {self.server} returned {got} values of {output!r} "
+                    f"for {count} images"
+                )
+        return response
 
     def _rejection(self, name, details):
         reason = details.strip().splitlines()[0] if details.strip() else "no reason given"
@@ -419,6 +477,10 @@ class ServingClient:
         return ServingError(message)
 
 
+class _MissingSignature(Exception):
+    """The served version has no lenient signature (any more)."""
+
+
 class _Rejected(Exception):
     """A Predict answered INVALID_ARGUMENT; `index` is the named item, if any."""
 
@@ -426,3 +488,27 @@ class _Rejected(Exception):
         super().__init__(details)
         self.index = index
         self.details = details
+
+
+def _describe(signature):
+    """A SignatureDef's inputs and outputs as {"inputs": {key: [dtype, shape]}, ...}."""
+    def describe(infos):
+        return {
+            key: [tf.dtypes.as_dtype(info.dtype).name, [int(d.size) for d in info.tensor_shape.dim]]
+            for key, info in sorted(infos.items())
+        }
+
+    return {"inputs": describe(signature.inputs), "outputs": describe(signature.outputs)}
+
+
+def _lenient_signature(signature_name, signatures):
+    """The lenient signature's name to call instead of `signature_name`, "" if none."""
+    name = LENIENT_SIGNATURE if signature_name == BYTES_SIGNATURE else signature_name
+    if name != LENIENT_SIGNATURE or name not in signatures.signature_def:
+        return ""
+    found = _describe(signatures.signature_def[name])
+    wanted = {
+        "inputs": {BYTES_INPUT: ["string", [-1]]},
+        "outputs": {ERROR_OUTPUT: ["string", [-1]], OUTPUT: ["float32", [-1]]},
+    }
+    return name if found == wanted else ""

@@ -10,18 +10,25 @@ the status codes TF Serving's sources use for the same situations:
 - NOT_FOUND: unknown model name ("Servable not found for request: Latest(name)"),
   unknown or unloaded version, or no versions at all in GetModelStatus.
 - FAILED_PRECONDITION: the requested signature is not in the SavedModel.
-- INVALID_ARGUMENT: inputs missing, extra or of the wrong dtype, a metadata field other
-  than "signature_def", and errors the graph raises on bad input (an undecodable image,
-  a header over the pixel cap).
+- INVALID_ARGUMENT: inputs missing, extra or of the wrong dtype, a tensor whose shape
+  declares more elements than it carries (refused before it is expanded: TF itself
+  would fill it up to the declared shape), a metadata field other than
+  "signature_def", and errors the graph raises on bad input (an undecodable image, a
+  header over the pixel cap, more than the export's maximum batch, NaN pixels).
+- RESOURCE_EXHAUSTED: a message over `max_message_bytes` (128 MiB by default, not TF
+  Serving's 2 GiB; see `kiqa.contract.MAX_REQUEST_BYTES`).
 - UNIMPLEMENTED: Classify, Regress, MultiInference, HandleReloadConfigRequest, version
   labels.
 
-Like TF Serving it loads the latest version by default (or all, or a given list),
+Like TF Serving it loads the latest version by default (or all, or a given list;
+a broken newest version leaves the newest good one serving, and is reported in
+GetModelStatus as END with its error),
 ignores directories whose names are not integers, replays the version's
 `assets.extra/tf_serving_warmup_requests` before marking it AVAILABLE (a failing warmup
 fails the load, state END with the error), and returns `mos` as `float_val`, as TF
 Serving's Predict does. What it does not do: batching, GPU placement, REST, model
-config files, version labels, monitoring, and TF Serving's C++ runtime. Passing here
+config files, version labels, monitoring, load retries, the op allow list (like TF
+Serving, it runs whatever SavedModel it is given), and TF Serving's C++ runtime. Passing here
 shows the protocol, signatures and error handling are right; it says nothing about TF
 Serving's performance or memory use.
 
@@ -49,8 +56,9 @@ from kiqa.serving import export
 from kiqa.errors import ServingError
 
 HOST = "127.0.0.1"
-# TF Serving raises gRPC's message limit to INT32_MAX (model_servers/server.cc).
-MAX_MESSAGE_BYTES = 2**31 - 1
+# TF Serving raises gRPC's message limit to INT32_MAX (model_servers/server.cc); this
+# server takes export.MAX_REQUEST_BYTES (see there), as kiqa's client sends at most that.
+MAX_MESSAGE_BYTES = export.MAX_REQUEST_BYTES
 _log = logging.getLogger(__name__)
 
 
@@ -93,15 +101,21 @@ class DevServer:
             "all", or a list of version numbers (TF Serving's "specific" policy).
         warmup: replay each version's warmup records before serving it.
         max_workers: request threads.
+        max_message_bytes: gRPC's send and receive limit (a larger request is refused
+            with RESOURCE_EXHAUSTED before it is read).
     """
 
-    def __init__(self, base_path, model_name=None, port=0, versions="latest", warmup=True, max_workers=4):
+    def __init__(
+        self, base_path, model_name=None, port=0, versions="latest", warmup=True, max_workers=4,
+        max_message_bytes=MAX_MESSAGE_BYTES,
+    ):
         self.base_path = Path(base_path)
         self.model_name = model_name or self.base_path.resolve().name
         self.requested_port = int(port)
         self.port = None
         self.warmup = warmup
         self.max_workers = max_workers
+        self.max_message_bytes = int(max_message_bytes)
         if versions not in ("latest", "all"):
             versions = sorted(int(v) for v in versions)
         self.version_policy = versions
@@ -140,8 +154,8 @@ class DevServer:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.max_workers),
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.max_send_message_length", self.max_message_bytes),
                 # One server per port: without this a second server could share the port.
                 ("grpc.so_reuseport", 0),
             ],
@@ -201,23 +215,36 @@ class DevServer:
             The version numbers now AVAILABLE.
         """
         on_disk = export.list_versions(self.base_path)
-        if self.version_policy == "latest":
-            wanted = on_disk[-1:]
-        elif self.version_policy == "all":
-            wanted = on_disk
-        else:
-            wanted = [v for v in self.version_policy if v in on_disk]
         with self._lock:
             current = dict(self._versions)
-        for number in wanted:
-            if number not in current:
-                current[number] = self._load(number)
+        if self.version_policy == "latest":
+            wanted = self._newest_good(on_disk, current)
+        else:
+            wanted = on_disk if self.version_policy == "all" else [v for v in self.version_policy if v in on_disk]
+            for number in wanted:
+                if number not in current:
+                    current[number] = self._load(number)
         for number in list(current):
             if number not in wanted:
                 del current[number]
         with self._lock:
             self._versions = current
         return self.available_versions()
+
+    def _newest_good(self, on_disk, current):
+        """The latest policy: the highest version, and, while the highest ones fail to
+        load, the next lower ones down to the first that loads. A broken new version
+        leaves the last good one serving (as TF Serving keeps it when a new version
+        fails) and stays listed, state END with its error, in GetModelStatus. Versions
+        are loaded once: a failed one is not retried until it is removed."""
+        wanted = []
+        for number in reversed(on_disk):
+            if number not in current:
+                current[number] = self._load(number)
+            wanted.append(number)
+            if current[number].loaded is not None:
+                break
+        return wanted
 
     def available_versions(self):
         """Sorted version numbers in state AVAILABLE."""
@@ -310,6 +337,7 @@ class DevServer:
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"Expects arg[{key}] to be {_dtype_word(want)} but {_dtype_word(proto.dtype)} is provided",
                 )
+            _check_declared_size(key, proto)
             try:
                 inputs[key] = tf.constant(tf.make_ndarray(proto), dtype=tf.dtypes.as_dtype(want))
             except (TypeError, ValueError) as err:
@@ -415,6 +443,49 @@ def _clean_tf_message(err):
         and not line.startswith(("Graph execution error", "Detected at node", "<stack traces unavailable>"))
     ]
     return "\n".join(lines) or type(err).__name__
+
+
+# The TensorProto field holding each dtype's values when tensor_content is empty.
+_VALUE_FIELDS = {
+    types_pb2.DT_FLOAT: "float_val", types_pb2.DT_DOUBLE: "double_val",
+    types_pb2.DT_HALF: "half_val", types_pb2.DT_BFLOAT16: "half_val",
+    types_pb2.DT_INT32: "int_val", types_pb2.DT_INT16: "int_val", types_pb2.DT_INT8: "int_val",
+    types_pb2.DT_UINT8: "int_val", types_pb2.DT_UINT16: "int_val",
+    types_pb2.DT_INT64: "int64_val", types_pb2.DT_UINT32: "uint32_val", types_pb2.DT_UINT64: "uint64_val",
+    types_pb2.DT_BOOL: "bool_val", types_pb2.DT_STRING: "string_val",
+    types_pb2.DT_COMPLEX64: "scomplex_val", types_pb2.DT_COMPLEX128: "dcomplex_val",
+}
+
+
+def _check_declared_size(key, proto):
+    """Refuses a TensorProto whose shape declares more elements than it carries.
+
+    `tf.make_ndarray` (like TF's own Tensor::FromProto) fills a short repeated field up
+    to the declared shape by repeating its last value, and an empty one with zeros: a
+    55-byte request declaring [2000, 96, 128, 3] floats expands to 295 MB, a 44 KB one
+    declaring 10000 strings to 440 MB. This is checked on the proto, before anything
+    is expanded, so memory stays bounded by the message size.
+    """
+    dims = [int(d.size) for d in proto.tensor_shape.dim]
+    if any(d < 0 for d in dims) or proto.tensor_shape.unknown_rank:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"input {key!r} has an unknown or negative dimension: {dims}")
+    declared = int(np.prod(dims, dtype=object)) if dims else 1
+    if proto.dtype == types_pb2.DT_STRING or not proto.tensor_content:
+        field = _VALUE_FIELDS.get(proto.dtype)
+        if field is None:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"input {key!r} has unsupported dtype {_dtype_word(proto.dtype)}")
+        # Complex values take two numbers each.
+        carried = len(getattr(proto, field)) // (2 if "complex" in field else 1)
+        unit = "values"
+    else:
+        carried = len(proto.tensor_content) // tf.dtypes.as_dtype(proto.dtype).size
+        unit = f"values in tensor_content ({len(proto.tensor_content)} bytes)"
+    if carried != declared:
+        raise _Abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"input {key!r} declares shape {dims} ({declared} elements) but carries {carried} "
+            f"{unit}; send every element (this server does not expand short tensors)",
+        )
 
 
 def _dtype_word(enum_value):
