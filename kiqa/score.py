@@ -326,7 +326,9 @@ def load_pixels(path, decode, max_pixels, max_bytes, read_bytes=read_image_bytes
     except ImageError as err:
         return None, str(err).removeprefix(f"{path}: ")
     try:
-        pixels = decode(tf.constant(contents), tf.constant(max_pixels, tf.int64), tf.constant(path))
+        # TF takes the name as bytes: a str holding a non-UTF-8 name's surrogates is refused.
+        name = path.encode(_CSV_ENCODING["encoding"], _CSV_ENCODING["errors"])
+        pixels = decode(tf.constant(contents), tf.constant(max_pixels, tf.int64), tf.constant(name))
         return pixels.numpy(), None
     except tf.errors.OpError as err:
         return None, _decode_error_text(err, path)

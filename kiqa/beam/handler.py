@@ -10,9 +10,11 @@ temporary folder of the worker first: TF and Keras load from local paths.
 """
 
 import os
+import shutil
 import tempfile
 
 import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
@@ -46,21 +48,20 @@ def local_copy(path, into):
     path = str(path).rstrip("/")
     name = path.rsplit("/", 1)[-1]
     exact = FileSystems.match([path])[0].metadata_list
-    if exact and not FileSystems.match([path + "/**"])[0].metadata_list:
-        files, root = exact, path.rsplit("/", 1)[0]
-    else:
-        files, root = FileSystems.match([path + "/**"])[0].metadata_list, path
-        into = os.path.join(into, name)
+    inside = FileSystems.match([path + "/**"])[0].metadata_list
+    files, root = (exact, path.rsplit("/", 1)[0]) if exact and not inside else (inside, path)
     if not files:
         raise ModelError(f"model {path} not found (no file or folder there)")
+    destination = os.path.join(into, name)
     for metadata in files:
         relative = metadata.path[len(root):].lstrip("/")
-        target = os.path.join(into, *relative.split("/"))
+        target = os.path.join(into if root != path else destination, *relative.split("/"))
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        with FileSystems.open(metadata.path) as source, open(target, "wb") as sink:
-            while chunk := source.read(1 << 22):
-                sink.write(chunk)
-    return os.path.join(into, name)
+        # UNCOMPRESSED: Beam would otherwise gunzip a file whose name ends in .gz.
+        with FileSystems.open(metadata.path, compression_type=CompressionTypes.UNCOMPRESSED) as source, \
+                open(target, "wb") as sink:
+            shutil.copyfileobj(source, sink, 1 << 22)
+    return destination
 
 
 class KiqaModelHandler(ModelHandler):

@@ -51,9 +51,18 @@ SUMMARY_SUFFIX = "-summary.json"
 _SHARD_GLOB = "-[0-9]*-of-[0-9]*"
 _WILDCARDS = ("*", "?", "[")
 _FAILED = "failed"
-# Paths cross shuffles as bytes: Linux file names need not be UTF-8, and Beam's string
-# coder refuses the surrogates Python uses for such names.
+# Paths and error texts travel through the pipeline as bytes: Linux file names need not
+# be UTF-8, and Beam's coders (even sampling element sizes inside a fused stage) refuse
+# the surrogates Python uses for such names in a str.
 _PATH_ENCODING = ("utf-8", "surrogateescape")
+
+
+def _bytes(text):
+    return text.encode(*_PATH_ENCODING)
+
+
+def _text(data):
+    return data.decode(*_PATH_ENCODING)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +138,7 @@ def read_list_header(list_file):
     """
     try:
         with FileSystems.open(list_file, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-            first = handle.readline().decode(*_PATH_ENCODING).rstrip("\r\n")
+            first = _text(handle.readline()).rstrip("\r\n")
     except (OSError, IOError) as err:
         raise DataError(f"cannot read the list of paths {list_file}: {err}") from err
     cells = next(csv.reader([first]), [])
@@ -137,17 +146,17 @@ def read_list_header(list_file):
 
 
 def _list_entry(line, column):
-    text = line.decode(*_PATH_ENCODING).rstrip("\r\n")
+    text = _text(line).rstrip("\r\n")
     if column is not None:
         cells = next(csv.reader([text]), [])
         text = cells[column] if column < len(cells) else ""
     text = text.strip()
-    return [_normalise(text).encode(*_PATH_ENCODING)] if text else []
+    return [_bytes(_normalise(text))] if text else []
 
 
 def _matched_paths(metadata, images_only):
     path = metadata.path
-    return [_normalise(path).encode(*_PATH_ENCODING)] if not images_only or _listed(path) else []
+    return [_bytes(_normalise(path))] if not images_only or _listed(path) else []
 
 
 class ListImages(beam.PTransform):
@@ -204,7 +213,10 @@ def read_any_file_system(path, max_bytes):
 
 
 class DecodeImages(beam.DoFn):
-    """path -> (path, pixels); a file that cannot be used goes to the `failed` output as a row."""
+    """path -> (path, pixels); a file that cannot be used goes to the `failed` output as a row.
+
+    Paths and errors are bytes (see `_PATH_ENCODING`); rows are (path, mos or None, error).
+    """
 
     def __init__(self, image_size, max_pixels, max_bytes):
         super().__init__()
@@ -218,23 +230,28 @@ class DecodeImages(beam.DoFn):
         self._decode = image_decoder(self._image_size)
 
     def process(self, encoded_path):
-        path = encoded_path.decode(*_PATH_ENCODING)
+        path = _text(encoded_path)
         reader = read_any_file_system if is_remote(path) else read_image_bytes
-        pixels, error = load_pixels(path, self._decode, self._max_pixels, self._max_bytes, reader)
+        try:
+            pixels, error = load_pixels(path, self._decode, self._max_pixels, self._max_bytes, reader)
+        except Exception as err:  # noqa: BLE001 - one file must never fail a bundle
+            # A failed bundle is retried, and a file that always fails would be retried
+            # until the job dies; as a row it is reported once and the job goes on.
+            pixels, error = None, f"unexpected error reading or decoding the file ({type(err).__name__}: {err})"
         if error is None:
-            yield path, pixels
+            yield encoded_path, pixels
         else:
-            yield beam.pvalue.TaggedOutput(_FAILED, (path, None, error))
+            yield beam.pvalue.TaggedOutput(_FAILED, (encoded_path, None, _bytes(error)))
 
 
 def _scored_row(keyed):
     path, prediction = keyed
     mos, error = model_score(prediction.inference)
-    return path, mos, error
+    return path, mos, _bytes(error or "")
 
 
 class ScoreImages(beam.PTransform):
-    """paths (from `ListImages`) -> rows (path, mos or None, error or None)."""
+    """paths (from `ListImages`) -> rows (path, mos or None, error), path and error as bytes."""
 
     def __init__(self, handler, image_size, max_pixels, max_bytes=DEFAULT_MAX_BYTES):
         super().__init__()
@@ -275,15 +292,16 @@ class _Counts(beam.CombineFn):
 
 def _csv_line(row):
     # csv ends rows with \r\n and WriteToText adds the \n: the bytes match kiqa score's CSV.
-    return encode_csv_line(csv_row(*row))[:-1]
+    path, mos, error = row
+    return encode_csv_line(csv_row(_text(path), mos, _text(error)))[:-1]
 
 
 def _parquet_record(row):
     path, mos, error = row
     # Parquet strings are UTF-8: an undecodable byte of a file name is written as \xNN
     # (the CSV keeps the raw name).
-    text = path.encode(*_PATH_ENCODING).decode("utf-8", "backslashreplace")
-    return {"path": text, "mos": mos, "error": error or ""}
+    return {"path": path.decode("utf-8", "backslashreplace"), "mos": mos,
+            "error": error.decode("utf-8", "backslashreplace")}
 
 
 def _parquet_schema():
