@@ -356,11 +356,11 @@ def existing_outputs(prefix):
     return sorted(m.path for result in FileSystems.match(patterns) for m in result.metadata_list)
 
 
-def prepare_output(prefix, overwrite):
-    """Refuses to mix with an earlier run's outputs, or deletes them when allowed.
+def refuse_earlier_outputs(prefix, overwrite):
+    """Refuses to mix with an earlier run's outputs unless allowed.
 
-    Deleting first matters: a rerun with fewer shards would otherwise leave old shards
-    that readers of PREFIX-* take for part of the new result.
+    Returns:
+        The earlier outputs found (to delete once the job is known to start).
 
     Raises:
         DataError: outputs exist and `overwrite` is False.
@@ -372,8 +372,7 @@ def prepare_output(prefix, overwrite):
             f"output prefix {prefix} already holds the results of a run ({shown}); choose "
             f"another prefix, or allow overwriting to replace them"
         )
-    if found:
-        FileSystems.delete(found)
+    return found
 
 
 def describe_model(model_ref, image_size=None, safe_mode=True):
@@ -443,10 +442,13 @@ def score_with_beam(job, pipeline_options):
     unknown = sorted(set(job.formats) - set(FORMATS))
     if unknown or not job.formats:
         raise DataError(f"output formats must be among {list(FORMATS)}, got {list(job.formats)}")
-    # Inputs and model are checked before an earlier run's outputs are deleted.
+    earlier = refuse_earlier_outputs(job.output, job.overwrite)
     listing = ListImages(job.inputs, job.input_lists)
     worker_ref, image_size, max_pixels, identity = describe_model(job.model, job.image_size, job.safe_mode)
-    prepare_output(job.output, job.overwrite)
+    # Deleted only now that inputs and model are checked, and all of them: a rerun with
+    # fewer shards would otherwise leave old shards that readers of PREFIX-* take for new.
+    if earlier:
+        FileSystems.delete(earlier)
     with beam.Pipeline(options=pipeline_options) as root:
         build(root, listing, job, worker_ref, image_size, max_pixels, identity)
     with FileSystems.open(job.output + SUMMARY_SUFFIX) as handle:
