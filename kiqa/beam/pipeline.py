@@ -127,7 +127,7 @@ def plan_input(pattern):
         pattern = pattern.rstrip("/") + "/**"
     if not FileSystems.match([pattern], limits=[1])[0].metadata_list:
         raise DataError(f"{pattern} matches no files; check the path or pattern")
-    return pattern, "*" in pattern or "?" in pattern or "[" in pattern
+    return pattern, True  # a folder or a wildcard: image files only, as kiqa score lists a folder
 
 
 def read_list_header(list_file):
