@@ -19,6 +19,7 @@ a folder of downloads must not make kiqa read /dev/zero or a private file).
 import csv
 import dataclasses
 import functools
+import io
 import math
 import os
 from pathlib import Path
@@ -297,14 +298,41 @@ def _decoder(height, width):
     return decode
 
 
-def _load(path, decode, max_pixels, max_bytes):
-    """(pixels, None) or (None, error message) for one file."""
+def image_decoder(image_size):
+    """The traced `decode_image` for one output size (height, width), shared per process.
+
+    Returns:
+        A function (contents, max_pixels, name) -> float32 [height, width, 3] tensor.
+    """
+    return _decoder(*image_size)
+
+
+def load_pixels(path, decode, max_pixels, max_bytes, read_bytes=read_image_bytes):
+    """Reads and decodes one file for scoring, turning every failure into error text.
+
+    The one place that decides a file's error text, so `kiqa score` and the Beam
+    pipeline (`kiqa.beam`) write the same row for the same bad file.
+
+    Args:
+        path: the file (its CSV path).
+        decode: from `image_decoder`.
+        max_pixels: header pixel cap.
+        max_bytes: file size cap.
+        read_bytes: reads a file's bytes (path, max_bytes=) or raises `ImageError`;
+            `kiqa.image.read_image_bytes` for local files.
+
+    Returns:
+        (pixels, None), pixels a float32 array [height, width, 3], or (None, error text
+        without the path, which the CSV's path column already names).
+    """
     try:
-        contents = read_image_bytes(path, max_bytes=max_bytes)
+        contents = read_bytes(path, max_bytes=max_bytes)
     except ImageError as err:
         return None, str(err).removeprefix(f"{path}: ")
     try:
-        pixels = decode(tf.constant(contents), tf.constant(max_pixels, tf.int64), tf.constant(path))
+        # TF takes the name as bytes: a str holding a non-UTF-8 name's surrogates is refused.
+        name = path.encode(_CSV_ENCODING["encoding"], _CSV_ENCODING["errors"])
+        pixels = decode(tf.constant(contents), tf.constant(max_pixels, tf.int64), tf.constant(name))
         return pixels.numpy(), None
     except tf.errors.OpError as err:
         return None, _decode_error_text(err, path)
@@ -320,6 +348,25 @@ def _decode_error_text(err, path):
 
 def _format_mos(value):
     return f"{value:.4f}"
+
+
+def model_score(value):
+    """(mos, None) for a finite model output, rounded as the CSV holds it, else (None, error)."""
+    if math.isfinite(float(value)):
+        return float(_format_mos(float(value))), None
+    return None, "the model returned a non-finite score"
+
+
+def csv_row(path, mos, error):
+    """The CSV cells (path, mos, error) of one file, as `kiqa score` writes them."""
+    return (path, "" if mos is None else _format_mos(mos), error or "")
+
+
+def encode_csv_line(cells):
+    """One CSV line as bytes, quoted and encoded like the scores CSV (non-UTF-8 names round-trip)."""
+    buffer = io.StringIO(newline="")
+    csv.writer(buffer).writerow(cells)
+    return buffer.getvalue().encode(_CSV_ENCODING["encoding"], _CSV_ENCODING["errors"])
 
 
 def score_paths(
@@ -399,7 +446,7 @@ def score_files(
     results = {path: previous[path] for path, _ in files if path in previous}
     n_skipped = len(results)
 
-    decode = _decoder(*scorer.image_size)
+    decode = image_decoder(scorer.image_size)
     with open(out_csv, "a", **_CSV_ENCODING) as handle, tqdm(
         total=len(todo), disable=not progress, unit="img", desc="scoring", dynamic_ncols=True
     ) as bar:
@@ -411,14 +458,11 @@ def score_files(
             if with_pixels:
                 scores = scorer.predict_pixels(np.stack([item[1] for item in with_pixels]))
                 for item, value in zip(with_pixels, scores):
-                    if math.isfinite(float(value)):
-                        item[1] = float(_format_mos(float(value)))
-                    else:
-                        item[1], item[2] = None, "the model returned a non-finite score"
+                    item[1], item[2] = model_score(value)
             rows = []
             for path, mos, error in pending:
                 results[path] = (mos, error or "")
-                rows.append((path, "" if mos is None else _format_mos(mos), error or ""))
+                rows.append(csv_row(path, mos, error))
             writer.writerows(rows)
             # Flushed to the OS per batch: a killed process loses at most this batch.
             handle.flush()
@@ -428,7 +472,7 @@ def score_files(
         for path, error in todo:
             pixels = None
             if error is None:
-                pixels, error = _load(path, decode, scorer.max_pixels, max_bytes)
+                pixels, error = load_pixels(path, decode, scorer.max_pixels, max_bytes)
             pending.append([path, pixels, error])
             if len(pending) >= batch_size:
                 flush()
