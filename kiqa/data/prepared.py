@@ -448,7 +448,7 @@ class Prepared:
         if training:
             dataset = shuffle_decoded(dataset, n, config)
         dataset = dataset.map(lambda e: dict(e, image=tf.cast(e["image"], tf.float32)))
-        return finish_dataset(dataset, config, training, with_index)
+        return finish_dataset(dataset, config, training, with_index, size=n)
 
 
 def _read_manifest(path):
