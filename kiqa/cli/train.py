@@ -145,7 +145,7 @@ def next_steps(result, config):
     """
     from kiqa.data import koniq, synthetic
 
-    labels = Path(config.labels).resolve() if config.labels else synthetic.demo_dataset()
+    labels = (Path(config.labels) if config.labels else synthetic.demo_dataset()).resolve()
     images = Path(config.images) if config.images else koniq.default_image_root(labels)
     model = result.run_dir
     lines = ["next steps:"]
