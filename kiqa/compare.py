@@ -61,6 +61,9 @@ class CompareResult:
         n_failed: files that could not be scored (in any folder).
         files: name -> path of every file written.
         summaries: the `ScoreSummary` of each folder.
+        extension_pairable: (label, relative path) of the unpaired images that would pair
+            if extensions were ignored ("x.png" here, "x.jpg" there); empty when
+            `ignore_extension` was set.
     """
 
     out_dir: str
@@ -73,6 +76,7 @@ class CompareResult:
     n_failed: int
     files: dict
     summaries: tuple
+    extension_pairable: tuple = ()
 
 
 def folder_labels(folders):
@@ -222,6 +226,28 @@ def _folder_scores(folder, files, table, ignore_extension):
     return scored, left_out
 
 
+def pairable_without_extension(labels, per_folder, common):
+    """Unpaired images that would pair if extensions were ignored.
+
+    Args:
+        labels: one label per folder.
+        per_folder: one dict per folder, pairing key (relative path) -> MOS.
+        common: keys scored in every folder (already paired).
+
+    Returns:
+        Tuple of (label, relative path), in folder order then path order.
+    """
+    stems = [{os.path.splitext(key)[0] for key in scored} for scored in per_folder]
+    everywhere = set.intersection(*stems)
+    common = set(common)
+    return tuple(
+        (label, key)
+        for label, scored in zip(labels, per_folder)
+        for key in sorted(set(scored) - common)
+        if os.path.splitext(key)[0] in everywhere
+    )
+
+
 def compare_folders(
     dirs,
     scorer,
@@ -302,6 +328,7 @@ def compare_folders(
         for key in sorted(set(scored) - set(common)):
             missing = [other for other, s in zip(labels, per_folder) if key not in s]
             left_out.append((label, key, f"no scored counterpart in {', '.join(missing)}"))
+    pairable = () if ignore_extension else pairable_without_extension(labels, per_folder, common)
     unpaired = pd.DataFrame(left_out, columns=["folder", "path", "reason"])
     files_written["unpaired"] = str(out / "unpaired.csv")
     unpaired.to_csv(files_written["unpaired"], index=False, errors="surrogateescape")
@@ -309,12 +336,15 @@ def compare_folders(
         examples = "; ".join(
             f"{label}: {min(scored, default='(none scored)')}" for label, scored in zip(labels, per_folder)
         )
-        raise DataError(
+        error = DataError(
             f"no image is scored in all of {', '.join(folders)} under the same relative path "
             f"(e.g. {examples}); the folders must hold the same file names"
-            + ("" if ignore_extension else " (pass --ignore-extension to pair x.png with x.jpg)")
+            + (f" ({len(pairable)} of the unpaired images differ only by their extension, e.g. {pairable[0][0]}: "
+               f"{pairable[0][1]})" if pairable else "")
             + f"; see {files_written['unpaired']}"
         )
+        error.extension_pairable = pairable
+        raise error
 
     matrix = np.array([[scored[key] for key in common] for scored in per_folder])  # [folders, images]
     per_image = pd.DataFrame({"path": common})
@@ -354,6 +384,7 @@ def compare_folders(
         n_failed=sum(s.n_failed for s in summaries),
         files=files_written,
         summaries=tuple(summaries),
+        extension_pairable=pairable,
     )
     files_written["json"] = str(out / "compare.json")
     _write_json(result, scorer, files_written["json"])

@@ -48,6 +48,9 @@ class TrainConfig:
         train_crop: (height, width) of a random crop, without rescaling, taken from
             each resized training image; None trains on whole images. Evaluation
             always sees whole images (the model is fully convolutional).
+        prepared: folder of a set made by `kiqa prepare` to read the training images
+            from. None uses `<labels folder>/prepared-<H>x<W>/` when it exists and
+            matches; a folder given here must match, or training stops with the reason.
         cache: "none", "memory" (decoded, resized uint8 images) or a directory for
             tf.data's file cache.
         variant: ConvNeXt size: tiny, small, base, large or xlarge.
@@ -85,6 +88,7 @@ class TrainConfig:
     image_size: Tuple[int, int] = DEFAULT_IMAGE_SIZE
     hflip: bool = True
     train_crop: Optional[Tuple[int, int]] = None
+    prepared: Optional[str] = None
     cache: str = "none"
     variant: str = "tiny"
     weights: str = "imagenet"

@@ -21,7 +21,7 @@ import tensorflow as tf
 from kiqa.config import TrainConfig
 from kiqa.data import koniq
 from kiqa.data.pipeline import make_dataset
-from kiqa.data.prepared import default_prepared_dir, open_prepared
+from kiqa.data.prepared import default_prepared_dir, inspect_prepared, open_prepared
 from kiqa.data.validate import load_checked_labels
 from kiqa.distribute import make_strategy, writable_run_dir
 from kiqa.errors import ConfigError, DataError
@@ -183,7 +183,8 @@ def _fit_phase(model, train_ds, callbacks_for, phase_dir, epochs, verbose):
         return
     phase_dir.mkdir(parents=True, exist_ok=True)
     try:
-        model.fit(train_ds, epochs=epochs, callbacks=callbacks_for(phase_dir), verbose=verbose)
+        # shuffle=False: the dataset shuffles itself (Keras would only warn that it ignores True).
+        model.fit(train_ds, epochs=epochs, callbacks=callbacks_for(phase_dir), verbose=verbose, shuffle=False)
     except ValueError as err:
         if "PerReplica" in str(err) and isinstance(
             tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy
@@ -237,7 +238,10 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
-    if prepared is not None and prepared.check_names(split.train["image_name"]) is None:
+    unusable = prepared.check_names(split.train["image_name"]) if prepared is not None else None
+    if unusable and config.prepared:  # a set the user named must serve, not be skipped
+        raise DataError(unusable)
+    if prepared is not None and unusable is None:
         train_ds = prepared.dataset(split.train["image_name"], split.train["mos"], config, training=True)
     else:
         train_ds = make_dataset(split.train["path"], split.train["mos"], config, training=True, part="train")
@@ -288,6 +292,25 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
     return metrics, model_path
 
 
+def _prepared_set(config):
+    """The prepared set (`kiqa prepare`) training reads from, or None.
+
+    The default folder beside the label file is used when it matches the config; a
+    folder named in `config.prepared` must match.
+
+    Raises:
+        ConfigError: `config.prepared` names a folder that cannot be used (the reason).
+    """
+    if not config.labels:
+        return None
+    if not config.prepared:
+        return open_prepared(default_prepared_dir(config.labels, config.image_size), config)
+    prepared, why = inspect_prepared(Path(config.prepared), config)
+    if prepared is None:
+        raise ConfigError(f"the prepared set {config.prepared} cannot be used: {why}")
+    return prepared
+
+
 def _check_run_dir(run_dir, config, overwrite):
     """Refuses to mix runs: a finished run or a different config in the same folder."""
     if overwrite and run_dir.exists():
@@ -336,8 +359,7 @@ def train(config, backbone=None, overwrite=False, progress=True):
 
     splits = koniq.make_splits(frame, config)
     verbose = "auto" if progress else 0
-    # A prepared set (`kiqa prepare`) beside the label file is used when it matches.
-    prepared = open_prepared(default_prepared_dir(config.labels, config.image_size), config) if config.labels else None
+    prepared = _prepared_set(config)
     if len(splits) == 1:
         metrics, model_path = train_split(splits[0], config, run_dir, backbone, verbose, strategy, prepared)
         return TrainResult(run_dir, metrics, model_path, rejects, prepared and prepared.path)

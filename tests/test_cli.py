@@ -1,12 +1,18 @@
 """The commands users type, run in-process through their `main(argv)`."""
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from helpers import demo_subset
 from kiqa import cli
+from kiqa.cli import _common
 from kiqa.cli import evaluate as evaluate_cli
 from kiqa.cli import train as train_cli
 
@@ -82,3 +88,131 @@ def test_kiqa_evaluate_reproduces_the_run_metrics(convnext_run, tmp_path, capsys
     assert again["n"] == first["n"]
     assert again["srcc"] == pytest.approx(first["srcc"], abs=1e-6, nan_ok=True)
     assert (out / "scatter.png").is_file() and "PLCC" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ the console a user sees
+
+TESTS = Path(__file__).resolve().parent
+# What TF, absl and Keras print that kiqa hides or avoids (issue 15, item 3).
+NOISE = re.compile(
+    r"absl::InitializeLog|oneDNN|cuInit|cuda|TensorFlow binary is optimized|rebuild TensorFlow|"
+    r"AVX|Unknown|ran out of data|shuffle=True|UserWarning|DeprecationWarning|^[IWEF]\d{4} ",
+    re.I,
+)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _run_cli(module, argv, env=None, small_backbone=True, cwd=None):
+    """A kiqa command's real `main` in a fresh Python process (TF imported from scratch)."""
+    environment = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "KIQA_VERBOSE")}
+    environment["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(TESTS.parent)])
+    environment.update(env or {})
+    options = [module] + (["--small-backbone"] if small_backbone else [])
+    return subprocess.run(
+        [sys.executable, str(TESTS / "cli_driver.py"), *options, "--", *argv], cwd=cwd,
+        env=environment, capture_output=True, text=True, timeout=900,
+    )
+
+
+def _assert_quiet_demo_run(process, run_dir, demo_home):
+    assert process.returncode == 0, process.stderr[-3000:]
+    # Progress bars redraw with \r and colour with ANSI escapes: read them as lines of text.
+    out, err = (ANSI.sub("", text.replace("\r", "\n")) for text in (process.stdout, process.stderr))
+    noisy = [line for line in (out + "\n" + err).splitlines() if NOISE.search(line)]
+    assert noisy == []
+    # Keras knows the epoch's length: "3/3", never "1/Unknown".
+    assert re.search(r"\b(\d+)/\1 ", out), out[-2000:]
+    notes = [line for line in err.splitlines() if ": note: " in line]
+    assert any("built-in demo data" in n for n in notes) and any("random weights" in n for n in notes)
+    assert len(notes) == len(set(notes)), notes  # each note once
+    assert all(line.startswith("kiqa-train: note: ") for line in notes)
+    labels, images = demo_home / "labels.csv", demo_home / "images"
+    lines = out.splitlines()
+    steps = lines[lines.index("next steps:") + 1:]
+    assert steps[0].split() == ["kiqa", "score", str(images), "--model", str(run_dir), "--out",
+                                str(run_dir / "scores.csv")]
+    assert steps[1].split() == ["kiqa", "evaluate", str(run_dir), "--labels", str(labels), "--part", "all"]
+    assert steps[2].split()[:3] == ["kiqa", "export", str(run_dir)]
+    assert f"the demo data: {labels}" in steps[3]
+
+
+def test_kiqa_train_demo_console_is_quiet_and_says_what_next(tmp_path):
+    """The README's first command, in a fresh process, read line by line (small CNN for speed)."""
+    from kiqa.data import synthetic
+
+    run_dir = tmp_path / "run"
+    # The demo data where kiqa-train looks for it, one crop per photo instead of four (speed).
+    synthetic.write_demo_dataset(synthetic_demo_dir(tmp_path / "home"), crops_per_photo=1)
+    process = _run_cli("kiqa.cli.train", ["--weights", "none", "--epochs", "1", "--image-size", "32", "32",
+                                          "--run-dir", str(run_dir)], env={"KIQA_HOME": str(tmp_path / "home")})
+    _assert_quiet_demo_run(process, run_dir, synthetic_demo_dir(tmp_path / "home"))
+
+
+@pytest.mark.large
+def test_kiqa_train_demo_console_with_convnext(tmp_path):
+    run_dir = tmp_path / "run"
+    process = _run_cli("kiqa.cli.train", ["--weights", "none", "--epochs", "1", "--run-dir", str(run_dir)],
+                       env={"KIQA_HOME": str(tmp_path / "home")}, small_backbone=False)
+    _assert_quiet_demo_run(process, run_dir, synthetic_demo_dir(tmp_path / "home"))
+
+
+def synthetic_demo_dir(home):
+    from kiqa.data import synthetic
+
+    return home / synthetic.default_demo_dir().name
+
+
+def test_a_users_own_tf_log_level_is_respected(tmp_path):
+    """TF_CPP_MIN_LOG_LEVEL=0 set by the user: TF's start-up log lines are shown again."""
+    process = _run_cli("kiqa.cli.score", [str(tmp_path / "none.jpg"), "--model", str(tmp_path / "no-model")],
+                       env={"TF_CPP_MIN_LOG_LEVEL": "0"}, small_backbone=False)
+    assert re.search(r"^[IW]\d{4} ", process.stderr, re.M), process.stderr[-2000:]
+    assert process.stderr.rstrip().splitlines()[-1].startswith("kiqa score: error: ")
+
+
+def test_tf_start_up_output_is_filtered_by_level():
+    captured = "\n".join([
+        _common._ABSL_PREAMBLE,
+        "I0000 00:00:1796157819.484412    6572 port.cc:153] oneDNN custom operations are on.",
+        "I0000 00:00:1796158318.586844   14362 cpu_feature_guard.cc:227] This TensorFlow binary is optimized",
+        "To enable the following instructions: AVX2 AVX512F, rebuild TensorFlow with the appropriate flags.",
+        "E0000 00:00:1796157826.611808    6572 cuda_platform.cc:52] failed call to cuInit: UNKNOWN ERROR (303)",
+        "/x/y.py:3: UserWarning: something a library says",
+        "Traceback (most recent call last):",
+    ])
+    assert _common.filter_tf_output(captured, 3) == captured.splitlines()[-2:]
+    assert _common.filter_tf_output(captured, 2) == captured.splitlines()[-3:]
+    assert _common.filter_tf_output(captured, 0) == captured.splitlines()[1:]
+
+
+def _error_line(capsys):
+    return capsys.readouterr().err.rstrip().splitlines()[-1]
+
+
+def test_every_entry_point_names_itself_in_errors(tmp_path, capsys):
+    """One style: the program the user typed, then `error:` (`kiqa-train: error: ...`)."""
+    scripts = {}
+    for line in (TESTS.parent / "setup.cfg").read_text().split("console_scripts =")[1].splitlines()[1:]:
+        if "=" not in line:
+            break
+        name, target = (part.strip() for part in line.split("="))
+        scripts[name] = target.split(":")[0]
+    assert scripts.pop("kiqa") == "kiqa.cli"
+    for name, module in scripts.items():
+        assert _common.program_name(module) == name
+    for command, (module, _) in cli.COMMANDS.items():
+        expected = next((n for n, m in scripts.items() if m == module), f"kiqa {command}")
+        assert _common.program_name(module) == expected
+    missing = str(tmp_path / "missing.csv")
+    assert train_cli.main(["--labels", missing, "--run-dir", str(tmp_path / "r")]) == 1
+    assert _error_line(capsys).startswith("kiqa-train: error: label file not found")
+    assert evaluate_cli.main([str(tmp_path / "no-run"), "--labels", missing]) == 1
+    assert _error_line(capsys).startswith("kiqa-evaluate: error: ")
+    assert cli.main(["train", "--labels", missing, "--run-dir", str(tmp_path / "r")]) == 1
+    assert _error_line(capsys).startswith("kiqa train: error: label file not found")
+    assert cli.main(["prepare", missing]) == 1
+    assert _error_line(capsys).startswith("kiqa prepare: error: ")
+    assert cli.main(["score", str(tmp_path), "--model", str(tmp_path / "no-model")]) == 1
+    assert _error_line(capsys).startswith("kiqa score: error: ")

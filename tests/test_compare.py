@@ -175,8 +175,10 @@ def test_ignore_extension_pairs_png_with_jpg(systems, scorer, tmp_path):
         # The same bytes under a .png name: decode_image reads the format from the bytes.
         (pngs / f"{name}.png").write_bytes((a / f"{name}.jpg").read_bytes())
         (jpgs / f"{name}.jpg").write_bytes((a / f"{name}.jpg").read_bytes())
-    with pytest.raises(DataError, match="no image is scored in all.*--ignore-extension"):
+    with pytest.raises(DataError, match="no image is scored in all.*6 of the unpaired images differ only by their extension") as info:
         compare_folders([pngs, jpgs], scorer, tmp_path / "strict", progress=False)
+    assert "--ignore-extension" not in str(info.value)  # the library states facts; the CLI names flags
+    assert info.value.extension_pairable[0] == ("pngs", "img00.png")
     result = compare_folders([pngs, jpgs], scorer, tmp_path / "loose", progress=False,
                              ignore_extension=True, n_resamples=100)
     assert result.n_common == 3
@@ -213,3 +215,29 @@ def test_cli_compare(systems, run_dir, tmp_path, capsys):
     assert exit_info.value.code == 2
     code = compare_cli.main([str(a), str(tmp_path / "nowhere"), "--model", str(run_dir), "--out", str(out)])
     assert code == EXIT_ERROR and "nowhere is not a folder" in capsys.readouterr().err
+
+
+def test_suggests_ignore_extension_when_only_some_images_pair(systems, scorer, run_dir, tmp_path, capsys):
+    """Two images pair by name, two more only without their extension: the hint still comes."""
+    a, _, _ = systems
+    left, right = tmp_path / "left", tmp_path / "right"
+    left.mkdir()
+    right.mkdir()
+    for name in ("img00", "img01", "img02", "img03"):
+        (left / f"{name}.jpg").write_bytes((a / f"{name}.jpg").read_bytes())
+        suffix = ".jpg" if name in ("img00", "img01") else ".png"
+        (right / f"{name}{suffix}").write_bytes((a / f"{name}.jpg").read_bytes())
+    (right / "extra.jpg").write_bytes((a / "img04.jpg").read_bytes())  # unpaired, with no twin at all
+    result = compare_folders([left, right], scorer, tmp_path / "some", progress=False, n_resamples=50)
+    assert result.n_common == 2 and result.n_unpaired == 5
+    assert result.extension_pairable == (("left", "img02.jpg"), ("left", "img03.jpg"),
+                                         ("right", "img02.png"), ("right", "img03.png"))
+    loose = compare_folders([left, right], scorer, tmp_path / "loose", progress=False, n_resamples=50,
+                            ignore_extension=True)
+    assert loose.n_common == 4 and loose.extension_pairable == ()
+    code = compare_cli.main([str(left), str(right), "--model", str(run_dir), "--out", str(tmp_path / "cli"),
+                             "--quiet", "--bootstrap", "50"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "4 unpaired image(s) differ only by their extension (e.g. left: img02.jpg)" in err
+    assert "pass --ignore-extension" in err

@@ -457,3 +457,17 @@ def test_wait_until_available_reports_a_failed_load_and_a_timeout():
     loading = FakeClient([[status(2, "LOADING")]])
     with pytest.raises(ServingError, match=r"not AVAILABLE after 0 s \(version 2 is LOADING\)"):
         explore.wait_until_available(loading, 2, timeout=0, poll=0)
+
+
+def test_labels_or_demo_says_when_it_falls_back(tmp_path, monkeypatch):
+    from kiqa.data import synthetic
+
+    monkeypatch.setenv("KIQA_HOME", str(tmp_path / "home"))
+    synthetic.write_demo_dataset(synthetic.default_demo_dir(), crops_per_photo=1)
+    present = tmp_path / "k.csv"
+    present.write_text("image_name,MOS\n")
+    assert explore.labels_or_demo(str(present)) == (present, None)
+    assert explore.labels_or_demo(None) == (synthetic.default_demo_dir() / "labels.csv", None)
+    path, note = explore.labels_or_demo(str(tmp_path / "absent.csv"))
+    assert path == synthetic.default_demo_dir() / "labels.csv"
+    assert "absent.csv" in note and "not KonIQ" in note and "kiqa fetch-koniq" in note

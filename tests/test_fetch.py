@@ -9,6 +9,7 @@ import re
 import threading
 import urllib.parse
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -369,3 +370,17 @@ def test_cli_rejects_malformed_checksums(tmp_path, capsys, value, message):
     code = fetch_cli.main([str(tmp_path), "--sha256", value, "--quiet"], prog="kiqa fetch-koniq")
     assert code == 1
     assert message in capsys.readouterr().err
+
+
+def test_download_sizes_come_from_one_table(capsys):
+    """--help and the README quote the archive table's sizes, and nothing else (issue 15, item 11)."""
+    with pytest.raises(SystemExit):
+        fetch_cli.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    for archives in (fetch.DEFAULT_ARCHIVES, fetch.SMALL_ARCHIVES):
+        for name in (*archives, fetch.SPLIT_FILE):
+            quoted = f"{name} ({fetch.EXPECTED[name].about})"
+            assert quoted in help_text and quoted in readme
+    assert fetch.describe_downloads() in help_text
+    assert not re.search(r"\b(2\.5|6) GB\b", help_text + readme)

@@ -163,8 +163,12 @@ def test_notebook_is_committed_clean_with_one_parameters_cell(name):
 # ----------------------------------------------------------------------------- 01
 
 
-def test_explore_notebook_on_the_demo_data(tmp_path):
-    nb = run_notebook(NAMES[0], tmp_path, LABELS=None, OUT_DIR="out", IMAGES_PER_BAND=3)
+def test_explore_notebook_in_a_fresh_clone_falls_back_to_the_demo_data(tmp_path):
+    """The default LABELS (the shared reference copy) is absent, as in a fresh clone (issue 15, item 7)."""
+    default = parameters_cell(read_notebook(NAMES[0])).source.split("LABELS = ")[1].splitlines()[0].strip('"')
+    assert not (tmp_path / default).exists()  # the notebook runs in tmp_path, where nothing is shared
+    nb = run_notebook(NAMES[0], tmp_path, OUT_DIR="out", IMAGES_PER_BAND=3)
+    assert f"no label file at {default}" in printed(nb) and "showing kiqa's built-in demo data" in printed(nb)
     out = tmp_path / "out"
     labels = pd.read_csv(synthetic.default_demo_dir() / "labels.csv")
 

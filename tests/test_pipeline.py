@@ -74,3 +74,18 @@ def test_one_bad_file_does_not_stop_the_training_pipeline(demo, tmp_path):
     config = TrainConfig.demo(image_size=SIZE, batch_size=4)
     images, mos, index = collect(make_dataset(paths, np.arange(11.0), config, training=False, with_index=True))
     assert len(images) == 10 and 10 not in index
+
+
+@pytest.mark.parametrize("cache", ["none", "memory"])
+def test_training_epochs_have_a_known_length_even_when_a_file_goes_bad(demo, tmp_path, cache):
+    """Keras reads the step count ("3/3", not "1/Unknown"); the safety net keeps it true."""
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    paths = list(demo.path[:10]) + [str(bad)]
+    config = TrainConfig.demo(image_size=SIZE, batch_size=4, cache=cache)
+    dataset = make_dataset(paths, np.arange(11.0), config, training=True, with_index=True)
+    assert int(dataset.cardinality()) == 3  # ceil(11 / 4)
+    for _ in range(2):  # two epochs: the memory cache is filled by the first one, then read
+        images, _, index = collect(dataset)
+        assert len(images) == 11 and 10 not in index  # the gap is filled by a good image
+        assert set(index.tolist()) == set(range(10))  # every good image in every epoch

@@ -226,3 +226,51 @@ def test_a_set_decoded_by_an_older_image_function_is_not_used(tmp_path):
     manifest.write_text(_json.dumps(data))
     prepared, why = inspect_prepared(out, config)
     assert prepared is None and "older kiqa image function" in why
+
+
+def test_prepare_warns_when_it_upscales_with_sizes_and_disk_cost(tmp_path, capsys):
+    """64x48 sources prepared at 96x128 (issue 15, item 9): said before the work, with the fix."""
+    data = tmp_path / "small"
+    (data / "images").mkdir(parents=True)
+    rows = ["image_name,MOS_zscore"]
+    for i in range(4):
+        Image.new("RGB", (64, 48), (50 * i, 90, 30)).save(data / "images" / f"{i}.jpg")
+        rows.append(f"{i}.jpg,{20 * (i + 1)}")
+    (data / "labels.csv").write_text("\n".join(rows) + "\n")
+    assert prepare_cli.main([str(data / "labels.csv"), "--image-size", "96", "128", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert ("kiqa prepare: warning: 4 of 4 images are smaller than 96x128 (source sizes: 48x64 (4)) "
+            "and are upscaled when prepared: the prepared set takes 0 MB on disk") in err
+    assert "--image-size 48 64" in err
+    paths = [str(data / "images" / f"{i}.jpg") for i in range(4)]
+    assert prepared.find_upscaled(paths, (96, 128)) == {(48, 64): 4}
+    assert prepared.find_upscaled(paths, (48, 128)) == {(48, 64): 4}  # one side is enough
+    assert prepared.find_upscaled(paths, (32, 48)) == {}  # downscaling is the normal case
+    assert prepared.UpscaleWarning({(48, 64): 4}, 4, (96, 128)).disk_bytes == 4 * 96 * 128 * 3
+
+
+def test_train_reads_a_set_prepared_elsewhere(tmp_path, capsys):
+    """`kiqa prepare --out DIR` then `kiqa-train --prepared DIR` (issue 15, item 9)."""
+    from helpers import small_cnn
+    from kiqa.cli import train as train_cli
+    from kiqa.train import train
+
+    demo = synthetic.write_demo_dataset(tmp_path / "demo", crops_per_photo=1, size=(32, 48))
+    labels = demo.parent / "subset.csv"
+    pd.read_csv(demo).groupby("source_image").head(5).to_csv(labels, index=False)  # 40 of 128 (speed)
+    elsewhere = tmp_path / "elsewhere" / "prep"
+    assert prepare_cli.main([str(labels), "--image-size", "32", "48", "--out", str(elsewhere), "--quiet"]) == 0
+    args = train_cli.build_parser().parse_args(
+        ["--labels", str(labels), "--prepared", str(elsewhere), "--image-size", "32", "48", "--split", "random",
+         "--epochs", "1", "--batch-size", "16", "--run-dir", str(tmp_path / "run")])
+    config = train_cli.resolve_config(args)
+    assert config.prepared == str(elsewhere)
+    result = train(config, backbone=small_cnn((8,)), progress=False)
+    assert result.prepared_dir == elsewhere
+    # A named set that does not match is an error, not a silent fallback to decoding.
+    code = train_cli.main(["--labels", str(labels), "--prepared", str(elsewhere), "--image-size", "32", "32",
+                           "--split", "random", "--run-dir", str(tmp_path / "run2"), "--quiet"])
+    assert code == 1
+    assert "kiqa-train: error: the prepared set" in capsys.readouterr().err
+    assert train_cli.main(["--prepared", str(elsewhere), "--quiet"]) == 1  # the demo has no label file
+    assert "--prepared needs --labels" in capsys.readouterr().err

@@ -186,7 +186,7 @@ def test_scorer_is_immutable_but_replaceable(tiny_run):
 
 
 def test_saved_model_batches_are_split_at_the_exports_maximum(base):
-    from kiqa import export
+    from kiqa.serving import export
 
     assert inference.SAVED_MODEL_MAX_BATCH == export.MAX_BATCH
     scorer = load_scorer(base)

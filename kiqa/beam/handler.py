@@ -2,7 +2,7 @@
 
 Beam's `TFModelHandlerTensor` loads with `tf.keras.models.load_model`, which cannot load
 a Keras 3 SavedModel (apache/beam issue 30616), and it knows nothing of kiqa's run
-folders or `.keras` files. `KiqaModelHandler` loads with `kiqa.inference.load_scorer`,
+folders or `.keras` files. `KiqaModelHandler` loads with `kiqa.scorer.load_scorer`,
 exactly what `kiqa score` uses, so a batch scored here gets the scores `kiqa score` gives.
 
 A model on a remote Beam file system (gs://, s3://, hdfs://) is copied to a local
@@ -105,12 +105,12 @@ class KiqaModelHandler(ModelHandler):
         self._safe_mode = safe_mode
 
     def load_model(self):
-        """Loads the model with `kiqa.inference.load_scorer` (copied locally first if remote).
+        """Loads the model with `kiqa.scorer.load_scorer` (copied locally first if remote).
 
         Returns:
-            A `kiqa.inference.Scorer`.
+            A `kiqa.scorer.Scorer`.
         """
-        from kiqa.inference import load_scorer  # TF loads in the worker, not at pickling
+        from kiqa.scorer import load_scorer  # TF loads in the worker, not at pickling
 
         ref = self._model_ref
         if is_remote(ref):

@@ -387,7 +387,7 @@ def describe_model(model_ref, image_size=None, safe_mode=True):
     Raises:
         ModelError: the model cannot be loaded (the message says why).
     """
-    from kiqa.inference import load_scorer
+    from kiqa.scorer import load_scorer
 
     workdir = tempfile.mkdtemp(prefix="kiqa-beam-model-")
     try:
@@ -395,7 +395,7 @@ def describe_model(model_ref, image_size=None, safe_mode=True):
         scorer = load_scorer(local, image_size=image_size, safe_mode=safe_mode)
         worker_ref, identity = str(model_ref), {"model": str(model_ref), "kind": scorer.kind}
         if scorer.kind == "savedmodel":
-            from kiqa import export
+            from kiqa.serving import export
 
             suffix = os.path.relpath(scorer.source, local)
             if suffix != ".":

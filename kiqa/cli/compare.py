@@ -5,6 +5,7 @@ import sys
 
 from kiqa.cli._common import add_model_arguments, EXIT_OK, EXIT_PARTIAL, entry_point
 from kiqa.cli.score import print_failures, scoring_options
+from kiqa.errors import DataError
 
 
 def build_parser(prog=None):
@@ -57,6 +58,9 @@ def _format_pair(pair):
     ]
 
 
+IGNORE_EXTENSION_HINT = "pass --ignore-extension to pair x.png with x.jpg"
+
+
 @entry_point
 def main(argv=None, prog=None):
     """Runs `kiqa compare`."""
@@ -68,13 +72,22 @@ def main(argv=None, prog=None):
     from kiqa.scorer import load_scorer
 
     scorer = load_scorer(args.model, image_size=args.image_size, safe_mode=not args.unsafe)
-    result = compare_folders(
-        args.dirs, scorer, args.out, ignore_extension=args.ignore_extension,
-        n_resamples=args.bootstrap, confidence=args.confidence, seed=args.seed,
-        **scoring_options(args),
-    )
+    try:
+        result = compare_folders(
+            args.dirs, scorer, args.out, ignore_extension=args.ignore_extension,
+            n_resamples=args.bootstrap, confidence=args.confidence, seed=args.seed,
+            **scoring_options(args),
+        )
+    except DataError as err:
+        if getattr(err, "extension_pairable", ()):
+            raise DataError(f"{err}; {IGNORE_EXTENSION_HINT}") from err
+        raise
     print(f"{result.n_common} images scored in all {len(result.folders)} folders; "
           f"{result.n_unpaired} unpaired, {result.n_failed} failed (see {result.files['unpaired']})")
+    if result.extension_pairable:
+        label, path = result.extension_pairable[0]
+        print(f"{len(result.extension_pairable)} unpaired image(s) differ only by their extension "
+              f"(e.g. {label}: {path}); {IGNORE_EXTENSION_HINT}", file=sys.stderr)
     if result.ranking is None:
         print("\n".join(_format_pair(result.pairs[0])))
     else:

@@ -10,7 +10,7 @@ from kiqa.errors import ConfigError
 
 def build_parser(prog=None):
     """The argument parser."""
-    from kiqa.data.fetch import DEFAULT_TIMEOUT, OFFICIAL_BASE_URL, SPLIT_FILE_URL
+    from kiqa.data.fetch import DEFAULT_TIMEOUT, OFFICIAL_BASE_URL, SMALL_ARCHIVES, SPLIT_FILE_URL, describe_downloads
 
     parser = argparse.ArgumentParser(
         prog=prog or "kiqa fetch-koniq",
@@ -20,14 +20,16 @@ def build_parser(prog=None):
         "A rerun after success downloads nothing. Archives already in DIR (e.g. downloaded with a "
         "browser) are used instead of downloaded.",
     )
-    parser.add_argument("dir", metavar="DIR", help="folder to fetch into (about 6 GB with the 1024x768 images)")
+    parser.add_argument("dir", metavar="DIR", help=f"folder to fetch into: {describe_downloads()} "
+                        "(the archives are kept beside the extracted images)")
     parser.add_argument("--base-url", default=OFFICIAL_BASE_URL,
                         help=f"where the archives are, e.g. a mirror (default {OFFICIAL_BASE_URL})")
     parser.add_argument("--sha256", action="append", default=[], metavar="NAME=HEX",
                         help="expected sha256 of an archive, e.g. koniq10k_1024x768.zip=<64 hex digits>; "
                         "repeatable. The KonIQ site publishes none, so by default the digest is only recorded")
     parser.add_argument("--small", action="store_true",
-                        help="fetch the 512x384 copy of the images instead of 1024x768")
+                        help=f"fetch the 512x384 copy of the images instead of 1024x768: "
+                        f"{describe_downloads(SMALL_ARCHIVES)}")
     split = parser.add_mutually_exclusive_group()
     split.add_argument("--split-file-url", default=SPLIT_FILE_URL,
                        help="official split file (training/validation/test 7058/1000/2015; "

@@ -7,6 +7,7 @@ it, so a prepared set is used without further flags when its image size matches.
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from kiqa.cli._common import EXIT_OK, EXIT_PARTIAL, entry_point
@@ -55,7 +56,9 @@ def main(argv=None, prog=None):
     out = Path(args.out) if args.out else default_prepared_dir(args.labels, config.image_size)
     print(f"preparing {len(frame)} images from {root} at {config.image_size[0]}x{config.image_size[1]} "
           f"into {out}", file=sys.stderr)
-    out = prepare_dataset(frame, root, config, out, shards=args.shards, progress=not args.quiet)
+    with warnings.catch_warnings():
+        warnings.showwarning = _upscale_notice(warnings.showwarning, prog or "kiqa prepare")
+        out = prepare_dataset(frame, root, config, out, shards=args.shards, progress=not args.quiet)
     prepared = open_prepared(out, config)
     rejects = prepared.rejects
     print(f"prepared {len(prepared.image_names)} images in {len(prepared.manifest['shards'])} shard(s): {out}")
@@ -67,6 +70,21 @@ def main(argv=None, prog=None):
             print(f"  ... and {len(rejects) - 20} more", file=sys.stderr)
         return EXIT_PARTIAL
     return EXIT_OK
+
+
+def _upscale_notice(show, prog):
+    """Prints an `UpscaleWarning` at once, with the flag that avoids it."""
+    from kiqa.data.prepared import UpscaleWarning
+
+    def notice(message, category, *rest, **kwargs):
+        if not issubclass(category, UpscaleWarning):
+            return show(message, category, *rest, **kwargs)
+        (height, width), _ = max(message.sizes.items(), key=lambda kv: kv[1])
+        print(f"{prog}: warning: {message}; to keep the sources' size, prepare and train with "
+              f"--image-size {height} {width}", file=sys.stderr)
+        return None
+
+    return notice
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@ resolved config is written to the run directory as config.json.
 """
 
 import argparse
+import shlex
 import sys
+from pathlib import Path
 
 from kiqa.cli._common import EXIT_OK, entry_point
+from kiqa.errors import ConfigError
 from kiqa.config import (
     CACHES, MONITORS, ON_BAD_IMAGES, SPLITS, STRATEGIES, VARIANTS, TrainConfig,
 )
@@ -27,6 +30,9 @@ def build_parser(prog=None):
     parser.add_argument("--overwrite", action="store_true",
                         help="delete an existing run directory instead of resuming or refusing")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's own start-up and C++ log lines (hidden by default; "
+                        "KIQA_VERBOSE=1 does the same for every kiqa command)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--labels", help="KonIQ label CSV: koniq10k_distributions_sets.csv (0-100 'MOS' + "
@@ -51,6 +57,9 @@ def build_parser(prog=None):
                       help="whole image resized to this, no crop (default 384 512: KonIQ's 4:3 aspect kept)")
     data.add_argument("--no-hflip", dest="hflip", action="store_false", default=None,
                       help="no random horizontal flips (the only augmentation: it does not change quality)")
+    data.add_argument("--prepared", metavar="DIR",
+                      help="a folder made by `kiqa prepare --out DIR` to read the training images from "
+                      "(default: <labels folder>/prepared-HEIGHTxWIDTH when it exists and matches)")
     data.add_argument("--cache", help=f"decoded-image cache: {' or '.join(CACHES)} or a folder for a file cache")
 
     model = parser.add_argument_group("model")
@@ -88,7 +97,7 @@ def resolve_config(args):
         fields.update(TrainConfig.load(args.config).to_dict())
     flags = {
         key: value for key, value in vars(args).items()
-        if value is not None and key not in ("config", "overwrite", "quiet")
+        if value is not None and key not in ("config", "overwrite", "quiet", "verbose")
     }
     fields.update(flags)
     if fields.get("weights") not in (None, "imagenet", "none"):
@@ -102,12 +111,17 @@ def resolve_config(args):
 @entry_point
 def main(argv=None, prog=None):
     """Runs `kiqa-train`."""
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
     config = resolve_config(args)
+    if config.prepared and not config.labels:
+        raise ConfigError("--prepared needs --labels: a prepared set is made from a label file by "
+                          "`kiqa prepare LABELS.csv --out DIR`")
     from kiqa.train import caveats, train
 
+    # Once, before training: they say what the numbers at the end will mean.
     for note in caveats(config):
-        print(f"note: {note}\n", file=sys.stderr)
+        print(f"{parser.prog}: note: {note}\n", file=sys.stderr)
     print(f"run directory: {config.resolved_run_dir}", file=sys.stderr)
     result = train(config, overwrite=args.overwrite, progress=not args.quiet)
     if result.prepared_dir:
@@ -115,9 +129,43 @@ def main(argv=None, prog=None):
     if len(result.rejects):
         print(f"{len(result.rejects)} image(s) were rejected; see {result.run_dir / 'rejects.csv'}")
     _print_metrics(result)
-    for note in caveats(config):
-        print(f"\nnote: {note}", file=sys.stderr)
+    print("\n" + "\n".join(next_steps(result, config)))
     return EXIT_OK
+
+
+def next_steps(result, config):
+    """What to run after training, with this run's real paths (lines to print).
+
+    Args:
+        result: the `kiqa.train.TrainResult`.
+        config: the run's `TrainConfig`.
+
+    Returns:
+        Lines: `kiqa score`, `kiqa evaluate` and `kiqa export` commands and, for the demo,
+        where its data lives.
+    """
+    from kiqa.data import koniq, synthetic
+
+    labels = (Path(config.labels) if config.labels else synthetic.demo_dataset()).resolve()
+    images = Path(config.images) if config.images else koniq.default_image_root(labels)
+    model = result.run_dir
+    lines = ["next steps:"]
+    if result.model_path is None:  # repeated splits: one model per split folder
+        models = sorted(result.run_dir.glob("*/model.keras"))
+        if not models:
+            return []
+        model = models[0].parent
+        lines.append(f"  (one model per split: {len(models)} in {result.run_dir}/*/; the first is used here)")
+    q = shlex.quote
+    lines += [
+        f"  kiqa score {q(str(images))} --model {q(str(model))} --out {q(str(model / 'scores.csv'))}",
+        f"  kiqa evaluate {q(str(model))} --labels {q(str(labels))} --part {'all' if config.labels is None else 'test'}",
+        f"  kiqa export {q(str(model))}        # writes export/kiqa/<next version>/ for TF Serving",
+    ]
+    if config.labels is None:
+        lines.append(f"  the demo data: {labels} (labels) and {images}/ (images); "
+                     f"KIQA_HOME moves it (now {synthetic.default_demo_dir().parent})")
+    return lines
 
 
 def _print_metrics(result):

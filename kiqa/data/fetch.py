@@ -72,10 +72,13 @@ class Expected:
     Attributes:
         size: size in bytes.
         sha256: lowercase hex digest.
+        about: the download's size for people (`kiqa fetch-koniq --help` and the README
+            quote it): a measured figure, or "size unverified" when none was measured.
     """
 
     size: Optional[int] = None
     sha256: Optional[str] = None
+    about: str = "size unverified"
 
 
 # The KonIQ site publishes neither sizes nor checksums of its archives, and they could not
@@ -83,15 +86,31 @@ class Expected:
 # against the server's Content-Length, the sha256 is computed and recorded in
 # .kiqa-fetch.json (and logged), and users who have a trusted value pin it with
 # `--sha256 NAME=HEX`. Fill these in once measured on a trusted download.
+# The archives' sizes were not measured either. Third-party download notes disagree (the
+# 1024x768 zip is called "~2 GB" in some, "~4 GB" in others; kiqa's README once said 2.5 GB
+# and its --help 6 GB), so no figure is given rather than a guess.
 EXPECTED = {
     "koniq10k_1024x768.zip": Expected(),
     "koniq10k_512x384.zip": Expected(),
     "koniq10k_scores_and_distributions.zip": Expected(),
     # Measured on the copy of subpic/koniq's file in kiqa's reference data (10,073 rows).
     SPLIT_FILE: Expected(
-        size=1147194, sha256="d0bd1ad54a60bc36fe172049e46ac76c83554e50ab84acebfd47b82b3e698a0a"
+        size=1147194, sha256="d0bd1ad54a60bc36fe172049e46ac76c83554e50ab84acebfd47b82b3e698a0a",
+        about="1.1 MB, measured",
     ),
 }
+
+
+def describe_downloads(archives=DEFAULT_ARCHIVES):
+    """One line per file `fetch_koniq` downloads, with its size as `EXPECTED` knows it.
+
+    Args:
+        archives: the archive names (DEFAULT_ARCHIVES or SMALL_ARCHIVES).
+
+    Returns:
+        e.g. "koniq10k_1024x768.zip (size unverified), ..., koniq10k_distributions_sets.csv (1.1 MB, measured)".
+    """
+    return ", ".join(f"{name} ({EXPECTED[name].about})" for name in (*archives, SPLIT_FILE))
 
 
 class _Retry(Exception):
@@ -204,7 +223,7 @@ def merge_expected(expected=None):
             raise ConfigError(f"sha256 for {name} must be 64 hex digits, got {value.sha256!r}")
         if size is not None and (not isinstance(size, int) or size < 1):
             raise ConfigError(f"expected size for {name} must be a positive integer, got {size!r}")
-        table[name] = Expected(size=size, sha256=sha)
+        table[name] = Expected(size=size, sha256=sha, about=base.about)
     return table
 
 

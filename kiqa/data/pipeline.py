@@ -102,7 +102,30 @@ def make_dataset(paths, mos, config, training, with_index=False, part="train"):
         if training:
             dataset = shuffle_decoded(dataset, n, config)
         dataset = dataset.map(lambda e: dict(e, image=tf.cast(e["image"], tf.float32)))
-    return finish_dataset(dataset, config, training, with_index)
+    return finish_dataset(dataset, config, training, with_index, size=n)
+
+
+def exact_length(dataset, n):
+    """Exactly `n` elements, with a cardinality Keras can read.
+
+    The safety net (`ignore_errors`) and the prepared set's filter make the element count
+    unknown to tf.data, so Keras shows "1/Unknown" steps and warns "Your input ran out of
+    data" at the end of every epoch. Repeating and taking `n` keeps an epoch at `n`
+    elements even when the safety net drops one (the gap is filled from the next,
+    reshuffled, pass), which makes the asserted cardinality true. An empty input stays
+    empty (tf.data's `repeat` stops on an empty pass) and then fails the assertion.
+    Only for training: a cache placed before a `take` that stops exactly at its end would
+    never see the end of its input, and tf.data then discards it (the training pipelines
+    shuffle after the cache, and a shuffle reads to the end).
+
+    Args:
+        dataset: unbatched elements.
+        n: number of elements an epoch must have.
+
+    Returns:
+        The dataset, cardinality `n`.
+    """
+    return dataset.repeat().take(n).apply(tf.data.experimental.assert_cardinality(n))
 
 
 def shuffle_decoded(dataset, n, config):
@@ -110,18 +133,21 @@ def shuffle_decoded(dataset, n, config):
     return dataset.shuffle(min(n, CACHED_SHUFFLE_BUFFER), seed=config.seed, reshuffle_each_iteration=True)
 
 
-def finish_dataset(dataset, config, training, with_index):
+def finish_dataset(dataset, config, training, with_index, size=None):
     """Augments (training only), shapes elements for Keras, batches and prefetches.
 
     Args:
         dataset: elements `dict(image=float32[H, W, 3], mos=float32, index=int64)`.
         config: `TrainConfig`.
-        training: apply `augment`.
+        training: apply `augment`, and fix an epoch at `size` elements (`exact_length`).
         with_index: keep `index` in the features (see `make_dataset`).
+        size: number of elements of one epoch (the part's image count).
 
     Returns:
         The batched dataset, sharded by element under multi-worker training.
     """
+    if training and size is not None:
+        dataset = exact_length(dataset, size)
     if training and (config.hflip or config.train_crop):
         dataset = tf.data.Dataset.zip(
             dataset, tf.data.Dataset.random(seed=config.seed, rerandomize_each_iteration=True).batch(4)

@@ -33,6 +33,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,55 @@ def default_prepared_dir(labels_path, image_size):
     return Path(labels_path).resolve().parent / f"prepared-{height}x{width}"
 
 
+# Bytes read from the start of each file to find its header: a JPEG's frame header
+# follows the EXIF segment, which is at most 64 KB.
+_HEADER_BYTES = 1 << 17
+
+
+class UpscaleWarning(UserWarning):
+    """`prepare_dataset` enlarges images: the prepared set costs more disk than the sources.
+
+    Attributes:
+        sizes: {(height, width): count} of the source images smaller than the target.
+        total: images prepared.
+        image_size: the target (height, width).
+        disk_bytes: the prepared set's pixel bytes (total * height * width * 3).
+    """
+
+    def __init__(self, sizes, total, image_size):
+        self.sizes, self.total, self.image_size = dict(sizes), total, tuple(image_size)
+        self.disk_bytes = total * self.image_size[0] * self.image_size[1] * 3
+        common = ", ".join(f"{h}x{w} ({n})" for (h, w), n in sorted(self.sizes.items(), key=lambda kv: -kv[1])[:3])
+        super().__init__(
+            f"{sum(self.sizes.values())} of {total} images are smaller than {self.image_size[0]}x"
+            f"{self.image_size[1]} (source sizes: {common}) and are upscaled when prepared: the prepared "
+            f"set takes {self.disk_bytes / 1e6:.0f} MB on disk and holds no more detail than the sources"
+        )
+
+
+def find_upscaled(paths, image_size):
+    """Source sizes of the images a resize to `image_size` would enlarge, from their headers.
+
+    Args:
+        paths: image files.
+        image_size: target (height, width).
+
+    Returns:
+        {(height, width): count} of the images smaller than the target in either side
+        (images whose header size cannot be read are left out).
+    """
+    from kiqa.image.header import header_shape
+
+    sizes = {}
+    for path in paths:
+        with open(path, "rb") as handle:
+            head = handle.read(_HEADER_BYTES)
+        height, width = (int(v) for v in header_shape(tf.constant(head)).numpy())
+        if height > 0 and (height < image_size[0] or width < image_size[1]):
+            sizes[(height, width)] = sizes.get((height, width), 0) + 1
+    return sizes
+
+
 def prepare_dataset(frame, root, config, out_dir, shards=None, progress=True):
     """Decodes and resizes every image once into uint8 TFRecord shards plus a manifest.
 
@@ -110,6 +160,9 @@ def prepare_dataset(frame, root, config, out_dir, shards=None, progress=True):
         listing = "\n".join(f"  {r.image_name}: {r.reason}" for r in rejects.head(10).itertuples())
         raise DataError(f"none of the {len(frame)} images in {root} can be used:\n{listing}")
     height, width = config.image_size
+    upscaled = find_upscaled([paths[row] for row in good], config.image_size)
+    if upscaled:
+        warnings.warn(UpscaleWarning(upscaled, len(good), config.image_size), stacklevel=2)
     if shards is None:
         shards = math.ceil(len(good) * height * width * 3 / TARGET_SHARD_BYTES)
     shards = max(1, min(shards, len(good)))
@@ -448,7 +501,7 @@ class Prepared:
         if training:
             dataset = shuffle_decoded(dataset, n, config)
         dataset = dataset.map(lambda e: dict(e, image=tf.cast(e["image"], tf.float32)))
-        return finish_dataset(dataset, config, training, with_index)
+        return finish_dataset(dataset, config, training, with_index, size=n)
 
 
 def _read_manifest(path):

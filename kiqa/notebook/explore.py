@@ -89,6 +89,32 @@ def quality_bands(mos, edges=BAND_EDGES, names=BAND_NAMES):
     )
 
 
+def labels_or_demo(labels):
+    """The label file a notebook explores, falling back to the demo data when it is absent.
+
+    A fresh clone has no KonIQ file at the notebooks' default path (the reference copy in
+    ../../shared/data), and KonIQ is a separate download; the notebook should still run.
+
+    Args:
+        labels: a label CSV path, or None for the demo data.
+
+    Returns:
+        (path, note): the label file to read, and None or a sentence saying that the demo
+        data (not KonIQ) is shown instead of a missing file.
+    """
+    from kiqa.data import synthetic
+
+    if labels is None:
+        return synthetic.demo_dataset(), None
+    if Path(labels).is_file():
+        return Path(labels), None
+    return synthetic.demo_dataset(), (
+        f"no label file at {labels} (KonIQ is a separate download: `kiqa fetch-koniq data/koniq`): "
+        "showing kiqa's built-in demo data instead (synthetic distortions and made-up scores, not "
+        "KonIQ); set LABELS to a KonIQ label file"
+    )
+
+
 def label_summary(frame):
     """Count, mean, spread and quartiles of the label table's numeric columns.
 

@@ -26,7 +26,7 @@ the check for one run of a SavedModel you trust.
 # Recorded from kiqa's exports (TF 2.21): the tiny test model, and ConvNeXt-Tiny in its
 # fast (DepthwiseConv2D) and stock (grouped Conv2D) forms, all three signatures.
 # Arithmetic, comparisons and shapes: the image function (kiqa.image.decode_image and
-# kiqa.imageinfo's in-graph header and EXIF parsers) and the model.
+# kiqa.image.header's in-graph header and EXIF parsers) and the model.
 _TRACED = {
     "Abs", "AddV2", "All", "Any", "ArgMin", "AsString", "Assert", "Cast", "ConcatV2",
     "Const", "Equal", "ExpandDims", "Fill", "FloorDiv", "FloorMod", "GatherV2", "Greater",
