@@ -108,7 +108,16 @@ def main(argv=None, prog=None):
     for note in caveats(config):
         print(f"note: {note}\n", file=sys.stderr)
     print(f"run directory: {config.resolved_run_dir}", file=sys.stderr)
-    result = train(config, overwrite=args.overwrite, progress=not args.quiet)
+    from kiqa.errors import ImageFolderError
+
+    try:
+        result = train(config, overwrite=args.overwrite, progress=not args.quiet, log=_tell)
+    except ImageFolderError as err:
+        raise ImageFolderError(
+            f"{err}.\nPass --images with the folder the label file's image_name values are relative "
+            f"to, or download KonIQ-10k first: kiqa fetch-koniq DIR (then --labels DIR/koniq10k_distributions_sets.csv)",
+            err.folder, err.n_missing, err.n_images, err.first_missing,
+        ) from err
     if result.prepared_dir:
         print(f"training images were read from the prepared set {result.prepared_dir}")
     if len(result.rejects):
@@ -117,6 +126,10 @@ def main(argv=None, prog=None):
     for note in caveats(config):
         print(f"\nnote: {note}", file=sys.stderr)
     return EXIT_OK
+
+
+def _tell(message):
+    print(message, file=sys.stderr)
 
 
 def _print_metrics(result):
