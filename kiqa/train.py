@@ -110,7 +110,10 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
             pending.append((os.path.join(self.backup_dir, ".incoming.weights.h5"), self._weights_path))
             pending.append((os.path.join(self.backup_dir, ".incoming.json"), self._training_metadata_path))
             self.model.save_weights(filepath=pending[0][0], overwrite=True)
-            Path(pending[1][0]).write_text(json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
+            Path(pending[1][0]).write_text(json.dumps({
+                "epoch": self._current_epoch, "batch": self._last_batch_seen,
+                "seed_states": [np.asarray(v.numpy()).tolist() for v in _seed_states(self.model)],
+            }))
             for current, previous in ((self._weights_path, self._prev_weights_path),
                                       (self._training_metadata_path, self._prev_training_metadata_path)):
                 if os.path.exists(current):
@@ -121,6 +124,15 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
             for tmp, _ in pending:
                 if os.path.exists(tmp):
                     os.remove(tmp)
+
+
+def _seed_states(model):
+    """The state variables of the model's random-number generators (dropout masks).
+
+    Keras' `save_weights` leaves them out, so a resumed run would draw other dropout
+    masks than an uninterrupted one; the backup's metadata carries them instead.
+    """
+    return [generator.state for layer in model._flatten_layers() for generator in getattr(layer, "_seed_generators", [])]
 
 
 def restore_backup(model, backup_dir):
@@ -147,11 +159,16 @@ def restore_backup(model, backup_dir):
     for weights, metadata in (("latest.weights.h5", "training_metadata.json"),
                               ("latest.weights.h5.bkp", "training_metadata.json.bkp")):
         try:
-            epoch = int(json.loads((backup_dir / metadata).read_text())["epoch"])
+            saved = json.loads((backup_dir / metadata).read_text())
+            epoch = int(saved["epoch"])
             model.load_weights(backup_dir / weights)
         except (OSError, ValueError, KeyError, TypeError) as err:
             errors.append(f"{weights}: {err}")
             continue
+        states = saved.get("seed_states")
+        if states is not None and len(states) == len(_seed_states(model)):
+            for variable, value in zip(_seed_states(model), states):
+                variable.assign(np.asarray(value, dtype=variable.dtype))
         if weights != "latest.weights.h5":
             shutil.copyfile(backup_dir / weights, backup_dir / "latest.weights.h5")
             shutil.copyfile(backup_dir / metadata, backup_dir / "training_metadata.json")
