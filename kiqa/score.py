@@ -29,7 +29,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from kiqa.errors import ConfigError, DataError, ImageError
-from kiqa.fsutil import CSV_TEXT, tf_path
+from kiqa.fsutil import CSV_TEXT, printable
 from kiqa.image import (
     DEFAULT_MAX_BYTES,
     IMAGE_EXTENSIONS,
@@ -306,8 +306,9 @@ def _load(path, decode, max_pixels, max_bytes):
     except ImageError as err:
         return None, str(err).removeprefix(f"{path}: ")
     try:
-        # TF takes the name as bytes: a str with a non-UTF-8 name's surrogates is refused.
-        name = tf_path(path)
+        # The name is only for TF's messages: escaped, since TF refuses a str holding a
+        # non-UTF-8 name's surrogates and its error text must decode as UTF-8.
+        name = printable(path)
         pixels = decode(tf.constant(contents), tf.constant(max_pixels, tf.int64), tf.constant(name))
         return pixels.numpy(), None
     except tf.errors.OpError as err:
@@ -317,7 +318,7 @@ def _load(path, decode, max_pixels, max_bytes):
 def _decode_error_text(err, path):
     """One line without TF's graph wrappers; the CSV's path column already names the file."""
     # TF's message holds the name's bytes decoded with replacement characters.
-    text = describe_decode_error(err, tf_path(path).decode("utf-8", "replace"))
+    text = describe_decode_error(err, printable(path))
     unsupported = UNSUPPORTED_FORMATS.get(os.path.splitext(path)[1].lower())
     if unsupported and unsupported not in text:
         return (

@@ -340,3 +340,38 @@ def test_an_empty_or_truncated_history_does_not_wedge_the_rerun(subset_csv, tmp_
     (run_dir / "history.csv").write_bytes(leftover)  # what a kill during the first epoch left
     result = train(config, backbone=small_cnn((8,)), progress=False)
     assert list(pd.read_csv(result.run_dir / "history.csv").epoch) == [0]
+
+
+def test_non_utf8_names_from_a_label_file_train_and_a_wrong_encoding_is_explained(subset_csv, tmp_path):
+    import os
+
+    frame = pd.read_csv(subset_csv)
+    images = tmp_path / "images"
+    images.mkdir()
+    raw_names = {}
+    for i, name in enumerate(frame.image_name):
+        raw = name.encode() if i % 3 else b"caf\xe9-" + name.encode()  # every third: a Latin-1 name on disk
+        raw_names[name] = raw
+        with open(os.fsencode(images) + b"/" + raw, "wb") as handle:
+            handle.write((subset_csv.parent / "images" / name).read_bytes())
+    # UTF-8 on disk, Latin-1 in the label file: the file exists under its UTF-8 name.
+    with open(os.fsencode(images) + "/\u00e9t\u00e9.png".encode(), "wb") as handle:
+        handle.write((subset_csv.parent / "images" / frame.image_name[0]).read_bytes())
+    lines = [b"image_name,MOS_zscore,source_image"]
+    lines += [b"%s,%f,%s" % (raw_names[n], m, s.encode()) for n, m, s in
+              zip(frame.image_name, frame.MOS_zscore, frame.source_image)]
+    lines.append(b"\xe9t\xe9.png,50,extra")
+    labels = tmp_path / "latin.csv"
+    labels.write_bytes(b"\n".join(lines) + b"\n")
+    config = TrainConfig.demo(labels=str(labels), images=str(images), run_dir=str(tmp_path / "run"),
+                              max_bad_fraction=0.1, split="random", **dict(TINY, epochs=1))
+    result = train(config, backbone=small_cnn((8,)), progress=False)
+
+    split = pd.read_csv(result.run_dir / "split.csv", encoding_errors="surrogateescape")
+    assert {os.fsencode(n) for n in split.image_name} == set(raw_names.values())  # every file, byte-exact
+    rejects = pd.read_csv(result.run_dir / "rejects.csv", encoding_errors="surrogateescape")
+    assert len(rejects) == 1
+    reason = rejects.reason[0]
+    assert f"line {len(frame) + 2} of the label file" in reason and "b'\\xe9t\\xe9.png'" in reason
+    assert "'été.png' exists: the label file is cp1252" in reason and "Re-save the label file as UTF-8" in reason
+    assert result.metrics["n"] > 0

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from kiqa.data.koniq import DUPLICATE_REASON, MISSING_REASON, check_image_names, undecodable_bytes
 from kiqa.errors import DataError, ImageError, ImageFolderError
-from kiqa.fsutil import has_undecodable_bytes, tf_path
+from kiqa.fsutil import has_undecodable_bytes, printable, tf_path
 from kiqa.image import DEFAULT_MAX_BYTES, decode_image, describe_decode_error, read_image_bytes
 
 REJECT_COLUMNS = ["image_name", "path", "reason"]
@@ -50,11 +50,11 @@ def _eager_reason(path, config):
     """
     try:
         contents = read_image_bytes(path)
-        decode_image(contents, config.image_size, max_pixels=config.max_pixels, name=tf_path(path))
+        decode_image(contents, config.image_size, max_pixels=config.max_pixels, name=printable(path))
     except ImageError as err:
         return describe_decode_error(err, path)
     except tf.errors.OpError as err:
-        return describe_decode_error(err, tf_path(path).decode("utf-8", "replace"))
+        return describe_decode_error(err, printable(path))
     return "failed to decode in the parallel pass (not reproducible eagerly)"
 
 
