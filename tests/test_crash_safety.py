@@ -239,6 +239,38 @@ def test_a_truncated_backup_does_not_wedge_the_resume(killed_run, tmp_path, monk
     assert result.model_path.is_file()
 
 
+def test_a_kill_in_the_first_epoch_leaves_nothing_that_wedges_the_rerun(tmp_path, monkeypatch):
+    # Before, CSVLogger had created a 0-byte history.csv by then and every rerun stopped
+    # with pandas' EmptyDataError.
+    labels = demo_subset(tmp_path, per_source=4)
+    run_dir = tmp_path / "run"
+    config = TrainConfig.demo(
+        labels=str(labels), run_dir=str(run_dir), weights="none", image_size=(32, 32), batch_size=8,
+        epochs=2, patience=2, cache="none",
+    )
+    config_file = tmp_path / "config.json"
+    config.save(config_file)
+    driver, batches = tmp_path / "driver.py", tmp_path / "batches.txt"
+    driver.write_text(TRAIN_DRIVER.format(widths=CNN_WIDTHS))
+    process = subprocess.Popen(
+        [sys.executable, str(driver), str(config_file), str(batches)], cwd=tmp_path,
+        env=_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    _kill_when(process, lambda: _lines(batches) >= 2, "its second batch")
+    history = run_dir / "history.csv"
+    assert not history.exists() or history.stat().st_size > 0  # never a 0-byte file
+    assert not list(run_dir.rglob(".*.tmp"))  # no temporary file left visible as a result
+
+    lines = []
+    epochs = []
+    original = kiqa_train.ValidationMetrics.on_epoch_end
+    monkeypatch.setattr(kiqa_train.ValidationMetrics, "on_epoch_end",
+                        lambda self, epoch, logs=None: (epochs.append(epoch), original(self, epoch, logs))[1])
+    result = kiqa_train.train(config, backbone=small_cnn(CNN_WIDTHS), progress=False, log=lines.append)
+    assert epochs == [0, 1] and not lines  # nothing completed: a clean start, nothing to say
+    assert list(pd.read_csv(history).epoch) == [0, 1] and result.model_path.is_file()
+
+
 # ----------------------------------------------------------------------------- scoring
 
 
