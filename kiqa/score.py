@@ -18,6 +18,7 @@ a folder of downloads must not make kiqa read /dev/zero or a private file).
 
 import csv
 import dataclasses
+import errno
 import functools
 import math
 import os
@@ -167,6 +168,9 @@ def _walk(root, real_roots, follow_links_outside):
                     continue
                 if not _is_listed(child.name):
                     continue
+                if not os.path.exists(path):
+                    entries.append((path, _broken_link_error(path)))
+                    continue
                 allowed = inside or follow_links_outside
                 entries.append((path, None if allowed else _link_error("file", target)))
             elif child.is_dir(follow_symlinks=False):
@@ -175,6 +179,15 @@ def _walk(root, real_roots, follow_links_outside):
                 # Devices and pipes named *.jpg stay in: read_image_bytes refuses them by name.
                 entries.append((path, None))
     return entries
+
+
+def _broken_link_error(path):
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop; remove or fix the link"
+    return f"dangling symbolic link (its target {os.path.realpath(path)} does not exist); remove or fix the link"
 
 
 def _link_error(kind, target):

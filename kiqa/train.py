@@ -568,7 +568,7 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
 def completed_epochs(run_dir):
     """Epochs a run directory holds a record of (history rows and backups), 0 for none."""
     run_dir = Path(run_dir)
-    count = len(read_history(run_dir / "history.csv"))
+    count = max([len(read_history(h)) for h in run_dir.glob("**/history.csv")], default=0)
     for metadata in run_dir.glob("**/backup/training_metadata.json*"):
         try:
             count = max(count, int(json.loads(metadata.read_text())["epoch"]))

@@ -305,12 +305,15 @@ def test_unusual_file_names_are_scored_and_round_trip_through_the_csv(run_dir, t
         handle.write(b"\xff\xd8\xff\xe0 broken")  # a failure row with such a name too
     (folder / "photo.avif").write_bytes(b"\x00\x00\x00\x1cftypavif" + b"\x00" * 64)
     (folder / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + b"\x00" * 64)
+    _os.symlink(folder / "loop-b.jpg", folder / "loop-a.jpg")
+    _os.symlink(folder / "loop-a.jpg", folder / "loop-b.jpg")
+    _os.symlink(folder / "gone.jpg", folder / "dangling.jpg")
     out = tmp_path / "names.csv"
     code = score_cli.main([str(folder), "--model", str(run_dir), "--out", str(out), "--quiet"])
     captured = capsys.readouterr()
     assert code == EXIT_PARTIAL
-    total = len(HOSTILE_NAMES) + 3
-    assert f"{total} files: {len(HOSTILE_NAMES)} scored, 3 failed" in captured.out
+    total = len(HOSTILE_NAMES) + 6
+    assert f"{total} files: {len(HOSTILE_NAMES)} scored, 6 failed" in captured.out
     assert "broken \\xe9.jpg" in captured.err  # shown escaped, not as raw bytes
     rows = read_scores(out)
     by_bytes = {_os.fsencode(path): value for path, value in rows.items()}
@@ -321,9 +324,11 @@ def test_unusual_file_names_are_scored_and_round_trip_through_the_csv(run_dir, t
     avif = rows[str(folder / "photo.avif")]
     assert avif[0] is None and "AVIF images are not supported" in avif[1] and "convert it" in avif[1]
     assert "HEIC images are not supported" in rows[str(folder / "photo.heic")][1]
+    assert rows[str(folder / "loop-a.jpg")][1].startswith("symbolic link loop")
+    assert rows[str(folder / "dangling.jpg")][1].startswith("dangling symbolic link")
     # The CSV holds the names' own bytes, so every path names its file again.
     for path in rows:
-        assert _os.path.exists(path), path
+        assert _os.path.lexists(path), path
     # A rerun skips every row, including the non-UTF-8 ones.
     again = score_paths([folder], load_scorer(run_dir), out, progress=False)
     assert again.n_skipped == total and len(read_csv_bytes(out)) == total + 1
