@@ -331,7 +331,7 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_ends(subset_csv, tmp_path
     pd.testing.assert_frame_equal(h1, h2, rtol=1e-5)
 
 
-@pytest.mark.parametrize("leftover", [b"", b"epoch,loss,val_loss\n0,0.1"])
+@pytest.mark.parametrize("leftover", [b"", pytest.param(b"epoch,loss,val_loss\n0,0.1", marks=pytest.mark.large)])
 def test_an_empty_or_truncated_history_does_not_wedge_the_rerun(subset_csv, tmp_path, leftover):
     run_dir = tmp_path / "run"
     config = TrainConfig.demo(labels=str(subset_csv), run_dir=str(run_dir), **dict(TINY, epochs=1))
