@@ -192,8 +192,10 @@ class TrainConfig:
         return data
 
     def save(self, path):
-        """Writes the config as JSON to `path`."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        """Writes the config as JSON to `path`, atomically (a kill leaves the old file or the new one)."""
+        from kiqa.fsutil import write_text_atomically
+
+        write_text_atomically(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_dict(cls, data, source="config"):

@@ -44,3 +44,33 @@ class ExportError(KiqaError):
 
 class ServingError(KiqaError):
     """A TF Serving endpoint is unreachable, has no such model, or rejected a request."""
+
+
+class ImageFolderError(DataError):
+    """(Almost) none of a label file's images are in the image folder: the folder is wrong
+    or the images were never downloaded.
+
+    Attributes:
+        folder: the image folder searched.
+        n_missing: images not found there.
+        n_images: images the label file lists.
+        first_missing: the first missing `image_name`.
+    """
+
+    def __init__(self, message, folder, n_missing, n_images, first_missing):
+        super().__init__(message)
+        self.folder, self.n_missing, self.n_images, self.first_missing = folder, n_missing, n_images, first_missing
+
+
+class DiskFullError(KiqaError):
+    """A folder has too little free space for what must be written there.
+
+    Attributes:
+        folder: the folder written to.
+        needed: bytes that must be free (an estimate), or None when unknown.
+        free: bytes free when the write failed or was refused.
+    """
+
+    def __init__(self, message, folder, needed, free):
+        super().__init__(message)
+        self.folder, self.needed, self.free = folder, needed, free

@@ -9,6 +9,7 @@ import pandas as pd
 import tensorflow as tf
 
 from kiqa.data.pipeline import make_dataset
+from kiqa.fsutil import write_csv_atomically, write_text_atomically
 from kiqa.metrics import evaluate_scores
 from kiqa.plots import plot_scatter
 
@@ -75,14 +76,14 @@ def evaluate_frame(model, frame, config, out_dir=None, title="test set", part="t
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out_dir / "predictions.csv", index=False, float_format="%.4f")
+        write_csv_atomically(table, out_dir / "predictions.csv", float_format="%.4f")
         write_json(out_dir / "metrics.json", metrics)
         plot_scatter(scored["mos"], scored["predicted_mos"], metrics, out_dir / "scatter.png", title=title)
     return metrics, table
 
 
 def write_json(path, data):
-    """Writes JSON with NaN as null (strict JSON readers reject NaN)."""
+    """Writes JSON with NaN as null (strict JSON readers reject NaN), atomically."""
 
     def clean(value):
         if isinstance(value, dict):
@@ -95,7 +96,7 @@ def write_json(path, data):
             return int(value)
         return value
 
-    Path(path).write_text(json.dumps(clean(data), indent=2) + "\n")
+    write_text_atomically(path, json.dumps(clean(data), indent=2) + "\n")
 
 
 def evaluate_saved_model(model_path, config, part="test", out_dir=None, progress=True):

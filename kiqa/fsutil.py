@@ -1,7 +1,80 @@
-"""File-system steps shared by everything that publishes a finished folder."""
+"""File-system steps shared by everything that writes user-visible files.
+
+File names in kiqa's CSVs (`kiqa score` and `kiqa predict --out`, `rejects.csv`,
+`split.csv`, `predictions.csv`): one rule everywhere. A path is the `str` Python's
+`os.fsdecode` gives for the name's bytes (on Linux: UTF-8, with each byte that is not
+valid UTF-8 kept as a lone surrogate, PEP 383), and CSVs are read and written as UTF-8
+with `errors="surrogateescape"` (`CSV_TEXT`). So a Latin-1 name from an old camera is
+written back as its original bytes and read again as the same `str`: the path
+round-trips losslessly and a rerun finds it. The price: such a CSV is not valid UTF-8
+at those bytes (a spreadsheet shows a replacement character there). TensorFlow gets
+file names as bytes (`tf_path`), never as `str` (it refuses lone surrogates). Names
+shown on a terminal go through `printable` (backslash escapes instead of raw bytes).
+"""
 
 import os
 import shutil
+import tempfile
+from pathlib import Path
+
+# open(..., **CSV_TEXT) for every CSV kiqa writes or reads back that holds file names.
+CSV_TEXT = dict(encoding="utf-8", errors="surrogateescape", newline="")
+# The same rule for pandas: frame.to_csv(path, **PANDAS_CSV_TEXT), pd.read_csv(path, **PANDAS_READ_TEXT).
+PANDAS_CSV_TEXT = dict(encoding="utf-8", errors="surrogateescape")
+PANDAS_READ_TEXT = dict(encoding="utf-8", encoding_errors="surrogateescape")
+
+
+def tf_path(path):
+    """A file name as the bytes TensorFlow needs (`tf.constant` refuses lone surrogates)."""
+    return os.fsencode(os.fspath(path))
+
+
+def printable(path):
+    """A file name safe to print on any terminal: bytes that are not UTF-8 as `\\xNN`."""
+    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
+
+
+def has_undecodable_bytes(text):
+    """True if `text` holds bytes that were not valid UTF-8 (lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def write_atomically(path, write):
+    """Writes a file through a temporary file in the same folder and a rename.
+
+    A kill or a full disk then leaves either the old file or the new one, never a
+    truncated one (`os.replace` is atomic on POSIX within one file system).
+
+    Args:
+        path: the file to write.
+        write: function taking the temporary path and writing the whole content to it.
+
+    Raises:
+        OSError: the write failed (the old file, if any, is left as it was).
+    """
+    path = Path(path)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomically(path, text):
+    """`Path.write_text`, atomically (see `write_atomically`)."""
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_csv_atomically(frame, path, **to_csv):
+    """`DataFrame.to_csv` under the CSV path rule, atomically (see `write_atomically`)."""
+    write_atomically(path, lambda tmp: frame.to_csv(tmp, index=False, **PANDAS_CSV_TEXT, **to_csv))
 
 
 def swap_directory(new, target, aside):

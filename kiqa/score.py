@@ -18,6 +18,7 @@ a folder of downloads must not make kiqa read /dev/zero or a private file).
 
 import csv
 import dataclasses
+import errno
 import functools
 import io
 import math
@@ -31,9 +32,8 @@ from tqdm.auto import tqdm
 
 from kiqa.contract import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS
 from kiqa.errors import ConfigError, DataError, ImageError
+from kiqa.fsutil import CSV_TEXT, printable
 from kiqa.image import (
-    DEFAULT_MAX_BYTES,
-    IMAGE_EXTENSIONS,
     UNDECODABLE_MESSAGE,
     decode_image,
     describe_decode_error,
@@ -45,10 +45,8 @@ CSV_COLUMNS = ("path", "mos", "error")
 # such a batch stay well under 2 GB on CPU.
 DEFAULT_BATCH_SIZE = 16
 # CSV fields are text in UTF-8; surrogateescape round-trips Linux file names that are
-# not valid UTF-8 instead of failing on them.
-_CSV_ENCODING = dict(encoding="utf-8", errors="surrogateescape", newline="")
-# The same rule for every kiqa CSV of paths (`kiqa predict --out` too).
-CSV_OPEN_OPTIONS = _CSV_ENCODING
+# not valid UTF-8 instead of failing on them (the rule is in kiqa.fsutil).
+_CSV_ENCODING = CSV_TEXT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +75,14 @@ class ScoreSummary:
     failures: Tuple[Tuple[str, str], ...]
 
 
-# Listed in folders although TF cannot decode them: a folder of scans or camera exports
-# holds TIFFs, and skipping them silently would report a job as complete with files
-# missing. Each gets an error row saying to convert it (the header check's message).
-LISTED_UNSUPPORTED_EXTENSIONS = (".tif", ".tiff")
+# Listed in folders although TF cannot decode them: a folder of scans, camera or phone
+# exports holds TIFFs, HEICs (iPhones), AVIFs and JPEG XLs, and skipping them silently
+# would report a job as complete with files missing. Each gets an error row naming its
+# format and saying to convert it (a file that is in fact a JPEG or PNG is scored).
+UNSUPPORTED_FORMATS = {
+    ".tif": "TIFF", ".tiff": "TIFF", ".avif": "AVIF", ".heic": "HEIC", ".heif": "HEIF", ".jxl": "JPEG XL",
+}
+LISTED_UNSUPPORTED_EXTENSIONS = tuple(UNSUPPORTED_FORMATS)
 
 
 def has_image_extension(name):
@@ -99,9 +101,9 @@ def _inside(path, roots):
 def find_images(paths, follow_links_outside=False):
     """Lists the image files to score under files and folders.
 
-    Folders are searched recursively for `IMAGE_EXTENSIONS` (any case), plus TIFF
-    files, which are listed so that each gets an error row saying to convert it
-    instead of being skipped silently; files named directly are taken whatever their
+    Folders are searched recursively for `IMAGE_EXTENSIONS` (any case), plus TIFF,
+    AVIF, HEIC/HEIF and JPEG XL files, which are listed so that each gets an error row
+    saying to convert it instead of being skipped silently; files named directly are taken whatever their
     extension. Each folder's files are sorted by path, so two runs list the same
     files in the same order; a file reached twice is listed once.
 
@@ -116,13 +118,14 @@ def find_images(paths, follow_links_outside=False):
 
     Returns:
         List of (path, error) in scoring order: `path` is the given path joined with
-        the file's relative path (normalised); `error` is None or why the file will
+        the file's relative path (normalised; a `str` under `kiqa.fsutil`'s rule, so a
+        name that is not valid UTF-8 keeps its bytes as surrogates); `error` is None or why the file will
         not be read.
 
     Raises:
         DataError: a given path does not exist.
     """
-    roots = [os.path.normpath(os.fspath(p)) for p in paths]
+    roots = [os.path.normpath(os.fsdecode(p)) for p in paths]
     missing = [root for root in roots if not os.path.lexists(root)]
     if missing:
         raise DataError(
@@ -166,6 +169,9 @@ def _walk(root, real_roots, follow_links_outside):
                     continue
                 if not _is_listed(child.name):
                     continue
+                if not os.path.exists(path):
+                    entries.append((path, _broken_link_error(path)))
+                    continue
                 allowed = inside or follow_links_outside
                 entries.append((path, None if allowed else _link_error("file", target)))
             elif child.is_dir(follow_symlinks=False):
@@ -174,6 +180,15 @@ def _walk(root, real_roots, follow_links_outside):
                 # Devices and pipes named *.jpg stay in: read_image_bytes refuses them by name.
                 entries.append((path, None))
     return entries
+
+
+def _broken_link_error(path):
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symbolic link loop; remove or fix the link"
+    return f"dangling symbolic link (its target {os.path.realpath(path)} does not exist); remove or fix the link"
 
 
 def _link_error(kind, target):
@@ -330,8 +345,9 @@ def load_pixels(path, decode, max_pixels, max_bytes, read_bytes=read_image_bytes
     except ImageError as err:
         return None, str(err).removeprefix(f"{path}: ")
     try:
-        # TF takes the name as bytes: a str holding a non-UTF-8 name's surrogates is refused.
-        name = path.encode(_CSV_ENCODING["encoding"], _CSV_ENCODING["errors"])
+        # The name is only for TF's messages: escaped, since TF refuses a str holding a
+        # non-UTF-8 name's surrogates and its error text must decode as UTF-8.
+        name = printable(path)
         pixels = decode(tf.constant(contents), tf.constant(max_pixels, tf.int64), tf.constant(name))
         return pixels.numpy(), None
     except tf.errors.OpError as err:
@@ -340,7 +356,14 @@ def load_pixels(path, decode, max_pixels, max_bytes, read_bytes=read_image_bytes
 
 def _decode_error_text(err, path):
     """One line without TF's graph wrappers; the CSV's path column already names the file."""
-    text = describe_decode_error(err, path)
+    # TF's message holds the name's bytes decoded with replacement characters.
+    text = describe_decode_error(err, printable(path))
+    unsupported = UNSUPPORTED_FORMATS.get(os.path.splitext(path)[1].lower())
+    if unsupported and unsupported not in text:
+        return (
+            f"{unsupported} images are not supported (TensorFlow has no {unsupported} decoder; "
+            f"{text}); convert it to JPEG or PNG"
+        )
     if "assertion failed: [" in (getattr(err, "message", None) or str(err)):
         return text  # kiqa's own header checks: the message already says what to do
     return UNDECODABLE_MESSAGE.format(reason=text)

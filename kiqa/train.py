@@ -7,10 +7,10 @@ command after a crash or a kill resumes from the last completed epoch.
 """
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import keras
@@ -20,11 +20,12 @@ import tensorflow as tf
 
 from kiqa.config import TrainConfig
 from kiqa.data import koniq
-from kiqa.data.pipeline import make_dataset
+from kiqa.data.pipeline import make_dataset, steps_per_epoch
 from kiqa.data.prepared import default_prepared_dir, inspect_prepared, open_prepared
-from kiqa.data.validate import load_checked_labels
+from kiqa.data.validate import apply_bad_image_policy, check_image_folder, check_labels
 from kiqa.distribute import make_strategy, writable_run_dir
-from kiqa.errors import ConfigError, DataError
+from kiqa.errors import ConfigError, DataError, DiskFullError
+from kiqa.fsutil import PANDAS_READ_TEXT, write_atomically, write_csv_atomically, write_text_atomically
 from kiqa.evaluate import evaluate_frame, predict_paths, write_json
 from kiqa.metrics import evaluate_scores, summarize_repeats
 from kiqa.model import MOS_SCALE, build_model, custom_objects, mos_loss, set_backbone_trainable
@@ -83,25 +84,97 @@ def caveats(config, backbone=None):
 
 
 class ResumableBackup(keras.callbacks.BackupAndRestore):
-    """`BackupAndRestore` that survives its own backup being cut short by a kill.
+    """`BackupAndRestore` whose backup survives a kill or a full disk at any moment.
 
-    Keeps two backup copies (`double_checkpoint`), and if the backup still cannot be
-    read (a truncated file), warns and starts the phase again instead of failing the
-    same way on every rerun.
+    Each save writes the weights and the epoch to temporary files first and only then
+    rotates them in by renames (latest -> previous, new -> latest), so the folder
+    always holds a complete latest or previous backup. `restore_backup` picks the
+    newest one that loads before `model.fit` starts (Keras' own restore then loads the
+    same files).
     """
 
     def __init__(self, backup_dir):
         super().__init__(backup_dir, save_freq="epoch", double_checkpoint=True)
 
-    def on_train_begin(self, logs=None):
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        if os.path.exists(self._weights_path):
+            # The latest backup is complete: the previous one can go first, so the disk
+            # holds at most two copies (latest + the one being written), never three.
+            for previous in (self._prev_weights_path, self._prev_training_metadata_path):
+                if os.path.exists(previous):
+                    os.remove(previous)
+        pending = []
         try:
-            super().on_train_begin(logs)
-        except (OSError, ValueError, KeyError) as err:
-            warnings.warn(
-                f"the training backup in {self.backup_dir} cannot be read ({err}); "
-                "starting this phase again from its first epoch"
-            )
-            shutil.rmtree(self.backup_dir)
+            # Keras wants the .weights.h5 suffix on the temporary file too.
+            pending.append((os.path.join(self.backup_dir, ".incoming.weights.h5"), self._weights_path))
+            pending.append((os.path.join(self.backup_dir, ".incoming.json"), self._training_metadata_path))
+            self.model.save_weights(filepath=pending[0][0], overwrite=True)
+            Path(pending[1][0]).write_text(json.dumps({
+                "epoch": self._current_epoch, "batch": self._last_batch_seen,
+                "seed_states": [np.asarray(v.numpy()).tolist() for v in _seed_states(self.model)],
+            }))
+            for current, previous in ((self._weights_path, self._prev_weights_path),
+                                      (self._training_metadata_path, self._prev_training_metadata_path)):
+                if os.path.exists(current):
+                    os.replace(current, previous)
+            for tmp, final in pending:
+                os.replace(tmp, final)
+        finally:
+            for tmp, _ in pending:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+
+
+def _seed_states(model):
+    """The state variables of the model's random-number generators (dropout masks).
+
+    Keras' `save_weights` leaves them out, so a resumed run would draw other dropout
+    masks than an uninterrupted one; the backup's metadata carries them instead.
+    """
+    return [generator.state for layer in model._flatten_layers() for generator in getattr(layer, "_seed_generators", [])]
+
+
+def restore_backup(model, backup_dir):
+    """Loads the newest readable backup of a phase into `model` before `model.fit`.
+
+    Tries the latest backup, then the previous one (a kill or a full disk may have cut
+    the latest short); the one that loads is made the latest, so Keras' own restore at
+    the start of `fit` loads the same state. When none loads, the folder is removed and
+    the phase starts again.
+
+    Args:
+        model: the compiled model.
+        backup_dir: the phase's backup folder.
+
+    Returns:
+        (completed epochs, None) or (0, why the backup could not be used).
+    """
+    backup_dir = Path(backup_dir)
+    if not backup_dir.exists():
+        return 0, None
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)  # its variables must exist to load them
+    errors = []
+    for weights, metadata in (("latest.weights.h5", "training_metadata.json"),
+                              ("latest.weights.h5.bkp", "training_metadata.json.bkp")):
+        try:
+            saved = json.loads((backup_dir / metadata).read_text())
+            epoch = int(saved["epoch"])
+            model.load_weights(backup_dir / weights)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            errors.append(f"{weights}: {err}")
+            continue
+        states = saved.get("seed_states")
+        if states is not None and len(states) == len(_seed_states(model)):
+            for variable, value in zip(_seed_states(model), states):
+                variable.assign(np.asarray(value, dtype=variable.dtype))
+        if weights != "latest.weights.h5":
+            shutil.copyfile(backup_dir / weights, backup_dir / "latest.weights.h5")
+            shutil.copyfile(backup_dir / metadata, backup_dir / "training_metadata.json")
+        return epoch, None
+    shutil.rmtree(backup_dir)
+    return 0, "; ".join(errors) if errors else "it is empty"
 
 
 class ValidationMetrics(keras.callbacks.Callback):
@@ -133,39 +206,132 @@ def _monitor_mode(monitor):
     return "min" if monitor == "val_loss" else "max"
 
 
+def read_history(history_csv):
+    """The per-epoch log of a run, tolerant of what a kill or a full disk leaves behind.
+
+    Returns:
+        A DataFrame with one row per epoch (the last row written for an epoch wins),
+        empty when the file is missing, empty, truncated to nothing or unreadable.
+    """
+    history_csv = Path(history_csv)
+    try:
+        history = pd.read_csv(history_csv, **PANDAS_READ_TEXT)
+    except (OSError, pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
+        return pd.DataFrame({"epoch": pd.Series(dtype=int)})
+    if "epoch" not in history.columns:
+        return pd.DataFrame({"epoch": pd.Series(dtype=int)})
+    history = history[pd.to_numeric(history["epoch"], errors="coerce").notna()]
+    history = history.astype({"epoch": int})
+    # A kill between the CSV row and the backup repeats an epoch on resume: keep the last.
+    return history.drop_duplicates(subset="epoch", keep="last").reset_index(drop=True)
+
+
 def _best_so_far(history_csv, monitor):
     """The best monitored value logged before a restart, so a resumed run's checkpoint
     callback does not overwrite the best checkpoint with a worse one."""
-    if not history_csv.is_file():
-        return None
-    history = pd.read_csv(history_csv)
+    history = read_history(history_csv)
     if monitor not in history.columns or history[monitor].dropna().empty:
         return None
     values = history[monitor].dropna()
     return float(values.min() if _monitor_mode(monitor) == "min" else values.max())
 
 
-def _read_history(history_csv):
-    history = pd.read_csv(history_csv)
-    # A kill between the CSV row and the backup repeats an epoch on resume: keep the last.
-    return history.drop_duplicates(subset="epoch", keep="last").reset_index(drop=True)
+class EpochLog(keras.callbacks.Callback):
+    """history.csv, rewritten whole through a temporary file and a rename every epoch.
+
+    Replaces `keras.callbacks.CSVLogger`, whose appends leave a 0-byte or half-written
+    file after a kill. Epochs are numbered across phases (the fine-tuning phase
+    continues after the warm-up's epochs), and a repeated epoch replaces its row.
+    Comes before the backup in the callback list: a kill between the two repeats the
+    epoch on resume, which rewrites its row (never loses one).
+    """
+
+    def __init__(self, path, offset=0):
+        super().__init__()
+        self.path, self.offset = Path(path), offset
+
+    def on_epoch_end(self, epoch, logs=None):
+        number = self.offset + epoch
+        history = read_history(self.path)
+        row = {"epoch": number, **{k: float(v) for k, v in sorted((logs or {}).items())}}
+        history = pd.concat([history[history["epoch"] < number], pd.DataFrame([row])], ignore_index=True)
+        write_csv_atomically(history, self.path)
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """checkpoints/best.keras: the best epoch by the monitor, without optimizer state.
+
+    Replaces `keras.callbacks.ModelCheckpoint`, which keeps Adam's two moments (two
+    thirds of the file) and writes in place. Resuming uses the backup, not this file,
+    so the optimizer state is not needed here; the file is written atomically.
+    """
+
+    def __init__(self, path, monitor, initial_value=None):
+        super().__init__()
+        self.path, self.monitor, self.best = Path(path), monitor, initial_value
+        self.better = np.less if _monitor_mode(monitor) == "min" else np.greater
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or not np.isfinite(value):
+            return
+        if self.best is None or self.better(value, self.best):
+            self.best = float(value)
+            _save_model_atomically(self.model, self.path)
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping whose patience count survives a restart (read from history.csv).
+
+    Without it a resumed run would wait `patience` epochs afresh and could train longer
+    than an uninterrupted one. The best weights of epochs before a restart are not in
+    memory; `train_split` loads the best checkpoint at the end in every case.
+    """
+
+    def __init__(self, history_csv, offset, **kwargs):
+        super().__init__(**kwargs)
+        self.history_csv, self.offset = Path(history_csv), offset
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        start = getattr(self.model, "_initial_epoch", 0) or 0
+        history = read_history(self.history_csv)
+        history = history[(history["epoch"] >= self.offset) & (history["epoch"] < self.offset + start)]
+        if self.monitor not in history.columns:
+            return
+        for epoch, value in zip(history["epoch"] - self.offset, history[self.monitor]):
+            if self._is_improvement(value, self.best):
+                self.best, self.best_epoch, self.wait = float(value), int(epoch), 0
+            else:
+                self.wait += 1
+
+
+def _inference_copy(model):
+    """The model without optimizer state: a fresh, uncompiled copy (clone_model would
+    compile it again), or the model itself when it has none."""
+    if getattr(model, "optimizer", None) is None:
+        return model
+    copy = keras.Model.from_config(model.get_config(), custom_objects=custom_objects())
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def _save_model_atomically(model, path):
     """Saves the model for inference (no optimizer state: a third of the size), atomically."""
     path = Path(path)
-    if model.optimizer is not None:
-        # A fresh, uncompiled copy (clone_model would compile it again).
-        weights = model.get_weights()
-        model = keras.Model.from_config(model.get_config(), custom_objects=custom_objects())
-        model.set_weights(weights)
-    tmp = path.parent / f".{path.stem}-{os.getpid()}.keras"
+    inference = _inference_copy(model)
+    write_atomically(path.parent / path.name, lambda tmp: _save_keras(inference, tmp))
+
+
+def _save_keras(model, tmp):
+    # Keras insists on the .keras suffix: save beside the temporary name, then move.
+    target = f"{tmp}.keras"
     try:
-        model.save(tmp)
-        os.replace(tmp, path)
+        model.save(target)
+        os.replace(target, tmp)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if os.path.exists(target):
+            os.remove(target)
 
 
 def _compile(model, config):
@@ -176,25 +342,123 @@ def _compile(model, config):
     )
 
 
-def _fit_phase(model, train_ds, callbacks_for, phase_dir, epochs, verbose):
-    """One `model.fit` call with its own backup folder; skipped if already completed."""
+def _nbytes(variables):
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+
+
+def space_needed(model, run_dir, backup_dir):
+    """Bytes a phase still needs free in `run_dir`, as an estimate with a 10% margin.
+
+    At the peak the backup folder holds two backups (weights + Adam's two moments: the
+    complete latest one and the one being written), and checkpoints/ two copies of the
+    weights (best.keras and its replacement); model.keras adds one more at the end.
+    Files already there are counted as space that will be reused.
+    """
+    weights = _nbytes(model.weights)
+    backup = weights + 2 * _nbytes(model.trainable_weights)
+    peak = 2 * backup + 3 * weights
+    present = sum(
+        path.stat().st_size for path in (
+            Path(backup_dir) / "latest.weights.h5", Path(backup_dir) / "latest.weights.h5.bkp",
+            Path(run_dir) / "checkpoints" / "best.keras", Path(run_dir) / "model.keras",
+        ) if path.is_file()
+    )
+    return max(0, int(1.1 * peak) - present)
+
+
+def _megabytes(n):
+    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
+
+
+def check_free_space(model, run_dir, backup_dir, cause=None):
+    """Raises DiskFullError when `run_dir` has less free space than `space_needed`.
+
+    Args:
+        model: the compiled model.
+        run_dir: the run directory.
+        backup_dir: the phase's backup folder.
+        cause: an OSError (ENOSPC) that already happened: always raise, chained to it.
+
+    Raises:
+        DiskFullError: naming the folder, the space needed and the space free.
+    """
+    needed, free = space_needed(model, run_dir, backup_dir), shutil.disk_usage(run_dir).free
+    if cause is None and free >= needed:
+        return
+    happened = "ran out of space" if cause is not None else "has too little free space"
+    error = DiskFullError(
+        f"{run_dir} {happened}: training needs about {_megabytes(needed)} free there for its backup and "
+        f"checkpoints, {_megabytes(free)} is free. The last complete backup is kept: free some space "
+        "and rerun the same command to resume",
+        folder=str(run_dir), needed=needed, free=free,
+    )
+    if cause is not None:
+        raise error from cause
+    raise error
+
+
+def _is_disk_full(err):
+    return getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err)
+
+
+PHASE_NAMES = {"phase-warmup": "warm-up", "phase-finetune": "fine-tuning"}
+
+
+def _fit_phase(model, dataset_for, callbacks_for, phase_dir, epochs, verbose, log):
+    """One `model.fit` call with its own backup folder; skipped if already completed.
+
+    The backup is restored here, before the training data is built, so the data can
+    start at the epoch the run resumes from (see `kiqa.data.pipeline.make_dataset`).
+    """
     done = phase_dir / "done"
     if done.exists():
         return
     phase_dir.mkdir(parents=True, exist_ok=True)
+    run_dir, phase = phase_dir.parent, PHASE_NAMES.get(phase_dir.name, phase_dir.name)
+    backup_dir = phase_dir / "backup"
+    completed, why = restore_backup(model, backup_dir)
+    if why:
+        log(f"restarting {run_dir} ({phase}) from epoch 1 of {epochs}: its backup cannot be read ({why})")
+    elif completed:
+        log(f"resuming {run_dir} ({phase}): epoch {completed + 1} of {epochs} ({completed} completed)")
+    check_free_space(model, run_dir, backup_dir)
+    dataset, steps = dataset_for(completed, epochs)
     try:
         # shuffle=False: the dataset shuffles itself (Keras would only warn that it ignores True).
-        model.fit(train_ds, epochs=epochs, callbacks=callbacks_for(phase_dir), verbose=verbose, shuffle=False)
+        model.fit(dataset, epochs=epochs, steps_per_epoch=steps, callbacks=callbacks_for(phase_dir),
+                  verbose=verbose, shuffle=False)
+    except OSError as err:
+        if _is_disk_full(err):
+            check_free_space(model, run_dir, backup_dir, cause=err)
+        raise
     except ValueError as err:
         if "PerReplica" in str(err) and isinstance(
             tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy
         ):
             raise ConfigError(MULTI_WORKER_UNSUPPORTED) from err
         raise
-    done.write_text("completed\n")
+    write_text_atomically(done, "completed\n")
 
 
-def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=None, prepared=None):
+def check_parts(split):
+    """Refuses a split with a part too small for correlations, before anything is trained.
+
+    Raises:
+        DataError: naming the part and its size.
+    """
+    for name, part in (("training", split.train), ("validation", split.val), ("test", split.test)):
+        if len(part) < MIN_PART_SIZE:
+            raise DataError(
+                f"split {split.name!r}: the {name} part has {len(part)} image(s); it needs at least "
+                f"{MIN_PART_SIZE} for correlations (use more images, or larger fractions)"
+            )
+
+
+def _no_log(message):
+    del message
+
+
+def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=None, prepared=None, log=None):
     """Trains and evaluates on one split; writes everything into `run_dir`.
 
     Args:
@@ -208,22 +472,23 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
         strategy: a `tf.distribute.Strategy`; None uses the default one.
         prepared: a `kiqa.data.prepared.Prepared` set to read training images from
             instead of decoding the files every epoch (used when it holds them all).
+        log: function taking one line for the user (resuming, restarting a phase).
 
     Returns:
         (metrics, model_path).
+
+    Raises:
+        DiskFullError: too little free space for the backup and checkpoints.
     """
+    log = log or _no_log
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name, part in (("training", split.train), ("validation", split.val), ("test", split.test)):
-        if len(part) < MIN_PART_SIZE:
-            raise DataError(
-                f"split {split.name!r}: the {name} part has {len(part)} image(s); it needs at least "
-                f"{MIN_PART_SIZE} for correlations (use more images, or larger fractions)"
-            )
-    pd.concat(
-        [part.assign(part=name)[["image_name", "mos", "part"]]
-         for name, part in (("train", split.train), ("val", split.val), ("test", split.test))]
-    ).to_csv(run_dir / "split.csv", index=False)
+    check_parts(split)
+    write_csv_atomically(
+        pd.concat([part.assign(part=name)[["image_name", "mos", "part"]]
+                   for name, part in (("train", split.train), ("val", split.val), ("test", split.test))]),
+        run_dir / "split.csv",
+    )
 
     strategy = strategy or tf.distribute.get_strategy()
     keras.utils.set_random_seed(config.seed)
@@ -241,27 +506,38 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
     unusable = prepared.check_names(split.train["image_name"]) if prepared is not None else None
     if unusable and config.prepared:  # a set the user named must serve, not be skipped
         raise DataError(unusable)
-    if prepared is not None and unusable is None:
-        train_ds = prepared.dataset(split.train["image_name"], split.train["mos"], config, training=True)
-    else:
-        train_ds = make_dataset(split.train["path"], split.train["mos"], config, training=True, part="train")
+    use_prepared = prepared is not None and unusable is None
+
+    def dataset_for(first_epoch, epochs):
+        # Epoch k's order and flips come from (seed, k): a resumed run sees what an
+        # uninterrupted one would have seen.
+        if use_prepared:
+            dataset = prepared.dataset(split.train["image_name"], split.train["mos"], config, training=True,
+                                       epochs=epochs, first_epoch=first_epoch)
+        else:
+            dataset = make_dataset(split.train["path"], split.train["mos"], config, training=True, part="train",
+                                   epochs=epochs, first_epoch=first_epoch)
+        return dataset, steps_per_epoch(len(split.train), config)
+
     history_csv = run_dir / "history.csv"
     best_path = run_dir / "checkpoints" / "best.keras"
     best_path.parent.mkdir(exist_ok=True)
     mode = _monitor_mode(config.monitor)
 
     def callbacks_for(phase_dir):
+        # Order matters: Keras calls them in turn with one logs dict. The validation
+        # metrics first; the log and the best checkpoint before the backup, so a kill
+        # between them repeats the epoch (rewriting its row) instead of losing it.
+        offset = config.warmup_epochs if phase_dir.name == "phase-finetune" else 0
         return [
             ValidationMetrics(split.val["path"], split.val["mos"], config),
+            ResumableEarlyStopping(
+                history_csv, offset, monitor=config.monitor, mode=mode, patience=config.patience,
+                restore_best_weights=True,
+            ),
+            BestCheckpoint(best_path, config.monitor, initial_value=_best_so_far(history_csv, config.monitor)),
+            EpochLog(history_csv, offset),
             ResumableBackup(str(phase_dir / "backup")),
-            keras.callbacks.ModelCheckpoint(
-                str(best_path), monitor=config.monitor, mode=mode, save_best_only=True,
-                initial_value_threshold=_best_so_far(history_csv, config.monitor),
-            ),
-            keras.callbacks.EarlyStopping(
-                monitor=config.monitor, mode=mode, patience=config.patience, restore_best_weights=True,
-            ),
-            keras.callbacks.CSVLogger(str(history_csv), append=True),
             keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False),
         ]
 
@@ -271,22 +547,23 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
             # into the pretrained backbone in the first steps.
             set_backbone_trainable(model, False)
             _compile(model, config)
-            _fit_phase(model, train_ds, callbacks_for, run_dir / "phase-warmup",
-                       config.warmup_epochs, verbose)
+            _fit_phase(model, dataset_for, callbacks_for, run_dir / "phase-warmup",
+                       config.warmup_epochs, verbose, log)
             set_backbone_trainable(model, True)
         _compile(model, config)
-        _fit_phase(model, train_ds, callbacks_for, run_dir / "phase-finetune",
-                   config.epochs, verbose)
+        _fit_phase(model, dataset_for, callbacks_for, run_dir / "phase-finetune",
+                   config.epochs, verbose, log)
 
+    # The best checkpoint spans restarts; EarlyStopping's restored weights do not.
+    model = _inference_copy(model)
     if best_path.exists():
-        # The best checkpoint spans restarts; EarlyStopping's restored weights do not.
         model.load_weights(best_path)
     model_path = run_dir / "model.keras"
     _save_model_atomically(model, model_path)
 
-    if history_csv.is_file():
-        history = _read_history(history_csv)
-        history.to_csv(history_csv, index=False)
+    history = read_history(history_csv)
+    if len(history):
+        write_csv_atomically(history, history_csv)
         plot_history(history, run_dir / "loss.png", title=f"{config.name}: {split.name}")
     metrics, _ = evaluate_frame(model, split.test, config, out_dir=run_dir, title=f"{config.name} {split.name} test")
     return metrics, model_path
@@ -311,8 +588,24 @@ def _prepared_set(config):
     return prepared
 
 
-def _check_run_dir(run_dir, config, overwrite):
-    """Refuses to mix runs: a finished run or a different config in the same folder."""
+def completed_epochs(run_dir):
+    """Epochs a run directory holds a record of (history rows and backups), 0 for none."""
+    run_dir = Path(run_dir)
+    count = max([len(read_history(h)) for h in run_dir.glob("**/history.csv")], default=0)
+    for metadata in run_dir.glob("**/backup/training_metadata.json*"):
+        try:
+            count = max(count, int(json.loads(metadata.read_text())["epoch"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return count
+
+
+def _check_run_dir(run_dir, config, overwrite, log):
+    """Refuses to mix runs: a finished run, or a different config in a run that trained.
+
+    A run that failed before its first completed epoch (a wrong --labels, a part too
+    small, a full disk at the first backup) holds nothing worth keeping: it is replaced.
+    """
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     if (run_dir / "metrics.json").exists():
@@ -325,6 +618,10 @@ def _check_run_dir(run_dir, config, overwrite):
         previous = TrainConfig.load(saved)
         if previous != config:
             changed = sorted(k for k, v in config.to_dict().items() if previous.to_dict().get(k) != v)
+            if completed_epochs(run_dir) == 0:
+                log(f"replacing {run_dir}: its earlier run completed no epoch (changed: {changed})")
+                shutil.rmtree(run_dir)
+                return
             raise ConfigError(
                 f"{run_dir} holds an unfinished run started with a different config "
                 f"(changed: {changed}); rerun with the same settings to resume it, or pass "
@@ -332,36 +629,48 @@ def _check_run_dir(run_dir, config, overwrite):
             )
 
 
-def train(config, backbone=None, overwrite=False, progress=True):
+def train(config, backbone=None, overwrite=False, progress=True, log=None):
     """Runs a whole training job: data checks, split(s), training, evaluation, plots.
+
+    The run's config.json is written only once the data are checked and split, so a run
+    that fails before that leaves no config to lock its folder; rejects.csv is written
+    as soon as the images are checked, also when the checks stop the run.
 
     Args:
         config: `TrainConfig`. `labels=None` trains on the built-in demo data.
         backbone: optional Keras model replacing ConvNeXt (tests).
         overwrite: delete an existing run directory first.
         progress: show progress bars.
+        log: function taking one line for the user (resuming, restarting, replacing).
 
     Returns:
         A `TrainResult`.
 
     Raises:
-        kiqa.errors.KiqaError subclasses for unusable data, configs or weights.
+        kiqa.errors.KiqaError subclasses for unusable data, configs or weights;
+        ImageFolderError when most images are missing; DiskFullError for a full disk.
     """
+    log = log or _no_log
     # First, before any other TF op: multi-worker collectives must be set up at start-up.
     strategy = make_strategy(config.strategy)
     run_dir = writable_run_dir(config.resolved_run_dir, strategy)
-    _check_run_dir(run_dir, config, overwrite)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.json")
+    _check_run_dir(run_dir, config, overwrite, log)
 
-    frame, rejects = load_checked_labels(config, progress=progress)
-    rejects.to_csv(run_dir / "rejects.csv", index=False)
+    frame, paths, rejects, root = check_labels(config, progress=progress)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Written before the checks can stop the run: every reject, also when they do.
+    write_csv_atomically(rejects, run_dir / "rejects.csv")
+    check_image_folder(frame, rejects, root)
+    frame = apply_bad_image_policy(frame, paths, rejects, config)
 
     splits = koniq.make_splits(frame, config)
+    for split in splits:
+        check_parts(split)
+    config.save(run_dir / "config.json")
     verbose = "auto" if progress else 0
     prepared = _prepared_set(config)
     if len(splits) == 1:
-        metrics, model_path = train_split(splits[0], config, run_dir, backbone, verbose, strategy, prepared)
+        metrics, model_path = train_split(splits[0], config, run_dir, backbone, verbose, strategy, prepared, log)
         return TrainResult(run_dir, metrics, model_path, rejects, prepared and prepared.path)
 
     rows = []
@@ -371,11 +680,11 @@ def train(config, backbone=None, overwrite=False, progress=True):
             metrics = json.loads((split_dir / "metrics.json").read_text())
         else:
             metrics, _ = train_split(
-                split, config.replace(seed=config.seed + index), split_dir, backbone, verbose, strategy, prepared
+                split, config.replace(seed=config.seed + index), split_dir, backbone, verbose, strategy, prepared, log
             )
         rows.append(dict(split=split.name, **{k: v for k, v in metrics.items() if k != "split"}))
     table = pd.DataFrame(rows)
-    table.to_csv(run_dir / "repeats.csv", index=False, float_format="%.4f")
+    write_csv_atomically(table, run_dir / "repeats.csv", float_format="%.4f")
     summary = summarize_repeats([{k: v for k, v in r.items() if k != "split"} for r in rows])
     plot_repeats(table, run_dir / "repeats.png")
     write_json(run_dir / "metrics.json", {"protocol": f"{len(splits)} seeded random splits", "summary": summary, "splits": rows})

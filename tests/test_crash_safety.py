@@ -239,6 +239,38 @@ def test_a_truncated_backup_does_not_wedge_the_resume(killed_run, tmp_path, monk
     assert result.model_path.is_file()
 
 
+def test_a_kill_in_the_first_epoch_leaves_nothing_that_wedges_the_rerun(tmp_path, monkeypatch):
+    # Before, CSVLogger had created a 0-byte history.csv by then and every rerun stopped
+    # with pandas' EmptyDataError.
+    labels = demo_subset(tmp_path, per_source=4)
+    run_dir = tmp_path / "run"
+    config = TrainConfig.demo(
+        labels=str(labels), run_dir=str(run_dir), weights="none", image_size=(32, 32), batch_size=8,
+        epochs=2, patience=2, cache="none",
+    )
+    config_file = tmp_path / "config.json"
+    config.save(config_file)
+    driver, batches = tmp_path / "driver.py", tmp_path / "batches.txt"
+    driver.write_text(TRAIN_DRIVER.format(widths=CNN_WIDTHS))
+    process = subprocess.Popen(
+        [sys.executable, str(driver), str(config_file), str(batches)], cwd=tmp_path,
+        env=_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    _kill_when(process, lambda: _lines(batches) >= 2, "its second batch")
+    history = run_dir / "history.csv"
+    assert not history.exists() or history.stat().st_size > 0  # never a 0-byte file
+    assert not list(run_dir.rglob(".*.tmp"))  # no temporary file left visible as a result
+
+    lines = []
+    epochs = []
+    original = kiqa_train.ValidationMetrics.on_epoch_end
+    monkeypatch.setattr(kiqa_train.ValidationMetrics, "on_epoch_end",
+                        lambda self, epoch, logs=None: (epochs.append(epoch), original(self, epoch, logs))[1])
+    result = kiqa_train.train(config, backbone=small_cnn(CNN_WIDTHS), progress=False, log=lines.append)
+    assert epochs == [0, 1] and not lines  # nothing completed: a clean start, nothing to say
+    assert list(pd.read_csv(history).epoch) == [0, 1] and result.model_path.is_file()
+
+
 # ----------------------------------------------------------------------------- scoring
 
 
@@ -336,3 +368,69 @@ def test_kiqa_train_killed_mid_epoch_resumes(tmp_path):
     predicted = predict_paths(load_model(run_dir / "checkpoints" / "best.keras"), paths, config)
     val_loss = float(np.mean(((val.mos.to_numpy() - predicted) / MOS_SCALE) ** 2))
     assert val_loss == pytest.approx(after.val_loss.min(), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- full disk
+
+
+def _tmpfs(path, size):
+    """Mounts a tmpfs of `size` at `path`; returns None or why it cannot be mounted here."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    return None if done.returncode == 0 else (done.stderr.strip() or "mount failed")
+
+
+def test_a_full_disk_stops_with_one_error_keeps_the_backup_and_resumes(tmp_path, monkeypatch):
+    """On a real, small tmpfs: the space check refuses to start, naming the folder and
+    the space needed; a disk that fills during training (ENOSPC at the second backup)
+    stops with the same error and the first backup intact; freeing space resumes."""
+    from kiqa.errors import DiskFullError
+
+    disk = tmp_path / "disk"
+    why = _tmpfs(disk, "3m")
+    if why:
+        pytest.skip(f"cannot mount a tmpfs here ({why}); the ENOSPC path is not tested")
+    try:
+        labels = demo_subset(tmp_path, per_source=4)
+        config = TrainConfig.demo(
+            labels=str(labels), run_dir=str(disk / "run"), weights="none", image_size=(32, 32), batch_size=8,
+            epochs=2, patience=2, cache="none",
+        )
+        # 1. Too small from the start: refused before the first epoch, by the estimate.
+        with pytest.raises(DiskFullError) as caught:
+            kiqa_train.train(config, backbone=small_cnn((32, 64, 96)), progress=False)
+        err = caught.value
+        assert str(disk / "run") in str(err) and "needs about" in str(err) and err.needed > err.free
+        # 2. The disk fills during training: the estimate passes (lowered), the second
+        # epoch's backup hits ENOSPC for real (a filler file takes the space).
+        monkeypatch.setattr(kiqa_train, "space_needed", lambda *args: 0)
+        filler = disk / "filler"
+        original = kiqa_train.ResumableBackup._save_model
+
+        def fill_then_save(self):
+            if self._current_epoch == 2:
+                with open(filler, "wb") as handle:  # take what is left
+                    try:
+                        while True:
+                            handle.write(b"\0" * 65536)
+                    except OSError:
+                        pass
+            original(self)
+
+        monkeypatch.setattr(kiqa_train.ResumableBackup, "_save_model", fill_then_save)
+        with pytest.raises(DiskFullError, match="ran out of space"):
+            kiqa_train.train(config, backbone=small_cnn((8,)), progress=False)
+        backup = disk / "run" / "phase-finetune" / "backup"
+        assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 1
+        assert not list(backup.glob(".incoming*"))  # the cut-short backup was removed
+        # 3. Space freed: the same command resumes from the kept backup.
+        filler.unlink()
+        monkeypatch.setattr(kiqa_train.ResumableBackup, "_save_model", original)
+        lines = []
+        result = kiqa_train.train(config, backbone=small_cnn((8,)), progress=False, log=lines.append)
+        assert any("epoch 2 of 2 (1 completed)" in line for line in lines), lines
+        assert list(pd.read_csv(disk / "run" / "history.csv").epoch) == [0, 1]
+        assert result.model_path.is_file()
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

@@ -68,8 +68,9 @@ def test_out_of_range_scores_and_duplicates_are_reported_by_line(tmp_path):
         koniq.read_labels(write_csv(tmp_path / "a.csv", rows))
     rows = download_file_rows(5)
     rows[3]["image_name"] = rows[1]["image_name"]
-    with pytest.raises(DataError, match="more than once"):
-        koniq.read_labels(write_csv(tmp_path / "b.csv", rows))
+    # A name listed twice is read (check_image_names keeps the first row, reports the rest).
+    frame = koniq.read_labels(write_csv(tmp_path / "b.csv", rows))
+    assert frame["line"].tolist() == [2, 3, 4, 5, 6]
 
 
 def test_missing_file_is_named(tmp_path):
@@ -159,3 +160,60 @@ def test_default_image_root_finds_koniq_folders(tmp_path):
     assert koniq.default_image_root(labels) == tmp_path.resolve()
     (tmp_path / "1024x768").mkdir()
     assert koniq.default_image_root(labels) == (tmp_path / "1024x768").resolve()
+
+
+def test_duplicate_names_resolve_to_one_file_and_keep_the_first_label(tmp_path):
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    (root / "x.jpg").write_bytes(b"x")
+    (root / "sub" / "y.jpg").write_bytes(b"y")
+    os.symlink(root / "x.jpg", root / "link.jpg")
+    names = ["x.jpg", "./x.jpg", "sub//y.jpg", "link.jpg", "sub/./y.jpg", "sub\\y.jpg", "x.jpg"]
+    frame = pd.DataFrame({"image_name": names, "mos": range(len(names)), "line": range(2, 2 + len(names))})
+    paths, problems = koniq.check_image_names(frame, root)
+    assert paths[0] == str((root / "x.jpg").resolve()) and paths[2] == str((root / "sub" / "y.jpg").resolve())
+    assert [p is None for p in paths] == [False, True, False, True, True, True, True]
+    reasons = dict(problems)
+    assert "same file as 'x.jpg' (line 2)" in reasons["./x.jpg"] and "first row's label is kept" in reasons["link.jpg"]
+    assert "same file as 'sub//y.jpg' (line 4)" in reasons["sub\\y.jpg"]
+    assert koniq.normalise_name("./a//b/./c.jpg") == "a/b/c.jpg"
+
+
+def test_links_pipes_and_loops_in_the_image_folder_are_named_rejects(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    os.symlink(root / "loop-b.jpg", root / "loop-a.jpg")
+    os.symlink(root / "loop-a.jpg", root / "loop-b.jpg")
+    os.symlink(root / "self.jpg", root / "self.jpg")
+    os.symlink(root / "gone.jpg", root / "dangling.jpg")
+    (root / "folder").mkdir()
+    os.symlink(root / "folder", root / "dirlink.jpg")
+    os.mkfifo(root / "pipe.jpg")
+    os.symlink("/dev/null", root / "null.jpg")
+    expected = {
+        "loop-a.jpg": "symbolic link loop", "self.jpg": "symbolic link loop",
+        "dangling.jpg": "dangling symbolic link", "dirlink.jpg": "is a folder, not a regular file",
+        "pipe.jpg": "named pipe", "null.jpg": "outside the image folder",
+    }
+    frame = pd.DataFrame({"image_name": list(expected), "mos": range(len(expected))})
+    paths, problems = koniq.check_image_names(frame, root)
+    assert paths == [None] * len(expected)
+    for name, reason in problems:
+        assert expected[name] in reason, (name, reason)
+
+
+def test_non_utf8_bytes_in_a_label_file(tmp_path):
+    # In image_name: a file name's bytes (a Latin-1 name names the Latin-1 file).
+    path = tmp_path / "latin.csv"
+    path.write_bytes(b"image_name,MOS_zscore\ncaf\xe9.jpg,50\nplain.jpg,60\n")
+    frame = koniq.read_labels(path)
+    assert os.fsencode(frame.image_name[0]) == b"caf\xe9.jpg" and frame.image_name[1] == "plain.jpg"
+    # Anywhere else: refused with the line, the bytes and the fix.
+    other = tmp_path / "other.csv"
+    other.write_bytes(b"image_name,MOS_zscore,source_image,note\na.jpg,50,a,ok\nb.jpg,60,b,gr\xfcn\n")
+    with pytest.raises(DataError, match=r"column 'note' .* line\(s\) \[3\] \(line 3: b'gr\\xfcn'\).*re-save it as UTF-8"):
+        koniq.read_labels(other)
+    header = tmp_path / "header.csv"
+    header.write_bytes(b"image_name,MOS_zscore,d\xe9j\xe0\na.jpg,50,1\n")
+    with pytest.raises(DataError, match="line 1 .*not UTF-8"):
+        koniq.read_labels(header)

@@ -35,12 +35,23 @@ def test_eval_pipeline_matches_the_eager_image_function(demo):
 def test_training_pipeline_shuffles_per_epoch_reproducibly(demo, cache, tmp_path):
     cache = str(tmp_path / "cache") if cache == "file" else cache
     config = TrainConfig.demo(image_size=SIZE, batch_size=8, cache=cache, hflip=False, seed=1)
-    dataset = make_dataset(demo.path, demo.mos, config, training=True)
-    first, second = collect(dataset)[1], collect(dataset)[1]
+    both = collect(make_dataset(demo.path, demo.mos, config, training=True, epochs=2))[1]
+    first, second = both[:len(demo)], both[len(demo):]
     assert sorted(first) == sorted(second) == sorted(np.float32(demo.mos))
     assert not np.array_equal(first, second)  # reshuffled every epoch
     again = collect(make_dataset(demo.path, demo.mos, config, training=True))[1]
     np.testing.assert_array_equal(first, again)  # same seed, same order
+    # Epoch 1 alone (a run resumed after epoch 0) is epoch 1 of the uninterrupted run.
+    resumed = collect(make_dataset(demo.path, demo.mos, config, training=True, epochs=2, first_epoch=1))[1]
+    np.testing.assert_array_equal(resumed, second)
+
+
+def test_a_resumed_epoch_flips_the_same_images(demo):
+    config = TrainConfig.demo(image_size=SIZE, batch_size=8, cache="none", hflip=True, seed=3)
+    whole = collect(make_dataset(demo.path, demo.mos, config, training=True, epochs=3))[0]
+    resumed = collect(make_dataset(demo.path, demo.mos, config, training=True, epochs=3, first_epoch=2))[0]
+    np.testing.assert_array_equal(whole[2 * len(demo):], resumed)
+    assert not np.array_equal(whole[:len(demo)], whole[len(demo):2 * len(demo)])
 
 
 def test_cached_images_equal_uncached_ones(demo, tmp_path):

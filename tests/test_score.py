@@ -273,3 +273,69 @@ def test_copied_images_keep_their_score(photos, scorer, tmp_path):
     first = score_paths([photos / "c.png"], scorer, tmp_path / "1.csv", progress=False)
     second = score_paths([copy], scorer, tmp_path / "2.csv", batch_size=1, progress=False)
     assert first.mean_mos == second.mean_mos
+
+
+# ----------------------------------------------------------------------------- hostile names
+
+HOSTILE_NAMES = [
+    b"caf\xe9 latin-1.png",  # an old camera's Latin-1 name: not valid UTF-8
+    b"\xff\xfe.jpg",
+    "with space, comma.png".encode(),
+    'quote "double" and \'single\'.png'.encode(),
+    "new\nline.png".encode(),
+    b"-leading-dash.png",
+    ("x" * 240 + ".png").encode(),
+    "e\u0301-nfd.png".encode(),  # the same text as the next one, other bytes
+    "\u00e9-nfc.png".encode(),
+]
+
+
+def test_unusual_file_names_are_scored_and_round_trip_through_the_csv(run_dir, tmp_path, capsys):
+    import os as _os
+
+    folder = tmp_path / "names"
+    folder.mkdir()
+    write_images(folder, ["template.png"])
+    data = (folder / "template.png").read_bytes()
+    (folder / "template.png").unlink()
+    for raw in HOSTILE_NAMES:
+        with open(_os.fsencode(folder) + b"/" + raw, "wb") as handle:
+            handle.write(data)
+    with open(_os.fsencode(folder) + b"/broken \xe9.jpg", "wb") as handle:
+        handle.write(b"\xff\xd8\xff\xe0 broken")  # a failure row with such a name too
+    (folder / "photo.avif").write_bytes(b"\x00\x00\x00\x1cftypavif" + b"\x00" * 64)
+    (folder / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + b"\x00" * 64)
+    _os.symlink(folder / "loop-b.jpg", folder / "loop-a.jpg")
+    _os.symlink(folder / "loop-a.jpg", folder / "loop-b.jpg")
+    _os.symlink(folder / "gone.jpg", folder / "dangling.jpg")
+    out = tmp_path / "names.csv"
+    code = score_cli.main([str(folder), "--model", str(run_dir), "--out", str(out), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == EXIT_PARTIAL
+    total = len(HOSTILE_NAMES) + 6
+    assert f"{total} files: {len(HOSTILE_NAMES)} scored, 6 failed" in captured.out
+    assert "broken \\xe9.jpg" in captured.err  # shown escaped, not as raw bytes
+    rows = read_scores(out)
+    by_bytes = {_os.fsencode(path): value for path, value in rows.items()}
+    for raw in HOSTILE_NAMES:
+        mos, error = by_bytes[_os.fsencode(folder) + b"/" + raw]
+        assert error == "" and 0 <= mos <= 100, raw
+    assert len({mos for mos, _ in rows.values() if mos is not None}) == 1  # the same image everywhere
+    avif = rows[str(folder / "photo.avif")]
+    assert avif[0] is None and "AVIF images are not supported" in avif[1] and "convert it" in avif[1]
+    assert "HEIC images are not supported" in rows[str(folder / "photo.heic")][1]
+    assert rows[str(folder / "loop-a.jpg")][1].startswith("symbolic link loop")
+    assert rows[str(folder / "dangling.jpg")][1].startswith("dangling symbolic link")
+    # The CSV holds the names' own bytes, so every path names its file again.
+    for path in rows:
+        assert _os.path.lexists(path), path
+    # A rerun skips every row, including the non-UTF-8 ones.
+    again = score_paths([folder], load_scorer(run_dir), out, progress=False)
+    assert again.n_skipped == total and len(read_csv_bytes(out)) == total + 1
+
+
+def read_csv_bytes(path):
+    from kiqa.fsutil import CSV_TEXT
+
+    with open(path, **CSV_TEXT) as handle:
+        return list(csv.reader(handle))

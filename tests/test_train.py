@@ -2,6 +2,8 @@
 
 import json
 
+import keras
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,6 +11,9 @@ from PIL import Image
 from scipy import stats
 
 from helpers import demo_subset, small_cnn
+from kiqa import train as kiqa_train
+from kiqa.cli import train as train_cli
+from kiqa.cli._common import EXIT_ERROR
 from kiqa.config import TrainConfig
 from kiqa.errors import ConfigError, DataError
 from kiqa.model import load_model
@@ -80,6 +85,7 @@ def test_a_finished_run_is_not_overwritten_and_a_changed_config_is_refused(finis
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     config.replace(run_dir=str(unfinished)).save(unfinished / "config.json")
+    (unfinished / "history.csv").write_text("epoch,loss\n0,0.1\n")  # one completed epoch
     with pytest.raises(ConfigError, match=r"changed: \['learning_rate'\]"):
         train(config.replace(run_dir=str(unfinished), learning_rate=0.5), progress=False)
 
@@ -171,11 +177,14 @@ def test_a_part_too_small_for_correlations_is_refused_before_training(subset_csv
         train(config, backbone=small_cnn((8,)), progress=False)
 
 
-def test_the_final_model_is_saved_without_optimizer_state(finished_run):
+def test_the_final_model_and_the_best_checkpoint_are_saved_without_optimizer_state(finished_run):
     _, result = finished_run
-    model = load_model(result.model_path)
-    assert getattr(model, "optimizer", None) is None and not model.compiled
-    assert result.model_path.stat().st_size < (result.run_dir / "checkpoints" / "best.keras").stat().st_size
+    for path in (result.model_path, result.run_dir / "checkpoints" / "best.keras"):
+        model = load_model(path)
+        assert getattr(model, "optimizer", None) is None and not model.compiled, path
+    # Same weights, no optimizer: the two files are the same size to within metadata.
+    best = (result.run_dir / "checkpoints" / "best.keras").stat().st_size
+    assert abs(result.model_path.stat().st_size - best) < 0.05 * best
 
 
 def test_real_convnext_fits_a_small_fixed_set(subset_csv):
@@ -204,3 +213,167 @@ def test_real_convnext_fits_a_small_fixed_set(subset_csv):
     assert stats.spearmanr(predicted, frame.mos).statistic >= 0.95
     changed = [not np.array_equal(a, w.numpy()) for a, w in zip(before, model.trainable_weights)]
     assert all(changed), f"{changed.count(False)} weight tensors got no update"
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+
+def _cli_args(labels, run_dir, *more):
+    return ["--labels", str(labels), "--split", "random", "--weights", "none", "--image-size", "32", "32",
+            "--epochs", "2", "--batch-size", "8", "--cache", "none", "--quiet", "--run-dir", str(run_dir), *more]
+
+
+def test_a_stopped_prevalidation_writes_every_reject_and_no_config(subset_csv, tmp_path, capsys):
+    frame = pd.read_csv(subset_csv)
+    images = tmp_path / "images"
+    images.mkdir()
+    bad = list(frame.image_name[-23:])  # 20 broken, 3 missing: more than the 20 shown
+    for name in frame.image_name[:-23]:
+        (images / name).write_bytes((subset_csv.parent / "images" / name).read_bytes())
+    for name in bad[:20]:
+        (images / name).write_bytes(b"\xff\xd8\xff\xe0 broken")
+    run_dir = tmp_path / "run"
+    code = train_cli.main(_cli_args(subset_csv, run_dir, "--images", str(images)))
+    err = capsys.readouterr().err
+    assert code == EXIT_ERROR and "max_bad_fraction" in err and "... and 3 more (all in rejects.csv)" in err
+    rejects = pd.read_csv(run_dir / "rejects.csv")
+    assert sorted(rejects.image_name) == sorted(bad)  # every one, not the 20 shown
+    assert not (run_dir / "config.json").exists()  # nothing locks the folder
+    # The corrected rerun (the right image folder) trains in the same folder.
+    result = train(TrainConfig.demo(labels=str(subset_csv), run_dir=str(run_dir), split="random",
+                                    **dict(TINY, epochs=1)),
+                   backbone=small_cnn((8,)), progress=False)
+    assert pd.read_csv(run_dir / "rejects.csv").empty
+    assert (result.run_dir / "metrics.json").is_file()
+
+
+def test_a_wrong_image_folder_is_named_with_the_first_missing_file(subset_csv, tmp_path, capsys):
+    empty = tmp_path / "nothing-here"
+    empty.mkdir()
+    first = pd.read_csv(subset_csv).image_name[0]
+    code = train_cli.main(_cli_args(subset_csv, tmp_path / "run", "--images", str(empty)))
+    err = capsys.readouterr().err
+    assert code == EXIT_ERROR
+    assert f"are not in the image folder {empty.resolve()}" in err and f"first missing: {first!r}" in err
+    assert "kiqa fetch-koniq" in err and "max-bad-fraction" not in err
+    assert len(pd.read_csv(tmp_path / "run" / "rejects.csv")) == len(pd.read_csv(subset_csv))
+    # The library error carries the facts for other front ends.
+    from kiqa.errors import ImageFolderError
+
+    with pytest.raises(ImageFolderError) as caught:
+        train(TrainConfig.demo(labels=str(subset_csv), images=str(empty), run_dir=str(tmp_path / "r2"), **TINY),
+              progress=False)
+    assert caught.value.first_missing == first and caught.value.n_missing == caught.value.n_images
+
+
+def test_a_run_that_failed_before_training_does_not_lock_its_folder(subset_csv, tmp_path):
+    run_dir = tmp_path / "run"
+    wrong = TrainConfig.demo(labels=str(tmp_path / "no-such.csv"), run_dir=str(run_dir), **TINY)
+    with pytest.raises(DataError, match="label file not found"):
+        train(wrong, progress=False)
+    assert not (run_dir / "config.json").exists()
+    # A folder left with a config but no completed epoch (an older kiqa, a crash at start)
+    # is replaced by a run with another config, and says so.
+    run_dir.mkdir(exist_ok=True)
+    wrong.save(run_dir / "config.json")
+    lines = []
+    result = train(wrong.replace(labels=str(subset_csv), epochs=1), backbone=small_cnn((8,)), progress=False,
+                   log=lines.append)
+    assert any(line.startswith(f"replacing {run_dir}") and "completed no epoch" in line for line in lines)
+    assert TrainConfig.load(run_dir / "config.json").labels == str(subset_csv)
+    assert (result.run_dir / "metrics.json").is_file()
+
+
+def _stop_after(epochs_done):
+    class Interrupt(Exception):
+        pass
+
+    class Stop(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 == epochs_done:
+                raise Interrupt(f"simulated kill after epoch {epoch}")
+
+    return Interrupt, Stop
+
+
+
+
+@pytest.mark.parametrize("cache", ["memory", pytest.param("none", marks=pytest.mark.large)])
+def test_a_resumed_run_ends_where_an_uninterrupted_one_ends(subset_csv, tmp_path, monkeypatch, cache):
+    # A factory: train() builds it after seeding, as kiqa-train builds ConvNeXt.
+    def cnn():
+        return small_cnn((8,))
+
+    config = TrainConfig.demo(labels=str(subset_csv), hflip=True, dropout=0.2, **dict(TINY, epochs=3, patience=3,
+                                                                                      cache=cache))
+    straight = train(config.replace(run_dir=str(tmp_path / "straight")), backbone=cnn, progress=False)
+
+    Interrupt, Stop = _stop_after(2)
+    original = kiqa_train.ResumableBackup.on_epoch_end
+
+    def backup_then_stop(self, epoch, logs=None):
+        original(self, epoch, logs)  # the epoch's backup is written, then the "kill"
+        Stop().on_epoch_end(epoch, logs)
+
+    interrupted = config.replace(run_dir=str(tmp_path / "resumed"))
+    with monkeypatch.context() as patch:
+        patch.setattr(kiqa_train.ResumableBackup, "on_epoch_end", backup_then_stop)
+        with pytest.raises(Interrupt):
+            train(interrupted, backbone=cnn, progress=False)
+    lines = []
+    resumed = train(interrupted, backbone=cnn, progress=False, log=lines.append)
+
+    assert lines == [f"resuming {tmp_path / 'resumed'} (fine-tuning): epoch 3 of 3 (2 completed)"]
+    a, b = load_model(straight.model_path), load_model(resumed.model_path)
+    for x, y in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert resumed.metrics["srcc"] == pytest.approx(straight.metrics["srcc"], abs=1e-6)
+    h1, h2 = pd.read_csv(straight.run_dir / "history.csv"), pd.read_csv(resumed.run_dir / "history.csv")
+    pd.testing.assert_frame_equal(h1, h2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("leftover", [b"", pytest.param(b"epoch,loss,val_loss\n0,0.1", marks=pytest.mark.large)])
+def test_an_empty_or_truncated_history_does_not_wedge_the_rerun(subset_csv, tmp_path, leftover):
+    run_dir = tmp_path / "run"
+    config = TrainConfig.demo(labels=str(subset_csv), run_dir=str(run_dir), **dict(TINY, epochs=1))
+    run_dir.mkdir()
+    config.save(run_dir / "config.json")
+    (run_dir / "history.csv").write_bytes(leftover)  # what a kill during the first epoch left
+    result = train(config, backbone=small_cnn((8,)), progress=False)
+    assert list(pd.read_csv(result.run_dir / "history.csv").epoch) == [0]
+
+
+def test_non_utf8_names_from_a_label_file_train_and_a_wrong_encoding_is_explained(subset_csv, tmp_path):
+    import os
+
+    frame = pd.read_csv(subset_csv)
+    images = tmp_path / "images"
+    images.mkdir()
+    raw_names = {}
+    for i, name in enumerate(frame.image_name):
+        raw = name.encode() if i % 3 else b"caf\xe9-" + name.encode()  # every third: a Latin-1 name on disk
+        raw_names[name] = raw
+        with open(os.fsencode(images) + b"/" + raw, "wb") as handle:
+            handle.write((subset_csv.parent / "images" / name).read_bytes())
+    # UTF-8 on disk, Latin-1 in the label file: the file exists under its UTF-8 name.
+    with open(os.fsencode(images) + "/\u00e9t\u00e9.png".encode(), "wb") as handle:
+        handle.write((subset_csv.parent / "images" / frame.image_name[0]).read_bytes())
+    lines = [b"image_name,MOS_zscore,source_image"]
+    lines += [b"%s,%f,%s" % (raw_names[n], m, s.encode()) for n, m, s in
+              zip(frame.image_name, frame.MOS_zscore, frame.source_image)]
+    lines.append(b"\xe9t\xe9.png,50,extra")
+    labels = tmp_path / "latin.csv"
+    labels.write_bytes(b"\n".join(lines) + b"\n")
+    config = TrainConfig.demo(labels=str(labels), images=str(images), run_dir=str(tmp_path / "run"),
+                              max_bad_fraction=0.1, split="random", **dict(TINY, epochs=1))
+    result = train(config, backbone=small_cnn((8,)), progress=False)
+
+    split = pd.read_csv(result.run_dir / "split.csv", encoding_errors="surrogateescape")
+    assert {os.fsencode(n) for n in split.image_name} == set(raw_names.values())  # every file, byte-exact
+    rejects = pd.read_csv(result.run_dir / "rejects.csv", encoding_errors="surrogateescape")
+    assert len(rejects) == 1
+    reason = rejects.reason[0]
+    assert f"line {len(frame) + 2} of the label file" in reason and "b'\\xe9t\\xe9.png'" in reason
+    assert "'été.png' exists: the label file is cp1252" in reason and "Re-save the label file as UTF-8" in reason
+    assert result.metrics["n"] > 0

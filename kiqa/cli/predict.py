@@ -110,7 +110,8 @@ def _write_csv(results, out):
     """path,mos,error rows, with `kiqa score`'s encoding rule: UTF-8, and file names that
     are not valid UTF-8 written back as their original bytes (surrogateescape), so every
     path round-trips (`os.fsencode` of the field read back with the same rule)."""
-    from kiqa.score import CSV_COLUMNS, CSV_OPEN_OPTIONS
+    from kiqa.fsutil import CSV_TEXT as CSV_OPEN_OPTIONS
+    from kiqa.score import CSV_COLUMNS
 
     if out:
         handle = open(out, "w", **CSV_OPEN_OPTIONS)

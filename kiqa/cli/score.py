@@ -53,9 +53,11 @@ def scoring_options(args):
 
 
 def print_failures(failures, where):
-    """Lists the first failed files on stderr."""
+    """Lists the first failed files on stderr (names that are not UTF-8 as \\xNN escapes)."""
+    from kiqa.fsutil import printable
+
     for path, error in failures[:SHOWN_FAILURES]:
-        print(f"  {path}: {error}", file=sys.stderr)
+        print(f"  {printable(path)}: {printable(error)}", file=sys.stderr)
     if len(failures) > SHOWN_FAILURES:
         print(f"  ... and {len(failures) - SHOWN_FAILURES} more (see {where})", file=sys.stderr)
 
@@ -76,7 +78,9 @@ def main(argv=None, prog=None):
             f"MOS (0-100, higher is better): mean {summary.mean_mos:.2f}, "
             f"median {summary.median_mos:.2f}"
         )
-    print(f"scores written to {summary.out_csv}")
+    from kiqa.fsutil import printable
+
+    print(f"scores written to {printable(summary.out_csv)}")
     if summary.n_failed:
         print(f"{summary.n_failed} file(s) could not be scored:", file=sys.stderr)
         print_failures(summary.failures, summary.out_csv)

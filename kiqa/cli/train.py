@@ -123,7 +123,16 @@ def main(argv=None, prog=None):
     for note in caveats(config):
         print(f"{parser.prog}: note: {note}\n", file=sys.stderr)
     print(f"run directory: {config.resolved_run_dir}", file=sys.stderr)
-    result = train(config, overwrite=args.overwrite, progress=not args.quiet)
+    from kiqa.errors import ImageFolderError
+
+    try:
+        result = train(config, overwrite=args.overwrite, progress=not args.quiet, log=_tell)
+    except ImageFolderError as err:
+        raise ImageFolderError(
+            f"{err}.\nPass --images with the folder the label file's image_name values are relative "
+            f"to, or download KonIQ-10k first: kiqa fetch-koniq DIR (then --labels DIR/koniq10k_distributions_sets.csv)",
+            err.folder, err.n_missing, err.n_images, err.first_missing,
+        ) from err
     if result.prepared_dir:
         print(f"training images were read from the prepared set {result.prepared_dir}")
     if len(result.rejects):
@@ -166,6 +175,10 @@ def next_steps(result, config):
         lines.append(f"  the demo data: {labels} (labels) and {images}/ (images); "
                      f"KIQA_HOME moves it (now {synthetic.default_demo_dir().parent})")
     return lines
+
+
+def _tell(message):
+    print(message, file=sys.stderr)
 
 
 def _print_metrics(result):

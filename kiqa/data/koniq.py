@@ -15,7 +15,10 @@ side of every random split).
 """
 
 import dataclasses
+import errno
 import os
+import posixpath
+import stat
 import warnings
 from pathlib import Path
 
@@ -23,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from kiqa.errors import DataError
+from kiqa.fsutil import PANDAS_READ_TEXT, has_undecodable_bytes
 
 SPLIT_FILE = "split file"  # koniq10k_distributions_sets.csv
 DOWNLOAD_FILE = "download file"  # koniq10k_scores_and_distributions.csv
@@ -60,8 +64,10 @@ def read_labels(path):
             or a CSV in either layout.
 
     Returns:
-        DataFrame with `image_name`, `mos` (0-100) and, where the file has them, `set`
-        (train / val / test), `mos_raw` (1-5), `sd`, `votes` and `source_image`.
+        DataFrame with `image_name`, `mos` (0-100), `line` (the row's line in the file,
+        1-based, header = 1) and, where the file has them, `set` (train / val / test),
+        `mos_raw` (1-5), `sd`, `votes` and `source_image`. Bytes of `image_name` that
+        are not UTF-8 are kept as surrogates (`kiqa.fsutil`'s file-name rule).
         `frame.attrs["format"]` names the detected layout and `attrs["path"]` the file.
 
     Raises:
@@ -75,7 +81,10 @@ def read_labels(path):
             # the first column as the index and shift every column by one, silently
             # (image_name would hold the scores). With index_col=False it warns instead.
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            frame = pd.read_csv(path, dtype={"image_name": str}, index_col=False)
+            # Names are file names under kiqa.fsutil's rule: bytes that are not UTF-8
+            # are kept (a Latin-1 name names the Latin-1 file on disk); in any other
+            # column they are refused below, by line.
+            frame = pd.read_csv(path, dtype={"image_name": str}, index_col=False, **PANDAS_READ_TEXT)
     except FileNotFoundError as err:
         raise DataError(f"label file not found: {path}") from err
     except pd.errors.ParserWarning as err:
@@ -86,6 +95,7 @@ def read_labels(path):
     except (OSError, pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
         raise DataError(f"cannot read label file {path} as CSV: {err}") from err
 
+    _refuse_undecodable_cells(frame, path)
     columns = list(frame.columns)
     if "image_name" not in columns:
         raise DataError(
@@ -103,6 +113,7 @@ def read_labels(path):
         )
 
     out = pd.DataFrame({"image_name": frame["image_name"]})
+    out["line"] = frame.index + 2  # as a spreadsheet shows them: header is line 1
     out["mos"] = pd.to_numeric(frame[score_column], errors="coerce")
     if layout == DOWNLOAD_FILE and "MOS" in columns:
         out["mos_raw"] = pd.to_numeric(frame["MOS"], errors="coerce")
@@ -127,6 +138,34 @@ def read_labels(path):
     return out
 
 
+def undecodable_bytes(text):
+    """The `bytes` of `text` (a field read with surrogateescape) as they were in the file."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _refuse_undecodable_cells(frame, path):
+    """Refuses bytes that are not UTF-8 anywhere but in file names, naming the lines."""
+    names = {"image_name", GROUP_COLUMN}
+    bad_header = [c for c in frame.columns if isinstance(c, str) and has_undecodable_bytes(c)]
+    if bad_header:
+        raise DataError(
+            f"{path}: line 1 (the header) holds bytes that are not UTF-8 "
+            f"({undecodable_bytes(bad_header[0])!r}); re-save the label file as UTF-8"
+        )
+    for column in frame.columns:
+        if column in names or pd.api.types.is_numeric_dtype(frame[column]):
+            continue
+        bad = frame[column].map(lambda v: isinstance(v, str) and has_undecodable_bytes(v))
+        if bad.any():
+            lines = (frame.index[bad] + 2).tolist()
+            shown = undecodable_bytes(frame.loc[bad, column].iat[0])
+            raise DataError(
+                f"{path}: column {column!r} holds bytes that are not UTF-8 on line(s) {lines[:10]} "
+                f"(line {lines[0]}: {shown!r}); the file was probably saved as Latin-1 or "
+                "Windows-1252: re-save it as UTF-8"
+            )
+
+
 def _check_rows(frame, path, score_column):
     if frame.empty:
         raise DataError(f"{path}: the label file has no rows")
@@ -142,10 +181,8 @@ def _check_rows(frame, path, score_column):
             f"{path}: column '{score_column}' must be a 0-100 score; missing or out of "
             f"range on line(s) {lines}"
         )
-    duplicated = frame["image_name"].duplicated()
-    if duplicated.any():
-        names = frame.loc[duplicated, "image_name"].tolist()[:10]
-        raise DataError(f"{path}: image_name listed more than once: {names}")
+    # Names listed twice (also as ./x.jpg, sub//x.jpg or a link) are found by
+    # resolved file in check_image_names: the first row is kept, the others reported.
 
 
 def default_image_root(labels_path):
@@ -161,6 +198,34 @@ def default_image_root(labels_path):
     return folder
 
 
+# How a reject reason for a name with no file behind it reads (counted to tell a wrong
+# image folder from a few bad files).
+MISSING_REASON = "file not found at"
+
+
+def normalise_name(name):
+    """The canonical form of an `image_name`: `/` separators, no `.` parts or doubled `/`.
+
+    `./x.jpg`, `sub//x.jpg` and `sub\\x.jpg` become `x.jpg`, `sub/x.jpg`, `sub/x.jpg`.
+    `..` is left in (and refused by `resolve_image_path`).
+    """
+    return posixpath.normpath(name.replace("\\", "/"))
+
+
+def _not_regular(path):
+    """What a path that is not a regular file is (for the reject reason)."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
 def resolve_image_path(root, name):
     """Resolves one `image_name` inside the image root, refusing anything that escapes it.
 
@@ -172,8 +237,9 @@ def resolve_image_path(root, name):
         The resolved `Path` of a regular file inside `root`.
 
     Raises:
-        DataError: absolute path, `..` component, a link leaving the root, missing,
-            not a regular file, or not readable.
+        DataError: absolute path, `..` component, a link leaving the root, a link loop,
+            a dangling link, missing, not a regular file (folder, pipe, device), or
+            not readable.
     """
     # os.path.join(root, "/etc/passwd") is "/etc/passwd": absolute names must be refused
     # before joining, not after.
@@ -183,20 +249,38 @@ def resolve_image_path(root, name):
     if ".." in parts:
         raise DataError(f"{name!r}: '..' is not allowed in image names")
     root = Path(root).resolve()
-    path = (root / name).resolve()
+    given = root / normalise_name(name)
+    try:
+        path = given.resolve(strict=True)
+    except RuntimeError as err:  # Python 3.11 reports a symlink loop this way
+        raise DataError(f"{name!r}: {given} is a symbolic link loop ({err})") from err
+    except OSError as err:
+        if os.path.islink(given) or err.errno == errno.ELOOP:
+            target = os.path.realpath(given)
+            if err.errno == errno.ELOOP:
+                raise DataError(f"{name!r}: {given} is a symbolic link loop") from err
+            raise DataError(f"{name!r}: {given} is a dangling symbolic link (its target {target} does not exist)") from err
+        raise DataError(f"{name!r}: {MISSING_REASON} {given}") from err
     if path != root and root not in path.parents:
         raise DataError(f"{name!r}: resolves to {path}, outside the image folder {root} (a link leaving it?)")
-    if not path.exists():
-        raise DataError(f"{name!r}: file not found at {path}")
     if not path.is_file():
-        raise DataError(f"{name!r}: {path} is not a regular file")
+        raise DataError(f"{name!r}: {path} is {_not_regular(path)}, not a regular file; remove it from the label file")
     if not os.access(path, os.R_OK):
         raise DataError(f"{name!r}: {path} is not readable (permissions)")
     return path
 
 
+DUPLICATE_REASON = "same file as"
+
+
 def check_image_names(frame, root):
     """Checks every `image_name` at once, so the user sees all problems together.
+
+    Names are normalised (`normalise_name`) and resolved; rows naming a file an
+    earlier row already named (`x.jpg`, `./x.jpg`, `sub/../x.jpg` is refused, a link
+    to `x.jpg`) are duplicates: the first row and its label are kept, each later one
+    is a problem whose reason starts with `DUPLICATE_REASON` (so one photo can never be
+    in two parts of a split).
 
     Args:
         frame: a label table from `read_labels`.
@@ -204,15 +288,26 @@ def check_image_names(frame, root):
 
     Returns:
         (paths, problems): `paths` is a list aligned with `frame` (a resolved path
-        string, or None for a bad row); `problems` is a list of (image_name, reason).
+        string, or None for a bad or duplicate row); `problems` is a list of
+        (image_name, reason).
     """
-    paths, problems = [], []
-    for name in frame["image_name"]:
+    paths, problems, first = [], [], {}
+    lines = frame["line"] if "line" in frame.columns else pd.Series(frame.index + 2)
+    for name, line in zip(frame["image_name"], lines):
         try:
-            paths.append(str(resolve_image_path(root, name)))
+            path = str(resolve_image_path(root, name))
         except DataError as err:
             paths.append(None)
             problems.append((name, str(err)))
+            continue
+        if path in first:
+            earlier, earlier_line = first[path]
+            paths.append(None)
+            problems.append((name, f"{DUPLICATE_REASON} {earlier!r} (line {earlier_line}): {path}; "
+                                   "the first row's label is kept, this row is dropped"))
+            continue
+        first[path] = (name, line)
+        paths.append(path)
     return paths, problems
 
 

@@ -42,7 +42,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from kiqa import __version__
-from kiqa.data.pipeline import AUTOTUNE, finish_dataset, shuffle_decoded
+from kiqa.data.pipeline import AUTOTUNE, finish_dataset, shuffled_epochs
 from kiqa.data.validate import REJECT_COLUMNS, find_bad_images
 from kiqa.errors import ConfigError, DataError
 from kiqa.fsutil import swap_directory
@@ -424,7 +424,8 @@ class Prepared:
                     f"{self.path} was made; first out of order: {first!r}); keep the label file's order")
         return None
 
-    def dataset(self, image_names, mos, config, training, with_index=False, part="train"):
+    def dataset(self, image_names, mos, config, training, with_index=False, part="train", epochs=None,
+                first_epoch=0):
         """The input pipeline for one part of a split, read from the shards.
 
         Same elements as `kiqa.data.pipeline.make_dataset(paths, mos, config, training,
@@ -443,6 +444,8 @@ class Prepared:
             training: shuffle and augment.
             with_index: add `"index"` (position in `image_names`) to the features.
             part: accepted for the same call as `make_dataset`; unused (no file cache).
+            epochs: training only: see `make_dataset` (epochs by (seed, epoch)).
+            first_epoch: training only: see `make_dataset`.
 
         Returns:
             A batched, prefetched `tf.data.Dataset`.
@@ -499,9 +502,9 @@ class Prepared:
         if config.cache == "memory":
             dataset = dataset.cache()
         if training:
-            dataset = shuffle_decoded(dataset, n, config)
+            return shuffled_epochs(dataset, n, config, with_index, first_epoch, epochs)
         dataset = dataset.map(lambda e: dict(e, image=tf.cast(e["image"], tf.float32)))
-        return finish_dataset(dataset, config, training, with_index, size=n)
+        return finish_dataset(dataset, config, False, with_index)
 
 
 def _read_manifest(path):

@@ -15,18 +15,23 @@ import pandas as pd
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from kiqa.data.koniq import check_image_names
 from kiqa.contract import DEFAULT_MAX_BYTES
-from kiqa.errors import DataError, ImageError
-from kiqa.image import decode_image, describe_decode_error, load_image
+from kiqa.data.koniq import DUPLICATE_REASON, MISSING_REASON, check_image_names, undecodable_bytes
+from kiqa.errors import DataError, ImageError, ImageFolderError
+from kiqa.fsutil import has_undecodable_bytes, printable, tf_path
+from kiqa.image import decode_image, describe_decode_error, read_image_bytes
 
 REJECT_COLUMNS = ["image_name", "path", "reason"]
+# At least this share of the images missing means the image folder is wrong (or the
+# images were never downloaded), not that some files are bad.
+WRONG_FOLDER_FRACTION = 0.5
 
 
 def _decodable_indices(paths, config, progress):
     """Indices of `paths` that decode, found in one parallel tf.data pass."""
     size, max_pixels = config.image_size, config.max_pixels
-    dataset = tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64), paths))
+    names = [tf_path(p) for p in paths]  # TF refuses str names holding non-UTF-8 bytes
+    dataset = tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64), names))
     dataset = dataset.map(
         lambda i, p: (i, tf.shape(decode_image(tf.io.read_file(p), size, max_pixels=max_pixels, name=p))),
         num_parallel_calls=tf.data.AUTOTUNE,
@@ -39,9 +44,19 @@ def _decodable_indices(paths, config, progress):
     return good
 
 
-def _reason(err, path):
-    """One readable line for rejects.csv (which has its own path column)."""
-    return describe_decode_error(err, path)
+def _eager_reason(path, config):
+    """Why one file failed the parallel pass: decoded once more, eagerly.
+
+    One readable line for rejects.csv (which has its own path column).
+    """
+    try:
+        contents = read_image_bytes(path)
+        decode_image(contents, config.image_size, max_pixels=config.max_pixels, name=printable(path))
+    except ImageError as err:
+        return describe_decode_error(err, path)
+    except tf.errors.OpError as err:
+        return describe_decode_error(err, printable(path))
+    return "failed to decode in the parallel pass (not reproducible eagerly)"
 
 
 def find_bad_images(frame, root, config, progress=True):
@@ -58,7 +73,9 @@ def find_bad_images(frame, root, config, progress=True):
         DataFrame of rejects with columns image_name, path, reason.
     """
     paths, problems = check_image_names(frame, root)
-    rejects = [(name, "", reason) for name, reason in problems]
+    lines = frame["line"].tolist() if "line" in frame.columns else [i + 2 for i in range(len(frame))]
+    line_of = dict(zip(frame["image_name"], lines))
+    rejects = [(name, "", _explain_encoding(name, reason, root, line_of.get(name))) for name, reason in problems]
     for row, path in enumerate(paths):
         if path is not None and os.path.getsize(path) > DEFAULT_MAX_BYTES:
             rejects.append((frame["image_name"].iat[row], path, f"over the {DEFAULT_MAX_BYTES}-byte cap"))
@@ -71,14 +88,52 @@ def find_bad_images(frame, root, config, progress=True):
             if position in good:
                 continue
             # Decode the failures once more, eagerly, to say why each one failed.
-            try:
-                load_image(paths[row], config.image_size, max_pixels=config.max_pixels)
-                reason = "failed to decode in the parallel pass (not reproducible eagerly)"
-            except ImageError as err:
-                reason = _reason(err, paths[row])
+            reason = _eager_reason(paths[row], config)
             rejects.append((frame["image_name"].iat[row], paths[row], reason))
             paths[row] = None
     return paths, pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+
+
+def _explain_encoding(name, reason, root, line):
+    """Adds the label file's line, the bytes and the fix to a missing name that is not UTF-8."""
+    if MISSING_REASON not in reason or not has_undecodable_bytes(name):
+        return reason
+    raw = undecodable_bytes(name)
+    hint = ""
+    for encoding in ("cp1252", "latin-1"):
+        other = raw.decode(encoding, "replace")
+        if (Path(root) / other).exists():
+            hint = f" A file named {other!r} exists: the label file is {encoding}, not UTF-8."
+            break
+    return (
+        f"{reason}; line {line} of the label file names it with bytes that are not UTF-8 "
+        f"({raw!r}) and no file has exactly this name.{hint} Re-save the label file as UTF-8 "
+        "(names are file names as bytes, read as UTF-8)"
+    )
+
+
+def count_bad(rejects):
+    """Rejects that count against max_bad_fraction: every one but a duplicate row."""
+    return int((~rejects["reason"].str.startswith(DUPLICATE_REASON)).sum()) if len(rejects) else 0
+
+
+def check_image_folder(frame, rejects, root):
+    """Raises ImageFolderError when most images are missing (a wrong folder, not bad files).
+
+    Raises:
+        ImageFolderError: at least `WRONG_FOLDER_FRACTION` of the images are not found,
+            carrying the folder, the counts and the first missing name.
+    """
+    missing = rejects[rejects["reason"].str.contains(MISSING_REASON, regex=False)] if len(rejects) else rejects
+    if len(frame) and len(missing) >= WRONG_FOLDER_FRACTION * len(frame):
+        first = missing["image_name"].iat[0]
+        folder = Path(root).resolve()
+        raise ImageFolderError(
+            f"{len(missing)} of {len(frame)} images ({len(missing) / len(frame):.1%}) are not in the image "
+            f"folder {folder} (first missing: {first!r}, looked for {folder / first}): the image folder is "
+            "wrong, or the images are not there yet",
+            folder=str(folder), n_missing=len(missing), n_images=len(frame), first_missing=first,
+        )
 
 
 def apply_bad_image_policy(frame, paths, rejects, config):
@@ -96,24 +151,50 @@ def apply_bad_image_policy(frame, paths, rejects, config):
     Raises:
         DataError: `on_bad_images="stop"` and there are rejects, or more than
             `max_bad_fraction` of the images are bad; the message lists them.
+            Duplicate rows (see `kiqa.data.koniq.check_image_names`) are dropped and
+            listed, but neither stop a run nor count as bad.
     """
-    if len(rejects):
-        listing = "\n".join(f"  {r.image_name}: {r.reason}" for r in rejects.head(20).itertuples())
-        more = f"\n  ... and {len(rejects) - 20} more" if len(rejects) > 20 else ""
-        fraction = len(rejects) / len(frame)
+    bad = rejects[~rejects["reason"].str.startswith(DUPLICATE_REASON)] if len(rejects) else rejects
+    if len(bad):
+        listing = "\n".join(f"  {r.image_name}: {r.reason}" for r in bad.head(20).itertuples())
+        more = f"\n  ... and {len(bad) - 20} more (all in rejects.csv)" if len(bad) > 20 else ""
+        fraction = len(bad) / len(frame)
         if config.on_bad_images == "stop":
             raise DataError(
-                f"{len(rejects)} of {len(frame)} images cannot be used:\n{listing}{more}\n"
+                f"{len(bad)} of {len(frame)} images cannot be used:\n{listing}{more}\n"
                 "Fix or remove them, or pass --on-bad-images drop to train without them."
             )
         if fraction > config.max_bad_fraction:
             raise DataError(
-                f"{len(rejects)} of {len(frame)} images ({fraction:.1%}) cannot be used, more "
+                f"{len(bad)} of {len(frame)} images ({fraction:.1%}) cannot be used, more "
                 f"than max_bad_fraction={config.max_bad_fraction:.1%} (wrong image folder?):\n"
                 f"{listing}{more}\nCheck --images, or raise --max-bad-fraction to drop them."
             )
     kept = frame.assign(path=paths)
     return kept[kept["path"].notna()].reset_index(drop=True)
+
+
+def check_labels(config, progress=True):
+    """Reads a config's label file and checks every image, without applying the policy.
+
+    Args:
+        config: `TrainConfig`; `labels=None` means the built-in demo data.
+        progress: show a progress bar while checking images.
+
+    Returns:
+        (frame, paths, rejects, root): the label table, resolved paths aligned with it
+        (None for rejects), the rejects table and the image folder searched.
+
+    Raises:
+        ImageFolderError: most images are missing from the image folder.
+    """
+    from kiqa.data import koniq, synthetic
+
+    labels_path = Path(config.labels) if config.labels else synthetic.demo_dataset()
+    frame = koniq.read_labels(labels_path)
+    root = Path(config.images) if config.images else koniq.default_image_root(labels_path)
+    paths, rejects = find_bad_images(frame, root, config, progress=progress)
+    return frame, paths, rejects, root
 
 
 def load_checked_labels(config, progress=True):
@@ -125,11 +206,11 @@ def load_checked_labels(config, progress=True):
 
     Returns:
         (frame, rejects): the usable rows with a `path` column, and the rejects table.
-    """
-    from kiqa.data import koniq, synthetic
 
-    labels_path = Path(config.labels) if config.labels else synthetic.demo_dataset()
-    frame = koniq.read_labels(labels_path)
-    root = Path(config.images) if config.images else koniq.default_image_root(labels_path)
-    paths, rejects = find_bad_images(frame, root, config, progress=progress)
+    Raises:
+        ImageFolderError: most images are missing (see `check_image_folder`).
+        DataError: see `apply_bad_image_policy`.
+    """
+    frame, paths, rejects, root = check_labels(config, progress)
+    check_image_folder(frame, rejects, root)
     return apply_bad_image_policy(frame, paths, rejects, config), rejects
