@@ -1,0 +1,1 @@
+"""Serving kiqa's model outside the Keras training process: exports and their preprocessing."""
