@@ -40,7 +40,6 @@ import contextlib
 import functools
 import io
 import logging
-import os
 from pathlib import Path
 
 import numpy as np

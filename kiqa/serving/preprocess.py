@@ -168,12 +168,8 @@ def _to_rgb(image):
         # 16-bit grey: keep the high byte, as TF's uint16 -> uint8 conversion does.
         grey = (np.asarray(image, dtype=np.uint32) >> 8).astype(np.uint8)
         return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), "RGB")
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA"):
-        # Alpha is dropped, not composited (TF's channels=3 decode does the same).
-        return image.convert("RGBA" if image.mode != "LA" else "LA").convert("RGB")
-    return image.convert("RGB")
+    # Alpha (RGBA, LA, PA) is dropped, not composited: TF's channels=3 decode does the same.
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 _TRANSPOSES = {
