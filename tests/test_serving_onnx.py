@@ -170,3 +170,38 @@ def _dead_pid():
         except PermissionError:
             pass
         pid -= 1
+
+
+@pytest.mark.large
+def test_kill_9_during_conversion_leaves_no_version(run_dir, tmp_path):
+    """A real kill -9 of an exporting process: only a dot-folder is left, and the next
+    export removes it and publishes version 1."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base = tmp_path / "kiqa-onnx"
+    child = (
+        "import sys, time\n"
+        "from kiqa.serving import onnx as o\n"
+        "def slow(model, path, size):\n"
+        "    path.write_bytes(b'half-written')\n"
+        "    time.sleep(120)\n"
+        "o.convert = slow\n"
+        f"o.export_onnx({str(run_dir)!r}, base_path={str(base)!r})\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", child])
+    try:
+        deadline = time.monotonic() + 120
+        while not any(base.glob(".tmp-*/model.onnx")):
+            assert time.monotonic() < deadline and process.poll() is None, "the export never started"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert savedmodel.list_versions(base) == [] and [p.name[:5] for p in base.iterdir()] == [".tmp-"]
+    path = kiqa_onnx.export_onnx(run_dir, base_path=base)
+    assert sorted(p.name for p in base.iterdir()) == [path.name] == ["1"]
