@@ -254,7 +254,7 @@ def test_lenient_signature_over_grpc_isolates_the_bad_item(stubs):
 
 
 def test_message_limit_defaults_agree():
-    from kiqa.serving_client import DEFAULT_MAX_MESSAGE_BYTES
+    from kiqa.serving.client import DEFAULT_MAX_MESSAGE_BYTES
 
     assert DevServer("x").max_message_bytes == export.MAX_REQUEST_BYTES == DEFAULT_MAX_MESSAGE_BYTES
     assert serve_dev_cli.MAX_MESSAGE_MB * 2**20 == export.MAX_REQUEST_BYTES

@@ -339,3 +339,29 @@ def read_csv_bytes(path):
 
     with open(path, **CSV_TEXT) as handle:
         return list(csv.reader(handle))
+
+
+def test_prefetched_batches_keep_order_pass_errors_and_bound_what_is_held():
+    import threading
+
+    from kiqa.score import _prefetched_batches
+
+    held, peak, lock = [0], [0], threading.Lock()
+
+    def load(path):
+        with lock:
+            held[0] += 1
+            peak[0] = max(peak[0], held[0])
+        return (f"pixels of {path}", None) if path != "bad" else (None, "cannot decode")
+
+    todo = [(f"f{i}", None) for i in range(23)] + [("bad", None), ("listed", "not a regular file")]
+    seen = []
+    for batch in _prefetched_batches(todo, 4, load, threads=2, ahead=2):
+        assert len(batch) <= 4
+        with lock:
+            held[0] -= len([item for item in batch if item[0] != "listed"])
+        seen.extend(batch)
+    assert [item[0] for item in seen] == [path for path, _ in todo]
+    assert seen[0] == ["f0", "pixels of f0", None]
+    assert seen[-2] == ["bad", None, "cannot decode"] and seen[-1] == ["listed", None, "not a regular file"]
+    assert peak[0] <= 3 * 4  # at most (ahead + 1) batches decoded and not yet consumed

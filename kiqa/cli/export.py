@@ -20,11 +20,18 @@ def build_parser(prog=None):
         "SavedModel vs Keras parity) and only then renamed into place, so TF Serving never "
         "sees a half-written version.",
     )
+    parser.add_argument("--format", choices=("savedmodel", "onnx", "litert"), default="savedmodel",
+                        help="savedmodel: TF Serving (bytes and pixel signatures); onnx: "
+                        "<base>/<version>/model.onnx on float pixels (input image float32 "
+                        "[-1, H, W, 3] 0-255, output mos [-1]), needs kiqa[onnx]; litert: "
+                        "<base>/<version>/model.tflite (float32) and model_fp16.tflite / "
+                        "model_dynamic.tflite (quantised) on float pixels. ONNX and LiteRT "
+                        "users decode images themselves: kiqa.serving.preprocess.preprocess_image")
     parser.add_argument("model", metavar="RUN_OR_KERAS",
                         help="a run directory (model.keras + config.json) or a .keras file")
     parser.add_argument("--base", default=None,
                         help="model base path; its last folder is the model name TF Serving "
-                        "serves (default export/kiqa)")
+                        "serves (default export/kiqa, export/kiqa-onnx, export/kiqa-litert)")
     parser.add_argument("--version", type=int, default=None,
                         help="version number (default: one more than the highest existing)")
     parser.add_argument("--overwrite", action="store_true",
@@ -49,6 +56,8 @@ def build_parser(prog=None):
 def main(argv=None, prog=None):
     """Runs `kiqa export`."""
     args = build_parser(prog).parse_args(argv)
+    if args.format != "savedmodel":
+        return _export_other(args)
     from kiqa.serving import export
 
     base = args.base or export.DEFAULT_BASE_PATH
@@ -88,6 +97,45 @@ def main(argv=None, prog=None):
             file=sys.stderr,
         )
     print(f"TF Serving watching {base} loads it at its next poll (serving/README.md)")
+    return EXIT_OK
+
+
+def _export_other(args):
+    """`--format onnx|litert`: kiqa.serving.onnx / kiqa.serving.litert."""
+    if args.format == "onnx":
+        from kiqa.serving import onnx as exporter
+
+        run = exporter.export_onnx
+    else:
+        from kiqa.serving import litert as exporter
+
+        run = exporter.export_litert
+    base = args.base or exporter.DEFAULT_BASE_PATH
+    print(f"exporting {args.model} as {args.format} to {base}/ ...", file=sys.stderr)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        path = run(
+            args.model, base_path=base, version=args.version, image_size=args.image_size,
+            max_pixels=args.max_pixels, overwrite=args.overwrite,
+            parity_images=args.parity_images, safe_mode=not args.unsafe,
+        )
+    for warning in caught:
+        if issubclass(warning.category, UserWarning) and "kiqa" in warning.filename:
+            print(f"warning: {warning.message}", file=sys.stderr)
+    from kiqa.serving import artifact
+
+    info = artifact.read_metadata(path)
+    height, width = info["image_size"]
+    print(f"exported version {info['version']} of model {info['model_name']!r} ({args.format}) to {path}")
+    print(f"  input {info['input']['name']} float32 [-1, {height}, {width}, 3] (0-255 RGB), "
+          f"output {info['output']['name']} float32 [-1] (MOS 0-100)")
+    for name, figures in info["parity"].items():
+        srcc = f", SRCC {figures['srcc']:.4f}" if figures.get("srcc") is not None else ""
+        print(f"  parity {name}: max |dMOS| = {figures['max_abs_diff']:.2g} on {figures['images']} "
+              f"images (tolerance {figures['tolerance']}){srcc}")
+    for name, size in info.get("files", {info.get("file"): info.get("file_bytes")}).items():
+        print(f"  {name}: {size / 1e6:.2f} MB")
+    print("  preprocess images as kiqa.serving.preprocess.preprocess_image does (kiqa.json: preprocessing)")
     return EXIT_OK
 
 

@@ -24,6 +24,11 @@ def build_parser(prog=None):
                         help="image files and folders (folders are searched recursively for "
                         ".jpg .jpeg .png .bmp .gif .webp, any case)")
     add_model_arguments(parser)
+    parser.add_argument("--engine", choices=("tf", "onnxruntime", "openvino"), default="tf",
+                        help="what runs the model: tf (default, the fastest measured on CPU "
+                        "here), onnxruntime or openvino (need kiqa[onnx] / kiqa[openvino]; "
+                        "--model is then an ONNX export from kiqa export --format onnx, or a "
+                        "run / .keras file converted at start-up, which takes tens of seconds)")
     job = parser.add_argument_group("job")
     job.add_argument("--out", default="scores.csv", help="CSV to write or resume (default scores.csv)")
     job.add_argument("--batch-size", type=int, default=None,
@@ -69,7 +74,8 @@ def main(argv=None, prog=None):
     from kiqa.scorer import load_scorer
     from kiqa.score import score_paths
 
-    scorer = load_scorer(args.model, image_size=args.image_size, safe_mode=not args.unsafe)
+    scorer = load_scorer(args.model, image_size=args.image_size, safe_mode=not args.unsafe,
+                         engine=args.engine)
     summary = score_paths(args.paths, scorer, args.out, **scoring_options(args))
     resumed = f" ({summary.n_skipped} from an earlier run)" if summary.n_skipped else ""
     print(f"{summary.n_files} files{resumed}: {summary.n_scored} scored, {summary.n_failed} failed")

@@ -1,0 +1,270 @@
+"""What the ONNX and LiteRT exports share: versioned atomic publishing, parity, kiqa.json.
+
+Both lay out their files like the SavedModel, `<base>/<integer version>/` (the layout
+Triton Inference Server and TF Serving read: `export/kiqa-onnx/1/model.onnx`), and
+publish the same way, with `kiqa.export`'s own version choice, interrupted-export
+recovery and rename (`kiqa.fsutil.swap_directory` for `--overwrite`): the version is
+written to a dot-directory beside the target, checked, and renamed into place only when
+its parity with the Keras model holds. A failure or a kill leaves no numeric folder.
+"""
+
+import contextlib
+import datetime
+import json
+import os
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from scipy import stats
+
+from kiqa import __version__
+from kiqa import export as savedmodel
+from kiqa.errors import ExportError
+from kiqa.image import decode_image, describe_decode_error
+
+METADATA_FILE = "kiqa.json"
+# Images per forward pass in the parity checks.
+PARITY_BATCH = 8
+
+# What an ONNX or LiteRT user must do to the pixels, recorded in every kiqa.json
+# (kiqa.serving.preprocess.preprocess_image does it in Pillow + numpy).
+PREPROCESSING = {
+    "reference_function": "kiqa.serving.preprocess.preprocess_image",
+    "input": "float32 [batch, height, width, 3], RGB, 0..255 (not normalised: the model "
+    "normalises internally)",
+    "steps": [
+        "first frame only (animated GIF/WebP)",
+        "JPEG: decode at the largest DCT scale 1/r (r in 1, 2, 4, 8; Pillow Image.draft) "
+        "whose size ceil(h/r) x ceil(w/r) still covers the target after the EXIF turn",
+        "apply the EXIF orientation tag (JPEG, PNG, WebP)",
+        "convert to 8-bit RGB (grey, palette, CMYK; alpha dropped, not composited; "
+        "16-bit keeps the high byte)",
+        "resize the whole image to height x width (no crop, no padding; other aspect "
+        "ratios are stretched) with an antialiased bilinear (triangle) filter, as "
+        "tf.image.resize(method='bilinear', antialias=True); skipped when the size "
+        "already matches",
+        "round half to even, clip to 0..255",
+    ],
+}
+
+
+def prepare_version(base, version, overwrite):
+    """Chooses the version and the temporary folder it is written to.
+
+    Args:
+        base: the model base path (created if missing).
+        version: an integer >= 1, or None for the next free one.
+        overwrite: allow replacing an existing version.
+
+    Returns:
+        (version, temporary folder, final folder).
+
+    Raises:
+        ExportError: the version exists without `overwrite`, or the base path cannot
+            be created.
+    """
+    base = Path(base)
+    if base.is_dir():
+        savedmodel._recover_interrupted(base)
+    version = savedmodel._choose_version(base, version, overwrite)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"cannot create the export base path {base}: {err.strerror}") from err
+    temp = base / f"{savedmodel._TEMP_PREFIX}{version}-{savedmodel._host()}-{os.getpid()}"
+    temp.mkdir()
+    return version, temp, base / str(version)
+
+
+def publish(temp, target, overwrite):
+    """Flushes the checked folder and renames it to its version number (atomic)."""
+    savedmodel._fsync_tree(temp)
+    savedmodel._publish(temp, target, overwrite)
+
+
+def discard(temp):
+    """Deletes a temporary folder after a failed or interrupted export."""
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def all_layers(model):
+    """Every layer of a model, nested models' layers included."""
+    for layer in getattr(model, "layers", ()):
+        yield layer
+        yield from all_layers(layer)
+
+
+def convertible_model(model):
+    """The model as converters can take it: grouped depthwise `Conv2D`s made `DepthwiseConv2D`.
+
+    keras.applications' stock ConvNeXt (`--stock-depthwise`) runs its depthwise
+    convolutions as grouped `Conv2D` inside a nested XLA-compiled function, which
+    tf2onnx leaves as an unconvertible `StatefulPartitionedCall`. The copy from
+    `kiqa.model.fast_depthwise_backbone` has the same weights and outputs (within 1e-5);
+    the parity check compares the converted file with the original model anyway.
+
+    Returns:
+        (model to convert, True when it is a fast-depthwise copy).
+    """
+    from kiqa.model import _is_depthwise_conv2d, fast_depthwise_backbone
+
+    if any(_is_depthwise_conv2d(layer) for layer in all_layers(model)):
+        return fast_depthwise_backbone(model), True
+    return model, False
+
+
+@contextlib.contextmanager
+def constant_normalization(model):
+    """Makes `keras.layers.Normalization` statistics numpy arrays while tracing.
+
+    ConvNeXt's prestem `Normalization` keeps its ImageNet mean and variance as eager
+    tensors; a traced function captures those as extra placeholders, which tf2onnx
+    leaves as graph inputs ("Required inputs ... prestem_normalization/Sub/y:0 are
+    missing"). As numpy arrays they are traced as constants. Restored on exit.
+    """
+    changed = []
+    for layer in all_layers(model):
+        if isinstance(layer, keras.layers.Normalization):
+            for attr in ("mean", "variance"):
+                value = getattr(layer, attr, None)
+                if isinstance(value, tf.Tensor):
+                    changed.append((layer, attr, value))
+                    setattr(layer, attr, value.numpy())
+    try:
+        yield
+    finally:
+        for layer, attr, value in changed:
+            setattr(layer, attr, value)
+
+
+def parity_pixels(parity_images, image_size, max_pixels):
+    """Decoded pixels of the caller's images plus kiqa's generated ones.
+
+    Returns:
+        (names, float32 array [n, height, width, 3], number of the caller's images).
+
+    Raises:
+        ImageError: a parity image cannot be read.
+        ExportError: a parity image cannot be decoded.
+    """
+    inputs, caller_images = savedmodel._parity_inputs(parity_images)
+    pixels = []
+    for name, contents in inputs:
+        try:
+            pixels.append(decode_image(contents, image_size, max_pixels).numpy())
+        except tf.errors.OpError as err:
+            raise ExportError(
+                f"parity image {name} cannot be decoded ({describe_decode_error(err)}); "
+                f"remove it from the parity images"
+            ) from err
+    return [name for name, _ in inputs], np.stack(pixels), caller_images
+
+
+def keras_scores(model, pixels):
+    """The Keras model's MOS for a pixel array, batch by batch (float64)."""
+    out = []
+    for start in range(0, len(pixels), PARITY_BATCH):
+        batch = tf.constant(pixels[start : start + PARITY_BATCH])
+        out.append(np.reshape(model(batch, training=False)[savedmodel.OUTPUT], [-1]))
+    return np.concatenate(out).astype(np.float64)
+
+
+def compare_scores(reference, candidate, names, tolerance, what):
+    """Parity figures of `candidate` against the Keras model's `reference` scores.
+
+    Args:
+        reference: the Keras model's MOS per image.
+        candidate: the exported model's MOS per image.
+        names: image names (for the error message).
+        tolerance: largest |difference| allowed, in MOS points.
+        what: the exported model, as named in the error ("the ONNX model").
+
+    Returns:
+        dict: images, max_abs_diff, mean_abs_diff, srcc (Spearman between the two; None
+        when all reference scores are equal), tolerance.
+
+    Raises:
+        ExportError: not finite, or a difference over `tolerance` (naming the image).
+    """
+    reference = np.asarray(reference, np.float64)
+    candidate = np.asarray(candidate, np.float64).reshape(-1)
+    if candidate.shape != reference.shape:
+        raise ExportError(f"{what} returned {candidate.shape[0]} scores for {reference.shape[0]} images")
+    if not (np.all(np.isfinite(reference)) and np.all(np.isfinite(candidate))):
+        raise ExportError(f"{what} or the Keras model returns NaN or infinite scores on the parity images")
+    diff = np.abs(candidate - reference)
+    worst = int(np.argmax(diff))
+    if diff[worst] > tolerance:
+        raise ExportError(
+            f"parity check failed: on {names[worst]} the Keras model says {reference[worst]:.3f} "
+            f"but {what} says {candidate[worst]:.3f}, {diff[worst]:.3g} MOS apart, over the "
+            f"{tolerance} MOS tolerance; nothing was published"
+        )
+    srcc = None
+    if np.ptp(reference) > 0 and np.ptp(candidate) > 0:
+        srcc = float(stats.spearmanr(reference, candidate).statistic)
+    return {
+        "images": int(len(reference)),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        "srcc": srcc,
+        "tolerance": float(tolerance),
+    }
+
+
+def base_metadata(model_name, version, image_size, max_pixels, model, config, source):
+    """The kiqa.json fields every export format records."""
+    metadata = {
+        "model_name": model_name,
+        "version": version,
+        "image_size": list(image_size),
+        "max_pixels": int(max_pixels),
+        "input": {"name": savedmodel.PIXELS_INPUT, "dtype": "float32",
+                  "shape": [-1, int(image_size[0]), int(image_size[1]), 3]},
+        "output": {"name": savedmodel.OUTPUT, "dtype": "float32", "shape": [-1],
+                   "meaning": "MOS on KonIQ's 0-100 scale, higher is better"},
+        "preprocessing": PREPROCESSING,
+        "parameters": int(model.count_params()),
+        "source": source,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tf_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "kiqa_version": __version__,
+        "config": config.to_dict() if config is not None else None,
+    }
+    provenance = _provenance()
+    if provenance is not None:
+        metadata["provenance"] = provenance
+    return metadata
+
+
+def _provenance():
+    """kiqa.provenance's record of this build, when that module exists."""
+    try:
+        from kiqa import provenance  # noqa: PLC0415 (optional module)
+    except ImportError:
+        return None
+    collect = getattr(provenance, "collect", None)
+    return collect() if callable(collect) else None
+
+
+def write_metadata(folder, metadata):
+    (Path(folder) / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+def read_metadata(folder):
+    """The kiqa.json of an exported ONNX / LiteRT version.
+
+    Raises:
+        ExportError: missing or unreadable.
+    """
+    path = Path(folder) / METADATA_FILE
+    try:
+        return json.loads(path.read_text())
+    except OSError as err:
+        raise ExportError(f"{path} cannot be read ({err.strerror}); export with `kiqa export`") from err
+    except ValueError as err:
+        raise ExportError(f"{path} is not JSON ({err})") from err

@@ -1,0 +1,214 @@
+"""LiteRT (TFLite) export for phones and edge devices: float32 and quantised variants.
+
+`export_litert` writes one version folder, `<base>/<version>/`, holding
+
+- `model.tflite`: float32, the reference (its parity with Keras must hold within
+  `PARITY_TOLERANCE`, like the SavedModel and ONNX exports);
+- `model_fp16.tflite`: weights stored as float16 (half the size; LiteRT dequantises them
+  to float32 on CPU, and GPU delegates compute in float16);
+- `model_dynamic.tflite`: dynamic-range quantisation (int8 weights, float activations;
+  about a quarter of the size, int8 matrix kernels on CPU);
+- `kiqa.json`: the pixel contract (input `image` float32 [-1, H, W, 3] 0..255, output
+  `mos` float32 [-1]), kiqa's preprocessing rule, each file's size and its measured
+  parity (max and mean |ΔMOS| and SRCC against the float Keras model).
+
+The quantised variants trade accuracy for size, so their bound is looser
+(`QUANTISED_TOLERANCE`); an export whose variant drifts further is refused, as a wrong
+conversion would be. The parity of a random-weight model (the tests, the benchmarks
+here) says little about a trained one: re-check with your trained model and real photos
+(`--parity-images`), which the export does every time.
+
+Converter: `tf.lite.TFLiteConverter.from_concrete_functions` on the model's traced call,
+builtin ops only. Keras 3.15's own `model.export(format="litert")` goes through a
+SavedModel (`ExportArchive`, which stores each weight twice, keras issue 23553) and
+enables `SELECT_TF_OPS`, which makes the file need the Flex delegate (TF ops inside
+LiteRT, ~+6 MB on a phone); kiqa's model needs none, so it is not enabled, and a model
+that would need one fails the conversion with the op named. Like the ONNX export, the
+fast-depthwise copy of a stock model is what gets converted.
+
+The interpreter used for the parity check (and `load_interpreter`) is `ai_edge_litert`'s
+when installed: `tf.lite.Interpreter` is deprecated ("scheduled for deletion in TF 2.20",
+still present in 2.21) in favour of that package. Both read the same files.
+"""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from kiqa.serving import export as savedmodel
+from kiqa.errors import ExportError
+from kiqa.serving import artifact
+
+DEFAULT_BASE_PATH = "export/kiqa-litert"
+INPUT = savedmodel.PIXELS_INPUT
+OUTPUT = savedmodel.OUTPUT
+PARITY_TOLERANCE = savedmodel.PARITY_TOLERANCE
+# Quantised weights move scores: float16 rounds each weight to 11 significant bits,
+# dynamic-range to 256 levels per channel. 1 MOS point is a tenth of KonIQ's rater
+# disagreement (~10 points), and still catches a broken conversion (tens of points).
+QUANTISED_TOLERANCE = 1.0
+# name -> (file, tolerance).
+VARIANTS = {
+    "float32": ("model.tflite", PARITY_TOLERANCE),
+    "float16": ("model_fp16.tflite", QUANTISED_TOLERANCE),
+    "dynamic_range": ("model_dynamic.tflite", QUANTISED_TOLERANCE),
+}
+
+
+def export_litert(
+    model_or_path,
+    base_path=DEFAULT_BASE_PATH,
+    version=None,
+    image_size=None,
+    max_pixels=None,
+    overwrite=False,
+    config=None,
+    parity_images=None,
+    safe_mode=True,
+    variants=tuple(VARIANTS),
+    tolerances=None,
+):
+    """Exports a model as LiteRT files in `<base_path>/<version>/`, atomically.
+
+    Args:
+        model_or_path: a run directory, a `.keras` file or an in-memory `keras.Model`.
+        base_path: folder of versions.
+        version: integer >= 1; None takes the next free one.
+        image_size: (height, width) of the input; None takes the run's config.
+        max_pixels: header pixel cap recorded for preprocessing.
+        overwrite: replace an existing version.
+        config: the model's `TrainConfig` (None reads it from the run directory).
+        parity_images: files, folders or bytes each variant must agree on with the
+            Keras model; generated images are always added.
+        safe_mode: refuse `.keras` files with Lambda layers.
+        variants: which of `VARIANTS` to write ("float32" is always written).
+        tolerances: {variant: MOS points} overriding the defaults of `VARIANTS`.
+
+    Returns:
+        The `Path` of the published version folder.
+
+    Raises:
+        ExportError: the version exists, a conversion failed, or a variant's parity
+            failed; nothing numeric was left in `base_path`.
+    """
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ExportError(f"unknown LiteRT variants {unknown}; choose from {sorted(VARIANTS)}")
+    variants = ["float32"] + [v for v in VARIANTS if v in variants and v != "float32"]
+    tolerances = {name: tol for name, (_, tol) in VARIANTS.items()} | dict(tolerances or {})
+    base = Path(base_path)
+    savedmodel._choose_version(base, version, overwrite)  # refuse before loading the model
+    model, config, source = savedmodel._resolve_model(model_or_path, config, safe_mode)
+    image_size = savedmodel._resolve_image_size(image_size, config, source)
+    max_pixels = savedmodel._resolve_max_pixels(max_pixels, config)
+    names, pixels, caller_images = artifact.parity_pixels(parity_images, image_size, max_pixels)
+    reference = artifact.keras_scores(model, pixels)
+    version, temp, target = artifact.prepare_version(base, version, overwrite)
+    try:
+        files, parity = {}, {}
+        for variant in variants:
+            file_name = VARIANTS[variant][0]
+            (temp / file_name).write_bytes(convert(model, image_size, variant))
+            scores = run_interpreter(load_interpreter(temp / file_name), pixels)
+            figures = artifact.compare_scores(
+                reference, scores, names, tolerances[variant], f"the LiteRT {variant} model"
+            )
+            figures["caller_images"] = caller_images
+            parity[f"{variant}_vs_keras"] = figures
+            files[file_name] = (temp / file_name).stat().st_size
+        metadata = artifact.base_metadata(base.resolve().name, version, image_size, max_pixels,
+                                          model, config, source)
+        metadata.update(
+            format="litert",
+            file=VARIANTS["float32"][0],
+            files=files,
+            variants={v: VARIANTS[v][0] for v in variants},
+            converter={"name": "tf.lite.TFLiteConverter.from_concrete_functions (builtin ops only)",
+                       "tensorflow": tf.__version__},
+            parity=parity,
+        )
+        artifact.write_metadata(temp, metadata)
+        artifact.publish(temp, target, overwrite)
+    except BaseException:
+        artifact.discard(temp)
+        raise
+    return target
+
+
+def convert(model, image_size, variant="float32"):
+    """The model as LiteRT flatbuffer bytes.
+
+    Args:
+        model: a kiqa Keras model.
+        image_size: (height, width).
+        variant: one of `VARIANTS`.
+
+    Raises:
+        ExportError: the converter failed (e.g. an op with no builtin kernel).
+    """
+    model, _ = artifact.convertible_model(model)
+    height, width = int(image_size[0]), int(image_size[1])
+
+    @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32, name=INPUT)])
+    def serve(image):
+        return {OUTPUT: tf.reshape(tf.cast(model(image, training=False)[OUTPUT], tf.float32), [-1])}
+
+    # The converter freezes the variables the trackable object holds; a Keras 3 model
+    # is not one TF can walk for its raw tf.Variables (the file then computes with
+    # uninitialised weights: NaN or 1e36 scores), so a plain tf.Module holds them.
+    holder = tf.Module()
+    holder.variables_to_freeze = [savedmodel._raw_variable(w) for w in model.weights]
+    with artifact.constant_normalization(model):
+        concrete = serve.get_concrete_function()
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if variant == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif variant == "dynamic_range":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return converter.convert()
+    except Exception as err:  # the converter raises ConverterError and plain exceptions
+        raise ExportError(
+            f"the LiteRT converter failed on the {variant} variant: "
+            f"{' '.join(str(err).split())[:500]}"
+        ) from err
+
+
+def load_interpreter(path, threads=None):
+    """A LiteRT interpreter for an exported file (ai_edge_litert's, else tf.lite's).
+
+    Raises:
+        ExportError: the file cannot be loaded.
+    """
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        Interpreter = tf.lite.Interpreter
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+            interpreter = Interpreter(model_path=str(path), num_threads=threads)
+    except (ValueError, RuntimeError) as err:
+        raise ExportError(f"LiteRT cannot load {path}: {' '.join(str(err).split())[:300]}") from err
+    runner = interpreter.get_signature_runner()
+    inputs, outputs = runner.get_input_details(), runner.get_output_details()
+    if list(inputs) != [INPUT] or list(outputs) != [OUTPUT]:
+        raise ExportError(f"{path} takes {sorted(inputs)} and returns {sorted(outputs)}, "
+                          f"expected [{INPUT!r}] -> [{OUTPUT!r}]")
+    return interpreter
+
+
+def run_interpreter(interpreter, pixels, batch_size=artifact.PARITY_BATCH):
+    """MOS of a pixel array through a LiteRT interpreter, batch by batch."""
+    runner = interpreter.get_signature_runner()
+    out = []
+    for start in range(0, len(pixels), batch_size):
+        batch = np.ascontiguousarray(pixels[start : start + batch_size], dtype=np.float32)
+        out.append(np.reshape(runner(**{INPUT: batch})[OUTPUT], [-1]))
+    return np.concatenate(out)
