@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime", reason="ONNX export needs kiqa's onnx extra (
 
 from helpers import EXPORT_SIZE, make_tiny_run  # noqa: E402
 
-from kiqa import export as savedmodel  # noqa: E402
+from kiqa.serving import export as savedmodel  # noqa: E402
 from kiqa.cli import export as cli_export  # noqa: E402
 from kiqa.config import TrainConfig  # noqa: E402
 from kiqa.errors import ExportError  # noqa: E402

@@ -21,7 +21,7 @@ import tensorflow as tf
 from scipy import stats
 
 from kiqa import __version__
-from kiqa import export as savedmodel
+from kiqa.serving import export as savedmodel
 from kiqa.errors import ExportError
 from kiqa.image import decode_image, describe_decode_error
 
