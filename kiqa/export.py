@@ -57,7 +57,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from kiqa import __version__
+from kiqa import __version__, provenance
 from kiqa.config import DEFAULT_MAX_PIXELS, TrainConfig
 from kiqa.errors import ConfigError, ExportError, ImageError, ModelError
 from kiqa.fsutil import swap_directory
@@ -72,6 +72,14 @@ PIXELS_SIGNATURE = "score_pixels"
 BYTES_INPUT = "image_bytes"
 PIXELS_INPUT = "image"
 OUTPUT = "mos"
+# The model's provenance record, readable remotely. TF Serving's GetModelMetadata answers
+# only "signature_def", so the record is served by a signature of its own. It takes a
+# string[-1] input it ignores and returns one copy of the JSON per item: TF Serving's REST
+# API refuses a signature without inputs (serving issue 1676), and its batching session
+# needs a batch dimension on every input and output. An export without a record returns "".
+PROVENANCE_SIGNATURE = "provenance"
+PROVENANCE_INPUT = "request"
+PROVENANCE_OUTPUT = "provenance"
 
 # Largest |SavedModel - Keras| allowed on the 0-100 scale. Both sides run the same
 # decode and the same float32 weights; what differs is graph vs eager kernel choice
@@ -118,6 +126,7 @@ def export_model(
     config=None,
     parity_images=None,
     safe_mode=True,
+    record=None,
 ):
     """Exports a model as a new TF Serving version, atomically.
 
@@ -141,6 +150,10 @@ def export_model(
             SavedModel and the Keras model must agree; generated JPEG/PNG images are
             always added.
         safe_mode: passed to `kiqa.model.load_model` (refuses Lambda layers).
+        record: the model's `kiqa.provenance.Provenance`. None reads it from the run
+            directory (or beside the `.keras` file); an in-memory model without one
+            is exported as of unknown provenance. Written to
+            `assets.extra/provenance.json` and served by the `provenance` signature.
 
     Returns:
         The `Path` of the published version directory.
@@ -159,6 +172,8 @@ def export_model(
     # Refuse an existing version before spending a minute loading the model.
     version = _choose_version(base, version, overwrite)
     model, config, source = _resolve_model(model_or_path, config, safe_mode)
+    if record is None and not isinstance(model_or_path, keras.Model):
+        record = provenance.find_for_model(source)
     image_size = _resolve_image_size(image_size, config, source)
     max_pixels = _resolve_max_pixels(max_pixels, config)
     parity_inputs = _parity_inputs(parity_images)
@@ -171,7 +186,7 @@ def export_model(
     model_name = base.resolve().name
 
     try:
-        _write_saved_model(model, temp, image_size, max_pixels)
+        _write_saved_model(model, temp, image_size, max_pixels, record)
         report = check_saved_model(temp, image_size)
         _check_stored_once(temp, model)
         parity = _check_parity(model, temp, parity_inputs, image_size, max_pixels)
@@ -197,6 +212,8 @@ def export_model(
             "config": config.to_dict() if config is not None else None,
         }
         (temp / ASSETS_EXTRA / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        if record is not None:
+            provenance.write(temp / ASSETS_EXTRA, record)
         _fsync_tree(temp)
         _publish(temp, target, overwrite)
     except BaseException:
@@ -438,7 +455,7 @@ class _ServingModule(tf.Module):
     add its `keras.Variable` wrappers as second copies (keras issue 23553).
     """
 
-    def __init__(self, model, image_size, max_pixels):
+    def __init__(self, model, image_size, max_pixels, record=None):
         super().__init__(name="kiqa_serving")
         weights = {}
         for i, weight in enumerate(model.weights):
@@ -476,8 +493,15 @@ class _ServingModule(tf.Module):
             )
             return {OUTPUT: score(images)}
 
+        record_json = record.to_json() if record is not None else ""
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def provenance_record(request):
+            return {PROVENANCE_OUTPUT: tf.fill(tf.shape(request), tf.constant(record_json))}
+
         self.score_pixels = score_pixels
         self.score_bytes = score_bytes
+        self.provenance_record = provenance_record
 
 
 def _raw_variable(weight):
@@ -490,8 +514,8 @@ def _raw_variable(weight):
     return value
 
 
-def _write_saved_model(model, directory, image_size, max_pixels):
-    module = _ServingModule(model, image_size, max_pixels)
+def _write_saved_model(model, directory, image_size, max_pixels, record=None):
+    module = _ServingModule(model, image_size, max_pixels, record)
     try:
         tf.saved_model.save(
             module,
@@ -499,6 +523,7 @@ def _write_saved_model(model, directory, image_size, max_pixels):
             signatures={
                 BYTES_SIGNATURE: module.score_bytes.get_concrete_function(),
                 PIXELS_SIGNATURE: module.score_pixels.get_concrete_function(),
+                PROVENANCE_SIGNATURE: module.provenance_record.get_concrete_function(),
             },
         )
     except (ValueError, TypeError, AssertionError, tf.errors.OpError) as err:

@@ -18,11 +18,12 @@ import dataclasses
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
 
+from kiqa import provenance as provenance_lib
 from kiqa.config import DEFAULT_MAX_PIXELS, TrainConfig
 from kiqa.errors import ConfigError, ExportError, ModelError
 
@@ -44,6 +45,9 @@ class Scorer:
         max_pixels: header pixel cap to decode with (the training run's or export's).
         source: the model file or SavedModel version directory that was loaded.
         kind: "keras" or "savedmodel".
+        provenance: the model's `kiqa.provenance.Provenance` (from the run directory
+            or the SavedModel's `assets.extra/provenance.json`), or None when it has
+            none: then its origin is unknown, and commands say so.
     """
 
     image_size: Tuple[int, int]
@@ -54,6 +58,7 @@ class Scorer:
     # The Keras model or the loaded SavedModel: a signature function must not
     # outlive the object it was loaded from (its variables go with it).
     _owner: Any = dataclasses.field(repr=False, default=None)
+    provenance: Optional[provenance_lib.Provenance] = None
 
     def predict_pixels(self, batch):
         """Scores a batch of decoded images.
@@ -205,6 +210,7 @@ def _keras_scorer(model_file, image_size, safe_mode):
     return Scorer(
         image_size=tuple(image_size), max_pixels=int(max_pixels), source=str(model_file),
         kind="keras", _predict=predict, _owner=model,
+        provenance=provenance_lib.find_for_model(model_file),
     )
 
 
@@ -292,4 +298,5 @@ def _saved_model_scorer(version_dir, image_size):
     return Scorer(
         image_size=tuple(image_size), max_pixels=max_pixels, source=str(version_dir),
         kind="savedmodel", _predict=predict, _owner=loaded,
+        provenance=provenance_lib.find_for_model(version_dir),
     )

@@ -35,8 +35,10 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from kiqa.errors import ImageError, ServingError
-from kiqa.export import BYTES_INPUT, BYTES_SIGNATURE, OUTPUT
+from kiqa.errors import ImageError, KiqaError, ServingError
+from kiqa.export import (
+    BYTES_INPUT, BYTES_SIGNATURE, OUTPUT, PROVENANCE_INPUT, PROVENANCE_OUTPUT, PROVENANCE_SIGNATURE,
+)
 from kiqa.image import DEFAULT_MAX_BYTES, read_image_bytes
 
 DEFAULT_SERVER = "localhost:8500"
@@ -234,6 +236,39 @@ class ServingClient:
                 f"export? Re-export it with kiqa export, or pass the right --model/--signature"
             )
         return {"version": version, "versions": versions, "signature": signature}
+
+    def provenance(self):
+        """The served model's provenance record, from its `provenance` signature.
+
+        Returns:
+            A `kiqa.provenance.Provenance`, or None when the served version has no
+            record (an export made before kiqa wrote them answers FAILED_PRECONDITION
+            for the missing signature, a newer one without a record answers "").
+
+        Raises:
+            ServingError: no server, model or version, a timeout, or a record that is
+                not valid JSON.
+        """
+        from kiqa.provenance import Provenance
+
+        spec = self._model_spec()
+        spec.signature_name = PROVENANCE_SIGNATURE
+        request = predict_pb2.PredictRequest(model_spec=spec, output_filter=[PROVENANCE_OUTPUT])
+        request.inputs[PROVENANCE_INPUT].CopyFrom(tf.make_tensor_proto(["kiqa"], dtype=tf.string, shape=[1]))
+        try:
+            response = self._predict.Predict(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                return None
+            raise self._error(err, "Predict (provenance)") from err
+        values = tf.make_ndarray(response.outputs[PROVENANCE_OUTPUT]).reshape(-1)
+        text = values[0].decode("utf-8") if values.size else ""
+        if not text:
+            return None
+        try:
+            return Provenance.from_json(text, source=f"the provenance of model {self.model_name!r} at {self.server}")
+        except KiqaError as err:
+            raise ServingError(str(err)) from err
 
     # ------------------------------------------------------------------------- scoring
 

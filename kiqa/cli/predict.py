@@ -4,7 +4,7 @@ import argparse
 import csv
 import sys
 
-from kiqa.cli._common import EXIT_OK, EXIT_PARTIAL, entry_point
+from kiqa.cli._common import EXIT_OK, EXIT_PARTIAL, entry_point, print_model_warning
 
 # Failures listed on the terminal; the CSV (--out) has all of them.
 SHOWN_FAILURES = 10
@@ -58,6 +58,7 @@ def main(argv=None, prog=None):
     if not args.paths and not args.status:
         parser.error("give image files or folders to score, or --status")
     from kiqa.export import BYTES_SIGNATURE
+    from kiqa.provenance import write_sidecar
     from kiqa.score import find_images
     from kiqa.serving_client import ScoreResult, ServingClient
 
@@ -74,6 +75,7 @@ def main(argv=None, prog=None):
             return _print_status(client)
         found = find_images(args.paths)
         client.check()
+        record = client.provenance()
         readable = [path for path, error in found if error is None]
         scored = iter(client.score_files(readable, batch_size=args.batch_size))
         results = [
@@ -81,12 +83,15 @@ def main(argv=None, prog=None):
             for path, error in found
         ]
     _write_csv(results, args.out)
+    if args.out:
+        write_sidecar(args.out, record, f"{args.server}/{args.model}")
     failures = [r for r in results if not r.ok]
     print(f"{len(results)} files: {len(results) - len(failures)} scored, {len(failures)} failed", file=sys.stderr)
     for result in failures[:SHOWN_FAILURES]:
         print(f"  {result.error}", file=sys.stderr)
     if len(failures) > SHOWN_FAILURES:
         print(f"  ... and {len(failures) - SHOWN_FAILURES} more", file=sys.stderr)
+    print_model_warning(record)
     return EXIT_PARTIAL if failures else EXIT_OK
 
 

@@ -3,7 +3,8 @@
 import argparse
 import sys
 
-from kiqa.cli._common import add_model_arguments, EXIT_OK, EXIT_PARTIAL, entry_point
+from kiqa.cli._common import add_model_arguments, EXIT_OK, EXIT_PARTIAL, entry_point, print_model_warning
+from kiqa.provenance import sidecar_path
 
 # Failures listed on the terminal; the CSV has all of them.
 SHOWN_FAILURES = 10
@@ -76,7 +77,8 @@ def main(argv=None, prog=None):
             f"MOS (0-100, higher is better): mean {summary.mean_mos:.2f}, "
             f"median {summary.median_mos:.2f}"
         )
-    print(f"scores written to {summary.out_csv}")
+    print(f"scores written to {summary.out_csv} (the model's provenance: {sidecar_path(summary.out_csv)})")
+    print_model_warning(scorer.provenance)
     if summary.n_failed:
         print(f"{summary.n_failed} file(s) could not be scored:", file=sys.stderr)
         print_failures(summary.failures, summary.out_csv)
