@@ -215,6 +215,10 @@ def test_the_client_reads_the_record_remotely_and_predict_stays_quiet(trusted_ex
         with ServingClient(server.address, timeout=30) as client:
             assert client.provenance() == TRUSTED
         err, sidecar = _predict(server, pictures, tmp_path / "p.csv", capsys)
+        assert predict_cli.main(["--server", server.address, "--status"]) == 0
+        status = capsys.readouterr()
+    assert "provenance: convnext-tiny from ImageNet weights, trained on KonIQ-10k" in status.out
+    assert "warning:" not in status.err
     assert "warning:" not in err and sidecar["knows_quality"] is True
     assert Provenance.from_dict(sidecar["provenance"]) == TRUSTED
 

@@ -106,6 +106,9 @@ def _print_status(client):
     for kind in ("inputs", "outputs"):
         for key, (dtype, shape) in signature[kind].items():
             print(f"  {kind[:-1]} {key}: {dtype}{shape}")
+    record = client.provenance()
+    print(f"provenance: {record.describe() if record is not None else 'unknown (no record in this export)'}")
+    print_model_warning(record)
     return EXIT_OK
 
 
