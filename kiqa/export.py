@@ -41,6 +41,8 @@ Why the export takes the path it does:
   size TF Serving's batching pads to, so the first real request of each size is not the
   slow one; `assets.extra/kiqa.json` records the image size, pixel cap, TF/Keras/kiqa
   versions, the training config and the parity result.
+- `assets.extra/provenance.json` and a third signature, `provenance`, carry the model's
+  provenance record (`kiqa.provenance`) when the run has one; see `PROVENANCE_SIGNATURE`.
 """
 
 import contextlib

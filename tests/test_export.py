@@ -83,6 +83,8 @@ def test_signatures_are_batch_first_and_named(exported):
     assert export.describe_signatures(meta_graph) == {
         "serving_default": {"inputs": {"image_bytes": ["DT_STRING", [-1]]}, "outputs": {"mos": ["DT_FLOAT", [-1]]}},
         "score_pixels": {"inputs": {"image": ["DT_FLOAT", [-1, *SIZE, 3]]}, "outputs": {"mos": ["DT_FLOAT", [-1]]}},
+        # The model's provenance record for remote clients (tests/test_provenance.py).
+        "provenance": {"inputs": {"request": ["DT_STRING", [-1]]}, "outputs": {"provenance": ["DT_STRING", [-1]]}},
     }
     # The bytes signature decodes in the graph: no op may read a path.
     ops = export.ops_used(meta_graph)
