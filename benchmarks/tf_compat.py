@@ -8,7 +8,7 @@ TF Serving's images lag TensorFlow (serving issue 4129; its newest tag in mid-20
 runtime does not know. This script answers the question the only honest way: it runs
 the model in those runtimes.
 
-1. With this interpreter's TF (2.21), it exports two models with `kiqa.export.export_model`:
+1. With this interpreter's TF (2.21), it exports two models with `kiqa.serving.export.export_model`:
    a tiny CNN backbone at 32x48 and ConvNeXt-Tiny (random weights, fast depthwise
    path) at 384x512, and scores the real photos (`../shared/data/realset`, else
    generated JPEGs/PNGs) through both signatures of the reloaded SavedModel.

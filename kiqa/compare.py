@@ -13,7 +13,7 @@ describe one and the same set of images. Images present in only some folders, or
 in one, are listed in `unpaired.csv`.
 
 Outputs in `out_dir`: `scores-<label>.csv` per folder, `per_image.csv`, `unpaired.csv`,
-`compare.json`, `compare.png`, `model.json` (the model that scored the CSVs; a rerun with
+`compare.json` (its `model` key holds the model's provenance), `compare.png`, `model.json` (the model that scored the CSVs; a rerun with
 another model refuses to mix its scores in) and, for more than two folders, `ranking.csv`.
 """
 
@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from kiqa import provenance  # noqa: E402
 from kiqa.errors import ConfigError, DataError  # noqa: E402
 from kiqa.contract import DEFAULT_MAX_BYTES  # noqa: E402
 from kiqa.score import DEFAULT_BATCH_SIZE, find_images, read_scores, score_files  # noqa: E402
@@ -482,7 +483,10 @@ def _plot_ranking(labels, matrix, path):
 
 def _write_json(result, scorer, path):
     data = dict(
-        model=dict(source=scorer.source, kind=scorer.kind, image_size=list(scorer.image_size)),
+        model=provenance.report_entry(
+            getattr(scorer, "provenance", None), scorer.source, kind=scorer.kind,
+            image_size=list(scorer.image_size),
+        ),
         folders=[
             dict(label=label, folder=folder, scores_csv=result.files[f"scores-{label}"],
                  n_files=s.n_files, n_scored=s.n_scored, n_failed=s.n_failed)

@@ -38,6 +38,14 @@ BYTES_INPUT = "image_bytes"
 PIXELS_INPUT = "image"
 MOS_OUTPUT = "mos"
 ERROR_OUTPUT = "error"
+# The model's provenance record, readable remotely. TF Serving's GetModelMetadata answers
+# only "signature_def", so the record is served by a signature of its own. It takes a
+# string[-1] input it ignores and returns one copy of the JSON per item: TF Serving's REST
+# API refuses a signature without inputs (serving issue 1676), and its batching session
+# needs a batch dimension on every input and output. An export without a record returns "".
+PROVENANCE_SIGNATURE = "provenance"
+PROVENANCE_INPUT = "request"
+PROVENANCE_OUTPUT = "provenance"
 # Most images one request may hold, in every signature, checked in the graph (a larger
 # request fails with INVALID_ARGUMENT on TF Serving too, before anything is decoded).
 # 32 images at 384x512 are 75 MB of float32 pixels in one score_pixels request and a

@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from kiqa import provenance
 from kiqa.contract import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS
 from kiqa.errors import ConfigError, DataError, ImageError
 from kiqa.fsutil import CSV_TEXT, printable
@@ -518,6 +519,8 @@ def score_files(
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     out_csv = Path(out_csv)
     previous = _start_csv(out_csv, skip_existing)
+    # <out>.provenance.json: which model these scores come from, and whether they mean anything.
+    provenance.write_sidecar(out_csv, getattr(scorer, "provenance", None), getattr(scorer, "source", "unknown"))
     todo = [(path, error) for path, error in files if path not in previous]
     results = {path: previous[path] for path, _ in files if path in previous}
     n_skipped = len(results)

@@ -25,11 +25,12 @@ import dataclasses
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
 
+from kiqa import provenance as provenance_lib
 from kiqa.config import TrainConfig
 from kiqa.contract import (
     ASSETS_EXTRA,
@@ -64,6 +65,9 @@ class Scorer:
         source: the model file or SavedModel version directory that was loaded.
         kind: "keras", "savedmodel" or "onnx".
         engine: what runs the model: "tf", "onnxruntime" or "openvino".
+        provenance: the model's `kiqa.provenance.Provenance` (from the run directory
+            or the SavedModel's `assets.extra/provenance.json`), or None when it has
+            none: then its origin is unknown, and commands say so.
     """
 
     image_size: Tuple[int, int]
@@ -75,6 +79,7 @@ class Scorer:
     # outlive the object it was loaded from (its variables go with it).
     _owner: Any = dataclasses.field(repr=False, default=None)
     engine: str = DEFAULT_ENGINE
+    provenance: Optional[provenance_lib.Provenance] = None
 
     def predict_pixels(self, batch):
         """Scores a batch of decoded images.
@@ -293,6 +298,7 @@ def _keras_scorer(model_file, image_size, safe_mode):
     return Scorer(
         image_size=tuple(image_size), max_pixels=int(max_pixels), source=str(model_file),
         kind="keras", _predict=predict, _owner=model,
+        provenance=provenance_lib.find_for_model(model_file),
     )
 
 
@@ -387,4 +393,5 @@ def _saved_model_scorer(version_dir, image_size, safe_mode=True):
     return Scorer(
         image_size=tuple(image_size), max_pixels=max_pixels, source=str(version_dir),
         kind="savedmodel", _predict=predict, _owner=loaded,
+        provenance=provenance_lib.find_for_model(version_dir),
     )

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from kiqa import provenance
 from kiqa.config import TrainConfig
 from kiqa.data import koniq
 from kiqa.data.pipeline import make_dataset, steps_per_epoch
@@ -46,6 +47,12 @@ MULTI_WORKER_UNSUPPORTED = (
     "2.21: its train step hands a PerReplica value to an op that wants a tensor (open "
     "upstream: keras-team/keras issue 20585, tensorflow/tensorflow issue 72388). Train on one "
     "host: --strategy mirrored uses every local GPU."
+)
+SMALL_CNN_CAVEAT = (
+    "Training the small CNN (--backbone small-cnn), kiqa's backbone for offline teaching and "
+    "testing: a plain ReLU CNN from random weights. It learns the demo distortions in minutes, "
+    "but its scores are not meaningful quality predictions; the real model is ConvNeXt from "
+    "ImageNet weights."
 )
 DEMO_CAVEAT = (
     "Training on kiqa's built-in demo data: sample photos with synthetic blur, noise and "
@@ -78,7 +85,9 @@ def caveats(config, backbone=None):
     notes = []
     if config.labels is None:
         notes.append(DEMO_CAVEAT)
-    if config.weights == "none" and backbone is None:
+    if config.backbone == "small-cnn" and backbone is None:
+        notes.append(SMALL_CNN_CAVEAT)
+    elif config.weights == "none" and backbone is None:
         notes.append(FROM_SCRATCH_CAVEAT)
     return notes
 
@@ -588,6 +597,19 @@ def _prepared_set(config):
     return prepared
 
 
+def _write_provenance(run_dir, config, metrics, frame, rejects, backbone):
+    """provenance.json beside model.keras (and, for repeats, in every split's folder)."""
+    record = provenance.for_training(
+        config, metrics, n_images=len(frame), n_labelled=len(frame) + len(rejects),
+        custom_backbone=backbone is not None,
+    )
+    provenance.write(run_dir, record)
+    for split_dir in run_dir.iterdir():
+        if split_dir.is_dir() and (split_dir / "model.keras").is_file():
+            provenance.write(split_dir, record)
+    return record
+
+
 def completed_epochs(run_dir):
     """Epochs a run directory holds a record of (history rows and backups), 0 for none."""
     run_dir = Path(run_dir)
@@ -671,6 +693,7 @@ def train(config, backbone=None, overwrite=False, progress=True, log=None):
     prepared = _prepared_set(config)
     if len(splits) == 1:
         metrics, model_path = train_split(splits[0], config, run_dir, backbone, verbose, strategy, prepared, log)
+        _write_provenance(run_dir, config, metrics, frame, rejects, backbone)
         return TrainResult(run_dir, metrics, model_path, rejects, prepared and prepared.path)
 
     rows = []
@@ -688,4 +711,5 @@ def train(config, backbone=None, overwrite=False, progress=True, log=None):
     summary = summarize_repeats([{k: v for k, v in r.items() if k != "split"} for r in rows])
     plot_repeats(table, run_dir / "repeats.png")
     write_json(run_dir / "metrics.json", {"protocol": f"{len(splits)} seeded random splits", "summary": summary, "splits": rows})
+    _write_provenance(run_dir, config, summary, frame, rejects, backbone)
     return TrainResult(run_dir, summary, None, rejects, prepared and prepared.path)

@@ -15,24 +15,6 @@ from kiqa.model import build_model
 EXPORT_SIZE = (32, 48)
 
 
-def small_cnn(widths=(16, 32, 48, 64)):
-    """A plain ReLU CNN stand-in for ConvNeXt: fast on CPU, learns the demo distortions.
-
-    BatchNormalization momentum 0.9 (not 0.99): with ~25 steps an epoch, the default
-    moving averages lag the weights by several epochs and evaluation looks untrained.
-    """
-    image = keras.Input((None, None, 3))
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(image)
-    for width in widths:
-        x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization(momentum=0.9)(x)
-        x = keras.layers.ReLU()(x)
-        x = keras.layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization(momentum=0.9)(x)
-        x = keras.layers.ReLU()(x)
-    return keras.Model(image, x, name="small_cnn")
-
-
 def demo_subset(folder, per_source=4, crops_per_photo=1, seed=0):
     """Writes the demo data and a label CSV with a few images per source photo.
 

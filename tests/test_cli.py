@@ -1,5 +1,7 @@
 """The commands users type, run in-process through their `main(argv)`."""
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -11,7 +13,7 @@ import pandas as pd
 import pytest
 
 from helpers import demo_subset
-from kiqa import cli
+from kiqa import cli, provenance
 from kiqa.cli import _common
 from kiqa.cli import evaluate as evaluate_cli
 from kiqa.cli import train as train_cli
@@ -25,7 +27,11 @@ def convnext_run(tmp_path_factory):
     run_dir = folder / "run"
     argv = ["--labels", str(labels), "--weights", "none", "--image-size", "32", "32", "--epochs", "1",
             "--batch-size", "8", "--split", "random", "--run-dir", str(run_dir), "--quiet"]
-    return labels, run_dir, argv, train_cli.main(argv)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # capsys is per test; this fixture is per module
+        code = train_cli.main(argv)
+    (folder / "train-stderr.txt").write_text(err.getvalue())
+    return labels, run_dir, argv, code
 
 
 def test_umbrella_help_lists_every_command(capsys):
@@ -52,6 +58,16 @@ def test_kiqa_train_runs_convnext_end_to_end(convnext_run, capsys):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["n"] == len(pd.read_csv(run_dir / "predictions.csv"))
     assert (run_dir / "model.keras").stat().st_size > 50e6  # the real 28M-parameter ConvNeXt-Tiny
+    record = provenance.read(run_dir / "provenance.json")
+    assert (record.backbone, record.weights, record.data) == ("convnext-tiny", "none", "demo")
+
+
+def test_kiqa_train_ends_with_the_plain_warning(convnext_run):
+    _, run_dir, _, _ = convnext_run
+    err = (run_dir.parent / "train-stderr.txt").read_text()
+    warning = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert warning == ["warning: " + provenance.read(run_dir / "provenance.json").warning()]
+    assert "demo data" in warning[0] and "random weights" in warning[0]
 
 
 def test_rerunning_a_finished_run_is_refused_with_the_fix(convnext_run, capsys):
@@ -87,7 +103,10 @@ def test_kiqa_evaluate_reproduces_the_run_metrics(convnext_run, tmp_path, capsys
     first = json.loads((run_dir / "metrics.json").read_text())
     assert again["n"] == first["n"]
     assert again["srcc"] == pytest.approx(first["srcc"], abs=1e-6, nan_ok=True)
-    assert (out / "scatter.png").is_file() and "PLCC" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert (out / "scatter.png").is_file() and "PLCC" in captured.out
+    assert "these scores are not meaningful quality predictions" in captured.err
+    assert again["model"]["provenance"]["backbone"] == "convnext-tiny" and again["model"]["knows_quality"] is False
 
 
 # ------------------------------------------------------------------ the console a user sees

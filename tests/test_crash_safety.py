@@ -31,12 +31,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import demo_subset, make_tiny_run, small_cnn
+from helpers import demo_subset, make_tiny_run
 from kiqa import train as kiqa_train
 from kiqa.config import TrainConfig
 from kiqa.evaluate import predict_paths
 from kiqa.scorer import load_scorer
-from kiqa.model import MOS_SCALE, load_model
+from kiqa.model import MOS_SCALE, load_model, small_cnn
 from kiqa.score import CSV_COLUMNS, read_scores, score_paths
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -51,9 +51,9 @@ CNN_WIDTHS = (8, 16)
 TRAIN_DRIVER = """
 import sys, time
 import tensorflow as tf
-from helpers import small_cnn
 from kiqa import train as kiqa_train
 from kiqa.config import TrainConfig
+from kiqa.model import small_cnn
 
 config_file, batches_file = sys.argv[1], sys.argv[2]
 real_make_dataset = kiqa_train.make_dataset

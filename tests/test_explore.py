@@ -253,6 +253,8 @@ def test_metrics_table_uses_the_literature_names():
     assert table.loc["SRCC", "value"] == 0.8
     assert table.loc["PLCC after 4-parameter logistic", "value"] == 0.91
     assert "extra" not in table.index and len(table) == 7
+    with_ci = explore.metrics_table({**metrics, "srcc_ci_low": 0.7, "srcc_ci_high": 0.85})
+    assert with_ci.loc["SRCC 95% CI low (bootstrap over images)", "value"] == 0.7
 
 
 def test_score_differences():

@@ -87,6 +87,8 @@ def test_signatures_are_batch_first_and_named(exported):
             "inputs": {"image_bytes": ["DT_STRING", [-1]]},
             "outputs": {"error": ["DT_STRING", [-1]], "mos": ["DT_FLOAT", [-1]]},
         },
+        # The model's provenance record for remote clients (tests/test_provenance.py).
+        "provenance": {"inputs": {"request": ["DT_STRING", [-1]]}, "outputs": {"provenance": ["DT_STRING", [-1]]}},
     }
     # The bytes signature decodes in the graph: no op may read a path.
     ops = export.ops_used(meta_graph)

@@ -30,7 +30,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_pb2_grpc
 
-from helpers import EXPORT_SIZE, demo_subset, shared_export, small_cnn
+from helpers import EXPORT_SIZE, demo_subset, shared_export
 import hostile_corpus
 from hostile_corpus import DECODER_REASONS, HUGE_PNG_SIZE, check_png_is_complete, huge_png, write_corpus
 from kiqa.cli import predict as predict_cli
@@ -43,6 +43,7 @@ from kiqa.data.validate import find_bad_images
 from kiqa.serving.devserver import DevServer
 from kiqa.image import decode_image, describe_decode_error, read_image_bytes
 from kiqa.scorer import load_scorer
+from kiqa.model import small_cnn
 from kiqa.score import read_scores, score_paths
 from kiqa.train import train
 

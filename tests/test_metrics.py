@@ -191,3 +191,64 @@ def test_logistic_fit_with_too_few_points_falls_back_to_identity():
     assert mapping.params is None and list(mapping(np.array([1.0, 2.0]))) == [1.0, 2.0]
     scores = metrics.evaluate_scores([10.0, 30.0, 20.0, 40.0], [1.0, 2.0, 3.0, 4.0])
     assert scores["plcc_logistic4"] == pytest.approx(scores["plcc"])
+
+
+# ----------------------------------------------------------------------------- confidence
+
+
+def _scores(n, slope, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.uniform(0, 100, n)
+    return y, slope * y + rng.normal(0, 20, n)
+
+
+def test_bootstrap_intervals_are_seeded_and_hold_the_estimate():
+    y, p = _scores(60, 1.0)
+    first = metrics.evaluate_with_confidence(y, p, seed=3)
+    assert first == metrics.evaluate_with_confidence(y, p, seed=3)  # same seed, same interval
+    other = metrics.evaluate_with_confidence(y, p, seed=4)
+    assert (other["srcc_ci_low"], other["srcc_ci_high"]) != (first["srcc_ci_low"], first["srcc_ci_high"])
+    for metric in ("plcc", "srcc"):
+        assert first[f"{metric}_ci_low"] < first[metric] < first[f"{metric}_ci_high"] <= 1.0
+    assert "bootstrap over images" in first["ci"] and "seed 3" in first["ci"] and "BCa" in first["ci"]
+    assert metrics.ci_method(10_073) == "percentile"
+
+
+def test_interval_narrows_with_more_images_and_large_clean_sets_get_no_caution():
+    small = metrics.evaluate_with_confidence(*_scores(12, 1.0))
+    large = metrics.evaluate_with_confidence(*_scores(400, 1.0))
+    width = lambda r: r["srcc_ci_high"] - r["srcc_ci_low"]  # noqa: E731
+    assert width(large) < width(small) / 2
+    assert metrics.cautions(large) == []
+    assert large["plcc_logistic4_caution"] is None
+
+
+def test_ten_images_get_cautions_and_the_logistic_is_flagged():
+    # Today's failure: 10 images, raw PLCC negative, "PLCC after logistic" positive, no caution.
+    y, p = _scores(10, -0.4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LogisticFitWarning)
+        result = metrics.evaluate_with_confidence(y, p)
+    assert result["plcc"] < 0
+    found = metrics.cautions(result)
+    assert any("only 10 images" in c for c in found)
+    assert any("wider than" in c for c in found)
+    assert any("4-parameter logistic is unreliable" in c for c in found)
+    report = metrics.format_report(result)
+    assert "(unreliable, see below)" in report and "95% CI [" in report and "caution: only 10 images" in report
+
+
+def test_a_decreasing_logistic_fit_is_flagged_even_on_many_images():
+    y, p = _scores(200, -1.0)
+    assert "decreases" in metrics.logistic_caution(y, p)
+    assert metrics.logistic_caution(*_scores(200, 1.0)) is None
+
+
+def test_constant_predictions_give_nan_intervals():
+    y = np.arange(10.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        low, high = metrics.correlation_ci(y, np.ones(10), "plcc")
+    assert math.isnan(low) and math.isnan(high)
+    with pytest.raises(ValueError, match="correlation_ci computes"):
+        metrics.correlation_ci(y, y, "krcc")

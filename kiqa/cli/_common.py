@@ -217,3 +217,21 @@ def add_model_arguments(parser):
                        help="load .keras files with Lambda layers (arbitrary code) and SavedModels "
                        "using ops outside kiqa's allow list: only for files you trust")
     return model
+
+
+def print_model_warning(record, stream=None):
+    """Prints on stderr, plainly, when a model's scores are not meaningful (or of unknown origin).
+
+    Args:
+        record: the model's `kiqa.provenance.Provenance`, or None when it has none.
+        stream: where to print (default stderr).
+
+    Returns:
+        The printed sentence, or None when the model's provenance says it knows quality.
+    """
+    from kiqa.provenance import warning_for
+
+    text = warning_for(record)
+    if text:
+        print(f"warning: {text}", file=stream or sys.stderr)
+    return text

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from kiqa.cli._common import add_model_arguments, EXIT_OK, EXIT_PARTIAL, entry_point
+from kiqa.cli._common import add_model_arguments, EXIT_OK, EXIT_PARTIAL, entry_point, print_model_warning
 from kiqa.cli.score import print_failures, scoring_options
 from kiqa.errors import DataError
 
@@ -97,6 +97,7 @@ def main(argv=None, prog=None):
                   f"{row['mean_win_rate']:13.2f}  {row['label']} ({row['folder']})")
     print(f"written to {result.out_dir}: per_image.csv, compare.json, compare.png"
           + (", ranking.csv" if result.ranking is not None else ""))
+    print_model_warning(scorer.provenance)
     if result.n_failed:
         failures = [item for summary in result.summaries for item in summary.failures]
         print(f"{result.n_failed} file(s) could not be scored:", file=sys.stderr)

@@ -1,10 +1,10 @@
-"""`kiqa-evaluate` / `kiqa evaluate`: re-evaluate a saved model on any KonIQ-format set."""
+"""`kiqa-evaluate` / `kiqa evaluate`: re-evaluate a saved model on a KonIQ file or any labelled CSV."""
 
 import argparse
 import sys
 from pathlib import Path
 
-from kiqa.cli._common import EXIT_OK, entry_point
+from kiqa.cli._common import EXIT_OK, entry_point, print_model_warning
 from kiqa.config import SPLITS, TrainConfig
 from kiqa.errors import ConfigError
 
@@ -15,15 +15,28 @@ def build_parser(prog=None):
     """The argument parser."""
     parser = argparse.ArgumentParser(
         prog=prog or "kiqa-evaluate",
-        description="Predict a labelled KonIQ-format set with a trained model and report PLCC, "
-        "SRCC, KRCC, RMSE, MAE (MOS on 0-100) and PLCC after the 4-parameter logistic fit.",
+        description="Predict a labelled set with a trained model and report PLCC and SRCC with "
+        "95% bootstrap confidence intervals, KRCC, RMSE, MAE (MOS on 0-100) and PLCC after the "
+        "4-parameter logistic fit, with cautions when there are too few images to mean much. "
+        "The set is a KonIQ label file, or any CSV of image paths and scores (--path-column, "
+        "--mos-column, --scale).",
     )
     parser.add_argument("model", help="a run directory (model.keras + config.json) or a .keras file")
-    parser.add_argument("--labels", help="KonIQ-format label CSV (default: the run's own data)")
-    parser.add_argument("--images", help="image folder (default: beside the CSV)")
+    parser.add_argument("--labels", help="label CSV: a KonIQ file, or any CSV with an image-path and a "
+                        "score column (default: the run's own data)")
+    parser.add_argument("--images", "--image-root", dest="images",
+                        help="folder the CSV's image paths are relative to (default: the CSV's folder)")
+    csv_group = parser.add_argument_group("any labelled CSV")
+    csv_group.add_argument("--path-column", help="column of image paths (default 'file'); makes --labels "
+                           "a plain labelled CSV, evaluated whole")
+    csv_group.add_argument("--mos-column", help="column of scores (default 'mos')")
+    csv_group.add_argument("--scale", help="range of the scores: 1-5, 0-1, 0-100 or LOW-HIGH (default "
+                           "0-100); mapped linearly to 0-100, which leaves correlations unchanged and puts "
+                           "RMSE and MAE in 0-100 points")
     parser.add_argument("--split", choices=SPLITS, help="how to split the set (default: the run's own)")
-    parser.add_argument("--part", choices=PARTS, default="test", help="which part to evaluate (default test)")
-    parser.add_argument("--seed", type=int, help="split seed (default: the run's own)")
+    parser.add_argument("--part", choices=PARTS, help="which part to evaluate (default test; a plain "
+                        "labelled CSV is always evaluated whole)")
+    parser.add_argument("--seed", type=int, help="split and bootstrap seed (default: the run's own)")
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                         help="input size, for a bare .keras file without config.json beside it")
     parser.add_argument("--batch-size", type=int, help="batch size (default: the run's own)")
@@ -54,9 +67,37 @@ def _run_config(model_ref, args):
     }
     if args.labels and not args.images:
         changes["images"] = None
-    if args.labels and args.split is None:
+    if args.labels and args.split is None and not _is_plain_csv(args):
         changes["split"] = "official" if _has_official_split(args.labels) else "random"
     return model_path, config.replace(cache="none", **changes)
+
+
+def _is_plain_csv(args):
+    """True when --labels is a plain labelled CSV: a column flag was given, or it has no
+    `image_name` column (KonIQ's layouts all have one)."""
+    if any(v is not None for v in (args.path_column, args.mos_column, args.scale)):
+        return True
+    if not args.labels:
+        return False
+    import pandas as pd
+
+    try:
+        return "image_name" not in pd.read_csv(args.labels, nrows=0).columns
+    except (OSError, ValueError):
+        return False  # the KonIQ reader reports the unreadable file
+
+
+def _read_plain_csv(args):
+    from kiqa.data.labelled import DEFAULT_SCALE, read_labelled_csv
+
+    if not args.labels:
+        raise ConfigError("--path-column, --mos-column and --scale describe a CSV: pass it with --labels")
+    if args.part not in (None, "all"):
+        raise ConfigError(f"a plain labelled CSV has no split: drop --part {args.part} (it is evaluated whole)")
+    return read_labelled_csv(
+        args.labels, path_column=args.path_column or "file", mos_column=args.mos_column or "mos",
+        scale=args.scale or DEFAULT_SCALE,
+    )
 
 
 def _has_official_split(labels):
@@ -71,15 +112,24 @@ def main(argv=None, prog=None):
     args = build_parser(prog).parse_args(argv)
     model_path, config = _run_config(args.model, args)
     from kiqa.evaluate import evaluate_saved_model
+    from kiqa.provenance import find_for_model
 
+    from kiqa.metrics import format_report
+
+    labelled = _read_plain_csv(args) if _is_plain_csv(args) else None
+    part = "all" if labelled is not None else (args.part or "test")
     out = Path(args.out) if args.out else None
-    metrics, out_dir = evaluate_saved_model(model_path, config, part=args.part, out_dir=out, progress=not args.quiet)
-    print(
-        f"{args.part} ({metrics['n']} images): PLCC {metrics['plcc']:.4f}  SRCC {metrics['srcc']:.4f}  "
-        f"KRCC {metrics['krcc']:.4f}  RMSE {metrics['rmse']:.2f}  MAE {metrics['mae']:.2f}  "
-        f"PLCC after 4-parameter logistic {metrics['plcc_logistic4']:.4f}"
+    metrics, out_dir = evaluate_saved_model(
+        model_path, config, part=part, out_dir=out, progress=not args.quiet, labelled=labelled,
     )
-    print(f"written to {out_dir}")
+    labels = metrics["labels"]
+    print(f"{labels['file']}, {part}: {metrics['n']} images ({metrics['rejected']} rejected, "
+          f"{metrics['failed']} failed to decode); {labels['scores']}")
+    for note in labels["notes"]:
+        print(f"note: {note}")
+    print(format_report(metrics, indent="  "))
+    print(f"written to {out_dir} (metrics.json records the model's provenance under 'model')")
+    print_model_warning(find_for_model(model_path))
     return EXIT_OK
 
 

@@ -4,7 +4,7 @@ import argparse
 import csv
 import sys
 
-from kiqa.cli._common import EXIT_OK, EXIT_PARTIAL, entry_point
+from kiqa.cli._common import EXIT_OK, EXIT_PARTIAL, entry_point, print_model_warning
 from kiqa.contract import (
     BYTES_SIGNATURE,
     CLIENT_BATCH_SIZE as DEFAULT_BATCH_SIZE,
@@ -59,6 +59,7 @@ def main(argv=None, prog=None):
     args = parser.parse_args(argv)
     if not args.paths and not args.status:
         parser.error("give image files or folders to score, or --status")
+    from kiqa.provenance import write_sidecar
     from kiqa.score import find_images
     from kiqa.serving.client import ScoreResult, ServingClient
 
@@ -75,6 +76,7 @@ def main(argv=None, prog=None):
             return _print_status(client)
         found = find_images(args.paths)
         client.check()
+        record = client.provenance()
         readable = [path for path, error in found if error is None]
         scored = iter(client.score_files(readable, batch_size=args.batch_size))
         results = [
@@ -82,6 +84,8 @@ def main(argv=None, prog=None):
             for path, error in found
         ]
     _write_csv(results, args.out)
+    if args.out:
+        write_sidecar(args.out, record, f"{args.server}/{args.model}")
     failures = [r for r in results if not r.ok]
     print(f"{len(results)} files: {len(results) - len(failures)} scored, {len(failures)} failed", file=sys.stderr)
     for result in failures[:SHOWN_FAILURES]:
@@ -89,6 +93,7 @@ def main(argv=None, prog=None):
         print(f"  {result.error}".encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
     if len(failures) > SHOWN_FAILURES:
         print(f"  ... and {len(failures) - SHOWN_FAILURES} more", file=sys.stderr)
+    print_model_warning(record)
     return EXIT_PARTIAL if failures else EXIT_OK
 
 
@@ -103,6 +108,9 @@ def _print_status(client):
     for kind in ("inputs", "outputs"):
         for key, (dtype, shape) in signature[kind].items():
             print(f"  {kind[:-1]} {key}: {dtype}{shape}")
+    record = client.provenance()
+    print(f"provenance: {record.describe() if record is not None else 'unknown (no record in this export)'}")
+    print_model_warning(record)
     return EXIT_OK
 
 

@@ -3,7 +3,8 @@
 import argparse
 import sys
 
-from kiqa.cli._common import add_model_arguments, EXIT_OK, EXIT_PARTIAL, entry_point
+from kiqa.cli._common import add_model_arguments, EXIT_OK, EXIT_PARTIAL, entry_point, print_model_warning
+from kiqa.provenance import sidecar_path
 from kiqa.contract import DEFAULT_MAX_BYTES
 
 # Failures listed on the terminal; the CSV has all of them.
@@ -86,7 +87,9 @@ def main(argv=None, prog=None):
         )
     from kiqa.fsutil import printable
 
-    print(f"scores written to {printable(summary.out_csv)}")
+    print(f"scores written to {printable(summary.out_csv)} "
+          f"(the model's provenance: {printable(sidecar_path(summary.out_csv))})")
+    print_model_warning(scorer.provenance)
     if summary.n_failed:
         print(f"{summary.n_failed} file(s) could not be scored:", file=sys.stderr)
         print_failures(summary.failures, summary.out_csv)

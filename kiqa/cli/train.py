@@ -10,10 +10,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from kiqa.cli._common import EXIT_OK, entry_point
+from kiqa import provenance
+from kiqa.cli._common import EXIT_OK, entry_point, print_model_warning
 from kiqa.errors import ConfigError
 from kiqa.config import (
-    CACHES, MONITORS, ON_BAD_IMAGES, SPLITS, STRATEGIES, VARIANTS, TrainConfig,
+    BACKBONES, CACHES, MONITORS, ON_BAD_IMAGES, SPLITS, STRATEGIES, VARIANTS, TrainConfig,
 )
 from kiqa.contract import DEFAULT_MAX_PIXELS
 
@@ -63,6 +64,10 @@ def build_parser(prog=None):
     data.add_argument("--cache", help=f"decoded-image cache: {' or '.join(CACHES)} or a folder for a file cache")
 
     model = parser.add_argument_group("model")
+    model.add_argument("--backbone", choices=BACKBONES,
+                       help="convnext (default: the real model) or small-cnn, a plain CNN from random "
+                       "weights for offline teaching and testing: it learns the demo task in minutes "
+                       "but its scores are never meaningful quality predictions")
     model.add_argument("--variant", choices=VARIANTS, help="ConvNeXt size (default tiny)")
     model.add_argument("--weights", help="imagenet (downloaded by Keras), none (random init), or a path "
                        "to a Keras weights file of the backbone")
@@ -100,6 +105,8 @@ def resolve_config(args):
         if value is not None and key not in ("config", "overwrite", "quiet", "verbose")
     }
     fields.update(flags)
+    if fields.get("backbone") == "small-cnn":
+        fields.setdefault("weights", "none")  # the small CNN has no pretrained weights
     if fields.get("weights") not in (None, "imagenet", "none"):
         fields["weights"] = str(fields["weights"])
     if fields.get("labels"):
@@ -138,6 +145,7 @@ def main(argv=None, prog=None):
     if len(result.rejects):
         print(f"{len(result.rejects)} image(s) were rejected; see {result.run_dir / 'rejects.csv'}")
     _print_metrics(result)
+    print_model_warning(provenance.read(result.run_dir / provenance.FILE_NAME))
     print("\n" + "\n".join(next_steps(result, config)))
     return EXIT_OK
 
@@ -185,11 +193,10 @@ def _print_metrics(result):
     metrics = result.metrics
     print(f"\nresults in {result.run_dir}")
     if "plcc" in metrics:
-        print(
-            f"test: PLCC {metrics['plcc']:.4f}  SRCC {metrics['srcc']:.4f}  KRCC {metrics['krcc']:.4f}  "
-            f"RMSE {metrics['rmse']:.2f}  MAE {metrics['mae']:.2f}  "
-            f"PLCC after 4-parameter logistic {metrics['plcc_logistic4']:.4f}  (n={metrics['n']})"
-        )
+        from kiqa.metrics import format_report
+
+        print(f"test ({metrics['n']} images):")
+        print(format_report(metrics, indent="  "))
     else:
         print("test metrics over the repeated splits (median [min, max]):")
         for name, stats in metrics.items():

@@ -44,6 +44,10 @@ METRIC_LABELS = {
     "krcc": "KRCC",
     "rmse": "RMSE (MOS points)",
     "mae": "MAE (MOS points)",
+    "plcc_ci_low": "PLCC 95% CI low (bootstrap over images)",
+    "plcc_ci_high": "PLCC 95% CI high",
+    "srcc_ci_low": "SRCC 95% CI low (bootstrap over images)",
+    "srcc_ci_high": "SRCC 95% CI high",
     "plcc_logistic4": "PLCC after 4-parameter logistic",
     "n": "images",
     "failed": "images that failed to decode",
@@ -524,7 +528,7 @@ def metrics_table(metrics):
     """Test metrics as a two-column table with the names the literature prints.
 
     Args:
-        metrics: dict from `kiqa.metrics.evaluate_scores` (or a run's metrics.json).
+        metrics: dict from `kiqa.metrics.evaluate_with_confidence` (a run's metrics.json).
 
     Returns:
         DataFrame indexed by metric label with one column, `value`.

@@ -50,8 +50,11 @@ from kiqa.contract import (
     LENIENT_SIGNATURE,
     MAX_BATCH,
     MOS_OUTPUT as OUTPUT,
+    PROVENANCE_INPUT,
+    PROVENANCE_OUTPUT,
+    PROVENANCE_SIGNATURE,
 )
-from kiqa.errors import ImageError, ServingError
+from kiqa.errors import ImageError, KiqaError, ServingError
 from kiqa.image import DEFAULT_MAX_BYTES, read_image_bytes
 # Room for the request's own fields around the image bytes.
 _MESSAGE_OVERHEAD = 64 * 1024
@@ -252,6 +255,39 @@ class ServingClient:
                 f"export? Re-export it with kiqa export, or pass the right --model/--signature"
             )
         return {"version": version, "versions": versions, "signature": signature, "lenient": self.lenient}
+
+    def provenance(self):
+        """The served model's provenance record, from its `provenance` signature.
+
+        Returns:
+            A `kiqa.provenance.Provenance`, or None when the served version has no
+            record (an export made before kiqa wrote them answers FAILED_PRECONDITION
+            for the missing signature, a newer one without a record answers "").
+
+        Raises:
+            ServingError: no server, model or version, a timeout, or a record that is
+                not valid JSON.
+        """
+        from kiqa.provenance import Provenance
+
+        spec = self._model_spec()
+        spec.signature_name = PROVENANCE_SIGNATURE
+        request = predict_pb2.PredictRequest(model_spec=spec, output_filter=[PROVENANCE_OUTPUT])
+        request.inputs[PROVENANCE_INPUT].CopyFrom(tf.make_tensor_proto(["kiqa"], dtype=tf.string, shape=[1]))
+        try:
+            response = self._predict.Predict(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                return None
+            raise self._error(err, "Predict (provenance)") from err
+        values = tf.make_ndarray(response.outputs[PROVENANCE_OUTPUT]).reshape(-1)
+        text = values[0].decode("utf-8") if values.size else ""
+        if not text:
+            return None
+        try:
+            return Provenance.from_json(text, source=f"the provenance of model {self.model_name!r} at {self.server}")
+        except KiqaError as err:
+            raise ServingError(str(err)) from err
 
     # ------------------------------------------------------------------------- scoring
 

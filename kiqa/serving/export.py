@@ -58,6 +58,8 @@ Why the export takes the path it does:
   signature and batch size TF Serving's batching pads to, so the first real request of
   each size is not the slow one; `assets.extra/kiqa.json` records the image size, pixel cap, TF/Keras/kiqa
   versions, the training config and the parity result.
+- `assets.extra/provenance.json` and a third signature, `provenance`, carry the model's
+  provenance record (`kiqa.provenance`) when the run has one; see `PROVENANCE_SIGNATURE`.
 """
 
 import contextlib
@@ -74,7 +76,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from kiqa import __version__
+from kiqa import __version__, provenance
 from kiqa.config import TrainConfig
 from kiqa.contract import (
     ASSETS_EXTRA,
@@ -91,6 +93,9 @@ from kiqa.contract import (
     MOS_OUTPUT as OUTPUT,
     PIXELS_INPUT,
     PIXELS_SIGNATURE,
+    PROVENANCE_INPUT,
+    PROVENANCE_OUTPUT,
+    PROVENANCE_SIGNATURE,
     WARMUP_FILE,
 )
 from kiqa.errors import ConfigError, ExportError, ImageError, ModelError
@@ -141,6 +146,7 @@ def export_model(
     config=None,
     parity_images=None,
     safe_mode=True,
+    record=None,
 ):
     """Exports a model as a new TF Serving version, atomically.
 
@@ -165,6 +171,10 @@ def export_model(
             always added.
         safe_mode: refuse Lambda layers (`kiqa.model.load_model`) and ops outside
             kiqa's allow list in the written SavedModel (`kiqa.serving.ops`).
+        record: the model's `kiqa.provenance.Provenance`. None reads it from the run
+            directory (or beside the `.keras` file); an in-memory model without one
+            is exported as of unknown provenance. Written to
+            `assets.extra/provenance.json` and served by the `provenance` signature.
 
     Returns:
         The `Path` of the published version directory.
@@ -183,6 +193,8 @@ def export_model(
     # Refuse an existing version before spending a minute loading the model.
     version = _choose_version(base, version, overwrite)
     model, config, source = _resolve_model(model_or_path, config, safe_mode)
+    if record is None and not isinstance(model_or_path, keras.Model):
+        record = provenance.find_for_model(source)
     image_size = _resolve_image_size(image_size, config, source)
     max_pixels = _resolve_max_pixels(max_pixels, config)
     parity_inputs = _parity_inputs(parity_images)
@@ -195,7 +207,7 @@ def export_model(
     model_name = base.resolve().name
 
     try:
-        _write_saved_model(model, temp, image_size, max_pixels)
+        _write_saved_model(model, temp, image_size, max_pixels, record)
         report = check_saved_model(temp, image_size, check_ops=safe_mode)
         _check_stored_once(temp, model)
         parity = _check_parity(model, temp, parity_inputs, image_size, max_pixels)
@@ -223,6 +235,8 @@ def export_model(
             "config": config.to_dict() if config is not None else None,
         }
         (temp / ASSETS_EXTRA / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        if record is not None:
+            provenance.write(temp / ASSETS_EXTRA, record)
         _fsync_tree(temp)
         _publish(temp, target, overwrite)
     except BaseException:
@@ -478,7 +492,7 @@ class _ServingModule(tf.Module):
     add its `keras.Variable` wrappers as second copies (keras issue 23553).
     """
 
-    def __init__(self, model, image_size, max_pixels):
+    def __init__(self, model, image_size, max_pixels, record=None):
         super().__init__(name="kiqa_serving")
         weights = {}
         for i, weight in enumerate(model.weights):
@@ -526,9 +540,16 @@ class _ServingModule(tf.Module):
             )
             return {OUTPUT: mos, ERROR_OUTPUT: errors}
 
+        record_json = record.to_json() if record is not None else ""
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def provenance_record(request):
+            return {PROVENANCE_OUTPUT: tf.fill(tf.shape(request), tf.constant(record_json))}
+
         self.score_pixels = score_pixels
         self.score_bytes = score_bytes
         self.score_bytes_lenient = score_bytes_lenient
+        self.provenance_record = provenance_record
 
 
 def _check_batch(tensor, key):
@@ -658,8 +679,8 @@ def _raw_variable(weight):
     return value
 
 
-def _write_saved_model(model, directory, image_size, max_pixels):
-    module = _ServingModule(model, image_size, max_pixels)
+def _write_saved_model(model, directory, image_size, max_pixels, record=None):
+    module = _ServingModule(model, image_size, max_pixels, record)
     try:
         tf.saved_model.save(
             module,
@@ -668,6 +689,7 @@ def _write_saved_model(model, directory, image_size, max_pixels):
                 BYTES_SIGNATURE: module.score_bytes.get_concrete_function(),
                 LENIENT_SIGNATURE: module.score_bytes_lenient.get_concrete_function(),
                 PIXELS_SIGNATURE: module.score_pixels.get_concrete_function(),
+                PROVENANCE_SIGNATURE: module.provenance_record.get_concrete_function(),
             },
         )
     except (ValueError, TypeError, AssertionError, tf.errors.OpError) as err:

@@ -78,7 +78,7 @@ def export_onnx(
 
     Args:
         model_or_path: a run directory, a `.keras` file or an in-memory `keras.Model`
-            (as for `kiqa.export.export_model`).
+            (as for `kiqa.serving.export.export_model`).
         base_path: folder of versions; its last component names the model.
         version: integer >= 1; None takes the next free one.
         image_size: (height, width) of the input; None takes the run's config.
@@ -96,7 +96,7 @@ def export_onnx(
     Raises:
         ExportError: the version exists, the conversion failed, or parity failed;
             nothing numeric was left in `base_path`.
-        ModelError, ConfigError, ImageError: as `kiqa.export.export_model`.
+        ModelError, ConfigError, ImageError: as `kiqa.serving.export.export_model`.
     """
     onnxruntime = _require_onnx()
     base = Path(base_path)
