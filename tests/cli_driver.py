@@ -23,7 +23,7 @@ class _SmallBackbone(importlib.abc.MetaPathFinder):
 
         def patched(module):
             exec_module(module)
-            from helpers import small_cnn
+            from kiqa.model import small_cnn
 
             real = module.train
             module.train = lambda config, **kw: real(config, backbone=small_cnn((8, 16)), **kw)

@@ -365,7 +365,7 @@ def _score_text(contents, tmp_path, name):
 
     path = tmp_path / name
     path.write_bytes(contents)
-    pixels, error = score._load(str(path), score._decoder(*SIZE), 64_000_000, 10**8)
+    pixels, error = score.load_pixels(str(path), score.image_decoder(SIZE), 64_000_000, 10**8)
     return error
 
 

@@ -249,7 +249,7 @@ def test_prepare_warns_when_it_upscales_with_sizes_and_disk_cost(tmp_path, capsy
 
 def test_train_reads_a_set_prepared_elsewhere(tmp_path, capsys):
     """`kiqa prepare --out DIR` then `kiqa-train --prepared DIR` (issue 15, item 9)."""
-    from helpers import small_cnn
+    from kiqa.model import small_cnn
     from kiqa.cli import train as train_cli
     from kiqa.train import train
 

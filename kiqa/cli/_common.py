@@ -153,7 +153,7 @@ def program_name(module_name):
         spec = getattr(sys.modules["__main__"], "__spec__", None)
         module_name = spec.name if spec else "kiqa"
     command = module_name.rsplit(".", 1)[-1]
-    return SCRIPT_NAMES.get(command) or f"kiqa {_COMMAND_NAMES.get(command, command)}"
+    return SCRIPT_NAMES.get(command) or f"kiqa {_COMMAND_NAMES.get(command, command.replace('_', '-'))}"
 
 
 def _show_kiqa_warning(prog, seen):

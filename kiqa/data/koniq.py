@@ -84,7 +84,7 @@ def read_labels(path):
             # Names are file names under kiqa.fsutil's rule: bytes that are not UTF-8
             # are kept (a Latin-1 name names the Latin-1 file on disk); in any other
             # column they are refused below, by line.
-            frame = pd.read_csv(path, dtype={"image_name": str}, index_col=False, **PANDAS_READ_TEXT)
+            frame = pd.read_csv(path, dtype={"image_name": object}, index_col=False, **PANDAS_READ_TEXT)
     except FileNotFoundError as err:
         raise DataError(f"label file not found: {path}") from err
     except pd.errors.ParserWarning as err:

@@ -370,7 +370,7 @@ def subset_labels(labels, max_images, out_csv, seed=0):
             the number of official sets).
     """
     koniq.read_labels(labels)  # validates the file and its layout, naming the problem
-    raw = pd.read_csv(labels, dtype={"image_name": str})
+    raw = pd.read_csv(labels, dtype={"image_name": object})
     if max_images < 1:
         raise DataError(f"max_images must be at least 1, got {max_images}")
     if len(raw) > max_images:
@@ -500,7 +500,7 @@ def load_run(run_dir):
         config=TrainConfig.load(run_dir / "config.json"),
         metrics=json.loads((run_dir / "metrics.json").read_text()),
         history=pd.read_csv(history_csv) if history_csv.is_file() else None,
-        predictions=pd.read_csv(run_dir / "predictions.csv", dtype={"image_name": str}),
+        predictions=pd.read_csv(run_dir / "predictions.csv", dtype={"image_name": object}),
         model_path=run_dir / "model.keras",
     )
 
