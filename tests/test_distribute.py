@@ -38,6 +38,7 @@ def last_json(stdout):
     return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
 
 
+@pytest.mark.large  # slow: run with --run-large (kept out of the 15-minute default run)
 def test_mirrored_over_two_cpus_gives_the_one_device_loss(labels, tmp_path):
     done = run_worker("compare", labels, tmp_path / "cmp")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -52,6 +53,7 @@ def free_port():
         return sock.getsockname()[1]
 
 
+@pytest.mark.large  # slow: run with --run-large (kept out of the 15-minute default run)
 def test_two_workers_on_loopback_stop_with_the_documented_keras_limitation(labels, tmp_path):
     """Keras 3.15's model.fit fails under MultiWorkerMirroredStrategy (keras-team/keras
     issue 20585). kiqa reaches the same point as TF's own multi-worker tutorial (cluster

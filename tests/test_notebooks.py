@@ -301,6 +301,7 @@ def check_served_scores(workdir, run_dir, n_images, columns):
     return scores
 
 
+@pytest.mark.large  # slow: run with --run-large (kept out of the 15-minute default run)
 def test_serving_notebook_with_the_local_dev_server(trained_run, tmp_path):
     _, run_dir = trained_run
     nb = run_notebook(NAMES[3], tmp_path, RUN_DIR=str(run_dir), EXPORT_BASE="export/kiqa-nb",

@@ -125,6 +125,7 @@ def test_bad_images_are_listed_and_dropped_or_stop_the_run(subset_csv, tmp_path)
     assert victim not in set(split.image_name) and len(split) == len(frame) - 2
 
 
+@pytest.mark.large  # slow: run with --run-large (kept out of the 15-minute default run)
 def test_repeated_splits_report_median_and_spread(subset_csv, tmp_path):
     config = TrainConfig.demo(labels=str(subset_csv), run_dir=str(tmp_path / "rep"), split="repeated",
                               repeats=2, **dict(TINY, epochs=1))
@@ -146,6 +147,7 @@ def test_from_scratch_runs_say_so():
     assert FROM_SCRATCH_CAVEAT not in caveats(TrainConfig(labels="k.csv"))
 
 
+@pytest.mark.large  # slow: run with --run-large (kept out of the 15-minute default run)
 def test_small_cnn_learns_quality_from_the_demo_data(tmp_path):
     """Data, labels, loss, pipeline and metrics are right: a plain CNN learns the demo task.
 
@@ -251,6 +253,7 @@ def test_the_final_model_and_the_best_checkpoint_are_saved_without_optimizer_sta
     assert abs(result.model_path.stat().st_size - best) < 0.05 * best
 
 
+@pytest.mark.large  # slow: run with --run-large (kept out of the 15-minute default run)
 def test_real_convnext_fits_a_small_fixed_set(subset_csv):
     """Gradients flow through every layer of the real (fast-depthwise) ConvNeXt-Tiny.
 
@@ -363,7 +366,8 @@ def _stop_after(epochs_done):
 
 
 
-@pytest.mark.parametrize("cache", ["memory", pytest.param("none", marks=pytest.mark.large)])
+@pytest.mark.large  # 70 s; run with --run-large
+@pytest.mark.parametrize("cache", ["memory", "none"])
 def test_a_resumed_run_ends_where_an_uninterrupted_one_ends(subset_csv, tmp_path, monkeypatch, cache):
     # A factory: train() builds it after seeding, as kiqa-train builds ConvNeXt.
     def cnn():
