@@ -12,6 +12,7 @@ file names as bytes (`tf_path`), never as `str` (it refuses lone surrogates). Na
 shown on a terminal go through `printable` (backslash escapes instead of raw bytes).
 """
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -99,3 +100,12 @@ def swap_directory(new, target, aside):
         os.replace(aside, target)
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def sha256_of(path):
+    """The sha256 hex digest of a file, read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -27,7 +27,6 @@ No TensorFlow import: reading a record is cheap, and versions come from package 
 
 import dataclasses
 import datetime
-import hashlib
 import json
 from importlib import metadata
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Optional
 
 from kiqa import __version__
 from kiqa.errors import ModelError
+from kiqa.fsutil import sha256_of
 
 FILE_NAME = "provenance.json"
 SCHEMA = 1
@@ -63,15 +63,6 @@ def _version(package):
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return None
-
-
-def sha256_of(path):
-    """The sha256 hex digest of a file, read in 1 MB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)

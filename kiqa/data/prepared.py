@@ -26,7 +26,6 @@ the same elements, with the same shuffling, flips and batching, as
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import math
@@ -45,7 +44,7 @@ from kiqa import __version__
 from kiqa.data.pipeline import AUTOTUNE, finish_dataset, shuffled_epochs
 from kiqa.data.validate import REJECT_COLUMNS, find_bad_images
 from kiqa.errors import ConfigError, DataError
-from kiqa.fsutil import swap_directory
+from kiqa.fsutil import sha256_of, swap_directory
 from kiqa.image import DECODE_VERSION, decode_image
 
 logger = logging.getLogger(__name__)
@@ -186,7 +185,7 @@ def prepare_dataset(frame, root, config, out_dir, shards=None, progress=True):
             "antialiased bilinear resize of the whole image, rounded)",
             "labels": {
                 "path": str(Path(labels_path).resolve()) if labels_path else None,
-                "sha256": _sha256(labels_path) if labels_path and Path(labels_path).is_file() else None,
+                "sha256": sha256_of(labels_path) if labels_path and Path(labels_path).is_file() else None,
             },
             "image_root": str(Path(root).resolve()),
             "count": len(images),
@@ -515,9 +514,3 @@ def _read_manifest(path):
     return data if isinstance(data, dict) else {}
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
