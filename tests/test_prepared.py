@@ -16,6 +16,7 @@ from kiqa.data import koniq, prepared, synthetic
 from kiqa.data.pipeline import make_dataset
 from kiqa.data.validate import REJECT_COLUMNS
 from kiqa.errors import ConfigError, DataError
+from kiqa.fsutil import sha256_of
 
 SIZE = (32, 48)
 N = 40  # images used from the demo set (11 photos x 16 variants with one crop each)
@@ -47,7 +48,7 @@ def test_manifest_records_size_labels_and_every_image(demo, store):
     assert manifest["image_size"] == list(SIZE)
     assert manifest["max_pixels"] == TrainConfig.demo().max_pixels
     assert manifest["labels"]["path"] == str(labels.resolve())
-    assert manifest["labels"]["sha256"] == prepared._sha256(labels)
+    assert manifest["labels"]["sha256"] == sha256_of(labels)
     assert [e["image_name"] for e in manifest["images"]] == list(frame.image_name)
     assert [s["count"] for s in manifest["shards"]] == [14, 13, 13]
     assert sorted(p.name for p in store.glob("*.tfrecord")) == [s["file"] for s in manifest["shards"]]
