@@ -1,6 +1,5 @@
 """Evaluating a model on a labelled set: predictions, the field's metrics, plots."""
 
-import json
 import weakref
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import tensorflow as tf
 
 from kiqa.data.pipeline import make_dataset
 from kiqa.errors import ConfigError
-from kiqa.fsutil import write_csv_atomically, write_text_atomically
+from kiqa.fsutil import write_csv_atomically, write_json_atomically
 from kiqa.metrics import cautions, evaluate_with_confidence
 from kiqa.plots import plot_scatter
 
@@ -87,19 +86,7 @@ def evaluate_frame(model, frame, config, out_dir=None, title="test set", part="t
 
 def write_json(path, data):
     """Writes JSON with NaN as null (strict JSON readers reject NaN), atomically."""
-
-    def clean(value):
-        if isinstance(value, dict):
-            return {k: clean(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean(v) for v in value]
-        if isinstance(value, (float, np.floating)):
-            return None if not np.isfinite(value) else float(value)
-        if isinstance(value, np.integer):
-            return int(value)
-        return value
-
-    write_text_atomically(path, json.dumps(clean(data), indent=2) + "\n")
+    write_json_atomically(path, data)
 
 
 def evaluate_saved_model(model_path, config, part="test", out_dir=None, progress=True, labelled=None):

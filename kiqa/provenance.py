@@ -34,7 +34,7 @@ from typing import Optional
 
 from kiqa import __version__
 from kiqa.errors import ModelError
-from kiqa.fsutil import sha256_of
+from kiqa.fsutil import sha256_of, write_json_atomically, write_text_atomically
 
 FILE_NAME = "provenance.json"
 SCHEMA = 1
@@ -235,16 +235,14 @@ def sidecar_path(csv_path):
 def write_sidecar(csv_path, record, source):
     """Writes `report_entry` beside a CSV of scores; returns the sidecar's path."""
     path = sidecar_path(csv_path)
-    path.write_text(json.dumps(report_entry(record, source), indent=2, sort_keys=True) + "\n")
+    write_json_atomically(path, report_entry(record, source), sort_keys=True)
     return path
 
 
 def write(folder, record):
     """Writes `record` as `<folder>/provenance.json` (atomically); returns the path."""
     path = Path(folder) / FILE_NAME
-    temp = path.with_name(f".{FILE_NAME}.tmp")
-    temp.write_text(record.to_json())
-    temp.replace(path)
+    write_text_atomically(path, record.to_json())
     return path
 
 

@@ -20,7 +20,6 @@ Only the standard library does the HTTP (urllib): no `requests` dependency for o
 
 import collections
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -44,6 +43,7 @@ from kiqa import __version__
 from kiqa.contract import IMAGE_EXTENSIONS
 from kiqa.data.koniq import check_image_names, read_labels
 from kiqa.errors import ConfigError, DataError
+from kiqa.fsutil import sha256_of, write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -348,7 +348,7 @@ def _download_once(url, name, part, meta_path, expected, progress, timeout):
             # If-Range takes only a strong ETag (RFC 9110); a weak one would always restart.
             validator = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
             meta = {"url": url, "total": total, "validator": validator}
-            _write_json(meta_path, meta)
+            write_json_atomically(meta_path, meta, sort_keys=True)
         if total is not None:
             _check_free_space(part.parent, total - offset, name)
 
@@ -377,7 +377,7 @@ def _download_once(url, name, part, meta_path, expected, progress, timeout):
 
 def _verify(part, name, expected, meta_path):
     size = part.stat().st_size
-    digest = sha256_file(part)
+    digest = sha256_of(part)
     problem = None
     if expected.size is not None and size != expected.size:
         problem = f"size mismatch: expected {expected.size} bytes, got {size}"
@@ -395,15 +395,6 @@ def _verify(part, name, expected, meta_path):
         logger.info("%s: sha256 %s (%d bytes); no published value to check against, pin it "
                     "with --sha256 %s=%s", name, digest, size, name, digest)
     return size, digest
-
-
-def sha256_file(path):
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(CHUNK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def extract_archive(archive, out_dir, progress=True):
@@ -559,7 +550,7 @@ def _adopt(archive, want):
     `.part`), so such a file was put there on purpose. It is used if it matches what is
     expected; with nothing expected, its checksum is recorded and logged.
     """
-    size, digest = archive.stat().st_size, sha256_file(archive)
+    size, digest = archive.stat().st_size, sha256_of(archive)
     entry = {"url": None, "size": size, "sha256": digest, "extracted": False}
     if not _agrees(entry, want):
         logger.warning("%s: the file already in the folder does not match the expected "
@@ -610,13 +601,6 @@ def _read_json(path):
     return data if isinstance(data, dict) else {}
 
 
-def _write_json(path, data):
-    path = Path(path)
-    temp = path.with_name(path.name + ".tmp")
-    temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(temp, path)
-
-
 class _State:
     """`.kiqa-fetch.json`: per file, its URL, size, sha256 and whether it was extracted."""
 
@@ -625,4 +609,4 @@ class _State:
         self.files = _read_json(self.path).get("files", {})
 
     def save(self):
-        _write_json(self.path, {"kiqa_version": __version__, "files": self.files})
+        write_json_atomically(self.path, {"kiqa_version": __version__, "files": self.files}, sort_keys=True)

@@ -17,13 +17,13 @@ are a formula, not human ratings.
 
 import io
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
+
+from kiqa.fsutil import publish_directory, staged_directory
 
 DEMO_VERSION = 2
 LEVELS = 5
@@ -120,9 +120,7 @@ def write_demo_dataset(out_dir, crops_per_photo=4, size=(96, 128), seed=0):
         Path of the written `labels.csv`.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         (staging / "images").mkdir()
         rng = np.random.default_rng(seed)
         rows = []
@@ -144,12 +142,7 @@ def write_demo_dataset(out_dir, crops_per_photo=4, size=(96, 128), seed=0):
         pd.DataFrame(rows).to_csv(staging / "labels.csv", index=False)
         if (out_dir / "labels.csv").is_file():
             return out_dir / "labels.csv"  # another process finished first; keep its copy
-        if out_dir.exists():
-            out_dir.rmdir()  # only an empty folder may be replaced
-        os.replace(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        publish_directory(staging, out_dir)  # only an empty folder may be replaced
     return out_dir / "labels.csv"
 
 

@@ -99,7 +99,7 @@ from kiqa.contract import (
     WARMUP_FILE,
 )
 from kiqa.errors import ConfigError, ExportError, ImageError, ModelError
-from kiqa.fsutil import swap_directory
+from kiqa.fsutil import publish_directory
 from kiqa.serving import ops as serving_ops
 from kiqa.image import header as imageinfo
 from kiqa.image import (
@@ -929,24 +929,22 @@ def _choose_version(base, version, overwrite):
 
 def _publish(temp, target, overwrite):
     """Renames the checked temporary directory to its version number (atomic)."""
-    if target.exists():
-        if not overwrite:
-            raise ExportError(
-                f"{target} appeared while exporting (another export running?); nothing was "
-                f"published; rerun to take the next free version"
-            )
-        # Two renames: a kill between them leaves the old version aside (restored by the
-        # next export) and the new one in its dot-directory, never a half-written version.
-        swap_directory(temp, target, target.parent / f"{_ASIDE_PREFIX}{target.name}-{_host()}-{os.getpid()}")
-    else:
-        try:
-            os.rename(temp, target)
-        except OSError as err:
-            # Linux refuses to rename onto a non-empty directory: someone published it first.
-            raise ExportError(
-                f"cannot publish {target}: {err.strerror} (another export took this version?); "
-                f"nothing was published; rerun to take the next free version"
-            ) from err
+    if target.exists() and not overwrite:
+        raise ExportError(
+            f"{target} appeared while exporting (another export running?); nothing was "
+            f"published; rerun to take the next free version"
+        )
+    # An overwrite takes two renames: a kill between them leaves the old version aside
+    # (restored by the next export) and the new one in its dot-directory, never a
+    # half-written version.
+    aside = target.parent / f"{_ASIDE_PREFIX}{target.name}-{_host()}-{os.getpid()}"
+    try:
+        publish_directory(temp, target, replace=overwrite, aside=aside)
+    except OSError as err:
+        raise ExportError(
+            f"cannot publish {target}: {err.strerror} (another export took this version?); "
+            f"nothing was published; rerun to take the next free version"
+        ) from err
     _fsync_path(target.parent)
 
 
