@@ -25,7 +25,6 @@ Decisions, the same on every path:
 """
 
 import os
-import re
 import stat
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import tensorflow as tf
 from kiqa.contract import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from kiqa.image import header as imageinfo
 from kiqa.errors import ImageError
+from kiqa.tferrors import clean_tf_message, error_text
 
 # Bumped whenever decode_image's pixels change (2: scaled JPEG decoding with the
 # accurate DCT; 3: a GIF's first frame is no longer padded to its largest later frame).
@@ -292,22 +292,8 @@ UNDECODABLE_MESSAGE = (
     "cannot decode the image ({reason}); the file is corrupt or truncated: re-encode or replace it"
 )
 
-_ASSERTION = re.compile(r"assertion failed: \[(.*?)\]\s*(?:\n|\[\[|\[Op:|$)", re.S)
-# An eager op's error ends "[Op:DecodeImage] name: <op name>" (empty when unnamed).
-_TF_WRAPPERS = re.compile(
-    r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\](?: name:[ ]?\S*)?|\s*\[\[.*$", re.S
-)
-# Lines a traced function's error adds around the op's own message.
-# A SavedModel's functions carry no Python stack: "<stack traces unavailable>" instead.
-_TF_CONTEXT = ("Graph execution error", "Detected at node", "File ", "[[", "<stack traces unavailable>")
-
-
 def describe_decode_error(err, path=None):
-    """Turns a TF decode error into one readable line.
-
-    TF wraps an op's message in graph context ("Graph execution error:", "{{function_node
-    ...}}", "[Op:DecodeJpeg]", "[[node ...]]"); kiqa's own header checks sit inside
-    "assertion failed: [...]". This keeps the message itself.
+    """Turns a TF decode error into one readable line (`kiqa.tferrors.clean_tf_message`).
 
     Args:
         err: a `tf.errors.OpError` (or any exception).
@@ -316,15 +302,7 @@ def describe_decode_error(err, path=None):
     Returns:
         One line of text.
     """
-    message = getattr(err, "message", None) or str(err)
-    match = _ASSERTION.search(message)
-    if match:
-        text = match.group(1)
-    else:
-        lines = [line.strip() for line in message.splitlines()]
-        lines = [line for line in lines if line and not line.startswith(_TF_CONTEXT)]
-        text = _TF_WRAPPERS.sub("", lines[0] if lines else "")
-    text = text.strip() or type(err).__name__
+    text = clean_tf_message(error_text(err), fallback=type(err).__name__)
     while path and text.startswith(f"{path}: "):
         text = text[len(str(path)) + 2:]
     return text

@@ -55,6 +55,7 @@ from kiqa.contract import (
     PROVENANCE_SIGNATURE,
 )
 from kiqa.errors import ImageError, KiqaError, ServingError
+from kiqa.tferrors import clean_tf_message
 from kiqa.image import DEFAULT_MAX_BYTES, read_image_bytes
 # Room for the request's own fields around the image bytes.
 _MESSAGE_OVERHEAD = 64 * 1024
@@ -463,8 +464,7 @@ class ServingClient:
         return response
 
     def _rejection(self, name, details):
-        reason = details.strip().splitlines()[0] if details.strip() else "no reason given"
-        reason = reason.removeprefix("assertion failed: [").removesuffix("]")
+        reason = clean_tf_message(details, fallback="no reason given")
         reason = _INDEX.sub("", reason, count=1).lstrip(": ").strip()
         return f"{name}: rejected by TF Serving (INVALID_ARGUMENT): {reason}"
 
