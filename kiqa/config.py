@@ -212,6 +212,11 @@ class TrainConfig:
         data["train_crop"] = list(self.train_crop) if self.train_crop else None
         return data
 
+    def changed_keys(self, other):
+        """The sorted names of the fields whose values differ between `self` and `other`."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return sorted(key for key, value in mine.items() if theirs.get(key) != value)
+
     def save(self, path):
         """Writes the config as JSON to `path`, atomically (a kill leaves the old file or the new one)."""
         from kiqa.fsutil import write_text_atomically

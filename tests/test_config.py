@@ -63,3 +63,9 @@ def test_config_file_that_is_not_json(tmp_path):
     path.write_text("epochs: 3")
     with pytest.raises(ConfigError, match="not valid JSON"):
         TrainConfig.load(path)
+
+
+def test_changed_keys_names_the_fields_that_differ():
+    config = TrainConfig.demo()
+    assert config.changed_keys(config) == []
+    assert config.changed_keys(config.replace(epochs=config.epochs + 1, seed=config.seed + 1)) == ["epochs", "seed"]
