@@ -26,19 +26,16 @@ import warnings
 from pathlib import Path
 from typing import Optional, Tuple
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from scipy import stats
 
-matplotlib.use("Agg")  # headless: runs on servers and in CI without a display
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from scipy import stats  # noqa: E402
-
-from kiqa import provenance  # noqa: E402
-from kiqa.errors import ConfigError, DataError  # noqa: E402
-from kiqa.contract import DEFAULT_MAX_BYTES  # noqa: E402
-from kiqa.score import DEFAULT_BATCH_SIZE, find_images, read_scores, score_files  # noqa: E402
+from kiqa import provenance
+from kiqa.contract import DEFAULT_MAX_BYTES
+from kiqa.errors import ConfigError, DataError
+from kiqa.fsutil import write_json_atomically
+from kiqa.score import DEFAULT_BATCH_SIZE, find_images, read_scores, score_files
 
 DEFAULT_BOOTSTRAP = 10_000
 # Resampled indices held at once by the bootstrap (int64: 8 bytes each).
@@ -120,7 +117,7 @@ def wilcoxon_test(diff):
 
 
 def bootstrap_mean_ci(diff, n_resamples=DEFAULT_BOOTSTRAP, confidence=0.95, seed=0):
-    """Percentile-bootstrap confidence interval of the mean, seeded.
+    """Percentile-bootstrap confidence interval of the mean (`scipy.stats.bootstrap`), seeded.
 
     Args:
         diff: 1-D array.
@@ -132,18 +129,15 @@ def bootstrap_mean_ci(diff, n_resamples=DEFAULT_BOOTSTRAP, confidence=0.95, seed
         (low, high), or (None, None) for an empty array.
     """
     diff = np.asarray(diff, dtype=np.float64)
-    n = diff.size
-    if n == 0:
+    if diff.size == 0:
         return None, None
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_resamples)
-    chunk = max(1, _BOOTSTRAP_CHUNK_ELEMENTS // n)
-    for start in range(0, n_resamples, chunk):
-        stop = min(start + chunk, n_resamples)
-        means[start:stop] = diff[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
-    tail = (1.0 - confidence) / 2.0
-    low, high = np.quantile(means, [tail, 1.0 - tail])
-    return float(low), float(high)
+    if diff.size == 1:  # scipy refuses one observation; every resample is that value
+        return float(diff[0]), float(diff[0])
+    result = stats.bootstrap(
+        (diff,), np.mean, n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+        vectorized=True, batch=max(1, _BOOTSTRAP_CHUNK_ELEMENTS // diff.size), rng=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def win_rate(a, b):
@@ -291,6 +285,51 @@ def compare_folders(
             scored in all folders.
         ModelError: the model rejected a batch.
     """
+    folders = _check_folders(dirs, confidence, n_resamples)
+    labels = folder_labels(folders)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_same_model(out / MODEL_FILE, scorer, skip_existing)
+    files = {}
+    per_folder, left_out, summaries = [], [], []
+    for folder, label in zip(folders, labels):
+        scored, excluded, summary = _score_folder(
+            folder, out / f"scores-{label}.csv", scorer, batch_size, skip_existing, progress, max_bytes,
+            follow_links_outside, ignore_extension,
+        )
+        per_folder.append(scored)
+        left_out += [(label, relative, reason) for _, relative, reason in excluded]
+        summaries.append(summary)
+        files[f"scores-{label}"] = str(out / f"scores-{label}.csv")
+
+    common, pairable, n_unpaired = _pair_images(labels, folders, per_folder, left_out, ignore_extension, out, files)
+    matrix = np.array([[scored[key] for key in common] for scored in per_folder])  # [folders, images]
+    pairs = tuple(
+        paired_stats(matrix[i], matrix[j], labels[i], labels[j], n_resamples, confidence, seed)
+        for i, j in itertools.combinations(range(len(folders)), 2)
+    )
+    ranking = _ranking(labels, folders, matrix) if len(folders) > 2 else None
+    _write_tables(out, files, labels, common, matrix, pairs, ranking)
+    result = CompareResult(
+        out_dir=str(out),
+        labels=tuple(labels),
+        folders=tuple(folders),
+        n_common=len(common),
+        pairs=pairs,
+        ranking=ranking,
+        n_unpaired=n_unpaired,
+        n_failed=sum(s.n_failed for s in summaries),
+        files=files,
+        summaries=tuple(summaries),
+        extension_pairable=pairable,
+    )
+    files["json"] = str(out / "compare.json")
+    _write_json(result, scorer, files["json"])
+    return result
+
+
+def _check_folders(dirs, confidence, n_resamples):
+    """The folders, normalised, once each checked to exist; the statistics' settings checked."""
     folders = [os.path.normpath(os.fspath(d)) for d in dirs]
     if len(folders) < 2:
         raise ConfigError(f"compare needs at least two folders, got {len(folders)}")
@@ -304,26 +343,30 @@ def compare_folders(
     real = [os.path.realpath(f) for f in folders]
     if len(set(real)) < len(real):
         raise DataError(f"the same folder is given twice ({', '.join(folders)}); give different folders")
-    labels = folder_labels(folders)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_same_model(out / MODEL_FILE, scorer, skip_existing)
+    return folders
 
-    per_folder, left_out, summaries = [], [], []
-    files_written = {}
-    for folder, label in zip(folders, labels):
-        files = find_images([folder], follow_links_outside=follow_links_outside)
-        if not files:
-            raise DataError(f"no image files found in {folder}; check the folder")
-        csv_path = out / f"scores-{label}.csv"
-        summary = score_files(files, scorer, csv_path, batch_size, skip_existing, progress, max_bytes)
-        table = read_scores(csv_path, paths=[path for path, _ in files])
-        scored, excluded = _folder_scores(folder, files, table, ignore_extension)
-        per_folder.append(scored)
-        left_out += [(label, relative, reason) for _, relative, reason in excluded]
-        summaries.append(summary)
-        files_written[f"scores-{label}"] = str(csv_path)
 
+def _score_folder(folder, csv_path, scorer, batch_size, skip_existing, progress, max_bytes,
+                  follow_links_outside, ignore_extension):
+    """Scores one folder into `csv_path`: (key -> MOS, left-out entries, its ScoreSummary)."""
+    files = find_images([folder], follow_links_outside=follow_links_outside)
+    if not files:
+        raise DataError(f"no image files found in {folder}; check the folder")
+    summary = score_files(files, scorer, csv_path, batch_size, skip_existing, progress, max_bytes)
+    table = read_scores(csv_path, paths=[path for path, _ in files])
+    scored, excluded = _folder_scores(folder, files, table, ignore_extension)
+    return scored, excluded, summary
+
+
+def _pair_images(labels, folders, per_folder, left_out, ignore_extension, out, files):
+    """The keys scored in every folder; writes `unpaired.csv` with everything else.
+
+    Returns:
+        (sorted common keys, extension-pairable images, number without a counterpart).
+
+    Raises:
+        DataError: no image is scored in every folder (with `extension_pairable` set).
+    """
     common = sorted(set.intersection(*(set(scored) for scored in per_folder)))
     for label, scored in zip(labels, per_folder):
         for key in sorted(set(scored) - set(common)):
@@ -331,8 +374,8 @@ def compare_folders(
             left_out.append((label, key, f"no scored counterpart in {', '.join(missing)}"))
     pairable = () if ignore_extension else pairable_without_extension(labels, per_folder, common)
     unpaired = pd.DataFrame(left_out, columns=["folder", "path", "reason"])
-    files_written["unpaired"] = str(out / "unpaired.csv")
-    unpaired.to_csv(files_written["unpaired"], index=False, errors="surrogateescape")
+    files["unpaired"] = str(out / "unpaired.csv")
+    unpaired.to_csv(files["unpaired"], index=False, errors="surrogateescape")
     if not common:
         examples = "; ".join(
             f"{label}: {min(scored, default='(none scored)')}" for label, scored in zip(labels, per_folder)
@@ -342,54 +385,30 @@ def compare_folders(
             f"(e.g. {examples}); the folders must hold the same file names"
             + (f" ({len(pairable)} of the unpaired images differ only by their extension, e.g. {pairable[0][0]}: "
                f"{pairable[0][1]})" if pairable else "")
-            + f"; see {files_written['unpaired']}"
+            + f"; see {files['unpaired']}"
         )
         error.extension_pairable = pairable
         raise error
+    return common, pairable, int(unpaired["reason"].str.startswith("no scored counterpart").sum())
 
-    matrix = np.array([[scored[key] for key in common] for scored in per_folder])  # [folders, images]
+
+def _write_tables(out, files, labels, common, matrix, pairs, ranking):
+    """Writes per_image.csv, ranking.csv (more than two folders) and compare.png."""
     per_image = pd.DataFrame({"path": common})
     for label, row in zip(labels, matrix):
         per_image[f"mos_{label}"] = row
-    if len(folders) == 2:
+    if len(labels) == 2:
         per_image["diff"] = matrix[0] - matrix[1]
-    files_written["per_image"] = str(out / "per_image.csv")
-    per_image.to_csv(files_written["per_image"], index=False, float_format="%.4f", errors="surrogateescape")
-
-    pairs = tuple(
-        paired_stats(matrix[i], matrix[j], labels[i], labels[j], n_resamples, confidence, seed)
-        for i, j in itertools.combinations(range(len(folders)), 2)
-    )
-    ranking = None
-    if len(folders) > 2:
-        ranking = _ranking(labels, folders, matrix)
-        files_written["ranking"] = str(out / "ranking.csv")
-        pd.DataFrame(ranking).to_csv(
-            files_written["ranking"], index=False, float_format="%.4f", errors="surrogateescape"
-        )
-
-    files_written["plot"] = str(out / "compare.png")
-    if len(folders) == 2:
-        _plot_pair(matrix[0], matrix[1], pairs[0], files_written["plot"])
+    files["per_image"] = str(out / "per_image.csv")
+    per_image.to_csv(files["per_image"], index=False, float_format="%.4f", errors="surrogateescape")
+    if ranking is not None:
+        files["ranking"] = str(out / "ranking.csv")
+        pd.DataFrame(ranking).to_csv(files["ranking"], index=False, float_format="%.4f", errors="surrogateescape")
+    files["plot"] = str(out / "compare.png")
+    if len(labels) == 2:
+        _plot_pair(matrix[0], matrix[1], pairs[0], files["plot"])
     else:
-        _plot_ranking(labels, matrix, files_written["plot"])
-
-    result = CompareResult(
-        out_dir=str(out),
-        labels=tuple(labels),
-        folders=tuple(folders),
-        n_common=len(common),
-        pairs=pairs,
-        ranking=ranking,
-        n_unpaired=int(unpaired["reason"].str.startswith("no scored counterpart").sum()),
-        n_failed=sum(s.n_failed for s in summaries),
-        files=files_written,
-        summaries=tuple(summaries),
-        extension_pairable=pairable,
-    )
-    files_written["json"] = str(out / "compare.json")
-    _write_json(result, scorer, files_written["json"])
-    return result
+        _plot_ranking(labels, matrix, files["plot"])
 
 
 def _model_identity(scorer):
@@ -410,7 +429,7 @@ def _check_same_model(path, scorer, skip_existing):
                 f"{path.parent} holds scores from another model or image size ({previous}); "
                 f"use a new output folder, or pass --no-skip to rescore with {scorer.source}"
             )
-    path.write_text(json.dumps(identity, indent=2) + "\n")
+    write_json_atomically(path, identity)
 
 
 def _ranking(labels, folders, matrix):
@@ -429,7 +448,8 @@ def _ranking(labels, folders, matrix):
 
 
 def _plot_pair(a, b, pair, path):
-    fig, (scatter, hist) = plt.subplots(1, 2, figsize=(11, 4.8))
+    fig = Figure(figsize=(11, 4.8))  # no pyplot: the user's backend is left alone
+    scatter, hist = fig.subplots(1, 2)
     low = float(min(a.min(), b.min()))
     high = float(max(a.max(), b.max()))
     margin = max(1.0, 0.05 * (high - low))
@@ -455,12 +475,12 @@ def _plot_pair(a, b, pair, path):
     hist.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _plot_ranking(labels, matrix, path):
     k = len(labels)
-    fig, (box, heat) = plt.subplots(1, 2, figsize=(6 + 1.2 * k, 4.8))
+    fig = Figure(figsize=(6 + 1.2 * k, 4.8))
+    box, heat = fig.subplots(1, 2)
     box.boxplot(list(matrix), showmeans=True)
     box.set_xticks(range(1, k + 1), labels, rotation=30, ha="right")
     box.set(ylabel="MOS (0-100)", title=f"MOS per folder ({matrix.shape[1]} images in all)")
@@ -478,7 +498,6 @@ def _plot_ranking(labels, matrix, path):
     fig.colorbar(image, ax=heat, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _write_json(result, scorer, path):
@@ -500,17 +519,4 @@ def _write_json(result, scorer, path):
         ranking=None if result.ranking is None else list(result.ranking),
         files=result.files,
     )
-    Path(path).write_text(json.dumps(_finite(data), indent=2) + "\n")
-
-
-def _finite(value):
-    """JSON has no NaN: NaN and infinities become null."""
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if np.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
+    write_json_atomically(path, data)

@@ -1,12 +1,12 @@
-"""PNG plots people would rather see than read: learning curves and predicted-vs-true."""
+"""PNG plots people would rather see than read: learning curves and predicted-vs-true.
 
-import matplotlib
+Figures are `matplotlib.figure.Figure` objects made without pyplot: saving one renders
+with Agg, headless, and the user's backend (a notebook's, a GUI's) is left as it was.
+"""
 
-matplotlib.use("Agg")  # headless: runs on servers and in CI without a display
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def plot_history(history, path, title="Training"):
@@ -22,7 +22,8 @@ def plot_history(history, path, title="Training"):
         `path`.
     """
     correlations = [c for c in ("val_srcc", "val_plcc") if c in history.columns]
-    fig, axes = plt.subplots(1, 2 if correlations else 1, figsize=(11 if correlations else 6, 4), squeeze=False)
+    fig = Figure(figsize=(11 if correlations else 6, 4))
+    axes = fig.subplots(1, 2 if correlations else 1, squeeze=False)
     epochs = history["epoch"] + 1
     loss_ax = axes[0][0]
     for column, label in (("loss", "training"), ("val_loss", "validation")):
@@ -43,7 +44,6 @@ def plot_history(history, path, title="Training"):
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -60,7 +60,8 @@ def plot_scatter(y_true, y_pred, metrics, path, title="Predicted vs true MOS"):
     Returns:
         `path`.
     """
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    fig = Figure(figsize=(5.5, 5.5))
+    ax = fig.subplots()
     ax.scatter(y_true, y_pred, s=12, alpha=0.6, edgecolors="none")
     low = float(min(np.min(y_true), np.min(y_pred), 0))
     high = float(max(np.max(y_true), np.max(y_pred), 100))
@@ -75,7 +76,6 @@ def plot_scatter(y_true, y_pred, metrics, path, title="Predicted vs true MOS"):
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -90,12 +90,12 @@ def plot_repeats(table, path, metrics=("plcc", "srcc", "krcc")):
     Returns:
         `path`.
     """
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     columns = [m for m in metrics if m in table.columns]
     ax.boxplot([table[m].dropna() for m in columns], tick_labels=[m.upper() for m in columns])
     ax.set(ylabel="test correlation", title=f"{len(table)} seeded splits")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -87,6 +89,13 @@ def test_statistics_edge_cases():
     low, high = bootstrap_mean_ci(data, 2000, seed=3)
     assert low < data.mean() < high and (low, high) == bootstrap_mean_ci(data, 2000, seed=3)
     assert bootstrap_mean_ci(data, 2000, seed=4) != (low, high)
+    assert bootstrap_mean_ci([7.5], 100) == (7.5, 7.5)
+    # The same interval as the hand-written percentile bootstrap it replaced (independent
+    # resamples, same data), within Monte-Carlo error.
+    rng = np.random.default_rng(5)
+    means = data[rng.integers(0, data.size, size=(20_000, data.size))].mean(axis=1)
+    reference = np.quantile(means, [0.025, 0.975])
+    assert np.allclose(bootstrap_mean_ci(data, 20_000, seed=6), reference, atol=0.03)
     assert win_rate([1, 2, 3], [1, 0, 5]) == pytest.approx(0.5)  # one win, one tie, one loss
     same = paired_stats([50.0, 60.0], [50.0, 60.0], n_resamples=100)
     assert same["mean_diff"] == 0.0 and same["tie_fraction"] == 1.0 and same["wilcoxon"]["p_value"] == 1.0
@@ -241,3 +250,11 @@ def test_suggests_ignore_extension_when_only_some_images_pair(systems, scorer, r
     assert code == 0
     assert "4 unpaired image(s) differ only by their extension (e.g. left: img02.jpg)" in err
     assert "pass --ignore-extension" in err
+
+
+def test_importing_the_plotting_modules_leaves_the_users_backend_alone():
+    code = (
+        "import matplotlib; matplotlib.use('svg'); import kiqa.plots, kiqa.compare; "
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
