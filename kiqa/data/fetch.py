@@ -281,6 +281,23 @@ def download(url, dest, expected=Expected(), progress=True, timeout=DEFAULT_TIME
 
 def _download_once(url, name, part, meta_path, expected, progress, timeout):
     """One request: appends to (or restarts) `part`. Raises _Retry on transient failures."""
+    resume = _resume_point(name, part, meta_path, expected)
+    if resume is None:
+        return  # complete already (interrupted between the last byte and the rename)
+    offset, meta = resume
+    response = _open(url, name, _request_headers(offset, meta), offset, part, meta_path, timeout)
+    with response:
+        offset, mode, total = _answered_range(response, url, name, offset, part, meta_path, expected)
+        if offset == 0:
+            _record_validator(response, url, total, meta_path)
+        if total is not None:
+            _check_free_space(part.parent, total - offset, name)
+        _stream(response, part, mode, total, offset, name, progress)
+    _check_received(part, total, meta_path)
+
+
+def _resume_point(name, part, meta_path, expected):
+    """(bytes already in `part`, its recorded meta), or None when `part` is complete."""
     meta = _read_json(meta_path)
     offset = part.stat().st_size if part.exists() else 0
     if offset and expected.size is not None and offset > expected.size:
@@ -288,7 +305,11 @@ def _download_once(url, name, part, meta_path, expected, progress, timeout):
         part.unlink()
         offset, meta = 0, {}
     if offset and offset in (meta.get("total"), expected.size):
-        return  # complete already (interrupted between the last byte and the rename)
+        return None
+    return offset, meta
+
+
+def _request_headers(offset, meta):
     headers = {"User-Agent": f"kiqa/{__version__} (fetch-koniq)"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
@@ -296,8 +317,13 @@ def _download_once(url, name, part, meta_path, expected, progress, timeout):
             # If the file changed on the server since the first bytes, the server sends
             # it whole (200) instead of splicing new bytes onto old ones.
             headers["If-Range"] = meta["validator"]
+    return headers
+
+
+def _open(url, name, headers, offset, part, meta_path, timeout):
+    """The HTTP response; transient failures raise _Retry, refusals DataError."""
     try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as err:
         err.close()
         if err.code == 416 and offset:
@@ -318,53 +344,60 @@ def _download_once(url, name, part, meta_path, expected, progress, timeout):
             raise DataError(f"{name}: cannot open {url}: {reason}") from err
         raise _Retry(f"cannot connect: {reason}") from err
 
-    with response:
-        status = getattr(response, "status", None) or 200  # file:// URLs have no status
-        total = None
-        if status == 206:
-            start, total = _parse_content_range(response.headers.get("Content-Range"))
-            if start != offset:
-                logger.warning("%s: server resumed at byte %s instead of %d; starting over", name, start, offset)
-                part.unlink(missing_ok=True)
-                meta_path.unlink(missing_ok=True)
-                raise _Retry("server answered a different range")
-            mode = "ab"
-        else:
-            if offset:
-                logger.warning("%s: server ignored the Range request (HTTP %d); downloading again "
-                               "from byte 0", name, status)
-            offset, mode = 0, "wb"
-            length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-        if expected.size is not None and total is not None and total != expected.size:
+
+def _answered_range(response, url, name, offset, part, meta_path, expected):
+    """(offset the body starts at, file mode, total size or None) from the response."""
+    status = getattr(response, "status", None) or 200  # file:// URLs have no status
+    if status == 206:
+        start, total = _parse_content_range(response.headers.get("Content-Range"))
+        if start != offset:
+            logger.warning("%s: server resumed at byte %s instead of %d; starting over", name, start, offset)
             part.unlink(missing_ok=True)
             meta_path.unlink(missing_ok=True)
-            raise DataError(
-                f"{name}: {url} serves {total} bytes but {expected.size} are expected; the "
-                "server's file is not the expected one (check the address), nothing was kept"
-            )
-        if offset == 0:
-            etag = response.headers.get("ETag")
-            # If-Range takes only a strong ETag (RFC 9110); a weak one would always restart.
-            validator = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
-            meta = {"url": url, "total": total, "validator": validator}
-            write_json_atomically(meta_path, meta, sort_keys=True)
-        if total is not None:
-            _check_free_space(part.parent, total - offset, name)
+            raise _Retry("server answered a different range")
+        mode = "ab"
+    else:
+        if offset:
+            logger.warning("%s: server ignored the Range request (HTTP %d); downloading again "
+                           "from byte 0", name, status)
+        offset, mode = 0, "wb"
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+    if expected.size is not None and total is not None and total != expected.size:
+        part.unlink(missing_ok=True)
+        meta_path.unlink(missing_ok=True)
+        raise DataError(
+            f"{name}: {url} serves {total} bytes but {expected.size} are expected; the "
+            "server's file is not the expected one (check the address), nothing was kept"
+        )
+    return offset, mode, total
 
-        with open(part, mode) as handle, tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=name, disable=not progress, leave=False,
-        ) as bar:
-            while True:
-                try:
-                    chunk = response.read(CHUNK_BYTES)
-                except (HTTPException, OSError) as err:
-                    raise _Retry(f"connection broke: {err or type(err).__name__}") from err
-                if not chunk:
-                    break
-                handle.write(chunk)  # a full disk is not transient: it is not retried
-                bar.update(len(chunk))
+
+def _record_validator(response, url, total, meta_path):
+    """Records what a resumed request must send as If-Range (a strong ETag, else Last-Modified)."""
+    etag = response.headers.get("ETag")
+    # If-Range takes only a strong ETag (RFC 9110); a weak one would always restart.
+    validator = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
+    write_json_atomically(meta_path, {"url": url, "total": total, "validator": validator}, sort_keys=True)
+
+
+def _stream(response, part, mode, total, offset, name, progress):
+    with open(part, mode) as handle, tqdm(
+        total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+        desc=name, disable=not progress, leave=False,
+    ) as bar:
+        while True:
+            try:
+                chunk = response.read(CHUNK_BYTES)
+            except (HTTPException, OSError) as err:
+                raise _Retry(f"connection broke: {err or type(err).__name__}") from err
+            if not chunk:
+                break
+            handle.write(chunk)  # a full disk is not transient: it is not retried
+            bar.update(len(chunk))
+
+
+def _check_received(part, total, meta_path):
     received = part.stat().st_size
     if total is not None and received < total:
         # urllib returns b"" at an early EOF instead of raising: count the bytes.
