@@ -79,7 +79,7 @@ def build_exports(work, images):
     import keras
     import tensorflow as tf
 
-    from kiqa.serving import export
+    from kiqa.serving import export, savedmodel
     from kiqa.config import TrainConfig
     from kiqa.image import decode_image, read_image_bytes
     from kiqa.model import build_model
@@ -106,8 +106,8 @@ def build_exports(work, images):
             import dataclasses
 
             model = build_model(dataclasses.replace(config, variant="tiny"))
-        version = export.list_versions(base)
-        path = base / "1" if version else export.export_model(model, base, version=1, config=config, image_size=size)
+        version = savedmodel.list_versions(base)
+        path = base / "1" if version else export.export_model(model, base_path=base, version=1, config=config, image_size=size)
         loaded = tf.saved_model.load(str(path))
         pixels = np.stack([decode_image(read_image_bytes(p), size).numpy() for p in images])
         np.save(work / f"{name}-pixels.npy", pixels)
@@ -175,7 +175,7 @@ def parity_images(work):
         files = sorted(p for p in shared.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
         if files:
             return files, "real photos (shared/data/realset)"
-    from kiqa.serving.export import generated_images
+    from kiqa.serving.warmup import generated_images
 
     folder = work / "generated"
     folder.mkdir(parents=True, exist_ok=True)

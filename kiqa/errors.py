@@ -74,3 +74,58 @@ class DiskFullError(KiqaError):
     def __init__(self, message, folder, needed, free):
         super().__init__(message)
         self.folder, self.needed, self.free = folder, needed, free
+
+
+class ScoresFromAnotherModelError(ConfigError):
+    """An output folder holds scores written by another model (or image size).
+
+    Attributes:
+        folder: the output folder.
+        previous: the identity of the model that wrote them (None when unreadable).
+        current: the identity of the model given now.
+    """
+
+    def __init__(self, message, folder, previous, current):
+        super().__init__(message)
+        self.folder, self.previous, self.current = folder, previous, current
+
+
+class VersionExistsError(ExportError):
+    """The export version asked for exists and overwriting was not allowed.
+
+    Attributes:
+        base: the model base path.
+        version: the version asked for.
+        existing: the versions there.
+        next_free: the next free version number.
+    """
+
+    def __init__(self, message, base, version, existing, next_free):
+        super().__init__(message)
+        self.base, self.version, self.existing, self.next_free = base, version, tuple(existing), next_free
+
+
+class MessageTooLargeError(ServingError):
+    """A request or an answer exceeds a gRPC message limit.
+
+    Attributes:
+        limit: the client's message limit in bytes.
+        size: the bytes that did not fit, or None when the server did not say.
+    """
+
+    def __init__(self, message, limit, size=None):
+        super().__init__(message)
+        self.limit, self.size = limit, size
+
+
+class DefaultImageSizeWarning(UserWarning):
+    """A model is exported at kiqa's default size because no config says its training size.
+
+    Attributes:
+        source: the model file.
+        image_size: the (height, width) used.
+    """
+
+    def __init__(self, message, source, image_size):
+        super().__init__(message)
+        self.source, self.image_size = source, tuple(image_size)

@@ -331,10 +331,10 @@ def _refuse_unknown_ops(version_dir):
     signature, ...). kiqa's own exports use only the ops of `kiqa.serving.ops`
     (`kiqa.serving.export` checks that too), so one that uses any other is not run.
     """
-    from kiqa.serving import export, ops as serving_ops  # the export's graph reader and the allow list
+    from kiqa.serving import ops as serving_ops, savedmodel  # the graph reader and the allow list
 
     try:
-        meta_graph = export.read_meta_graph(version_dir)
+        meta_graph = savedmodel.read_meta_graph(version_dir)
     except ExportError as err:
         raise ModelError(f"cannot load SavedModel {version_dir}: {err}; re-export it with `kiqa export`") from err
     refused = serving_ops.refused_ops(meta_graph)

@@ -24,7 +24,8 @@ from tensorflow_serving.apis import (
 )
 from helpers import EXPORT_SIZE as SIZE
 
-from kiqa.serving import export
+from kiqa.serving import export, warmup
+from kiqa.contract import MAX_REQUEST_BYTES
 from kiqa.cli import serve_dev as serve_dev_cli
 from kiqa.serving.devserver import DevServer
 from kiqa.errors import ServingError
@@ -63,7 +64,7 @@ def test_binds_loopback_on_an_ephemeral_port(server):
 
 def test_predict_bytes_answers_like_tf_serving(stubs):
     predict, _ = stubs
-    images = [c for _, c in export.generated_images(3)]
+    images = [c for _, c in warmup.generated_images(3)]
     response = predict.Predict(bytes_request(images), timeout=30)
     assert response.model_spec.name == "kiqa"
     assert response.model_spec.version.value == 1
@@ -84,7 +85,7 @@ def test_predict_pixels_signature(stubs):
 
 def test_status_codes_match_tf_serving(stubs):
     predict, models = stubs
-    good = [export.generated_images(1)[0][1]]
+    good = [warmup.generated_images(1)[0][1]]
     code, details = rpc_error(predict.Predict, bytes_request([good[0], b"junk"]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "image_bytes[1]: image format not recognised" in details
     assert "Graph execution error" not in details  # TF's C++ message, as TF Serving returns it
@@ -157,7 +158,7 @@ def test_failing_warmup_fails_the_load(base, tmp_path):
     shutil.copytree(base, copy)
     request = bytes_request([b"not an image"])
     log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
-    export.write_warmup_file(copy / "1" / "assets.extra" / "tf_serving_warmup_requests", [log])
+    warmup.write_warmup_file(copy / "1" / "assets.extra" / "tf_serving_warmup_requests", [log])
     with DevServer(copy, port=0) as server:
         assert server.available_versions() == []
         status = server.model_status(
@@ -229,7 +230,7 @@ def test_requests_declaring_more_than_they_carry_are_refused(stubs):
         assert code == grpc.StatusCode.INVALID_ARGUMENT, name
         assert "declares shape" in details and "carries" in details, details
     # More images than the maximum batch, all carried: the graph refuses them.
-    tiny = export.generated_images(1)[0][1]
+    tiny = warmup.generated_images(1)[0][1]
     code, details = rpc_error(predict.Predict, bytes_request([tiny] * (export.MAX_BATCH + 1)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and f"at most {export.MAX_BATCH} images" in details
 
@@ -246,7 +247,7 @@ def test_non_finite_pixels_are_refused_over_grpc(stubs):
 
 def test_lenient_signature_over_grpc_isolates_the_bad_item(stubs):
     predict, _ = stubs
-    images = [c for _, c in export.generated_images(2)]
+    images = [c for _, c in warmup.generated_images(2)]
     response = predict.Predict(bytes_request([images[0], b"", images[1]], signature="score_bytes_lenient"), timeout=30)
     mos, errors = tf.make_ndarray(response.outputs["mos"]), tf.make_ndarray(response.outputs["error"])
     assert np.isfinite(mos[[0, 2]]).all() and np.isnan(mos[1])
@@ -254,10 +255,10 @@ def test_lenient_signature_over_grpc_isolates_the_bad_item(stubs):
 
 
 def test_message_limit_defaults_agree():
-    from kiqa.serving.client import DEFAULT_MAX_MESSAGE_BYTES
+    from kiqa.contract import CLIENT_MAX_MESSAGE_BYTES
 
-    assert DevServer("x").max_message_bytes == export.MAX_REQUEST_BYTES == DEFAULT_MAX_MESSAGE_BYTES
-    assert serve_dev_cli.MAX_MESSAGE_MB * 2**20 == export.MAX_REQUEST_BYTES
+    assert DevServer("x").max_message_bytes == MAX_REQUEST_BYTES == CLIENT_MAX_MESSAGE_BYTES
+    assert serve_dev_cli.MAX_MESSAGE_MB * 2**20 == MAX_REQUEST_BYTES
 
 
 def test_a_broken_newer_version_leaves_the_newest_good_one_serving(base, tmp_path):
@@ -266,7 +267,7 @@ def test_a_broken_newer_version_leaves_the_newest_good_one_serving(base, tmp_pat
     (copy / "2").mkdir()
     (copy / "2" / "saved_model.pb").write_bytes(b"not a SavedModel")
     status_request = get_model_status_pb2.GetModelStatusRequest(model_spec=model_pb2.ModelSpec(name="kiqa"))
-    images = [c for _, c in export.generated_images(2)]
+    images = [c for _, c in warmup.generated_images(2)]
     with DevServer(copy, port=0, warmup=False, max_message_bytes=2**20) as server:
         assert server.available_versions() == [1]
         assert server.predict(bytes_request(images)).model_spec.version.value == 1
@@ -316,7 +317,7 @@ def test_hostile_requests_do_not_grow_the_server(base):
         port = re.search(r"on 127\.0\.0\.1:(\d+)", line).group(1)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             predict = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-            tiny = [c for _, c in export.generated_images(2)]
+            tiny = [c for _, c in warmup.generated_images(2)]
             for signature in ("serving_default", "score_bytes_lenient"):  # warm every path once
                 predict.Predict(bytes_request(tiny, signature=signature), timeout=120)
             pixels = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name="kiqa", signature_name="score_pixels"))

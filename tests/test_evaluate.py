@@ -7,7 +7,7 @@ import pytest
 
 from helpers import make_tiny_run
 from kiqa import metrics
-from kiqa.serving import export
+from kiqa.serving import warmup
 from kiqa.cli import evaluate as evaluate_cli
 
 
@@ -23,7 +23,7 @@ def rated(tmp_path_factory):
     """Twelve generated photos in a plain file,mos CSV rated 1-5."""
     folder = tmp_path_factory.mktemp("rated")
     names = []
-    for name, contents in export.generated_images(12, seed=2):
+    for name, contents in warmup.generated_images(12, seed=2):
         (folder / name).write_bytes(contents)
         names.append(name)
     labels = folder / "labels.csv"

@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kiqa.serving import export, ops as serving_ops
+from kiqa.serving import export, ops as serving_ops, savedmodel, warmup
 from kiqa.cli import export as export_cli
 from kiqa.config import TrainConfig
-from kiqa.errors import ExportError
+from kiqa.errors import ExportError, VersionExistsError
 from kiqa.image import decode_image, describe_decode_error
 from kiqa.model import build_model, load_model
 
@@ -60,13 +60,13 @@ def png_header(width, height):
 
 def test_export_layout_and_metadata(exported):
     run_dir, base, model = exported
-    assert export.list_versions(base) == [1]
+    assert savedmodel.list_versions(base) == [1]
     # Nothing but the version: the temporary directory was renamed, not copied.
     assert sorted(p.name for p in base.iterdir()) == ["1"]
     version = base / "1"
     assert (version / "saved_model.pb").is_file()
     assert (version / "variables" / "variables.index").is_file()
-    info = export.read_export_metadata(version)
+    info = savedmodel.read_export_metadata(version)
     assert info["model_name"] == "kiqa" and info["version"] == 1
     assert info["image_size"] == list(SIZE)  # from the run's config.json
     assert info["max_pixels"] == TrainConfig.demo().max_pixels
@@ -74,13 +74,13 @@ def test_export_layout_and_metadata(exported):
     assert info["config"] == TrainConfig.load(run_dir / "config.json").to_dict()
     assert info["parameters"] == model.count_params() == info["stored_parameters"]
     assert info["parity"]["max_abs_diff_bytes"] <= export.PARITY_TOLERANCE
-    assert info["parity"]["images"] == len(export.generated_images())
+    assert info["parity"]["images"] == len(warmup.generated_images())
     assert info["source"] == str(run_dir / "model.keras")
 
 
 def test_signatures_are_batch_first_and_named(exported):
-    meta_graph = export.read_meta_graph(exported[1] / "1")
-    assert export.describe_signatures(meta_graph) == {
+    meta_graph = savedmodel.read_meta_graph(exported[1] / "1")
+    assert savedmodel.describe_signatures(meta_graph) == {
         "serving_default": {"inputs": {"image_bytes": ["DT_STRING", [-1]]}, "outputs": {"mos": ["DT_FLOAT", [-1]]}},
         "score_pixels": {"inputs": {"image": ["DT_FLOAT", [-1, *SIZE, 3]]}, "outputs": {"mos": ["DT_FLOAT", [-1]]}},
         "score_bytes_lenient": {
@@ -91,7 +91,7 @@ def test_signatures_are_batch_first_and_named(exported):
         "provenance": {"inputs": {"request": ["DT_STRING", [-1]]}, "outputs": {"provenance": ["DT_STRING", [-1]]}},
     }
     # The bytes signature decodes in the graph: no op may read a path.
-    ops = export.ops_used(meta_graph)
+    ops = savedmodel.ops_used(meta_graph)
     assert "DecodeImage" in ops or "DecodeJpeg" in ops
     assert serving_ops.refused_ops(meta_graph) == []  # kiqa's own export passes its allow list
 
@@ -113,7 +113,7 @@ def test_duplicate_storage_is_detected(exported, tmp_path):
     _, _, model = exported
     target = tmp_path / "keras_export"
     model.export(str(target), verbose=False)
-    if export.stored_parameter_count(target) == model.count_params():
+    if savedmodel.stored_parameter_count(target) == model.count_params():
         pytest.skip("this Keras stores each variable once: keras issue 23553 is fixed")
     with pytest.raises(ExportError, match="stored twice.*23553"):
         export._check_stored_once(target, model)
@@ -126,7 +126,7 @@ def test_bytes_signature_agrees_with_keras_on_real_photos(exported, loaded, real
     _, _, model = exported
     files = sorted((realset / "images").iterdir())
     assert len(files) == 20
-    inputs = [(str(p), p.read_bytes()) for p in files] + export.generated_images()
+    inputs = [(str(p), p.read_bytes()) for p in files] + warmup.generated_images()
     served = np.concatenate([
         loaded.signatures["serving_default"](image_bytes=tf.constant([c for _, c in inputs[i : i + 8]]))["mos"].numpy()
         for i in range(0, len(inputs), 8)
@@ -142,7 +142,7 @@ def test_bytes_signature_agrees_with_keras_on_real_photos(exported, loaded, real
 
 
 def test_bytes_signature_rejects_undecodable_and_oversized_input(loaded):
-    good = export.generated_images(1)[0][1]
+    good = warmup.generated_images(1)[0][1]
     score = loaded.signatures["serving_default"]
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"image_bytes\[1\]: image format not recognised"):
         score(image_bytes=tf.constant([good, b"this is not an image"]))
@@ -158,8 +158,8 @@ def test_empty_batch_gives_empty_scores(loaded):
 
 
 def test_warmup_records_replay_on_the_export(exported, loaded):
-    logs = export.read_warmup_file(exported[1] / "1" / "assets.extra" / "tf_serving_warmup_requests")
-    expected = [(sig, batch) for sig in ("serving_default", "score_bytes_lenient") for batch in export.WARMUP_BATCH_SIZES]
+    logs = warmup.read_warmup_file(exported[1] / "1" / "assets.extra" / "tf_serving_warmup_requests")
+    expected = [(sig, batch) for sig in ("serving_default", "score_bytes_lenient") for batch in warmup.WARMUP_BATCH_SIZES]
     assert len(logs) == len(expected)
     for log, (signature, batch) in zip(logs, expected):
         request = log.predict_log.request
@@ -199,7 +199,7 @@ def test_check_refuses_file_system_ops(tmp_path):
     reader = Reader()
     tf.saved_model.save(reader, str(tmp_path / "m"), signatures={"serving_default": reader.serve})
     with pytest.raises(ExportError, match=r"outside kiqa's allow list \['ReadFile', 'StringToNumber'\]") as info:
-        export.check_saved_model(tmp_path / "m")
+        savedmodel.check_saved_model(tmp_path / "m")
     assert info.value.refused_ops == ("ReadFile", "StringToNumber")
 
 
@@ -210,18 +210,20 @@ def test_versions_are_integer_directories_only(tmp_path):
     for name in ("1", "3", "12-not-a-version", ".tmp-5-somehost-1", "latest"):
         (tmp_path / name).mkdir()
     (tmp_path / "7").write_text("a file, not a version")
-    assert export.list_versions(tmp_path) == [1, 3]
-    assert export._choose_version(tmp_path, None, overwrite=False) == 4
-    assert export.list_versions(tmp_path / "missing") == []
+    assert savedmodel.list_versions(tmp_path) == [1, 3]
+    assert savedmodel.choose_version(tmp_path, None, overwrite=False) == 4
+    assert savedmodel.list_versions(tmp_path / "missing") == []
 
 
 def test_existing_version_is_never_overwritten_without_the_flag(exported, tmp_path, capsys):
     run_dir, base, _ = exported
     before = (base / "1" / "assets.extra" / "kiqa.json").read_bytes()
-    with pytest.raises(ExportError, match=r"version 1 already exists.*--overwrite"):
+    with pytest.raises(VersionExistsError, match=r"version 1 already exists") as refused:
         export.export_model(run_dir, base_path=base, version=1)
+    assert (refused.value.version, refused.value.existing, refused.value.next_free) == (1, (1,), 2)
     assert export_cli.main([str(run_dir), "--base", str(base), "--version", "1"]) == 1
-    assert "already exists" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--version (next free: 2)" in err and "--overwrite" in err
     assert (base / "1" / "assets.extra" / "kiqa.json").read_bytes() == before
     assert sorted(p.name for p in base.iterdir()) == ["1"]
 
@@ -235,7 +237,7 @@ def test_cli_overwrite_replaces_the_version(exported, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "exported version 1" in out and "stored once" in out
-    assert export.read_export_metadata(copy / "1")["max_pixels"] == 1_000_000
+    assert savedmodel.read_export_metadata(copy / "1")["max_pixels"] == 1_000_000
     assert sorted(p.name for p in copy.iterdir()) == ["1"]  # the old one was deleted, no leftovers
     # The new cap is in the graph: a 1200x1000 header is now refused.
     loaded = tf.saved_model.load(str(copy / "1"))
@@ -248,8 +250,8 @@ def test_failed_check_leaves_no_numeric_directory(exported, tmp_path, monkeypatc
     # variables are made to look doubled, as keras issue 23553 would leave them.
     run_dir, _, _ = exported
     base = tmp_path / "kiqa"
-    real_count = export.stored_parameter_count
-    monkeypatch.setattr(export, "stored_parameter_count", lambda path: 2 * real_count(path))
+    real_count = savedmodel.stored_parameter_count
+    monkeypatch.setattr(savedmodel, "stored_parameter_count", lambda path: 2 * real_count(path))
     with pytest.raises(ExportError, match="stored twice.*nothing was published"):
         export.export_model(run_dir, base_path=base)
     assert list(base.iterdir()) == []
@@ -259,7 +261,7 @@ def test_parity_failure_is_reported_with_the_image(exported, tmp_path, monkeypat
     # The parity check on an already written export (no new export needed).
     _, base, model = exported
     monkeypatch.setattr(export, "PARITY_TOLERANCE", -1.0)
-    inputs = export._parity_inputs(None)
+    inputs = export.parity_inputs(None)
     with pytest.raises(ExportError, match=r"parity check failed: on generated-\d\.(jpg|png) the Keras model says"):
         export._check_parity(model, base / "1", inputs, SIZE, TrainConfig.demo().max_pixels)
 
@@ -275,7 +277,7 @@ def test_kill_9_during_export_leaves_no_version(exported, tmp_path):
         "def paused(temp, image_size=None, check_ops=True):\n"
         "    pathlib.Path(sys.argv[3]).write_text(str(temp))\n"
         "    time.sleep(600)\n"
-        "export.check_saved_model = paused\n"
+        "savedmodel.check_saved_model = paused\n"
         "export.export_model(sys.argv[1], base_path=sys.argv[2])\n"
     )
     process = subprocess.Popen(
@@ -297,11 +299,11 @@ def test_kill_9_during_export_leaves_no_version(exported, tmp_path):
             process.kill()
         process.stderr.close()
     temp = Path(marker.read_text())
-    assert export.list_versions(base) == []
+    assert savedmodel.list_versions(base) == []
     assert [p.name for p in base.iterdir()] == [temp.name] and temp.name.startswith(".tmp-1-")
     assert (temp / "saved_model.pb").is_file()  # a written SavedModel TF Serving never saw
     # The next export on this host removes what the killed one left behind.
-    export._recover_interrupted(base)
+    savedmodel.recover_interrupted(base)
     assert list(base.iterdir()) == []
 
 
@@ -335,7 +337,7 @@ def test_serving_files_agree_with_the_export():
     batching = (serving / "batching_parameters.txt").read_text()
     allowed = tuple(int(v) for v in re.findall(r"^allowed_batch_sizes: (\d+)", batching, re.M))
     max_batch = int(re.search(r"^max_batch_size \{ value: (\d+) \}", batching, re.M).group(1))
-    assert allowed == export.WARMUP_BATCH_SIZES and allowed[-1] == max_batch
+    assert allowed == warmup.WARMUP_BATCH_SIZES and allowed[-1] == max_batch
     # The batching layer's largest batch is the one the signatures check in the graph.
     assert max_batch == export.MAX_BATCH
 
@@ -348,7 +350,7 @@ def test_convnext_tiny_export_stores_its_27m_weights_once(tmp_path):
     config = TrainConfig.demo(weights="none", image_size=(64, 64))
     model = build_model(config)
     path = export.export_model(model, base_path=tmp_path / "kiqa", image_size=(64, 64), config=config)
-    info = export.read_export_metadata(path)
+    info = savedmodel.read_export_metadata(path)
     assert info["stored_parameters"] == model.count_params() > 27_000_000
     # ~4 bytes per parameter once (~111 MB), not twice (~216 MB, keras issue 23553).
     assert info["variables_bytes"] < 1.1 * 4 * model.count_params()
@@ -408,7 +410,7 @@ def test_every_bad_file_is_named_by_index_and_isolated_by_the_lenient_signature(
 
 
 def test_every_signature_refuses_more_than_the_maximum_batch(loaded):
-    tiny = export.generated_images(1)[0][1]
+    tiny = warmup.generated_images(1)[0][1]
     over = export.MAX_BATCH + 1
     calls = {
         "serving_default": {"image_bytes": tf.constant([tiny] * over)},

@@ -13,7 +13,7 @@ import pytest
 
 from helpers import make_tiny_run
 from kiqa import provenance
-from kiqa.serving import export
+from kiqa.serving import export, savedmodel, warmup
 from kiqa.cli import compare as compare_cli
 from kiqa.cli import evaluate as evaluate_cli
 from kiqa.cli import predict as predict_cli
@@ -116,7 +116,7 @@ def runs(tmp_path_factory):
     made["bare"] = root / "bare"
     photos = root / "photos"
     photos.mkdir()
-    for name, contents in export.generated_images(4, seed=1):
+    for name, contents in warmup.generated_images(4, seed=1):
         (photos / name).write_bytes(contents)
     made["photos"] = photos
     return made
@@ -192,7 +192,7 @@ def trusted_export(runs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pics")
-    for name, contents in export.generated_images(2, seed=5):
+    for name, contents in warmup.generated_images(2, seed=5):
         (folder / name).write_bytes(contents)
     return folder
 
@@ -207,7 +207,7 @@ def test_export_carries_the_record_in_assets_extra(trusted_export):
     version = trusted_export / "1"
     assert provenance.read(version / "assets.extra" / "provenance.json") == TRUSTED
     assert load_scorer(trusted_export).provenance == TRUSTED
-    signature = export.check_saved_model(version)["signatures"][export.PROVENANCE_SIGNATURE]
+    signature = savedmodel.check_saved_model(version)["signatures"][export.PROVENANCE_SIGNATURE]
     assert signature == {"inputs": {"request": ["DT_STRING", [-1]]}, "outputs": {"provenance": ["DT_STRING", [-1]]}}
 
 

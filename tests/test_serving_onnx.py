@@ -13,10 +13,10 @@ pytest.importorskip("onnxruntime", reason="ONNX export needs kiqa's onnx extra (
 
 from helpers import EXPORT_SIZE, make_tiny_run  # noqa: E402
 
-from kiqa.serving import export as savedmodel  # noqa: E402
+from kiqa.serving import savedmodel  # noqa: E402
 from kiqa.cli import export as cli_export  # noqa: E402
 from kiqa.config import TrainConfig  # noqa: E402
-from kiqa.errors import ExportError  # noqa: E402
+from kiqa.errors import ExportError, VersionExistsError  # noqa: E402
 from kiqa.image import load_image  # noqa: E402
 from kiqa.model import build_model  # noqa: E402
 from kiqa.serving import artifact  # noqa: E402
@@ -82,7 +82,7 @@ def test_metadata_records_contract_preprocessing_and_parity(published, realset):
 def test_existing_version_is_refused_without_overwrite(published, run_dir):
     base, path = published
     before = (path / "model.onnx").stat().st_mtime_ns
-    with pytest.raises(ExportError, match="already exists.*--overwrite"):
+    with pytest.raises(VersionExistsError, match="already exists"):
         kiqa_onnx.export_onnx(run_dir, base_path=base, version=1)
     assert (path / "model.onnx").stat().st_mtime_ns == before
 
@@ -108,7 +108,7 @@ def test_interrupted_export_leaves_no_version_and_is_cleaned_up(run_dir, tmp_pat
         kiqa_onnx.export_onnx(run_dir, base_path=base)
     assert list(base.iterdir()) == []
     # A kill -9 leaves only a dot-folder of a dead process; the next export removes it.
-    stale = base / f".tmp-1-{savedmodel._host()}-{_dead_pid()}"
+    stale = base / f".tmp-1-{savedmodel.host_name()}-{_dead_pid()}"
     stale.mkdir()
     (stale / "model.onnx").write_bytes(b"half")
     monkeypatch.undo()

@@ -14,7 +14,7 @@ import tensorflow as tf
 from PIL import Image
 
 from helpers import EXPORT_SIZE
-from kiqa.serving import export, ops as serving_ops
+from kiqa.serving import export, ops as serving_ops, savedmodel
 from kiqa.cli import score as score_cli
 from kiqa.cli._common import EXIT_ERROR, EXIT_OK
 from kiqa.errors import ExportError, UntrustedModelError
@@ -127,13 +127,13 @@ def test_the_hostile_list_is_complete(tmp_path):
 def test_each_hostile_savedmodel_is_refused_by_name(hostile, name):
     root, built = hostile
     version, ops = built[name]
-    refused = set(serving_ops.refused_ops(export.read_meta_graph(version)))
+    refused = set(serving_ops.refused_ops(savedmodel.read_meta_graph(version)))
     assert ops <= refused, f"{name}: refused {sorted(refused)}"
     with pytest.raises(UntrustedModelError) as info:
         load_scorer(version)
     assert ops <= set(info.value.ops) and all(op in str(info.value) for op in ops)
     with pytest.raises(ExportError, match="outside kiqa's allow list") as info:
-        export.check_saved_model(version)
+        savedmodel.check_saved_model(version)
     assert ops <= set(info.value.refused_ops)
     # Refused before anything ran: no file was written, no checkpoint saved.
     assert not (root / "written.txt").exists() and not list(root.glob("stolen*"))
@@ -155,10 +155,10 @@ def test_kiqa_score_refuses_with_the_op_names_and_unsafe_runs_it(hostile, tmp_pa
 
 
 def test_checkpoint_ops_are_allowed_only_in_the_saver(base):
-    meta_graph = export.read_meta_graph(base / "1")
+    meta_graph = savedmodel.read_meta_graph(base / "1")
     assert serving_ops.refused_ops(meta_graph) == []
     # The export's saver does use them: they pass only because that is where they are.
-    assert {"SaveV2", "RestoreV2"} <= export.ops_used(meta_graph)
+    assert {"SaveV2", "RestoreV2"} <= savedmodel.ops_used(meta_graph)
     assert not serving_ops.ALLOWED_OPS & {"SaveV2", "RestoreV2", "ReadFile", "WriteFile", "MatchingFiles"}
     # Pointing the saver at a signature's node does not lend it the saver's allowance.
     saver_trick = type(meta_graph)()
@@ -181,4 +181,4 @@ def test_convnext_tiny_exports_use_only_allowed_ops(tmp_path):
     for fast in (True, False):
         config = TrainConfig(weights="none", image_size=(64, 64), fast_depthwise=fast)
         path = export.export_model(build_model(config), base_path=tmp_path / f"fast-{fast}", image_size=(64, 64), config=config)
-        assert serving_ops.refused_ops(export.read_meta_graph(path)) == []
+        assert serving_ops.refused_ops(savedmodel.read_meta_graph(path)) == []

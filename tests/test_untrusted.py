@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from helpers import EXPORT_SIZE
-from kiqa.serving import export
+from kiqa.serving import export, savedmodel
 from kiqa.cli import compare as compare_cli
 from kiqa.cli import evaluate as evaluate_cli
 from kiqa.cli import export as export_cli
@@ -117,7 +117,7 @@ def test_export_refuses_a_model_with_file_system_ops(tmp_path):
     base = tmp_path / "kiqa"
     with pytest.raises(ExportError, match=r"outside kiqa's allow list \['ReadFile'\]"):
         export.export_model(model, base_path=base, image_size=EXPORT_SIZE)
-    assert export.list_versions(base) == [] and list(base.iterdir()) == []  # no version, no leftovers
+    assert savedmodel.list_versions(base) == [] and list(base.iterdir()) == []  # no version, no leftovers
 
 
 class _Reader(tf.Module):

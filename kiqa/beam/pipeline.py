@@ -395,12 +395,12 @@ def describe_model(model_ref, image_size=None, safe_mode=True):
         scorer = load_scorer(local, image_size=image_size, safe_mode=safe_mode)
         worker_ref, identity = str(model_ref), {"model": str(model_ref), "kind": scorer.kind}
         if scorer.kind == "savedmodel":
-            from kiqa.serving import export
+            from kiqa.serving import savedmodel
 
             suffix = os.path.relpath(scorer.source, local)
             if suffix != ".":
                 worker_ref = str(model_ref).rstrip("/") + "/" + suffix.replace(os.sep, "/")
-            metadata = export.read_export_metadata(scorer.source)
+            metadata = savedmodel.read_export_metadata(scorer.source)
             identity.update(source=worker_ref, signature="score_pixels",
                             version=metadata.get("version"), export=metadata)
         else:

@@ -5,6 +5,7 @@ import sys
 import warnings
 
 from kiqa.cli._common import EXIT_OK, entry_point
+from kiqa.errors import DefaultImageSizeWarning, ExportError, VersionExistsError
 
 
 def build_parser(prog=None):
@@ -58,26 +59,12 @@ def main(argv=None, prog=None):
     args = build_parser(prog).parse_args(argv)
     if args.format != "savedmodel":
         return _export_other(args)
-    from kiqa.serving import export
+    from kiqa.serving import export, savedmodel
 
     base = args.base or export.DEFAULT_BASE_PATH
     print(f"exporting {args.model} to {base}/ ...", file=sys.stderr)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        path = export.export_model(
-            args.model,
-            base_path=base,
-            version=args.version,
-            image_size=args.image_size,
-            max_pixels=args.max_pixels,
-            overwrite=args.overwrite,
-            parity_images=args.parity_images,
-            safe_mode=not args.unsafe,
-        )
-    for warning in caught:
-        if issubclass(warning.category, UserWarning) and "kiqa" in warning.filename:
-            print(f"warning: {warning.message}", file=sys.stderr)
-    info = export.read_export_metadata(path)
+    path = _run(export.export_model, args, base)
+    info = savedmodel.read_export_metadata(path)
     parity = info["parity"]
     height, width = info["image_size"]
     print(f"exported version {info['version']} of model {info['model_name']!r} to {path}")
@@ -100,6 +87,30 @@ def main(argv=None, prog=None):
     return EXIT_OK
 
 
+def _run(exporter, args, base):
+    """Runs one format's exporter with the flags; prints kiqa's warnings, phrases the flags."""
+    from kiqa.serving.export import ExportOptions
+
+    options = ExportOptions(
+        base_path=base, version=args.version, image_size=args.image_size, max_pixels=args.max_pixels,
+        overwrite=args.overwrite, parity_images=args.parity_images, safe_mode=not args.unsafe,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            path = exporter(args.model, options)
+        except VersionExistsError as err:
+            raise ExportError(
+                f"version {err.version} already exists in {err.base} (versions: {list(err.existing)}); "
+                f"pick another --version (next free: {err.next_free}), or pass --overwrite to replace it"
+            ) from err
+    for warning in caught:
+        if issubclass(warning.category, UserWarning) and "kiqa" in warning.filename:
+            hint = " (--image-size H W)" if issubclass(warning.category, DefaultImageSizeWarning) else ""
+            print(f"warning: {warning.message}{hint}", file=sys.stderr)
+    return path
+
+
 def _export_other(args):
     """`--format onnx|litert`: kiqa.serving.onnx / kiqa.serving.litert."""
     if args.format == "onnx":
@@ -112,16 +123,7 @@ def _export_other(args):
         run = exporter.export_litert
     base = args.base or exporter.DEFAULT_BASE_PATH
     print(f"exporting {args.model} as {args.format} to {base}/ ...", file=sys.stderr)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
-        path = run(
-            args.model, base_path=base, version=args.version, image_size=args.image_size,
-            max_pixels=args.max_pixels, overwrite=args.overwrite,
-            parity_images=args.parity_images, safe_mode=not args.unsafe,
-        )
-    for warning in caught:
-        if issubclass(warning.category, UserWarning) and "kiqa" in warning.filename:
-            print(f"warning: {warning.message}", file=sys.stderr)
+    path = _run(run, args, base)
     from kiqa.serving import artifact
 
     info = artifact.read_metadata(path)

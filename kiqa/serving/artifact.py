@@ -1,18 +1,15 @@
-"""What the ONNX and LiteRT exports share: versioned atomic publishing, parity, kiqa.json.
+"""What the ONNX and LiteRT exports share: parity with the Keras model, and kiqa.json.
 
 Both lay out their files like the SavedModel, `<base>/<integer version>/` (the layout
 Triton Inference Server and TF Serving read: `export/kiqa-onnx/1/model.onnx`), and
-publish the same way, with `kiqa.export`'s own version choice, interrupted-export
-recovery and rename (`kiqa.fsutil.swap_directory` for `--overwrite`): the version is
-written to a dot-directory beside the target, checked, and renamed into place only when
-its parity with the Keras model holds. A failure or a kill leaves no numeric folder.
+publish through the SavedModel's own step (`kiqa.serving.export.staged_version`): the
+version is written to a dot-directory beside the target, checked, and renamed into
+place only when its parity with the Keras model holds. A failure or a kill leaves no
+numeric folder.
 """
 
 import contextlib
-import datetime
 import json
-import os
-import shutil
 from pathlib import Path
 
 import keras
@@ -20,10 +17,10 @@ import numpy as np
 import tensorflow as tf
 from scipy import stats
 
-from kiqa import __version__
-from kiqa.serving import export as savedmodel
+from kiqa.contract import MOS_OUTPUT, PIXELS_INPUT
 from kiqa.errors import ExportError
 from kiqa.image import decode_image, describe_decode_error
+from kiqa.serving import export
 
 METADATA_FILE = "kiqa.json"
 # Images per forward pass in the parity checks.
@@ -49,45 +46,6 @@ PREPROCESSING = {
         "round half to even, clip to 0..255",
     ],
 }
-
-
-def prepare_version(base, version, overwrite):
-    """Chooses the version and the temporary folder it is written to.
-
-    Args:
-        base: the model base path (created if missing).
-        version: an integer >= 1, or None for the next free one.
-        overwrite: allow replacing an existing version.
-
-    Returns:
-        (version, temporary folder, final folder).
-
-    Raises:
-        ExportError: the version exists without `overwrite`, or the base path cannot
-            be created.
-    """
-    base = Path(base)
-    if base.is_dir():
-        savedmodel._recover_interrupted(base)
-    version = savedmodel._choose_version(base, version, overwrite)
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ExportError(f"cannot create the export base path {base}: {err.strerror}") from err
-    temp = base / f"{savedmodel._TEMP_PREFIX}{version}-{savedmodel._host()}-{os.getpid()}"
-    temp.mkdir()
-    return version, temp, base / str(version)
-
-
-def publish(temp, target, overwrite):
-    """Flushes the checked folder and renames it to its version number (atomic)."""
-    savedmodel._fsync_tree(temp)
-    savedmodel._publish(temp, target, overwrite)
-
-
-def discard(temp):
-    """Deletes a temporary folder after a failed or interrupted export."""
-    shutil.rmtree(temp, ignore_errors=True)
 
 
 def all_layers(model):
@@ -150,7 +108,7 @@ def parity_pixels(parity_images, image_size, max_pixels):
         ImageError: a parity image cannot be read.
         ExportError: a parity image cannot be decoded.
     """
-    inputs, caller_images = savedmodel._parity_inputs(parity_images)
+    inputs, caller_images = export.parity_inputs(parity_images)
     pixels = []
     for name, contents in inputs:
         try:
@@ -168,7 +126,7 @@ def keras_scores(model, pixels):
     out = []
     for start in range(0, len(pixels), PARITY_BATCH):
         batch = tf.constant(pixels[start : start + PARITY_BATCH])
-        out.append(np.reshape(model(batch, training=False)[savedmodel.OUTPUT], [-1]))
+        out.append(np.reshape(model(batch, training=False)[MOS_OUTPUT], [-1]))
     return np.concatenate(out).astype(np.float64)
 
 
@@ -215,25 +173,14 @@ def compare_scores(reference, candidate, names, tolerance, what):
     }
 
 
-def base_metadata(model_name, version, image_size, max_pixels, model, config, source):
-    """The kiqa.json fields every export format records."""
-    metadata = {
-        "model_name": model_name,
-        "version": version,
-        "image_size": list(image_size),
-        "max_pixels": int(max_pixels),
-        "input": {"name": savedmodel.PIXELS_INPUT, "dtype": "float32",
-                  "shape": [-1, int(image_size[0]), int(image_size[1]), 3]},
-        "output": {"name": savedmodel.OUTPUT, "dtype": "float32", "shape": [-1],
+def base_metadata(resolved, model_name, version):
+    """The kiqa.json fields of an ONNX or LiteRT export: the common ones, the tensors, the preprocessing."""
+    height, width = (int(v) for v in resolved.image_size)
+    metadata = export.common_metadata(resolved, model_name, version) | {
+        "input": {"name": PIXELS_INPUT, "dtype": "float32", "shape": [-1, height, width, 3]},
+        "output": {"name": MOS_OUTPUT, "dtype": "float32", "shape": [-1],
                    "meaning": "MOS on KonIQ's 0-100 scale, higher is better"},
         "preprocessing": PREPROCESSING,
-        "parameters": int(model.count_params()),
-        "source": source,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "tf_version": tf.__version__,
-        "keras_version": keras.__version__,
-        "kiqa_version": __version__,
-        "config": config.to_dict() if config is not None else None,
     }
     provenance = _provenance()
     if provenance is not None:

@@ -52,13 +52,15 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from kiqa.serving import export
+from kiqa.contract import ASSETS_EXTRA, BYTES_SIGNATURE, MAX_REQUEST_BYTES, WARMUP_FILE
 from kiqa.errors import ServingError
+from kiqa.serving import savedmodel, warmup
+from kiqa.tferrors import error_text, without_python_preamble
 
 HOST = "127.0.0.1"
 # TF Serving raises gRPC's message limit to INT32_MAX (model_servers/server.cc); this
-# server takes export.MAX_REQUEST_BYTES (see there), as kiqa's client sends at most that.
-MAX_MESSAGE_BYTES = export.MAX_REQUEST_BYTES
+# server takes kiqa.contract.MAX_REQUEST_BYTES (see there), as kiqa's client sends at most that.
+MAX_MESSAGE_BYTES = MAX_REQUEST_BYTES
 _log = logging.getLogger(__name__)
 
 
@@ -214,7 +216,7 @@ class DevServer:
         Returns:
             The version numbers now AVAILABLE.
         """
-        on_disk = export.list_versions(self.base_path)
+        on_disk = savedmodel.list_versions(self.base_path)
         with self._lock:
             current = dict(self._versions)
         if self.version_policy == "latest":
@@ -254,7 +256,7 @@ class DevServer:
     def _load(self, number):
         version = _Version(number, self.base_path / str(number))
         try:
-            version.meta_graph = export.read_meta_graph(version.path)
+            version.meta_graph = savedmodel.read_meta_graph(version.path)
             version.loaded = tf.saved_model.load(str(version.path), tags=["serve"])
             if self.warmup:
                 self._replay_warmup(version)
@@ -269,10 +271,10 @@ class DevServer:
         return version
 
     def _replay_warmup(self, version):
-        path = version.path / export.ASSETS_EXTRA / export.WARMUP_FILE
+        path = version.path / ASSETS_EXTRA / WARMUP_FILE
         if not path.is_file():
             return
-        for log in export.read_warmup_file(path):
+        for log in warmup.read_warmup_file(path):
             if not log.HasField("predict_log"):
                 raise ServingError(f"{path}: only predict_log warmup records are supported here")
             try:
@@ -308,7 +310,7 @@ class DevServer:
         return self._run_predict(version, request)
 
     def _run_predict(self, version, request):
-        name = request.model_spec.signature_name or export.BYTES_SIGNATURE
+        name = request.model_spec.signature_name or BYTES_SIGNATURE
         if name not in version.meta_graph.signature_def:
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{name}" not found.')
         signature = version.meta_graph.signature_def[name]
@@ -346,7 +348,7 @@ class DevServer:
         try:
             result = function(**inputs)
         except tf.errors.OpError as err:
-            raise _Abort(_grpc_code(err), _clean_tf_message(err)) from err
+            raise _Abort(_grpc_code(err), without_python_preamble(error_text(err), fallback=type(err).__name__)) from err
         except (TypeError, ValueError) as err:  # shape or rank mismatch caught in Python
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(err).splitlines()[0]) from err
         response = predict_pb2.PredictResponse()
@@ -433,16 +435,6 @@ def _grpc_code(err):
         if code.value[0] == err.error_code:
             return code
     return grpc.StatusCode.UNKNOWN
-
-
-def _clean_tf_message(err):
-    """TF's C++ message without the Python runtime's "Graph execution error" preamble."""
-    lines = [
-        line for line in (err.message or str(err)).splitlines()
-        if line.strip()
-        and not line.startswith(("Graph execution error", "Detected at node", "<stack traces unavailable>"))
-    ]
-    return "\n".join(lines) or type(err).__name__
 
 
 # The TensorProto field holding each dtype's values when tensor_content is empty.

@@ -33,18 +33,18 @@ still present in 2.21) in favour of that package. Both read the same files.
 
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
-from kiqa.serving import export as savedmodel
+from kiqa.contract import MOS_OUTPUT, PIXELS_INPUT
 from kiqa.errors import ExportError
-from kiqa.serving import artifact
+from kiqa.serving import artifact, export
+from kiqa.serving.export import ExportOptions
 
 DEFAULT_BASE_PATH = "export/kiqa-litert"
-INPUT = savedmodel.PIXELS_INPUT
-OUTPUT = savedmodel.OUTPUT
-PARITY_TOLERANCE = savedmodel.PARITY_TOLERANCE
+PARITY_TOLERANCE = export.PARITY_TOLERANCE
 # Quantised weights move scores: float16 rounds each weight to 11 significant bits,
 # dynamic-range to 256 levels per channel. 1 MOS point is a tenth of KonIQ's rater
 # disagreement (~10 points), and still catches a broken conversion (tens of points).
@@ -57,60 +57,42 @@ VARIANTS = {
 }
 
 
-def export_litert(
-    model_or_path,
-    base_path=DEFAULT_BASE_PATH,
-    version=None,
-    image_size=None,
-    max_pixels=None,
-    overwrite=False,
-    config=None,
-    parity_images=None,
-    safe_mode=True,
-    variants=tuple(VARIANTS),
-    tolerances=None,
-):
+def export_litert(model_or_path, options: Optional[ExportOptions] = None, *, variants=tuple(VARIANTS),
+                  tolerances=None, **overrides) -> Path:
     """Exports a model as LiteRT files in `<base_path>/<version>/`, atomically.
 
     Args:
         model_or_path: a run directory, a `.keras` file or an in-memory `keras.Model`.
-        base_path: folder of versions.
-        version: integer >= 1; None takes the next free one.
-        image_size: (height, width) of the input; None takes the run's config.
-        max_pixels: header pixel cap recorded for preprocessing.
-        overwrite: replace an existing version.
-        config: the model's `TrainConfig` (None reads it from the run directory).
-        parity_images: files, folders or bytes each variant must agree on with the
-            Keras model; generated images are always added.
-        safe_mode: refuse `.keras` files with Lambda layers.
+        options: `kiqa.serving.export.ExportOptions` (default base path
+            "export/kiqa-litert"); each variant must agree with the Keras model on its
+            parity images.
         variants: which of `VARIANTS` to write ("float32" is always written).
         tolerances: {variant: MOS points} overriding the defaults of `VARIANTS`.
+        **overrides: `ExportOptions` fields by name.
 
     Returns:
         The `Path` of the published version folder.
 
     Raises:
         ExportError: the version exists, a conversion failed, or a variant's parity
-            failed; nothing numeric was left in `base_path`.
+            failed; nothing numeric was left in the base path.
     """
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ExportError(f"unknown LiteRT variants {unknown}; choose from {sorted(VARIANTS)}")
     variants = ["float32"] + [v for v in VARIANTS if v in variants and v != "float32"]
     tolerances = {name: tol for name, (_, tol) in VARIANTS.items()} | dict(tolerances or {})
-    base = Path(base_path)
-    savedmodel._choose_version(base, version, overwrite)  # refuse before loading the model
-    model, config, source = savedmodel._resolve_model(model_or_path, config, safe_mode)
-    image_size = savedmodel._resolve_image_size(image_size, config, source)
-    max_pixels = savedmodel._resolve_max_pixels(max_pixels, config)
-    names, pixels, caller_images = artifact.parity_pixels(parity_images, image_size, max_pixels)
-    reference = artifact.keras_scores(model, pixels)
-    version, temp, target = artifact.prepare_version(base, version, overwrite)
-    try:
+    options = (options or ExportOptions()).with_overrides(**overrides)
+    base = Path(options.base_path or DEFAULT_BASE_PATH)
+    resolved = export.resolve_model(model_or_path, options, base)
+    names, pixels, caller_images = artifact.parity_pixels(options.parity_images, resolved.image_size,
+                                                          resolved.max_pixels)
+    reference = artifact.keras_scores(resolved.model, pixels)
+    with export.staged_version(base, options.version, options.overwrite) as (version, temp, target):
         files, parity = {}, {}
         for variant in variants:
             file_name = VARIANTS[variant][0]
-            (temp / file_name).write_bytes(convert(model, image_size, variant))
+            (temp / file_name).write_bytes(convert(resolved.model, resolved.image_size, variant))
             scores = run_interpreter(load_interpreter(temp / file_name), pixels)
             figures = artifact.compare_scores(
                 reference, scores, names, tolerances[variant], f"the LiteRT {variant} model"
@@ -118,9 +100,7 @@ def export_litert(
             figures["caller_images"] = caller_images
             parity[f"{variant}_vs_keras"] = figures
             files[file_name] = (temp / file_name).stat().st_size
-        metadata = artifact.base_metadata(base.resolve().name, version, image_size, max_pixels,
-                                          model, config, source)
-        metadata.update(
+        metadata = artifact.base_metadata(resolved, base.resolve().name, version) | dict(
             format="litert",
             file=VARIANTS["float32"][0],
             files=files,
@@ -130,10 +110,6 @@ def export_litert(
             parity=parity,
         )
         artifact.write_metadata(temp, metadata)
-        artifact.publish(temp, target, overwrite)
-    except BaseException:
-        artifact.discard(temp)
-        raise
     return target
 
 
@@ -151,15 +127,15 @@ def convert(model, image_size, variant="float32"):
     model, _ = artifact.convertible_model(model)
     height, width = int(image_size[0]), int(image_size[1])
 
-    @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32, name=INPUT)])
+    @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32, name=PIXELS_INPUT)])
     def serve(image):
-        return {OUTPUT: tf.reshape(tf.cast(model(image, training=False)[OUTPUT], tf.float32), [-1])}
+        return {MOS_OUTPUT: tf.reshape(tf.cast(model(image, training=False)[MOS_OUTPUT], tf.float32), [-1])}
 
     # The converter freezes the variables the trackable object holds; a Keras 3 model
     # is not one TF can walk for its raw tf.Variables (the file then computes with
     # uninitialised weights: NaN or 1e36 scores), so a plain tf.Module holds them.
     holder = tf.Module()
-    holder.variables_to_freeze = [savedmodel._raw_variable(w) for w in model.weights]
+    holder.variables_to_freeze = [export.raw_variable(w) for w in model.weights]
     with artifact.constant_normalization(model):
         concrete = serve.get_concrete_function()
         converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
@@ -198,9 +174,9 @@ def load_interpreter(path, threads=None):
         raise ExportError(f"LiteRT cannot load {path}: {' '.join(str(err).split())[:300]}") from err
     runner = interpreter.get_signature_runner()
     inputs, outputs = runner.get_input_details(), runner.get_output_details()
-    if list(inputs) != [INPUT] or list(outputs) != [OUTPUT]:
+    if list(inputs) != [PIXELS_INPUT] or list(outputs) != [MOS_OUTPUT]:
         raise ExportError(f"{path} takes {sorted(inputs)} and returns {sorted(outputs)}, "
-                          f"expected [{INPUT!r}] -> [{OUTPUT!r}]")
+                          f"expected [{PIXELS_INPUT!r}] -> [{MOS_OUTPUT!r}]")
     return interpreter
 
 
@@ -210,5 +186,5 @@ def run_interpreter(interpreter, pixels, batch_size=artifact.PARITY_BATCH):
     out = []
     for start in range(0, len(pixels), batch_size):
         batch = np.ascontiguousarray(pixels[start : start + batch_size], dtype=np.float32)
-        out.append(np.reshape(runner(**{INPUT: batch})[OUTPUT], [-1]))
+        out.append(np.reshape(runner(**{PIXELS_INPUT: batch})[MOS_OUTPUT], [-1]))
     return np.concatenate(out)

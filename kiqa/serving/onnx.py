@@ -41,83 +41,64 @@ import functools
 import io
 import logging
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
-from kiqa.serving import export as savedmodel
+from kiqa.contract import MOS_OUTPUT, PIXELS_INPUT
 from kiqa.errors import ExportError
-from kiqa.serving import artifact
+from kiqa.serving import artifact, export
+from kiqa.serving.export import ExportOptions
 
 DEFAULT_BASE_PATH = "export/kiqa-onnx"
 MODEL_FILE = "model.onnx"
-INPUT = savedmodel.PIXELS_INPUT
-OUTPUT = savedmodel.OUTPUT
 # Same bound as the SavedModel's: ONNX Runtime and TF pick different kernels (sum
 # order, fused GELU), measured at ~1e-4 MOS on ConvNeXt-Tiny; 0.05 MOS is far below any
 # quality difference yet catches a wrong layout or a dropped layer, which move points.
-PARITY_TOLERANCE = savedmodel.PARITY_TOLERANCE
+PARITY_TOLERANCE = export.PARITY_TOLERANCE
 # ONNX opset 17 (2022) has every op ConvNeXt needs and runs on ONNX Runtime >= 1.12,
 # OpenVINO >= 2022.3 and TensorRT 8.6.
 OPSET = 17
 
 
-def export_onnx(
-    model_or_path,
-    base_path=DEFAULT_BASE_PATH,
-    version=None,
-    image_size=None,
-    max_pixels=None,
-    overwrite=False,
-    config=None,
-    parity_images=None,
-    safe_mode=True,
-    tolerance=PARITY_TOLERANCE,
-):
+def export_onnx(model_or_path, options: Optional[ExportOptions] = None, *, tolerance=PARITY_TOLERANCE,
+                **overrides) -> Path:
     """Exports a model as `<base_path>/<version>/model.onnx`, atomically.
 
     Args:
         model_or_path: a run directory, a `.keras` file or an in-memory `keras.Model`
             (as for `kiqa.serving.export.export_model`).
-        base_path: folder of versions; its last component names the model.
-        version: integer >= 1; None takes the next free one.
-        image_size: (height, width) of the input; None takes the run's config.
-        max_pixels: header pixel cap recorded for preprocessing; None takes the config's.
-        overwrite: replace an existing version.
-        config: the model's `TrainConfig` (None reads it from the run directory).
-        parity_images: files, folders or bytes the ONNX and Keras models must agree on;
-            generated images are always added.
-        safe_mode: refuse `.keras` files with Lambda layers.
+        options: `kiqa.serving.export.ExportOptions` (default base path
+            "export/kiqa-onnx"); its parity images are those the ONNX and Keras models
+            must agree on.
         tolerance: largest |ONNX - Keras| allowed, in MOS points.
+        **overrides: `ExportOptions` fields by name.
 
     Returns:
         The `Path` of the published version folder.
 
     Raises:
         ExportError: the version exists, the conversion failed, or parity failed;
-            nothing numeric was left in `base_path`.
+            nothing numeric was left in the base path.
         ModelError, ConfigError, ImageError: as `kiqa.serving.export.export_model`.
     """
     onnxruntime = _require_onnx()
-    base = Path(base_path)
-    savedmodel._choose_version(base, version, overwrite)  # refuse before loading the model
-    model, config, source = savedmodel._resolve_model(model_or_path, config, safe_mode)
-    image_size = savedmodel._resolve_image_size(image_size, config, source)
-    max_pixels = savedmodel._resolve_max_pixels(max_pixels, config)
-    names, pixels, caller_images = artifact.parity_pixels(parity_images, image_size, max_pixels)
-    version, temp, target = artifact.prepare_version(base, version, overwrite)
-    try:
-        convert(model, temp / MODEL_FILE, image_size)
+    options = (options or ExportOptions()).with_overrides(**overrides)
+    base = Path(options.base_path or DEFAULT_BASE_PATH)
+    resolved = export.resolve_model(model_or_path, options, base)
+    names, pixels, caller_images = artifact.parity_pixels(options.parity_images, resolved.image_size,
+                                                          resolved.max_pixels)
+    with export.staged_version(base, options.version, options.overwrite) as (version, temp, target):
+        convert(resolved.model, temp / MODEL_FILE, resolved.image_size)
         session = load_session(temp / MODEL_FILE, onnxruntime)
-        _check_io(session, image_size, temp / MODEL_FILE)
+        _check_io(session, resolved.image_size, temp / MODEL_FILE)
         parity = artifact.compare_scores(
-            artifact.keras_scores(model, pixels), run_session(session, pixels), names,
+            artifact.keras_scores(resolved.model, pixels), run_session(session, pixels), names,
             tolerance, "the ONNX model (ONNX Runtime)",
         )
         parity["caller_images"] = caller_images
-        metadata = artifact.base_metadata(base.resolve().name, version, image_size, max_pixels,
-                                          model, config, source)
-        metadata.update(
+        metadata = artifact.base_metadata(resolved, base.resolve().name, version) | dict(
             format="onnx",
             file=MODEL_FILE,
             file_bytes=(temp / MODEL_FILE).stat().st_size,
@@ -126,10 +107,6 @@ def export_onnx(
             parity={"onnxruntime_vs_keras": parity},
         )
         artifact.write_metadata(temp, metadata)
-        artifact.publish(temp, target, overwrite)
-    except BaseException:
-        artifact.discard(temp)
-        raise
     return target
 
 
@@ -141,7 +118,7 @@ def convert(model, path, image_size):
     """
     _register_erfc()
     height, width = int(image_size[0]), int(image_size[1])
-    signature = [tf.TensorSpec([None, height, width, 3], tf.float32, name=INPUT)]
+    signature = [tf.TensorSpec([None, height, width, 3], tf.float32, name=PIXELS_INPUT)]
     # tf2onnx logs every rewrite at INFO and prints progress; keep the CLI readable.
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
     model, _ = artifact.convertible_model(model)
@@ -203,7 +180,7 @@ def run_session(session, pixels, batch_size=artifact.PARITY_BATCH):
     out = []
     for start in range(0, len(pixels), batch_size):
         batch = np.ascontiguousarray(pixels[start : start + batch_size], dtype=np.float32)
-        out.append(np.reshape(session.run([OUTPUT], {INPUT: batch})[0], [-1]))
+        out.append(np.reshape(session.run([MOS_OUTPUT], {PIXELS_INPUT: batch})[0], [-1]))
     return np.concatenate(out)
 
 
@@ -211,15 +188,15 @@ def _check_io(session, image_size, path):
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
     problems = []
-    if list(inputs) != [INPUT]:
-        problems.append(f"inputs are {sorted(inputs)}, expected [{INPUT!r}]")
-    elif list(inputs[INPUT].shape[1:]) != [int(image_size[0]), int(image_size[1]), 3] or isinstance(
-        inputs[INPUT].shape[0], int
+    if list(inputs) != [PIXELS_INPUT]:
+        problems.append(f"inputs are {sorted(inputs)}, expected [{PIXELS_INPUT!r}]")
+    elif list(inputs[PIXELS_INPUT].shape[1:]) != [int(image_size[0]), int(image_size[1]), 3] or isinstance(
+        inputs[PIXELS_INPUT].shape[0], int
     ):
-        problems.append(f"input {INPUT!r} has shape {inputs[INPUT].shape}, expected [batch, "
+        problems.append(f"input {PIXELS_INPUT!r} has shape {inputs[PIXELS_INPUT].shape}, expected [batch, "
                         f"{image_size[0]}, {image_size[1]}, 3] with a dynamic batch")
-    if list(outputs) != [OUTPUT]:
-        problems.append(f"outputs are {sorted(outputs)}, expected [{OUTPUT!r}]")
+    if list(outputs) != [MOS_OUTPUT]:
+        problems.append(f"outputs are {sorted(outputs)}, expected [{MOS_OUTPUT!r}]")
     if problems:
         raise ExportError(f"{path} failed its checks: " + "; ".join(problems))
 
