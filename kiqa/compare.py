@@ -33,7 +33,7 @@ from scipy import stats
 
 from kiqa import provenance
 from kiqa.contract import DEFAULT_MAX_BYTES
-from kiqa.errors import ConfigError, DataError
+from kiqa.errors import ConfigError, DataError, ScoresFromAnotherModelError
 from kiqa.fsutil import write_json_atomically
 from kiqa.score import DEFAULT_BATCH_SIZE, find_images, read_scores, score_files
 
@@ -425,9 +425,10 @@ def _check_same_model(path, scorer, skip_existing):
         except (OSError, ValueError):
             previous = None
         if previous != identity:
-            raise ConfigError(
-                f"{path.parent} holds scores from another model or image size ({previous}); "
-                f"use a new output folder, or pass --no-skip to rescore with {scorer.source}"
+            raise ScoresFromAnotherModelError(
+                f"{path.parent} holds scores from another model or image size ({previous}); use a "
+                f"new output folder, or rescore everything (skip_existing=False) with {scorer.source}",
+                folder=str(path.parent), previous=previous, current=identity,
             )
     write_json_atomically(path, identity)
 

@@ -194,7 +194,7 @@ class TrainConfig:
         if self.learning_rate <= 0 or self.epsilon <= 0:
             raise ConfigError("learning_rate and epsilon must be positive")
         if self.split == "repeated" and self.repeats < 2:
-            raise ConfigError("split='repeated' needs repeats >= 2 (e.g. --repeats 10)")
+            raise ConfigError("split='repeated' needs repeats >= 2 (e.g. 10)")
 
     @property
     def resolved_run_dir(self):

@@ -21,7 +21,7 @@ from kiqa.compare import (
     wilcoxon_test,
     win_rate,
 )
-from kiqa.errors import ConfigError, DataError
+from kiqa.errors import ConfigError, DataError, ScoresFromAnotherModelError
 from kiqa.scorer import load_scorer
 
 import helpers
@@ -151,8 +151,9 @@ def test_two_folders_pair_by_relative_path(systems, scorer, tmp_path):
     assert again.pairs[0]["mean_diff"] == pair["mean_diff"] and again.pairs[0]["ci_low"] == pair["ci_low"]
     # ... but not with another model (or size): its scores must not be mixed with these.
     other = dataclasses.replace(scorer, image_size=(40, 56))
-    with pytest.raises(ConfigError, match="holds scores from another model.*--no-skip"):
+    with pytest.raises(ScoresFromAnotherModelError, match="holds scores from another model") as refused:
         compare_folders([a, b], other, tmp_path / "cmp", progress=False)
+    assert refused.value.previous["image_size"] != refused.value.current["image_size"]
 
 
 def test_three_folders_give_a_ranking(systems, scorer, tmp_path):
@@ -224,6 +225,11 @@ def test_cli_compare(systems, run_dir, tmp_path, capsys):
     assert exit_info.value.code == 2
     code = compare_cli.main([str(a), str(tmp_path / "nowhere"), "--model", str(run_dir), "--out", str(out)])
     assert code == EXIT_ERROR and "nowhere is not a folder" in capsys.readouterr().err
+    # Another image size over the same --out: the CLI names the flag that rescores.
+    code = compare_cli.main([str(a), str(b), "--model", str(run_dir), "--out", str(out), "--quiet",
+                             "--bootstrap", "50", "--image-size", "40", "56"])
+    err = capsys.readouterr().err
+    assert code == EXIT_ERROR and "holds scores from another model" in err and "--no-skip" in err
 
 
 def test_suggests_ignore_extension_when_only_some_images_pair(systems, scorer, run_dir, tmp_path, capsys):

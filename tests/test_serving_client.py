@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kiqa.serving import export
+from kiqa.serving import export, warmup
 from kiqa.cli import predict as predict_cli
 from kiqa.serving.devserver import DevServer
 from kiqa.errors import ServingError
@@ -31,7 +31,7 @@ def images(tmp_path_factory):
     """Seven generated image files and one corrupt JPEG, in that order."""
     folder = tmp_path_factory.mktemp("images")
     paths = []
-    for name, contents in export.generated_images(7, seed=3):
+    for name, contents in warmup.generated_images(7, seed=3):
         (folder / name).write_bytes(contents)
         paths.append(folder / name)
     (folder / "corrupt.jpg").write_bytes(CORRUPT)
@@ -155,6 +155,16 @@ def test_oversized_file_is_refused_before_sending(server, images):
     assert by_name[str(small)].ok
     too_big = [p for p in paths if p.stat().st_size > limit]
     assert too_big and all("message limit" in by_name[str(p)].error for p in too_big)
+
+
+def test_predict_cli_names_the_flag_for_oversized_files(server, images, capsys):
+    paths, _ = images
+    small = min(paths, key=lambda p: p.stat().st_size)
+    limit_mb = (64 * 1024 + small.stat().st_size + 1) / 2**20
+    code = predict_cli.main(["--server", server.address, "--max-message-mb", str(limit_mb), *map(str, paths)])
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "message limit" in err and "raise --max-message-mb" in err
 
 
 def test_client_validates_its_arguments():

@@ -5,7 +5,7 @@ import sys
 
 from kiqa.cli._common import add_model_arguments, EXIT_OK, EXIT_PARTIAL, entry_point, print_model_warning
 from kiqa.cli.score import print_failures, scoring_options
-from kiqa.errors import DataError
+from kiqa.errors import ConfigError, DataError, ScoresFromAnotherModelError
 
 
 def build_parser(prog=None):
@@ -78,6 +78,11 @@ def main(argv=None, prog=None):
             n_resamples=args.bootstrap, confidence=args.confidence, seed=args.seed,
             **scoring_options(args),
         )
+    except ScoresFromAnotherModelError as err:
+        raise ConfigError(
+            f"{err.folder} holds scores from another model or image size ({err.previous}); use a new "
+            f"--out, or pass --no-skip to rescore with {scorer.source}"
+        ) from err
     except DataError as err:
         if getattr(err, "extension_pairable", ()):
             raise DataError(f"{err}; {IGNORE_EXTENSION_HINT}") from err

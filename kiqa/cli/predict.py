@@ -61,6 +61,7 @@ def main(argv=None, prog=None):
         parser.error("give image files or folders to score, or --status")
     from kiqa.provenance import write_sidecar
     from kiqa.score import find_images
+    from kiqa.errors import MessageTooLargeError, ServingError
     from kiqa.serving.client import ScoreResult, ServingClient
 
     client = ServingClient(
@@ -78,7 +79,10 @@ def main(argv=None, prog=None):
         client.check()
         record = client.provenance()
         readable = [path for path, error in found if error is None]
-        scored = iter(client.score_files(readable, batch_size=args.batch_size))
+        try:
+            scored = iter(client.score_files(readable, batch_size=args.batch_size))
+        except MessageTooLargeError as err:
+            raise ServingError(f"{err}: lower --batch-size or raise --max-message-mb") from err
         results = [
             next(scored) if error is None else ScoreResult(str(path), error=f"{path}: {error}")
             for path, error in found
@@ -93,6 +97,8 @@ def main(argv=None, prog=None):
         print(f"  {result.error}".encode("utf-8", "backslashreplace").decode("utf-8"), file=sys.stderr)
     if len(failures) > SHOWN_FAILURES:
         print(f"  ... and {len(failures) - SHOWN_FAILURES} more", file=sys.stderr)
+    if any(r.too_large for r in failures):
+        print("  files over the message limit were not sent: raise --max-message-mb", file=sys.stderr)
     print_model_warning(record)
     return EXIT_PARTIAL if failures else EXIT_OK
 

@@ -41,20 +41,20 @@ from tensorflow_serving.apis import (
 from kiqa.contract import (
     BYTES_INPUT,
     BYTES_SIGNATURE,
-    CLIENT_BATCH_SIZE as DEFAULT_BATCH_SIZE,
-    CLIENT_MAX_MESSAGE_BYTES as DEFAULT_MAX_MESSAGE_BYTES,
-    CLIENT_TIMEOUT as DEFAULT_TIMEOUT,
-    DEFAULT_MODEL_NAME as DEFAULT_MODEL,
+    CLIENT_BATCH_SIZE,
+    CLIENT_MAX_MESSAGE_BYTES,
+    CLIENT_TIMEOUT,
+    DEFAULT_MODEL_NAME,
     DEFAULT_SERVER,
     ERROR_OUTPUT,
     LENIENT_SIGNATURE,
     MAX_BATCH,
-    MOS_OUTPUT as OUTPUT,
+    MOS_OUTPUT,
     PROVENANCE_INPUT,
     PROVENANCE_OUTPUT,
     PROVENANCE_SIGNATURE,
 )
-from kiqa.errors import ImageError, KiqaError, ServingError
+from kiqa.errors import ImageError, KiqaError, MessageTooLargeError, ServingError
 from kiqa.tferrors import clean_tf_message
 from kiqa.image import DEFAULT_MAX_BYTES, read_image_bytes
 # Room for the request's own fields around the image bytes.
@@ -71,6 +71,7 @@ class ScoreResult:
     name: str
     mos: Optional[float] = None
     error: Optional[str] = None
+    too_large: bool = False  # over the client's message limit: never sent
 
     @property
     def ok(self):
@@ -105,11 +106,11 @@ class ServingClient:
     def __init__(
         self,
         server=DEFAULT_SERVER,
-        model_name=DEFAULT_MODEL,
+        model_name=DEFAULT_MODEL_NAME,
         version=None,
         signature_name=BYTES_SIGNATURE,
-        timeout=DEFAULT_TIMEOUT,
-        max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
+        timeout=CLIENT_TIMEOUT,
+        max_message_bytes=CLIENT_MAX_MESSAGE_BYTES,
     ):
         host, _, port = str(server).rpartition(":")
         if not host or not port.isdigit():
@@ -247,12 +248,12 @@ class ServingClient:
             )
         version, signature = self.signature()
         want_in = {BYTES_INPUT: ["string", [-1]]}
-        got_out = signature["outputs"].get(OUTPUT)
+        got_out = signature["outputs"].get(MOS_OUTPUT)
         if signature["inputs"] != want_in or got_out is None or got_out[0] != "float32":
             raise ServingError(
                 f"model {self.model_name!r} version {version} at {self.server}: signature "
                 f"{self.signature_name!r} is {signature['inputs']} -> {signature['outputs']}, but kiqa "
-                f"sends {BYTES_INPUT}: string[-1] and reads {OUTPUT}: float[-1]. Is this a kiqa "
+                f"sends {BYTES_INPUT}: string[-1] and reads {MOS_OUTPUT}: float[-1]. Is this a kiqa "
                 f"export? Re-export it with kiqa export, or pass the right --model/--signature"
             )
         return {"version": version, "versions": versions, "signature": signature, "lenient": self.lenient}
@@ -314,7 +315,7 @@ class ServingClient:
             raise ServingError("; ".join(r.error for r in failed))
         return np.array([r.mos for r in results], dtype=np.float32)
 
-    def score_files(self, paths, batch_size=DEFAULT_BATCH_SIZE, max_file_bytes=DEFAULT_MAX_BYTES, progress=None):
+    def score_files(self, paths, batch_size=CLIENT_BATCH_SIZE, max_file_bytes=DEFAULT_MAX_BYTES, progress=None):
         """Scores image files in batches; a bad file is reported, not fatal.
 
         Args:
@@ -364,7 +365,8 @@ class ServingClient:
                 results[index] = ScoreResult(
                     name,
                     error=f"{name}: {len(contents)} bytes is over this client's {self.max_message_bytes}-byte "
-                    f"message limit; raise --max-message-mb",
+                    f"message limit",
+                    too_large=True,
                 )
                 continue
             if len(pending) >= batch_size or pending_bytes + len(contents) > limit:
@@ -389,11 +391,11 @@ class ServingClient:
         return self._score_isolating(contents, names)
 
     def _predict_lenient(self, contents, names):
-        request = predict_pb2.PredictRequest(model_spec=self._model_spec(), output_filter=[OUTPUT, ERROR_OUTPUT])
+        request = predict_pb2.PredictRequest(model_spec=self._model_spec(), output_filter=[MOS_OUTPUT, ERROR_OUTPUT])
         request.model_spec.signature_name = self._lenient
         request.inputs[BYTES_INPUT].CopyFrom(tf.make_tensor_proto(contents, dtype=tf.string, shape=[len(contents)]))
-        response = self._send(request, len(contents), (OUTPUT, ERROR_OUTPUT))
-        scores = tf.make_ndarray(response.outputs[OUTPUT]).reshape(-1)
+        response = self._send(request, len(contents), (MOS_OUTPUT, ERROR_OUTPUT))
+        scores = tf.make_ndarray(response.outputs[MOS_OUTPUT]).reshape(-1)
         errors = tf.make_ndarray(response.outputs[ERROR_OUTPUT]).reshape(-1)
         if errors.shape[0] != len(contents):
             raise ServingError(
@@ -433,9 +435,9 @@ class ServingClient:
         return results
 
     def _predict_once(self, contents):
-        request = predict_pb2.PredictRequest(model_spec=self._model_spec(signature=True), output_filter=[OUTPUT])
+        request = predict_pb2.PredictRequest(model_spec=self._model_spec(signature=True), output_filter=[MOS_OUTPUT])
         request.inputs[BYTES_INPUT].CopyFrom(tf.make_tensor_proto(contents, dtype=tf.string, shape=[len(contents)]))
-        return tf.make_ndarray(self._send(request, len(contents), (OUTPUT,)).outputs[OUTPUT]).reshape(-1)
+        return tf.make_ndarray(self._send(request, len(contents), (MOS_OUTPUT,)).outputs[MOS_OUTPUT]).reshape(-1)
 
     def _send(self, request, count, outputs):
         """Predict; INVALID_ARGUMENT and FAILED_PRECONDITION become `_Rejected`, every
@@ -479,38 +481,33 @@ class ServingClient:
         code, details = err.code(), (err.details() or "").strip()
         model = f"model {self.model_name!r}" + (f" version {self.version}" if self.version is not None else "")
         if code == grpc.StatusCode.UNAVAILABLE and "queue" in details.lower():
-            message = (
-                f"TF Serving at {self.server} is overloaded: its batching queue is full ({details}); "
-                f"retry later, send fewer requests at once, or raise max_enqueued_batches"
-            )
-        elif code == grpc.StatusCode.UNAVAILABLE:
-            message = (
-                f"no TF Serving at {self.server} ({details}). Start it (serving/README.md) or check "
-                f"--server: TF Serving's gRPC port is 8500 by default (8501 is REST)"
-            )
-        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            message = (
-                f"TF Serving at {self.server} did not answer {action} within {self.timeout:g} s; "
-                f"raise --timeout (a version's first requests can be slow) or check the server's load"
-            )
-        elif code == grpc.StatusCode.NOT_FOUND:
-            message = (
-                f"{model} is not loaded at {self.server} (NOT_FOUND: {details}). Check --model against "
-                f"the name in models.config, and `kiqa predict --status` for the versions' states"
-            )
-        elif code == grpc.StatusCode.FAILED_PRECONDITION:
-            message = (
-                f"{model} at {self.server} refused {action} (FAILED_PRECONDITION: {details}); the "
-                f"signature {self.signature_name!r} may be missing: pass --signature or re-export"
-            )
-        elif code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            message = (
-                f"{action} to {self.server} hit a size or memory limit (RESOURCE_EXHAUSTED: {details}); "
-                f"lower --batch-size or raise --max-message-mb"
-            )
-        else:
-            message = f"{action} on {model} at {self.server} failed ({code.name}: {details})"
+            code = "QUEUE_FULL"  # TF Serving's batching answers UNAVAILABLE too
+        template = _ERROR_MESSAGES.get(code, "{action} on {model} at {server} failed ({code}: {details})")
+        message = template.format(action=action, model=model, server=self.server, details=details,
+                                  timeout=self.timeout, signature=self.signature_name,
+                                  code=getattr(code, "name", code))
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return MessageTooLargeError(message, limit=self.max_message_bytes)
         return ServingError(message)
+
+
+# What each gRPC failure means here, and what to do about it.
+_ERROR_MESSAGES = {
+    "QUEUE_FULL": "TF Serving at {server} is overloaded: its batching queue is full ({details}); retry "
+    "later, send fewer requests at once, or raise max_enqueued_batches",
+    grpc.StatusCode.UNAVAILABLE: "no TF Serving at {server} ({details}). Start it (serving/README.md) or "
+    "check --server: TF Serving's gRPC port is 8500 by default (8501 is REST)",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "TF Serving at {server} did not answer {action} within {timeout:g} s; "
+    "raise --timeout (a version's first requests can be slow) or check the server's load",
+    grpc.StatusCode.NOT_FOUND: "{model} is not loaded at {server} (NOT_FOUND: {details}). Check --model "
+    "against the name in models.config, and `kiqa predict --status` for the versions' states",
+    grpc.StatusCode.FAILED_PRECONDITION: "{model} at {server} refused {action} (FAILED_PRECONDITION: "
+    "{details}); the signature {signature!r} may be missing: pass --signature or re-export",
+    # The flags that fix this are the CLI's to name (kiqa predict): MessageTooLargeError.
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "{action} to {server} hit a size or memory limit "
+    "(RESOURCE_EXHAUSTED: {details}); send fewer images per request or raise the client's "
+    "message limit",
+}
 
 
 class _MissingSignature(Exception):
@@ -545,6 +542,6 @@ def _lenient_signature(signature_name, signatures):
     found = _describe(signatures.signature_def[name])
     wanted = {
         "inputs": {BYTES_INPUT: ["string", [-1]]},
-        "outputs": {ERROR_OUTPUT: ["string", [-1]], OUTPUT: ["float32", [-1]]},
+        "outputs": {ERROR_OUTPUT: ["string", [-1]], MOS_OUTPUT: ["float32", [-1]]},
     }
     return name if found == wanted else ""
