@@ -14,7 +14,6 @@ from kiqa.errors import KiqaError
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # kiqa refused: bad input, bad config (message says what to fix)
-EXIT_USAGE = 2  # argparse's own code for bad flags
 EXIT_PARTIAL = 3  # the job finished but some inputs failed (listed in its output)
 EXIT_INTERRUPTED = 130
 

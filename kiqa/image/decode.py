@@ -31,7 +31,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from kiqa.contract import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from kiqa.image import header as imageinfo
+from kiqa.image import header
 from kiqa.errors import ImageError
 from kiqa.tferrors import clean_tf_message, error_text
 
@@ -46,28 +46,14 @@ def decode_image(contents, size, max_pixels=DEFAULT_MAX_PIXELS, name=None):
 
     Works eagerly, inside `tf.data.Dataset.map` and inside a SavedModel signature.
 
-    JPEGs take a faster road. libjpeg can decode at 1/2, 1/4 or 1/8 scale in the DCT
-    domain (`tf.io.decode_jpeg(ratio=r)`, what Pillow's `Image.draft` does), skipping
-    most of the inverse DCT, colour conversion and resize work. The largest r whose
-    decoded size (ceil(h / r) x ceil(w / r), from the header, turned by the EXIF
-    orientation) still covers `size` on both axes is used, and the antialiased resize
-    does the rest; it is skipped when nothing is left to do (a resize to the same size
-    is the identity, checked on real photos). KonIQ's 1024x768 photos at the default
-    384x512 are exactly r=2: about half the CPU time per image of a full decode plus
-    resize (benchmarks/README.md). The cost in pixels, measured on the four 1024x768
-    KonIQ photos of the shared real set at 384x512: 0.5-4.6 (mean 1.8) 8-bit levels of
-    mean absolute difference from a full decode plus antialiased bilinear resize (up
-    to 33-68 at single pixels on sharp edges). Both are antialiased: the DCT scaling
-    acts like a 2x2 box average (0.3-0.9 levels from `tf.image.resize(method="area")`)
-    and keeps more detail than the bilinear triangle filter; it is the closer of the
-    two to a Lanczos-3 resize on 3 of the 4 photos (3.4 against 4.2 levels on the
-    sharpest). The result equals Pillow's draft-mode decode bit for bit.
-
-    JPEGs are decoded with `dct_method="INTEGER_ACCURATE"` (libjpeg's and Pillow's
-    default, JDCT_ISLOW). TF's own default, the fast integer DCT, costs the same CPU
-    time here (full or 1/2 scale) but is off from the accurate decode by 1.0-2.1
-    levels at full size (0.9-1.5 after resizing to 384x512); the accurate one matches
-    Pillow's decode exactly, so kiqa sees the pixels other IQA tools see.
+    JPEGs are decoded in libjpeg's DCT domain at the largest scale 1/r (r in 1, 2, 4,
+    8; `tf.io.decode_jpeg(ratio=r)`, Pillow's `Image.draft`) whose size still covers
+    `size` on both axes after the EXIF turn; the antialiased resize does the rest and is
+    skipped when nothing is left to do. The result equals Pillow's draft-mode decode bit
+    for bit, at about half the CPU time of a full decode plus resize for KonIQ's photos
+    (benchmarks/README.md, "The input pipeline", has the figures and the pixel cost).
+    `dct_method="INTEGER_ACCURATE"` (libjpeg's and Pillow's default): TF's fast DCT costs
+    the same here but differs from the pixels other IQA tools see.
 
     Args:
         contents: scalar `tf.string` tensor of encoded JPEG, PNG, GIF, BMP or WebP bytes.
@@ -86,7 +72,7 @@ def decode_image(contents, size, max_pixels=DEFAULT_MAX_PIXELS, name=None):
             starts with `name` when given and carries no batch position of its own.
     """
     contents = tf.convert_to_tensor(contents, dtype=tf.string)
-    stored_shape = imageinfo.check_header(contents, max_pixels, name=name)
+    stored_shape = header.check_header(contents, max_pixels, name=name)
     branch, orientation = decode_plan(contents, stored_shape, size)
     with tf.control_dependencies([stored_shape]):
         return decode_planned(contents, branch, orientation, size, stored_shape, name)
@@ -103,15 +89,15 @@ def decode_plan(contents, stored_shape, size):
 
     Args:
         contents: scalar `tf.string`, the encoded file.
-        stored_shape: int64 [2] (height, width) from the header (`imageinfo.check_header`).
+        stored_shape: int64 [2] (height, width) from the header (`header.check_header`).
         size: (height, width) of the output.
 
     Returns:
         (branch, orientation): int32 index into the decoders, int EXIF orientation.
     """
     height, width = int(size[0]), int(size[1])
-    is_jpeg = tf.equal(imageinfo.image_format(contents), "jpeg")
-    orientation = imageinfo.exif_orientation(contents)
+    is_jpeg = tf.equal(header.image_format(contents), "jpeg")
+    orientation = header.exif_orientation(contents)
     branch = tf.where(
         is_jpeg,
         _jpeg_ratio_index(stored_shape, orientation, height, width),
@@ -123,7 +109,7 @@ def decode_plan(contents, stored_shape, size):
 def decode_planned(contents, branch, orientation, size, stored_shape, name=None):
     """The decode half of `decode_image`: decode, orient, resize, as `decode_plan` says.
 
-    Only call it on bytes whose header passed `imageinfo.check_header`: it allocates
+    Only call it on bytes whose header passed `header.check_header`: it allocates
     whatever the header announces.
 
     Args:
@@ -139,9 +125,9 @@ def decode_planned(contents, branch, orientation, size, stored_shape, name=None)
     """
     height, width = int(size[0]), int(size[1])
     # For a GIF only its first image goes to the decoder (giflib decodes every frame).
-    image = tf.switch_case(branch, _decoders(imageinfo.first_image(contents)))
+    image = tf.switch_case(branch, _decoders(header.first_image(contents)))
     image = _check_decoded_shape(image, stored_shape, branch, name)
-    image = imageinfo.apply_orientation(image, orientation)
+    image = header.apply_orientation(image, orientation)
     decoded = tf.shape(image)
     image = tf.cond(
         (decoded[0] == height) & (decoded[1] == width),
@@ -180,7 +166,7 @@ def _check_decoded_shape(image, stored_shape, branch, name):
         " pixels, but its data decodes to ", text(decoded[1]), "x", text(decoded[0]), scaled,
         ": the header was altered or the file is damaged; re-encode the file from its source",
     ])
-    return imageinfo.require(tf.reduce_all(decoded == expected), message, image, name=name)
+    return header.require(tf.reduce_all(decoded == expected), message, image, name=name)
 
 
 def _decoders(contents):
