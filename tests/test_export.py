@@ -273,7 +273,7 @@ def test_kill_9_during_export_leaves_no_version(exported, tmp_path):
     base, marker = tmp_path / "kiqa", tmp_path / "written"
     script = (
         "import pathlib, sys, time\n"
-        "from kiqa.serving import export\n"
+        "from kiqa.serving import export, savedmodel\n"
         "def paused(temp, image_size=None, check_ops=True):\n"
         "    pathlib.Path(sys.argv[3]).write_text(str(temp))\n"
         "    time.sleep(600)\n"
