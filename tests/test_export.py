@@ -206,6 +206,16 @@ def test_check_refuses_file_system_ops(tmp_path):
 # ----------------------------------------------------------------------------- versions
 
 
+def test_export_options_take_overrides_by_name_and_refuse_the_rest():
+    options = export.ExportOptions(version=3, overwrite=True)
+    assert export.ExportOptions.of(options, base_path="b") == export.ExportOptions(base_path="b", version=3, overwrite=True)
+    assert export.ExportOptions.of() == export.ExportOptions()
+    with pytest.raises(TypeError, match="base_path=... by name"):
+        export.ExportOptions.of("export/kiqa")
+    with pytest.raises(TypeError):
+        export.ExportOptions.of(None, versoin=2)
+
+
 def test_versions_are_integer_directories_only(tmp_path):
     for name in ("1", "3", "12-not-a-version", ".tmp-5-somehost-1", "latest"):
         (tmp_path / name).mkdir()

@@ -127,9 +127,19 @@ class ExportOptions:
     parity_images: Optional[Sequence] = None
     safe_mode: bool = True
 
-    def with_overrides(self, **overrides):
-        """A copy with the named fields replaced (`TypeError` for an unknown name)."""
-        return dataclasses.replace(self, **overrides) if overrides else self
+    @classmethod
+    def of(cls, options=None, **overrides):
+        """`options` (default: all defaults) with the named fields replaced.
+
+        Raises:
+            TypeError: `options` is not an `ExportOptions` (a base path given by
+                position?), or a name is not one of its fields.
+        """
+        if options is None:
+            options = cls()
+        if not isinstance(options, cls):
+            raise TypeError(f"options must be an ExportOptions, got {options!r}; pass base_path=... by name")
+        return dataclasses.replace(options, **overrides) if overrides else options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +177,7 @@ def export_model(model_or_path, options: Optional[ExportOptions] = None, *, reco
         ConfigError: an invalid version, image size or pixel cap.
         ImageError: a parity image cannot be read.
     """
-    options = (options or ExportOptions()).with_overrides(**overrides)
+    options = ExportOptions.of(options, **overrides)
     base = Path(options.base_path or DEFAULT_BASE_PATH)
     resolved = resolve_model(model_or_path, options, base)
     if record is None and not isinstance(model_or_path, keras.Model):

@@ -82,7 +82,7 @@ def export_litert(model_or_path, options: Optional[ExportOptions] = None, *, var
         raise ExportError(f"unknown LiteRT variants {unknown}; choose from {sorted(VARIANTS)}")
     variants = ["float32"] + [v for v in VARIANTS if v in variants and v != "float32"]
     tolerances = {name: tol for name, (_, tol) in VARIANTS.items()} | dict(tolerances or {})
-    options = (options or ExportOptions()).with_overrides(**overrides)
+    options = ExportOptions.of(options, **overrides)
     base = Path(options.base_path or DEFAULT_BASE_PATH)
     resolved = export.resolve_model(model_or_path, options, base)
     names, pixels, caller_images = artifact.parity_pixels(options.parity_images, resolved.image_size,

@@ -84,7 +84,7 @@ def export_onnx(model_or_path, options: Optional[ExportOptions] = None, *, toler
         ModelError, ConfigError, ImageError: as `kiqa.serving.export.export_model`.
     """
     onnxruntime = _require_onnx()
-    options = (options or ExportOptions()).with_overrides(**overrides)
+    options = ExportOptions.of(options, **overrides)
     base = Path(options.base_path or DEFAULT_BASE_PATH)
     resolved = export.resolve_model(model_or_path, options, base)
     names, pixels, caller_images = artifact.parity_pixels(options.parity_images, resolved.image_size,
