@@ -58,6 +58,32 @@ def scoring_options(args):
     )
 
 
+def model_remedy(err):
+    """The flag that fixes a typed model error, in this CLI's words, or None."""
+    from kiqa.errors import BatchMemoryError, ImageSizeError
+
+    if isinstance(err, BatchMemoryError):
+        return f"lower --batch-size (the batch held {err.batch_size} images)"
+    if isinstance(err, ImageSizeError) and err.expected and err.requested:
+        height, width = err.requested
+        return f"drop --image-size, or export again with --image-size {height} {width}"
+    return None
+
+
+def load_model_or_explain(**kwargs):
+    """`load_scorer(**kwargs)`; a typed error the CLI has a flag for gains that remedy."""
+    from kiqa.errors import ModelError
+    from kiqa.scorer import load_scorer
+
+    try:
+        return load_scorer(**kwargs)
+    except ModelError as err:
+        remedy = model_remedy(err)
+        if remedy is None:
+            raise
+        raise type(err)(f"{err}; {remedy}", path=err.path) from err
+
+
 def print_failures(failures, where):
     """Lists the first failed files on stderr (names that are not UTF-8 as \\xNN escapes)."""
     from kiqa.fsutil import printable
@@ -72,12 +98,15 @@ def print_failures(failures, where):
 def main(argv=None, prog=None):
     """Runs `kiqa score`."""
     args = build_parser(prog).parse_args(argv)
-    from kiqa.scorer import load_scorer
-    from kiqa.score import score_paths
+    from kiqa.errors import BatchMemoryError
+    from kiqa.score import is_link_outside, score_paths
 
-    scorer = load_scorer(args.model, image_size=args.image_size, safe_mode=not args.unsafe,
-                         engine=args.engine)
-    summary = score_paths(args.paths, scorer, args.out, **scoring_options(args))
+    scorer = load_model_or_explain(model_ref=args.model, image_size=args.image_size,
+                                   safe_mode=not args.unsafe, engine=args.engine)
+    try:
+        summary = score_paths(args.paths, scorer, args.out, **scoring_options(args))
+    except BatchMemoryError as err:
+        raise BatchMemoryError(f"{err}; {model_remedy(err)}", path=err.path, batch_size=err.batch_size) from err
     resumed = f" ({summary.n_skipped} from an earlier run)" if summary.n_skipped else ""
     print(f"{summary.n_files} files{resumed}: {summary.n_scored} scored, {summary.n_failed} failed")
     if summary.n_scored:
@@ -93,6 +122,10 @@ def main(argv=None, prog=None):
     if summary.n_failed:
         print(f"{summary.n_failed} file(s) could not be scored:", file=sys.stderr)
         print_failures(summary.failures, summary.out_csv)
+        links = sum(is_link_outside(error) for _, error in summary.failures)
+        if links:
+            print(f"{prog}: note: {links} symbolic link(s) point outside the given paths and were "
+                  f"not followed; pass --follow-links to score their targets", file=sys.stderr)
         return EXIT_PARTIAL
     return EXIT_OK
 
