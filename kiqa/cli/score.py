@@ -1,6 +1,7 @@
 """`kiqa score`: score files and folders of images with a local model into a CSV."""
 
 import argparse
+import contextlib
 import sys
 
 from kiqa.cli._common import add_model_arguments, EXIT_OK, EXIT_PARTIAL, entry_point, print_model_warning
@@ -70,13 +71,13 @@ def model_remedy(err):
     return None
 
 
-def load_model_or_explain(**kwargs):
-    """`load_scorer(**kwargs)`; a typed error the CLI has a flag for gains that remedy."""
+@contextlib.contextmanager
+def model_remedies():
+    """Re-raises a typed model error this CLI has a flag for, with that flag as its remedy."""
     from kiqa.errors import ModelError
-    from kiqa.scorer import load_scorer
 
     try:
-        return load_scorer(**kwargs)
+        yield
     except ModelError as err:
         remedy = model_remedy(err)
         if remedy is None:
@@ -98,15 +99,13 @@ def print_failures(failures, where):
 def main(argv=None, prog=None):
     """Runs `kiqa score`."""
     args = build_parser(prog).parse_args(argv)
-    from kiqa.errors import BatchMemoryError
+    from kiqa.scorer import load_scorer
     from kiqa.score import is_link_outside, score_paths
 
-    scorer = load_model_or_explain(model_ref=args.model, image_size=args.image_size,
-                                   safe_mode=not args.unsafe, engine=args.engine)
-    try:
+    with model_remedies():
+        scorer = load_scorer(args.model, image_size=args.image_size, safe_mode=not args.unsafe,
+                             engine=args.engine)
         summary = score_paths(args.paths, scorer, args.out, **scoring_options(args))
-    except BatchMemoryError as err:
-        raise BatchMemoryError(f"{err}; {model_remedy(err)}", path=err.path, batch_size=err.batch_size) from err
     resumed = f" ({summary.n_skipped} from an earlier run)" if summary.n_skipped else ""
     print(f"{summary.n_files} files{resumed}: {summary.n_scored} scored, {summary.n_failed} failed")
     if summary.n_scored:

@@ -853,26 +853,20 @@ def _resolve_model(model_or_path, config, safe_mode):
 
     if isinstance(model_or_path, keras.Model):
         return model_or_path, config, "in-memory keras.Model"
+    from kiqa.run import resolve_model
+
     path = Path(model_or_path)
-    if path.is_dir():
-        model_file = path / "model.keras"
-        if not model_file.is_file():
-            raise ModelError(
-                f"run directory {path} has no model.keras (the run may not have finished); "
-                f"pass {path / 'checkpoints' / 'best.keras'} to export the best checkpoint"
-            )
-        config_file = path / "config.json"
-    elif path.is_file():
-        model_file = path
-        # checkpoints/best.keras sits one level below its run's config.json.
-        config_file = path.parent / "config.json"
-        if not config_file.is_file() and path.parent.name == "checkpoints":
-            config_file = path.parent.parent / "config.json"
-    else:
-        raise ModelError(f"{path} not found; pass a run directory or a .keras file")
-    if config is None and config_file.is_file():
-        config = TrainConfig.load(config_file)
-    return kiqa_model.load_model(model_file, safe_mode=safe_mode), config, str(model_file)
+    if path.is_dir() and not (path / "model.keras").is_file():
+        raise ModelError(
+            f"run directory {path} has no model.keras (the run may not have finished); "
+            f"pass {path / 'checkpoints' / 'best.keras'} to export the best checkpoint"
+        )
+    resolved = resolve_model(path)  # the one lookup of a model's config.json (kiqa.run)
+    if resolved.kind != "keras":
+        raise ModelError(f"{path} is a {resolved.kind} export, not a run directory or a .keras file")
+    if config is None:
+        config = resolved.config()
+    return kiqa_model.load_model(resolved.model, safe_mode=safe_mode), config, str(resolved.model)
 
 
 def _resolve_image_size(image_size, config, source):
