@@ -1,11 +1,14 @@
 """Evaluating a model on a labelled set: predictions, the field's metrics, plots."""
 
 import json
+import os
 from pathlib import Path
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import pandas as pd
 
+from kiqa.config import TrainConfig
 from kiqa.data.pipeline import make_dataset
 from kiqa.errors import ConfigError
 from kiqa.fsutil import write_csv_atomically, write_text_atomically
@@ -97,6 +100,39 @@ def write_json(path, data):
         return value
 
     write_text_atomically(path, json.dumps(clean(data), indent=2) + "\n")
+
+
+def evaluate(
+    model_ref: Union[str, os.PathLike], config: Optional[TrainConfig] = None, part: str = "test",
+    out_dir: Optional[Union[str, os.PathLike]] = None, progress: bool = True, engine: str = "tf",
+) -> Tuple[dict, Path]:
+    """Evaluates a model on its run's test set, or on the labelled set `config` names.
+
+    Args:
+        model_ref: any model path `kiqa.load_scorer` takes.
+        config: the `TrainConfig` naming the labels, images and split; None takes the
+            run's own config.json (a run folder or a `.keras` file in one).
+        part: "test", "val", "train" or "all".
+        out_dir: where metrics.json, predictions.csv and scatter.png go (default: see
+            `evaluate_saved_model`).
+        progress: show progress bars.
+        engine: what runs the model (see `kiqa.load_scorer`).
+
+    Returns:
+        (metrics, out_dir), as `evaluate_saved_model` returns them.
+
+    Raises:
+        ConfigError: no config was given and the model has no run config.
+        ModelError: the model cannot be resolved or loaded.
+    """
+    from kiqa.run import resolve_model
+
+    if config is None:
+        config = resolve_model(model_ref).config()
+        if config is None:
+            raise ConfigError(f"{model_ref} has no run config.json naming its data; pass a TrainConfig")
+        config = config.replace(cache="none")
+    return evaluate_saved_model(model_ref, config, part=part, out_dir=out_dir, progress=progress, engine=engine)
 
 
 def evaluate_saved_model(model_path, config, part="test", out_dir=None, progress=True, labelled=None,

@@ -245,7 +245,7 @@ def test_cli_exit_codes_and_summary(photos, run_dir, tmp_path, capsys):
 
     code = score_cli.main([str(clean), "--model", str(tmp_path / "nope"), "--quiet"])
     assert code == EXIT_ERROR
-    assert "nope not found" in capsys.readouterr().err
+    assert "nope does not exist" in capsys.readouterr().err
 
 
 def test_keras_model_and_its_savedmodel_export_score_alike(photos, run_dir, tmp_path):
