@@ -98,7 +98,7 @@ def test_find_images_lists_sorted_image_files_and_flags_links(photos):
     expected_ok = set(GOOD) | {"nested/link-in.jpg", "corrupt.jpg", "empty.png", "notes.jpg", "pipe.png"}
     assert {name for name, error in errors.items() if error is None} == expected_ok
     assert set(errors) == expected_ok | {"link-out.jpg", "link-dir"}
-    # The row carries the fact; `kiqa score` names its flag (test_cli_names_the_flag_for_links_outside).
+    # The row carries the fact; `kiqa score` names its flag (test_cli_exit_codes_and_summary).
     assert "outside" in errors["link-out.jpg"] and "--follow-links" not in errors["link-out.jpg"]
     assert is_link_outside(errors["link-out.jpg"]) and is_link_outside(errors["link-dir"])
     # Following links leaves no error and reaches the file inside the linked folder.
@@ -234,6 +234,9 @@ def test_cli_exit_codes_and_summary(photos, run_dir, tmp_path, capsys):
     assert code == EXIT_PARTIAL
     assert "14 files: 8 scored, 6 failed" in captured.out and "mean" in captured.out
     assert "notes.jpg: image format not recognised" in captured.err
+    # The rows carry the fact; the CLI names its flag once.
+    assert "2 symbolic link(s) point outside the given paths" in captured.err
+    assert captured.err.count("--follow-links") == 1
     assert len(read_csv(out)) == 14
 
     clean = tmp_path / "clean"
