@@ -89,6 +89,14 @@ class ServingError(KiqaError):
     """A TF Serving endpoint is unreachable, has no such model, or rejected a request."""
 
 
+class NotScoresCsvError(DataError):
+    """An output file to resume exists but is not a kiqa scores CSV; `path` names it."""
+
+    def __init__(self, message, path):
+        super().__init__(message)
+        self.path = path
+
+
 class ImageFolderError(DataError):
     """(Almost) none of a label file's images are in the image folder: the folder is wrong
     or the images were never downloaded.

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from kiqa import provenance
 from kiqa.contract import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS
-from kiqa.errors import ConfigError, DataError, ImageError
+from kiqa.errors import ConfigError, DataError, ImageError, NotScoresCsvError
 from kiqa.fsutil import CSV_TEXT, printable
 from kiqa.image import (
     UNDECODABLE_MESSAGE,
@@ -259,9 +259,10 @@ def _read_rows(path):
         if header is None:
             return
         if tuple(header) != CSV_COLUMNS:
-            raise DataError(
+            raise NotScoresCsvError(
                 f"{path} exists but is not a kiqa scores CSV (header {header}, expected "
-                f"{list(CSV_COLUMNS)}); choose another output file, or pass --no-skip to replace it"
+                f"{list(CSV_COLUMNS)}); it is left untouched",
+                path=str(path),
             )
         for row in reader:
             parsed = _parse_row(row)
@@ -283,7 +284,7 @@ def read_scores(out_csv, paths=None):
         dict path -> (mos or None, error string, "" when scored), in CSV order.
 
     Raises:
-        DataError: the file exists but is not a kiqa scores CSV.
+        NotScoresCsvError: (a DataError) the file exists but is not a kiqa scores CSV.
     """
     wanted = None if paths is None else set(paths)
     results = {}

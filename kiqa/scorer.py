@@ -59,7 +59,8 @@ ImageInput = Union[str, os.PathLike, bytes]
 
 @dataclasses.dataclass(frozen=True)
 class Scorer:
-    """A loaded model that maps decoded pixel batches to MOS.
+    """A loaded model: scores image files or bytes (`score`, `score_many`) and decoded
+    pixel batches (`predict_pixels`) as MOS. Make one with `load_scorer`.
 
     Attributes:
         image_size: (height, width) images must be decoded to (`decode_image`).
@@ -283,8 +284,8 @@ def load_scorer(
         return _onnx_scorer(resolved, image_size, safe_mode, engine)
     if resolved.kind == "onnx":
         raise ModelError(
-            f"{path} is an ONNX export; the tf engine runs run folders, .keras files and "
-            f"SavedModels, the onnxruntime and openvino engines run ONNX",
+            f"{path} is an ONNX export; score it with the onnxruntime or openvino engine, "
+            f"or pass the run directory or SavedModel for TensorFlow",
             path=str(path),
         )
     if resolved.kind == "keras":

@@ -206,9 +206,18 @@ def test_interrupted_job_resumes_without_duplicates(photos, scorer, tmp_path):
 def test_resume_refuses_a_file_that_is_not_a_scores_csv(photos, scorer, tmp_path):
     other = tmp_path / "labels.csv"
     other.write_text("image_name,MOS\nx.jpg,50\n")
-    with pytest.raises(DataError, match="labels.csv exists but is not a kiqa scores CSV.*--no-skip"):
+    with pytest.raises(DataError, match="labels.csv exists but is not a kiqa scores CSV") as raised:
         score_paths([photos / "a.jpg"], scorer, other, progress=False)
+    assert raised.value.path == str(other) and "--no-skip" not in str(raised.value)
     assert other.read_text() == "image_name,MOS\nx.jpg,50\n"  # left untouched
+
+
+def test_cli_names_the_flags_for_an_output_that_is_not_a_scores_csv(photos, run_dir, tmp_path, capsys):
+    other = tmp_path / "labels.csv"
+    other.write_text("image_name,MOS\nx.jpg,50\n")
+    assert score_cli.main([str(photos / "a.jpg"), "--model", str(run_dir), "--out", str(other), "--quiet"]) == EXIT_ERROR
+    assert "not a kiqa scores CSV" in (err := capsys.readouterr().err) and "--no-skip" in err
+    assert other.read_text() == "image_name,MOS\nx.jpg,50\n"
 
 
 def test_folder_without_images_is_an_error(tmp_path, scorer):

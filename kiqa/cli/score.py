@@ -74,7 +74,7 @@ def model_remedy(err):
 @contextlib.contextmanager
 def model_remedies():
     """Re-raises a typed model error this CLI has a flag for, with that flag as its remedy."""
-    from kiqa.errors import ModelError
+    from kiqa.errors import ModelError, NotScoresCsvError
 
     try:
         yield
@@ -83,6 +83,9 @@ def model_remedies():
         if remedy is None:
             raise
         raise type(err)(f"{err}; {remedy}", path=err.path) from err
+    except NotScoresCsvError as err:
+        raise NotScoresCsvError(f"{err}: choose another --out, or pass --no-skip to replace it",
+                                path=err.path) from err
 
 
 def print_failures(failures, where):

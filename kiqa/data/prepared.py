@@ -453,7 +453,6 @@ class Prepared:
             ConfigError: `config.image_size` differs from the stored size.
             DataError: the names cannot be served (see `check_names`).
         """
-        del part
         if tuple(config.image_size) != self.image_size:
             raise ConfigError(
                 f"{self.path} holds images at {self.image_size}, the config asks for {tuple(config.image_size)}"
