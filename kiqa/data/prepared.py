@@ -271,11 +271,11 @@ def _check_replaceable(out_dir):
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
-        raise DataError(f"{out_dir} exists and is not a folder; choose another --out")
+        raise DataError(f"{out_dir} exists and is not a folder; choose another output folder")
     if any(out_dir.iterdir()) and _read_manifest(out_dir / MANIFEST).get("format") != FORMAT:
         raise DataError(
             f"{out_dir} exists and is not a kiqa prepared set (no {MANIFEST} of format {FORMAT!r}); "
-            "refusing to replace it: choose another --out or remove it yourself"
+            "refusing to replace it: choose another output folder or remove it yourself"
         )
 
 
@@ -318,7 +318,7 @@ def _inspect(out_dir, manifest, config, redo):
     want = tuple(config.image_size)
     if size != want:
         return None, (f"{out_dir} holds images resized to {'x'.join(map(str, size))} but the run uses "
-                      f"{want[0]}x{want[1]}; run `kiqa prepare --image-size {want[0]} {want[1]}`")
+                      f"{want[0]}x{want[1]}; prepare it again at {want[0]}x{want[1]} (`kiqa prepare`)")
     if manifest.get("max_pixels") != config.max_pixels:
         return None, (f"{out_dir} was prepared with max_pixels={manifest.get('max_pixels')} but the "
                       f"run uses {config.max_pixels} (a different set of images is rejected); {redo}")
