@@ -108,6 +108,7 @@ def test_evaluate_resolves_every_model_path_kiqa_score_resolves(tiny_run, rated,
         np.testing.assert_allclose(predicted, reference, atol=export.PARITY_TOLERANCE)
 
 
+@pytest.mark.large  # converts the model to ONNX (tf2onnx): tens of seconds on a shared 2-core machine
 def test_evaluate_runs_an_onnx_export_like_kiqa_score(tiny_run, rated, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("tf2onnx")
