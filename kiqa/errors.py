@@ -26,7 +26,50 @@ class ImageError(DataError):
 
 
 class ModelError(KiqaError):
-    """A model cannot be built, loaded or given its weights."""
+    """A model cannot be built, loaded or given its weights. `path` names it when known."""
+
+    def __init__(self, message, path=None):
+        super().__init__(message)
+        self.path = path
+
+
+class ModelNotFoundError(ModelError):
+    """A model path does not exist; `path` names it."""
+
+
+class ImageSizeError(ModelError):
+    """A model was asked for an image size it cannot take, or its size is unknown.
+
+    Attributes:
+        path: the model.
+        requested: the (height, width) asked for, or None.
+        expected: the (height, width) the model takes, or None when unknown.
+    """
+
+    def __init__(self, message, path=None, requested=None, expected=None):
+        super().__init__(message, path=path)
+        self.requested, self.expected = requested, expected
+
+
+class BatchMemoryError(ModelError):
+    """A batch of images does not fit in memory; `batch_size` is how many it held."""
+
+    def __init__(self, message, path=None, batch_size=None):
+        super().__init__(message, path=path)
+        self.batch_size = batch_size
+
+
+class RunExistsError(ConfigError):
+    """A run folder holds a finished run with other settings.
+
+    Attributes:
+        run_dir: the folder.
+        changed: the config fields that differ.
+    """
+
+    def __init__(self, message, run_dir, changed):
+        super().__init__(message)
+        self.run_dir, self.changed = run_dir, tuple(changed)
 
 
 class UntrustedModelError(ModelError):
@@ -44,6 +87,14 @@ class ExportError(KiqaError):
 
 class ServingError(KiqaError):
     """A TF Serving endpoint is unreachable, has no such model, or rejected a request."""
+
+
+class NotScoresCsvError(DataError):
+    """An output file to resume exists but is not a kiqa scores CSV; `path` names it."""
+
+    def __init__(self, message, path):
+        super().__init__(message)
+        self.path = path
 
 
 class ImageFolderError(DataError):

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from kiqa import provenance
 from kiqa.contract import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS
-from kiqa.errors import ConfigError, DataError, ImageError
+from kiqa.errors import ConfigError, DataError, ImageError, NotScoresCsvError
 from kiqa.fsutil import CSV_TEXT, printable
 from kiqa.image import (
     UNDECODABLE_MESSAGE,
@@ -199,11 +199,18 @@ def _broken_link_error(path):
     return f"dangling symbolic link (its target {os.path.realpath(path)} does not exist); remove or fix the link"
 
 
+# The start of the error text of a link that leaves the given folders: the CLI names its
+# flag for following them when a row starts so.
+LINK_OUTSIDE = "symbolic link to a {kind} outside the given folders"
+
+
 def _link_error(kind, target):
-    return (
-        f"symbolic link to a {kind} outside the given folders ({target}); not followed "
-        f"(pass --follow-links to score link targets anywhere)"
-    )
+    return f"{LINK_OUTSIDE.format(kind=kind)} ({target}); not followed"
+
+
+def is_link_outside(error):
+    """True when an error row's text is a link left unfollowed (see `find_images`)."""
+    return bool(error) and any(error.startswith(LINK_OUTSIDE.format(kind=k)) for k in ("file", "folder"))
 
 
 def _parse_row(row):
@@ -252,9 +259,10 @@ def _read_rows(path):
         if header is None:
             return
         if tuple(header) != CSV_COLUMNS:
-            raise DataError(
+            raise NotScoresCsvError(
                 f"{path} exists but is not a kiqa scores CSV (header {header}, expected "
-                f"{list(CSV_COLUMNS)}); choose another output file, or pass --no-skip to replace it"
+                f"{list(CSV_COLUMNS)}); it is left untouched",
+                path=str(path),
             )
         for row in reader:
             parsed = _parse_row(row)
@@ -276,7 +284,7 @@ def read_scores(out_csv, paths=None):
         dict path -> (mos or None, error string, "" when scored), in CSV order.
 
     Raises:
-        DataError: the file exists but is not a kiqa scores CSV.
+        NotScoresCsvError: (a DataError) the file exists but is not a kiqa scores CSV.
     """
     wanted = None if paths is None else set(paths)
     results = {}
@@ -446,6 +454,46 @@ def encode_csv_line(cells):
     return buffer.getvalue().encode(_CSV_ENCODING["encoding"], _CSV_ENCODING["errors"])
 
 
+def scored_batches(files, scorer, batch_size=DEFAULT_BATCH_SIZE, max_bytes=DEFAULT_MAX_BYTES,
+                   progress=False, read_bytes=read_image_bytes):
+    """Reads, decodes and scores files batch by batch: the loop behind `kiqa score` and
+    `kiqa.Scorer.score_many`, so both give the same score and error text for a file.
+
+    Args:
+        files: (path, error or None) pairs, as `find_images` lists them; a pair with an
+            error is passed through unread.
+        scorer: a `kiqa.scorer.Scorer`.
+        batch_size: images per model call.
+        max_bytes: per-file byte cap.
+        progress: show a tqdm progress bar.
+        read_bytes: reads a file's bytes (see `load_pixels`).
+
+    Yields:
+        lists of [path, mos or None, error or None], in input order; `mos` is rounded as
+        the CSV holds it (`model_score`).
+
+    Raises:
+        ConfigError: batch_size below 1.
+        ModelError: the model rejected a batch.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    decode = image_decoder(scorer.image_size)
+
+    def load(path):
+        return load_pixels(path, decode, scorer.max_pixels, max_bytes, read_bytes)
+
+    with tqdm(total=len(files), disable=not progress, unit="img", desc="scoring", dynamic_ncols=True) as bar:
+        for batch in _prefetched_batches(files, batch_size, load):
+            with_pixels = [item for item in batch if item[1] is not None]
+            if with_pixels:
+                scores = scorer.predict_pixels(np.stack([item[1] for item in with_pixels]))
+                for item, value in zip(with_pixels, scores):
+                    item[1], item[2] = model_score(value)
+            yield batch
+            bar.update(len(batch))
+
+
 def score_paths(
     paths,
     scorer,
@@ -525,35 +573,16 @@ def score_files(
     results = {path: previous[path] for path, _ in files if path in previous}
     n_skipped = len(results)
 
-    decode = image_decoder(scorer.image_size)
-    with open(out_csv, "a", **_CSV_ENCODING) as handle, tqdm(
-        total=len(todo), disable=not progress, unit="img", desc="scoring", dynamic_ncols=True
-    ) as bar:
+    with open(out_csv, "a", **_CSV_ENCODING) as handle:
         writer = csv.writer(handle)
-        pending = []  # [path, pixels or None, error or None]; at most batch_size images
-
-        def flush():
-            with_pixels = [item for item in pending if item[1] is not None]
-            if with_pixels:
-                scores = scorer.predict_pixels(np.stack([item[1] for item in with_pixels]))
-                for item, value in zip(with_pixels, scores):
-                    item[1], item[2] = model_score(value)
+        for batch in scored_batches(todo, scorer, batch_size, max_bytes, progress=progress):
             rows = []
-            for path, mos, error in pending:
+            for path, mos, error in batch:
                 results[path] = (mos, error or "")
                 rows.append(csv_row(path, mos, error))
             writer.writerows(rows)
             # Flushed to the OS per batch: a killed process loses at most this batch.
             handle.flush()
-            bar.update(len(pending))
-            pending.clear()
-
-        def load(path):
-            return load_pixels(path, decode, scorer.max_pixels, max_bytes)
-
-        for batch in _prefetched_batches(todo, batch_size, load):
-            pending.extend(batch)
-            flush()
 
     scores = np.array([mos for mos, _ in results.values() if mos is not None], dtype=np.float64)
     failures = tuple((path, error) for path, (mos, error) in results.items() if mos is None)

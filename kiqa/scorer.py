@@ -1,40 +1,42 @@
-"""Local inference: one `Scorer` over a `.keras` model or an exported SavedModel.
+"""Local inference: one `Scorer` over a `.keras` model, a SavedModel or an ONNX export.
 
-`load_scorer` accepts what users have at hand after training or export:
-
-- a run directory (`runs/<name>/` with `model.keras` and `config.json`),
-- a `.keras` file (its size comes from a `config.json` beside it or above its
-  `checkpoints/` folder; a bare file needs the caller to say the size),
-- a SavedModel: a TF Serving base path (`export/kiqa/`, whose highest integer
-  version is used) or one version directory (`export/kiqa/3/`); the size comes
-  from the export's `assets.extra/kiqa.json`.
+`load_scorer` accepts every model path `kiqa.run.resolve_model` resolves: a run folder,
+a `.keras` file (its size comes from the run's `config.json` beside it or above its
+`checkpoints/` folder; a bare file needs the caller to say the size), a SavedModel base
+path or version folder (the size comes from `assets.extra/kiqa.json`), an ONNX export.
 
 Engines (`engine=`): "tf" runs the Keras model or the SavedModel in TensorFlow;
-"onnxruntime" and "openvino" run an ONNX export (`kiqa export --format onnx`: its base
-path, version folder or `model.onnx`), or convert a Keras model to ONNX at load time
-(tens of seconds for ConvNeXt-Tiny; the converted file is checked against the Keras
-model on generated images before it scores anything). An engine replaces only
-`Scorer.predict_pixels`' model call: decoding stays `kiqa.image.decode_image`.
+"onnxruntime" and "openvino" run an ONNX export (its base path, version folder or
+`model.onnx`), or convert a Keras model to ONNX at load time (tens of seconds for
+ConvNeXt-Tiny; the converted file is checked against the Keras model on generated images
+before it scores anything). An engine replaces only the model call: decoding stays
+`kiqa.image.decode_image`.
 
-Every scorer takes pixel batches already decoded by `kiqa.image.decode_image` at its
-`image_size`, so local scoring sees the pixels training saw, and a `.keras` model and
-its export agree (the SavedModel's `score_pixels` signature skips the bytes path).
+The `Scorer` is the one forward pass behind `kiqa score`, evaluation, training's
+validation pass and the notebooks: `score` / `score_many` read and decode files as
+`kiqa score` does; `predict_pixels` takes pixel batches already decoded by
+`kiqa.image.decode_image` at its `image_size`, so local scoring sees the pixels training
+saw, and a `.keras` model and its export agree.
 """
 
 import dataclasses
 import json
+import os
 import warnings
+import weakref
 from pathlib import Path
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 
 from kiqa import provenance as provenance_lib
-from kiqa.config import TrainConfig
+from kiqa import score as score_lib
 from kiqa.contract import (
     ASSETS_EXTRA,
     DEFAULT_IMAGE_SIZE,
+    DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     MAX_BATCH as SAVED_MODEL_MAX_BATCH,
     METADATA_FILE,
@@ -42,22 +44,23 @@ from kiqa.contract import (
     PIXELS_INPUT,
     PIXELS_SIGNATURE,
 )
-from kiqa.errors import ConfigError, ExportError, ModelError, UntrustedModelError
+from kiqa.errors import BatchMemoryError, ExportError, ImageError, ImageSizeError, ModelError, UntrustedModelError
+from kiqa.run import ONNX_FILE, SAVED_MODEL_FILE, ModelPath, resolve_model
 
-SAVED_MODEL_FILE = "saved_model.pb"
 EXPORT_INFO = Path(ASSETS_EXTRA) / METADATA_FILE
-ONNX_FILE = "model.onnx"
 ONNX_INFO = "kiqa.json"
 # "tf" is the default: it needs no extra package and no conversion. Measured side by side
 # at 384x512 ConvNeXt-Tiny on the shared 2-core build machine (benchmarks/README.md,
 # "Engines"), OpenVINO f32 ran ~1.3x TF and ONNX Runtime ~0.75x, with parity ~4e-6 MOS.
 ENGINES = ("tf", "onnxruntime", "openvino")
 DEFAULT_ENGINE = "tf"
+ImageInput = Union[str, os.PathLike, bytes]
 
 
 @dataclasses.dataclass(frozen=True)
 class Scorer:
-    """A loaded model that maps decoded pixel batches to MOS.
+    """A loaded model: scores image files or bytes (`score`, `score_many`) and decoded
+    pixel batches (`predict_pixels`) as MOS. Make one with `load_scorer`.
 
     Attributes:
         image_size: (height, width) images must be decoded to (`decode_image`).
@@ -81,50 +84,181 @@ class Scorer:
     engine: str = DEFAULT_ENGINE
     provenance: Optional[provenance_lib.Provenance] = None
 
-    def predict_pixels(self, batch):
+    @classmethod
+    def from_keras_model(
+        cls, model, image_size: Tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS,
+        source: str = "in-memory keras.Model", provenance: Optional[provenance_lib.Provenance] = None,
+    ) -> "Scorer":
+        """A scorer over a Keras model in memory (training's validation pass uses this).
+
+        Args:
+            model: a kiqa Keras model (input `image`, output `mos`).
+            image_size: (height, width) it scores images at.
+            max_pixels: header pixel cap to decode with.
+            source: what to call the model in messages.
+            provenance: its `kiqa.provenance.Provenance`, if known.
+        """
+        return cls(
+            image_size=tuple(int(v) for v in image_size), max_pixels=int(max_pixels), source=source,
+            kind="keras", _predict=keras_forward(model, image_size), _owner=model, provenance=provenance,
+        )
+
+    def predict_pixels(self, batch) -> np.ndarray:
         """Scores a batch of decoded images.
 
         Args:
-            batch: float32 array [batch, height, width, 3] of 0..255 pixels at
+            batch: float32 array or tensor [batch, height, width, 3] of 0..255 pixels at
                 `image_size`, as `kiqa.image.decode_image` returns them.
 
         Returns:
             float32 numpy array [batch] of MOS on KonIQ's 0-100 scale (higher is better).
 
         Raises:
-            ModelError: the batch has the wrong shape for this model, or does not fit
-                in memory.
+            ModelError: the batch has the wrong shape for this model.
+            BatchMemoryError: (a ModelError) the batch does not fit in memory.
         """
-        batch = np.asarray(batch, dtype=np.float32)
+        if self.engine == "tf" and isinstance(batch, tf.Tensor):
+            batch = tf.cast(batch, tf.float32)  # already on the device: no copy to numpy and back
+        else:
+            batch = np.asarray(batch, dtype=np.float32)
         expected = (*self.image_size, 3)
-        if batch.ndim != 4 or batch.shape[1:] != expected:
+        if len(batch.shape) != 4 or tuple(batch.shape[1:]) != expected:
             raise ModelError(
                 f"{self.source}: expected a pixel batch of shape [batch, {expected[0]}, "
                 f"{expected[1]}, 3], got {list(batch.shape)}; decode images with "
-                f"kiqa.image.decode_image at the scorer's image_size"
+                f"kiqa.image.decode_image at the scorer's image_size",
+                path=self.source,
             )
         if batch.shape[0] == 0:
             return np.zeros([0], np.float32)
         try:
-            mos = self._predict(tf.constant(batch) if self.engine == "tf" else batch)
+            inputs = tf.constant(batch) if self.engine == "tf" and not isinstance(batch, tf.Tensor) else batch
+            mos = self._predict(inputs)
         except tf.errors.ResourceExhaustedError as err:
-            raise ModelError(
+            raise BatchMemoryError(
                 f"{self.source}: out of memory scoring a batch of {batch.shape[0]} images at "
-                f"{expected[0]}x{expected[1]}; use a smaller batch size (--batch-size)"
+                f"{expected[0]}x{expected[1]}",
+                path=self.source, batch_size=int(batch.shape[0]),
             ) from err
         return np.asarray(mos, dtype=np.float32).reshape(-1)
 
+    def score(self, image: ImageInput) -> float:
+        """The MOS of one image.
 
-def load_scorer(model_ref, image_size=None, safe_mode=True, engine=DEFAULT_ENGINE):
+        Args:
+            image: an image file's path, or its encoded bytes (JPEG, PNG, BMP, GIF, WebP).
+
+        Returns:
+            MOS on KonIQ's 0-100 scale (higher is better), rounded to 4 decimals as
+            `kiqa score` writes it.
+
+        Raises:
+            ImageError: the image cannot be read or decoded (the reason is the message).
+            ModelError: the model failed.
+        """
+        row = self.score_many([image], batch_size=1).iloc[0]
+        if row["error"] is not None:
+            label = "image bytes" if isinstance(image, (bytes, bytearray, memoryview)) else os.fspath(image)
+            raise ImageError(f"{label}: {row['error']}", path=None if label == "image bytes" else label)
+        return float(row["mos"])
+
+    def score_many(
+        self, images: Iterable[ImageInput], batch_size: int = score_lib.DEFAULT_BATCH_SIZE,
+        max_bytes: int = DEFAULT_MAX_BYTES, progress: bool = False,
+    ) -> pd.DataFrame:
+        """Scores image files (or encoded bytes); a file that fails is a row, not an exception.
+
+        Files go through the same reading, decoding and batching as `kiqa score`, so the
+        scores equal its CSV's.
+
+        Args:
+            images: paths of image files, or encoded bytes, in any mix.
+            batch_size: images per model call.
+            max_bytes: files larger than this get an error row.
+            progress: show a tqdm progress bar.
+
+        Returns:
+            DataFrame with one row per image, in input order: `path` (the path as given,
+            `<bytes N>` for the N-th bytes item), `mos` (float; NaN when it failed) and
+            `error` (None when scored, else why not).
+
+        Raises:
+            ModelError: the model failed on a batch.
+        """
+        files, blobs = [], {}
+        for i, image in enumerate(images):
+            if isinstance(image, (bytes, bytearray, memoryview)):
+                key = f"<bytes {i}>"
+                blobs[key] = bytes(image)
+            else:
+                key = os.fspath(image)
+            files.append((key, None))
+        rows = [
+            row for batch in score_lib.scored_batches(
+                files, self, batch_size, max_bytes, progress=progress, read_bytes=_bytes_reader(blobs),
+            ) for row in batch
+        ]
+        return pd.DataFrame({
+            "path": [path for path, _, _ in rows],
+            "mos": np.array([np.nan if mos is None else mos for _, mos, _ in rows], dtype=np.float64),
+            "error": pd.Series([error or None for _, _, error in rows], dtype=object),
+        })
+
+
+def _bytes_reader(blobs):
+    """`read_image_bytes` that serves the in-memory items of `score_many` by their key."""
+    from kiqa.image import read_image_bytes
+
+    def read(path, max_bytes=DEFAULT_MAX_BYTES):
+        if path not in blobs:
+            return read_image_bytes(path, max_bytes=max_bytes)
+        contents = blobs[path]
+        if len(contents) > max_bytes:
+            raise ImageError(f"{len(contents)} bytes is over the {max_bytes}-byte cap for one image")
+        return contents
+
+    return read
+
+
+# One traced forward pass per model and size: training's validation pass scores every
+# epoch, and a new tf.function each time would trace the whole model again.
+_FORWARD = weakref.WeakKeyDictionary()
+
+
+def keras_forward(model, image_size):
+    """The one traced forward pass of a Keras model: float32 [batch, h, w, 3] -> MOS [batch].
+
+    A plain tf.function, not model.predict: measured ~9% faster on CPU, and one trace
+    serves every batch size (the batch dimension is None).
+    """
+    height, width = (int(v) for v in image_size)
+    by_size = _FORWARD.setdefault(model, {})
+    if (height, width) not in by_size:
+
+        @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32)])
+        def predict(images):
+            outputs = model(images, training=False)
+            if isinstance(outputs, dict):
+                outputs = outputs[MOS_OUTPUT]
+            return tf.reshape(tf.cast(outputs, tf.float32), [-1])
+
+        by_size[(height, width)] = predict
+    return by_size[(height, width)]
+
+
+def load_scorer(
+    model_ref: Union[str, os.PathLike], image_size: Optional[Sequence[int]] = None,
+    safe_mode: bool = True, engine: str = DEFAULT_ENGINE,
+) -> Scorer:
     """Loads a model for local scoring.
 
     Args:
-        model_ref: a run directory (model.keras + config.json), a `.keras` file,
-            a SavedModel base path (its highest integer version is used) or a
-            SavedModel version directory.
+        model_ref: any model path `kiqa.run.resolve_model` accepts: a run folder
+            (model.keras + config.json), a `.keras` file, a SavedModel base path (its
+            highest integer version is used) or version folder, an ONNX export.
         image_size: (height, width) to decode images to. None takes the size the
             model was trained or exported at. A Keras model is fully convolutional
-            and accepts another size; a SavedModel only takes its export size.
+            and accepts another size; an export only takes its export size.
         safe_mode: refuse `.keras` files with Lambda layers (arbitrary code) and
             SavedModels using ops outside kiqa's allow list (`kiqa.serving.ops`).
         engine: "tf", "onnxruntime" or "openvino" (see the module docstring).
@@ -133,8 +267,10 @@ def load_scorer(model_ref, image_size=None, safe_mode=True, engine=DEFAULT_ENGIN
         A `Scorer`.
 
     Raises:
-        ModelError: the path is missing, is none of the layouts above, the model
-            or the model cannot be loaded; the message names the path and the fix.
+        ModelNotFoundError: (a ModelError) the path does not exist.
+        ImageSizeError: (a ModelError) an export was asked for another image size.
+        ModelError: the path is none of the layouts above, or the model cannot be
+            loaded; the message names the path.
         UntrustedModelError: (a ModelError) a SavedModel's graph uses ops outside the
             allow list (it is scanned before anything runs); they are named.
     """
@@ -143,72 +279,38 @@ def load_scorer(model_ref, image_size=None, safe_mode=True, engine=DEFAULT_ENGIN
         image_size = _check_size(image_size, path)
     if engine not in ENGINES:
         raise ModelError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    onnx_file = _onnx_file(path)
+    resolved = resolve_model(path)
     if engine != "tf":
-        return _onnx_scorer(path, onnx_file, image_size, safe_mode, engine)
-    if onnx_file is not None:
+        return _onnx_scorer(resolved, image_size, safe_mode, engine)
+    if resolved.kind == "onnx":
         raise ModelError(
             f"{path} is an ONNX export; score it with the onnxruntime or openvino engine, "
-            f"or pass the run directory or SavedModel for TensorFlow"
+            f"or pass the run directory or SavedModel for TensorFlow",
+            path=str(path),
         )
-    if not path.exists():
-        raise ModelError(
-            f"model {path} not found; pass a run directory (model.keras + config.json), "
-            f"a .keras file, or an exported SavedModel (e.g. export/kiqa)"
-        )
-    if path.is_file():
-        if path.suffix != ".keras":
-            raise ModelError(
-                f"model {path} is not a .keras file; pass a run directory, a .keras file, "
-                f"or a SavedModel directory (e.g. export/kiqa)"
-            )
-        return _keras_scorer(path, image_size, safe_mode)
-    if (path / "model.keras").is_file():
-        return _keras_scorer(path / "model.keras", image_size, safe_mode)
-    if (path / SAVED_MODEL_FILE).is_file():
-        return _saved_model_scorer(path, image_size, safe_mode)
-    versions = _versions(path)
-    if versions:
-        return _saved_model_scorer(versions[-1][1], image_size, safe_mode)
-    raise ModelError(
-        f"{path} is not a model: no model.keras (run directory), no {SAVED_MODEL_FILE} "
-        f"(SavedModel version directory) and no integer version folders holding one "
-        f"(SavedModel base path); train with `kiqa train` or export with `kiqa export` first"
-    )
+    if resolved.kind == "keras":
+        return _keras_scorer(resolved, image_size, safe_mode)
+    return _saved_model_scorer(resolved.model, image_size, safe_mode)
 
 
-def _onnx_file(path):
-    """The model.onnx of an ONNX export (file, version folder or base path), else None."""
-    if path.is_file():
-        return path if path.suffix == ".onnx" else None
-    if (path / ONNX_FILE).is_file():
-        return path / ONNX_FILE
-    if path.is_dir():
-        versions = sorted(
-            (int(c.name), c / ONNX_FILE) for c in path.iterdir()
-            if c.name.isdigit() and (c / ONNX_FILE).is_file()
-        )
-        if versions:
-            return versions[-1][1]
-    return None
-
-
-def _onnx_scorer(path, onnx_file, image_size, safe_mode, engine):
+def _onnx_scorer(resolved, image_size, safe_mode, engine):
     """A scorer running an ONNX file in ONNX Runtime or OpenVINO."""
     from kiqa.serving import engines
 
-    if onnx_file is None:
-        if path.is_dir() and ((path / SAVED_MODEL_FILE).is_file() or _versions(path)):
-            raise ModelError(
-                f"{path} is a SavedModel; the {engine} engine runs ONNX: export the run with "
-                f"`kiqa export RUN --format onnx` and pass that, or use the tf engine"
-            )
-        keras_scorer = load_scorer(path, image_size, safe_mode)
+    if resolved.kind == "savedmodel":
+        raise ModelError(
+            f"{resolved.given} is a SavedModel; the {engine} engine runs ONNX exports "
+            f"(`kiqa export` in the onnx format) and converts run folders or .keras files",
+            path=str(resolved.given),
+        )
+    if resolved.kind == "keras":
+        keras_scorer = _keras_scorer(resolved, image_size, safe_mode)
         predict, owner = engines.converted_predictor(keras_scorer._owner, keras_scorer.image_size, engine)
         return Scorer(
             image_size=keras_scorer.image_size, max_pixels=keras_scorer.max_pixels,
             source=keras_scorer.source, kind="keras", _predict=predict, _owner=owner, engine=engine,
         )
+    onnx_file = resolved.model
     info_path = onnx_file.parent / ONNX_INFO
     try:
         info = json.loads(info_path.read_text())
@@ -217,12 +319,14 @@ def _onnx_scorer(path, onnx_file, image_size, safe_mode, engine):
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ModelError(
             f"ONNX export {onnx_file.parent} has no readable {ONNX_INFO} with its image_size "
-            f"({err}); export it with `kiqa export --format onnx`"
+            f"({err}); kiqa's ONNX export writes one",
+            path=str(onnx_file),
         ) from err
     if image_size is not None and image_size != export_size:
-        raise ModelError(
-            f"ONNX model {onnx_file} takes {export_size[0]}x{export_size[1]} images; drop the "
-            f"image size option, or export again with --image-size {image_size[0]} {image_size[1]}"
+        raise ImageSizeError(
+            f"ONNX model {onnx_file} takes {export_size[0]}x{export_size[1]} images, not "
+            f"{image_size[0]}x{image_size[1]}",
+            path=str(onnx_file), requested=image_size, expected=export_size,
         )
     predict, owner = engines.onnx_predictor(onnx_file, engine)
     return Scorer(
@@ -237,40 +341,18 @@ def _check_size(image_size, path):
     except (TypeError, ValueError):
         size = ()
     if len(size) != 2 or min(size) < 1:
-        raise ModelError(f"image size for {path} must be (height, width) in pixels, got {image_size!r}")
+        raise ImageSizeError(
+            f"image size for {path} must be (height, width) in pixels, got {image_size!r}",
+            path=str(path), requested=image_size,
+        )
     return size
 
 
-def _versions(base):
-    """Integer-named subfolders holding a SavedModel, sorted by version."""
-    found = []
-    for child in base.iterdir():
-        if child.is_dir() and child.name.isdigit() and (child / SAVED_MODEL_FILE).is_file():
-            found.append((int(child.name), child))
-    return sorted(found)
-
-
-def _config_beside(model_file):
-    """The run's config.json for a model file: beside it, or above `checkpoints/`."""
-    candidates = [model_file.parent / "config.json"]
-    if model_file.parent.name == "checkpoints":
-        candidates.append(model_file.parent.parent / "config.json")
-    for candidate in candidates:
-        if candidate.is_file():
-            try:
-                return TrainConfig.load(candidate)
-            except ConfigError as err:
-                raise ModelError(
-                    f"{candidate} (the config of model {model_file}) is unusable: {err}; "
-                    f"fix or remove it and pass the image size explicitly"
-                ) from err
-    return None
-
-
-def _keras_scorer(model_file, image_size, safe_mode):
+def _keras_scorer(resolved: ModelPath, image_size, safe_mode):
     from kiqa.model import load_model  # Keras model code only when a .keras file is used
 
-    config = _config_beside(model_file)
+    model_file = resolved.model
+    config = resolved.config()
     max_pixels = config.max_pixels if config else DEFAULT_MAX_PIXELS
     if image_size is None:
         if config is not None:
@@ -279,25 +361,13 @@ def _keras_scorer(model_file, image_size, safe_mode):
             image_size = DEFAULT_IMAGE_SIZE
             warnings.warn(
                 f"{model_file} has no config.json beside it; scoring at the default "
-                f"{image_size[0]}x{image_size[1]} (height x width). Pass the size the model "
-                f"was trained at (--image-size H W) if it differs",
+                f"{image_size[0]}x{image_size[1]} (height x width), which may not be the size "
+                f"it was trained at",
                 stacklevel=3,
             )
     model = load_model(model_file, safe_mode=safe_mode)
-    height, width = image_size
-
-    # A plain tf.function, not model.predict: measured ~9% faster on CPU, and one
-    # trace serves every batch size (the batch dimension is None).
-    @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32)])
-    def predict(images):
-        outputs = model(images, training=False)
-        if isinstance(outputs, dict):
-            outputs = outputs[MOS_OUTPUT]
-        return tf.reshape(tf.cast(outputs, tf.float32), [-1])
-
-    return Scorer(
-        image_size=tuple(image_size), max_pixels=int(max_pixels), source=str(model_file),
-        kind="keras", _predict=predict, _owner=model,
+    return Scorer.from_keras_model(
+        model, image_size, max_pixels, source=str(model_file),
         provenance=provenance_lib.find_for_model(model_file),
     )
 
@@ -311,7 +381,8 @@ def _read_export_info(version_dir):
     except OSError as err:
         raise ModelError(
             f"SavedModel {version_dir} has no readable {EXPORT_INFO} ({err.strerror}); "
-            f"export it with `kiqa export`, which records the image size there"
+            f"`kiqa export` records the image size there",
+            path=str(version_dir),
         ) from err
     except (ValueError, KeyError, TypeError) as err:
         raise ModelError(
@@ -376,15 +447,15 @@ def _saved_model_scorer(version_dir, image_size, safe_mode=True):
     if image_size is None:
         image_size = export_size
     elif image_size != export_size and None not in fixed:
-        raise ModelError(
+        raise ImageSizeError(
             f"SavedModel {version_dir} was exported for {export_size[0]}x{export_size[1]} "
-            f"images and its signature takes only that size; drop the image size option, "
-            f"or export again with --image-size {image_size[0]} {image_size[1]}"
+            f"images and its signature takes only that size, not {image_size[0]}x{image_size[1]}",
+            path=str(version_dir), requested=image_size, expected=export_size,
         )
 
     def predict(images):
-        # kiqa exports refuse more than MAX_BATCH images per call (kiqa.export): a larger
-        # --batch-size is split here rather than refused.
+        # kiqa exports refuse more than MAX_BATCH images per call (kiqa.serving.export): a
+        # larger batch is split here rather than refused.
         return tf.concat([
             signature(**{PIXELS_INPUT: images[start : start + SAVED_MODEL_MAX_BATCH]})[MOS_OUTPUT]
             for start in range(0, int(images.shape[0]), SAVED_MODEL_MAX_BATCH)

@@ -1,7 +1,9 @@
 """`kiqa evaluate` on any labelled CSV: scale mapping, seeded intervals, small-n cautions."""
 
 import json
+import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -9,6 +11,7 @@ from helpers import make_tiny_run
 from kiqa import metrics
 from kiqa.serving import warmup
 from kiqa.cli import evaluate as evaluate_cli
+from kiqa.scorer import load_scorer
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +69,56 @@ def test_the_20_real_photos_evaluate(realset, tiny_run, tmp_path, capsys):
     assert any("only 20 images" in c for c in report["cautions"])
     assert report["model"]["warning"].startswith("unknown provenance")
     assert "warning: unknown provenance" in capsys.readouterr().err
+
+
+def test_a_best_checkpoint_finds_its_runs_config(tiny_run, rated, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(tiny_run / "config.json", run / "config.json")
+    shutil.copy(tiny_run / "model.keras", run / "checkpoints" / "best.keras")
+    # No --image-size: the size comes from the run's config.json above checkpoints/.
+    assert evaluate_cli.main([str(run / "checkpoints" / "best.keras"), "--labels", str(rated), "--quiet"]) == 0
+    # Written into the run folder, as for the run folder itself.
+    assert json.loads((run / "eval-labels-all" / "metrics.json").read_text())["n"] == 12
+
+
+def test_a_missing_model_path_is_said_to_not_exist(tmp_path, capsys):
+    assert evaluate_cli.main([str(tmp_path / "nope"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"model {tmp_path / 'nope'} does not exist" in err and "config.json" not in err
+
+
+def test_evaluate_resolves_every_model_path_kiqa_score_resolves(tiny_run, rated, tmp_path):
+    base = tmp_path / "kiqa"
+    export.export_model(tiny_run, base_path=base)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(tiny_run / "config.json", run / "config.json")
+    shutil.copy(tiny_run / "model.keras", run / "checkpoints" / "best.keras")
+    refs = [tiny_run, tiny_run / "model.keras", run / "checkpoints" / "best.keras", base, base / "1"]
+    reference = None
+    for i, ref in enumerate(refs):
+        load_scorer(ref)  # what `kiqa score --model` takes
+        out = tmp_path / f"eval-{i}"
+        assert evaluate_cli.main([str(ref), "--labels", str(rated), "--out", str(out), "--quiet"]) == 0, ref
+        predicted = pd.read_csv(out / "predictions.csv")["predicted_mos"]
+        if reference is None:
+            reference = predicted
+        # The export scores the same pixels within its parity tolerance.
+        np.testing.assert_allclose(predicted, reference, atol=export.PARITY_TOLERANCE)
+
+
+@pytest.mark.large  # converts the model to ONNX (tf2onnx): tens of seconds on a shared 2-core machine
+def test_evaluate_runs_an_onnx_export_like_kiqa_score(tiny_run, rated, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("tf2onnx")
+    from kiqa.serving import onnx as kiqa_onnx
+
+    base = tmp_path / "kiqa-onnx"
+    model_file = kiqa_onnx.export_onnx(tiny_run, base_path=base)
+    for i, ref in enumerate([base, model_file]):
+        load_scorer(ref, engine="onnxruntime")
+        out = tmp_path / f"onnx-{i}"
+        assert evaluate_cli.main([str(ref), "--labels", str(rated), "--engine", "onnxruntime",
+                                  "--out", str(out), "--quiet"]) == 0, ref
+        assert json.loads((out / "metrics.json").read_text())["n"] == 12

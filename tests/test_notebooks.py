@@ -26,7 +26,7 @@ from nbclient import NotebookClient
 from PIL import Image
 
 from conftest import PROJECT_ROOT
-from kiqa.notebook import explore
+from kiqa import notebook as nb_lib
 from kiqa.data import koniq, synthetic
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
@@ -160,6 +160,21 @@ def test_notebook_is_committed_clean_with_one_parameters_cell(name):
     assert max(len(c.source.splitlines()) for c in nb.cells if c.cell_type == "code") <= 30
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_notebook_imports_only_kiqa_and_kiqa_notebook(name):
+    source = "\n".join(c.source for c in read_notebook(name).cells if c.cell_type == "code")
+    # IPython magics (%matplotlib) are not Python.
+    tree = ast.parse("\n".join(line for line in source.splitlines() if not line.lstrip().startswith("%")))
+    modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            modules.add(node.module)
+    assert {m for m in modules if m.split(".")[0] == "kiqa"} <= {"kiqa"}, modules
+    assert all(m in ("kiqa", "pathlib", "json", "numpy", "pandas", "IPython.display") for m in modules), modules
+
+
 # ----------------------------------------------------------------------------- 01
 
 
@@ -183,7 +198,7 @@ def test_explore_notebook_in_a_fresh_clone_falls_back_to_the_demo_data(tmp_path)
 
     sample = pd.read_csv(out / "band_sample.csv")
     assert sample.groupby("band").size().max() <= 3
-    assert sample["band"].tolist() == list(explore.quality_bands(sample["mos"]))
+    assert sample["band"].tolist() == list(nb_lib.quality_bands(sample["mos"]))
     assert set(sample["image_name"]) <= set(labels["image_name"])
 
     for name in ("mos_histogram", "sd_vs_mos", "split_distributions", "images_by_band"):
@@ -240,7 +255,7 @@ def test_train_notebook_writes_a_run_and_shows_its_results(trained_run):
 
     residuals = pd.read_csv(run_dir / "residuals_by_band.csv", index_col=0)
     assert residuals["n"].sum() == predictions["predicted_mos"].notna().sum()
-    bands = explore.quality_bands(predictions["mos"])
+    bands = nb_lib.quality_bands(predictions["mos"])
     for band, row in residuals.iterrows():
         error = (predictions["predicted_mos"] - predictions["mos"])[np.asarray(bands == band)]
         assert row["mae"] == pytest.approx(error.abs().mean())

@@ -14,7 +14,7 @@ from kiqa.cli._common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
 from kiqa.errors import DataError
 from kiqa.serving.export import export_model
 from kiqa.scorer import load_scorer
-from kiqa.score import CSV_COLUMNS, find_images, read_scores, score_paths
+from kiqa.score import CSV_COLUMNS, find_images, is_link_outside, read_scores, score_paths
 
 import helpers
 
@@ -98,7 +98,9 @@ def test_find_images_lists_sorted_image_files_and_flags_links(photos):
     expected_ok = set(GOOD) | {"nested/link-in.jpg", "corrupt.jpg", "empty.png", "notes.jpg", "pipe.png"}
     assert {name for name, error in errors.items() if error is None} == expected_ok
     assert set(errors) == expected_ok | {"link-out.jpg", "link-dir"}
-    assert "outside" in errors["link-out.jpg"] and "--follow-links" in errors["link-out.jpg"]
+    # The row carries the fact; `kiqa score` names its flag (test_cli_exit_codes_and_summary).
+    assert "outside" in errors["link-out.jpg"] and "--follow-links" not in errors["link-out.jpg"]
+    assert is_link_outside(errors["link-out.jpg"]) and is_link_outside(errors["link-dir"])
     # Following links leaves no error and reaches the file inside the linked folder.
     followed = dict(find_images([photos], follow_links_outside=True))
     assert followed[str(photos / "link-out.jpg")] is None
@@ -204,9 +206,18 @@ def test_interrupted_job_resumes_without_duplicates(photos, scorer, tmp_path):
 def test_resume_refuses_a_file_that_is_not_a_scores_csv(photos, scorer, tmp_path):
     other = tmp_path / "labels.csv"
     other.write_text("image_name,MOS\nx.jpg,50\n")
-    with pytest.raises(DataError, match="labels.csv exists but is not a kiqa scores CSV.*--no-skip"):
+    with pytest.raises(DataError, match="labels.csv exists but is not a kiqa scores CSV") as raised:
         score_paths([photos / "a.jpg"], scorer, other, progress=False)
+    assert raised.value.path == str(other) and "--no-skip" not in str(raised.value)
     assert other.read_text() == "image_name,MOS\nx.jpg,50\n"  # left untouched
+
+
+def test_cli_names_the_flags_for_an_output_that_is_not_a_scores_csv(photos, run_dir, tmp_path, capsys):
+    other = tmp_path / "labels.csv"
+    other.write_text("image_name,MOS\nx.jpg,50\n")
+    assert score_cli.main([str(photos / "a.jpg"), "--model", str(run_dir), "--out", str(other), "--quiet"]) == EXIT_ERROR
+    assert "not a kiqa scores CSV" in (err := capsys.readouterr().err) and "--no-skip" in err
+    assert other.read_text() == "image_name,MOS\nx.jpg,50\n"
 
 
 def test_folder_without_images_is_an_error(tmp_path, scorer):
@@ -232,6 +243,9 @@ def test_cli_exit_codes_and_summary(photos, run_dir, tmp_path, capsys):
     assert code == EXIT_PARTIAL
     assert "14 files: 8 scored, 6 failed" in captured.out and "mean" in captured.out
     assert "notes.jpg: image format not recognised" in captured.err
+    # The rows carry the fact; the CLI names its flag once.
+    assert "2 symbolic link(s) point outside the given paths" in captured.err
+    assert captured.err.count("--follow-links") == 1
     assert len(read_csv(out)) == 14
 
     clean = tmp_path / "clean"
@@ -243,7 +257,7 @@ def test_cli_exit_codes_and_summary(photos, run_dir, tmp_path, capsys):
 
     code = score_cli.main([str(clean), "--model", str(tmp_path / "nope"), "--quiet"])
     assert code == EXIT_ERROR
-    assert "nope not found" in capsys.readouterr().err
+    assert "nope does not exist" in capsys.readouterr().err
 
 
 def test_keras_model_and_its_savedmodel_export_score_alike(photos, run_dir, tmp_path):

@@ -67,7 +67,7 @@ def test_wrong_engine_for_the_model_is_refused_with_the_fix(onnx_export, tmp_pat
     (base / "1" / "saved_model.pb").write_bytes(b"")  # the layout is what is refused, before loading
     with pytest.raises(ModelError, match="is an ONNX export; score it with the onnxruntime or openvino"):
         load_scorer(version)
-    with pytest.raises(ModelError, match="is a SavedModel.*--format onnx"):
+    with pytest.raises(ModelError, match="is a SavedModel.*runs ONNX exports"):
         load_scorer(base, engine="onnxruntime")
     with pytest.raises(ModelError, match="unknown engine"):
         load_scorer(run_dir, engine="torch")

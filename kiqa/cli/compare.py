@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from kiqa.cli._common import add_model_arguments, EXIT_OK, EXIT_PARTIAL, entry_point, print_model_warning
-from kiqa.cli.score import print_failures, scoring_options
+from kiqa.cli.score import model_remedies, print_failures, scoring_options
 from kiqa.errors import ConfigError, DataError, ScoresFromAnotherModelError
 
 
@@ -71,13 +71,14 @@ def main(argv=None, prog=None):
     from kiqa.compare import compare_folders
     from kiqa.scorer import load_scorer
 
-    scorer = load_scorer(args.model, image_size=args.image_size, safe_mode=not args.unsafe)
     try:
-        result = compare_folders(
-            args.dirs, scorer, args.out, ignore_extension=args.ignore_extension,
-            n_resamples=args.bootstrap, confidence=args.confidence, seed=args.seed,
-            **scoring_options(args),
-        )
+        with model_remedies():
+            scorer = load_scorer(args.model, image_size=args.image_size, safe_mode=not args.unsafe)
+            result = compare_folders(
+                args.dirs, scorer, args.out, ignore_extension=args.ignore_extension,
+                n_resamples=args.bootstrap, confidence=args.confidence, seed=args.seed,
+                **scoring_options(args),
+            )
     except ScoresFromAnotherModelError as err:
         raise ConfigError(
             f"{err.folder} holds scores from another model or image size ({err.previous}); use a new "

@@ -21,7 +21,12 @@ def build_parser(prog=None):
         "The set is a KonIQ label file, or any CSV of image paths and scores (--path-column, "
         "--mos-column, --scale).",
     )
-    parser.add_argument("model", help="a run directory (model.keras + config.json) or a .keras file")
+    parser.add_argument("model", help="a run directory (model.keras + config.json), a .keras file "
+                        "(its run's config.json is found beside it or above checkpoints/), or an "
+                        "exported SavedModel or ONNX model (base path or version folder; needs --labels)")
+    parser.add_argument("--engine", choices=("tf", "onnxruntime", "openvino"), default="tf",
+                        help="what runs the model (as for kiqa score; an ONNX export needs "
+                        "onnxruntime or openvino)")
     parser.add_argument("--labels", help="label CSV: a KonIQ file, or any CSV with an image-path and a "
                         "score column (default: the run's own data)")
     parser.add_argument("--images", "--image-root", dest="images",
@@ -47,18 +52,23 @@ def build_parser(prog=None):
 
 
 def _run_config(model_ref, args):
-    model_ref = Path(model_ref)
-    model_path = model_ref / "model.keras" if model_ref.is_dir() else model_ref
-    config_path = model_path.parent / "config.json"
-    if config_path.is_file():
-        config = TrainConfig.load(config_path)
-    elif args.image_size:
+    from kiqa.run import resolve_model
+
+    resolved = resolve_model(model_ref)
+    config = resolved.config()
+    if config is None:
+        if resolved.kind != "keras" and not args.labels:
+            raise ConfigError(
+                f"{resolved.model} is an export: it holds no training config naming its data; "
+                "pass the labelled set with --labels"
+            )
+        if resolved.kind == "keras" and not args.image_size:
+            raise ConfigError(
+                f"{resolved.model}: no config.json beside it (or above checkpoints/) to say the "
+                "image size it was trained at; pass --image-size HEIGHT WIDTH"
+            )
+        # An export records its own size; the scorer reads it.
         config = TrainConfig(weights="none")
-    else:
-        raise ConfigError(
-            f"{model_path}: no config.json beside it to say the image size it was trained at; "
-            "pass --image-size HEIGHT WIDTH"
-        )
     changes = {
         key: value for key, value in dict(
             labels=args.labels, images=args.images, split=args.split, seed=args.seed,
@@ -69,7 +79,7 @@ def _run_config(model_ref, args):
         changes["images"] = None
     if args.labels and args.split is None and not _is_plain_csv(args):
         changes["split"] = "official" if _has_official_split(args.labels) else "random"
-    return model_path, config.replace(cache="none", **changes)
+    return resolved, config.replace(cache="none", **changes)
 
 
 def _is_plain_csv(args):
@@ -110,18 +120,19 @@ def _has_official_split(labels):
 def main(argv=None, prog=None):
     """Runs `kiqa-evaluate`."""
     args = build_parser(prog).parse_args(argv)
-    model_path, config = _run_config(args.model, args)
+    resolved, config = _run_config(args.model, args)
+    from kiqa.cli.score import model_remedies
     from kiqa.evaluate import evaluate_saved_model
-    from kiqa.provenance import find_for_model
-
     from kiqa.metrics import format_report
 
     labelled = _read_plain_csv(args) if _is_plain_csv(args) else None
     part = "all" if labelled is not None else (args.part or "test")
     out = Path(args.out) if args.out else None
-    metrics, out_dir = evaluate_saved_model(
-        model_path, config, part=part, out_dir=out, progress=not args.quiet, labelled=labelled,
-    )
+    with model_remedies():
+        metrics, out_dir = evaluate_saved_model(
+            resolved.given, config, part=part, out_dir=out, progress=not args.quiet, labelled=labelled,
+            engine=args.engine,
+        )
     labels = metrics["labels"]
     print(f"{labels['file']}, {part}: {metrics['n']} images ({metrics['rejected']} rejected, "
           f"{metrics['failed']} failed to decode); {labels['scores']}")
@@ -129,7 +140,9 @@ def main(argv=None, prog=None):
         print(f"note: {note}")
     print(format_report(metrics, indent="  "))
     print(f"written to {out_dir} (metrics.json records the model's provenance under 'model')")
-    print_model_warning(find_for_model(model_path))
+    from kiqa.provenance import find_for_model
+
+    print_model_warning(find_for_model(resolved.model))
     return EXIT_OK
 
 

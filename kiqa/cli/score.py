@@ -1,6 +1,7 @@
 """`kiqa score`: score files and folders of images with a local model into a CSV."""
 
 import argparse
+import contextlib
 import sys
 
 from kiqa.cli._common import add_model_arguments, EXIT_OK, EXIT_PARTIAL, entry_point, print_model_warning
@@ -58,6 +59,35 @@ def scoring_options(args):
     )
 
 
+def model_remedy(err):
+    """The flag that fixes a typed model error, in this CLI's words, or None."""
+    from kiqa.errors import BatchMemoryError, ImageSizeError
+
+    if isinstance(err, BatchMemoryError):
+        return f"lower --batch-size (the batch held {err.batch_size} images)"
+    if isinstance(err, ImageSizeError) and err.expected and err.requested:
+        height, width = err.requested
+        return f"drop --image-size, or export again with --image-size {height} {width}"
+    return None
+
+
+@contextlib.contextmanager
+def model_remedies():
+    """Re-raises a typed model error this CLI has a flag for, with that flag as its remedy."""
+    from kiqa.errors import ModelError, NotScoresCsvError
+
+    try:
+        yield
+    except ModelError as err:
+        remedy = model_remedy(err)
+        if remedy is None:
+            raise
+        raise type(err)(f"{err}; {remedy}", path=err.path) from err
+    except NotScoresCsvError as err:
+        raise NotScoresCsvError(f"{err}: choose another --out, or pass --no-skip to replace it",
+                                path=err.path) from err
+
+
 def print_failures(failures, where):
     """Lists the first failed files on stderr (names that are not UTF-8 as \\xNN escapes)."""
     from kiqa.fsutil import printable
@@ -73,11 +103,12 @@ def main(argv=None, prog=None):
     """Runs `kiqa score`."""
     args = build_parser(prog).parse_args(argv)
     from kiqa.scorer import load_scorer
-    from kiqa.score import score_paths
+    from kiqa.score import is_link_outside, score_paths
 
-    scorer = load_scorer(args.model, image_size=args.image_size, safe_mode=not args.unsafe,
-                         engine=args.engine)
-    summary = score_paths(args.paths, scorer, args.out, **scoring_options(args))
+    with model_remedies():
+        scorer = load_scorer(args.model, image_size=args.image_size, safe_mode=not args.unsafe,
+                             engine=args.engine)
+        summary = score_paths(args.paths, scorer, args.out, **scoring_options(args))
     resumed = f" ({summary.n_skipped} from an earlier run)" if summary.n_skipped else ""
     print(f"{summary.n_files} files{resumed}: {summary.n_scored} scored, {summary.n_failed} failed")
     if summary.n_scored:
@@ -93,6 +124,10 @@ def main(argv=None, prog=None):
     if summary.n_failed:
         print(f"{summary.n_failed} file(s) could not be scored:", file=sys.stderr)
         print_failures(summary.failures, summary.out_csv)
+        links = sum(is_link_outside(error) for _, error in summary.failures)
+        if links:
+            print(f"{prog}: note: {links} symbolic link(s) point outside the given paths and were "
+                  f"not followed; pass --follow-links to score their targets", file=sys.stderr)
         return EXIT_PARTIAL
     return EXIT_OK
 

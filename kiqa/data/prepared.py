@@ -30,8 +30,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -44,7 +42,7 @@ from kiqa import __version__
 from kiqa.data.pipeline import AUTOTUNE, finish_dataset, shuffled_epochs
 from kiqa.data.validate import REJECT_COLUMNS, find_bad_images
 from kiqa.errors import ConfigError, DataError
-from kiqa.fsutil import sha256_of, swap_directory
+from kiqa.fsutil import publish_directory, sha256_of, staged_directory
 from kiqa.image import DECODE_VERSION, decode_image
 
 logger = logging.getLogger(__name__)
@@ -166,9 +164,7 @@ def prepare_dataset(frame, root, config, out_dir, shards=None, progress=True):
         shards = math.ceil(len(good) * height * width * 3 / TARGET_SHARD_BYTES)
     shards = max(1, min(shards, len(good)))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with staged_directory(out_dir) as staging:
         shard_list, images, late = _write_shards(staging, frame, paths, good, config, shards, progress)
         rejects = pd.concat([rejects, pd.DataFrame(late, columns=REJECT_COLUMNS)], ignore_index=True)
         labels_path = frame.attrs.get("path")
@@ -194,9 +190,7 @@ def prepare_dataset(frame, root, config, out_dir, shards=None, progress=True):
             "rejects": rejects.astype(str).to_dict(orient="records"),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        _swap_into_place(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        publish_directory(staging, out_dir, replace=True)  # the previous set is removed after
     return out_dir
 
 
@@ -271,20 +265,12 @@ def _check_replaceable(out_dir):
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
-        raise DataError(f"{out_dir} exists and is not a folder; choose another --out")
+        raise DataError(f"{out_dir} exists and is not a folder; choose another output folder")
     if any(out_dir.iterdir()) and _read_manifest(out_dir / MANIFEST).get("format") != FORMAT:
         raise DataError(
             f"{out_dir} exists and is not a kiqa prepared set (no {MANIFEST} of format {FORMAT!r}); "
-            "refusing to replace it: choose another --out or remove it yourself"
+            "refusing to replace it: choose another output folder or remove it yourself"
         )
-
-
-def _swap_into_place(staging, out_dir):
-    """Renames the finished folder into place; a previous prepared set is removed after."""
-    if not out_dir.exists():
-        os.replace(staging, out_dir)
-        return
-    swap_directory(staging, out_dir, Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent)))
 
 
 def inspect_prepared(out_dir, config):
@@ -318,7 +304,7 @@ def _inspect(out_dir, manifest, config, redo):
     want = tuple(config.image_size)
     if size != want:
         return None, (f"{out_dir} holds images resized to {'x'.join(map(str, size))} but the run uses "
-                      f"{want[0]}x{want[1]}; run `kiqa prepare --image-size {want[0]} {want[1]}`")
+                      f"{want[0]}x{want[1]}; prepare it again at {want[0]}x{want[1]} (`kiqa prepare`)")
     if manifest.get("max_pixels") != config.max_pixels:
         return None, (f"{out_dir} was prepared with max_pixels={manifest.get('max_pixels')} but the "
                       f"run uses {config.max_pixels} (a different set of images is rejected); {redo}")
@@ -453,7 +439,6 @@ class Prepared:
             ConfigError: `config.image_size` differs from the stored size.
             DataError: the names cannot be served (see `check_names`).
         """
-        del part
         if tuple(config.image_size) != self.image_size:
             raise ConfigError(
                 f"{self.path} holds images at {self.image_size}, the config asks for {tuple(config.image_size)}"

@@ -22,8 +22,13 @@ What it takes care of:
 - At most `kiqa.contract.MAX_BATCH` images per request (the export refuses more).
 """
 
+import base64
 import dataclasses
+import json
 import re
+import time
+import urllib.error
+import urllib.request
 from typing import Optional
 
 import grpc
@@ -545,3 +550,116 @@ def _lenient_signature(signature_name, signatures):
         "outputs": {ERROR_OUTPUT: ["string", [-1]], MOS_OUTPUT: ["float32", [-1]]},
     }
     return name if found == wanted else ""
+
+
+# ----------------------------------------------------------------------------- REST and waiting
+# TF Serving's REST predict and the wait for a new version to load (the notebooks use them).
+
+
+def rest_predict(address, contents, model_name=DEFAULT_MODEL_NAME, version=None,
+                 signature_name=BYTES_SIGNATURE, timeout=30.0):
+    """Scores encoded images through TF Serving's REST API (port 8501 by default).
+
+    Sends `{"signature_name": ..., "instances": [{"b64": ...}, ...]}` to
+    `POST /v1/models/<name>[/versions/<v>]:predict`: the bytes signature has a single
+    input, so each instance is the base64-encoded file, as TF Serving's REST API
+    requires for binary strings. TF Serving answers `{"predictions": [mos, ...]}`
+    (one named output, so no names), or `{"error": ...}` with an HTTP error status.
+
+    Args:
+        address: "http://host:port" (a bare "host:port" gets "http://").
+        contents: list of encoded image bytes.
+        model_name: the served model's name.
+        version: a version number, or None for the latest.
+        signature_name: the bytes signature kiqa exports.
+        timeout: seconds for the whole request.
+
+    Returns:
+        float32 numpy array of MOS, one per image.
+
+    Raises:
+        ServingError: no server, an HTTP error (with TF Serving's message), or an
+            answer without one prediction per image.
+    """
+    base = address if "://" in address else f"http://{address}"
+    url = f"{base.rstrip('/')}/v1/models/{model_name}"
+    if version is not None:
+        url += f"/versions/{int(version)}"
+    url += ":predict"
+    body = json.dumps({
+        "signature_name": signature_name,
+        "instances": [{"b64": base64.b64encode(bytes(c)).decode("ascii")} for c in contents],
+    }).encode("utf-8")
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            answer = json.loads(response.read().decode("utf-8"))
+    except urllib.error.HTTPError as err:
+        detail = _rest_error_text(err.read().decode("utf-8", errors="replace"))
+        raise ServingError(f"REST predict at {url} failed with HTTP {err.code}: {detail}") from err
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ServingError(
+            f"no REST answer from {url} ({reason}); TF Serving's REST port is 8501 by default "
+            "(--rest_api_port), its gRPC port 8500"
+        ) from err
+    except ValueError as err:
+        raise ServingError(f"REST predict at {url} did not answer JSON: {err}") from err
+    predictions = answer.get("predictions") if isinstance(answer, dict) else None
+    if not isinstance(predictions, list) or len(predictions) != len(contents):
+        raise ServingError(
+            f"REST predict at {url} answered {str(answer)[:200]!r}; expected "
+            f"{{\"predictions\": [...]}} with {len(contents)} scores"
+        )
+    return np.asarray(predictions, dtype=np.float32).reshape(-1)
+
+
+def _rest_error_text(body):
+    """TF Serving's `{"error": ...}` message, or the body itself when it is not that JSON."""
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return body
+    return answer.get("error", body) if isinstance(answer, dict) else body
+
+
+def wait_until_available(client, version, timeout=60.0, poll=1.0):
+    """Waits until a served model reports `version` AVAILABLE (TF Serving loads new
+    versions from its base path on its own schedule, once a second by default).
+
+    Args:
+        client: a `ServingClient`.
+        version: the version number to wait for.
+        timeout: seconds to wait.
+        poll: seconds between status calls.
+
+    Returns:
+        The list of `VersionStatus` once `version` is AVAILABLE.
+
+    Raises:
+        ServingError: the version failed to load (its error), or `timeout` passed.
+    """
+
+    deadline = time.monotonic() + timeout
+    last = "no status yet"
+    while True:
+        try:
+            statuses = client.model_status()
+        except ServingError as err:
+            statuses, last = [], str(err)
+        for status in statuses:
+            if status.version == int(version):
+                if status.state == "AVAILABLE":
+                    return statuses
+                if status.state == "END" and status.error_message:
+                    raise ServingError(
+                        f"version {version} of {client.model_name!r} at {client.server} failed to load: "
+                        f"{status.error_message}"
+                    )
+                last = f"version {version} is {status.state}"
+        if time.monotonic() >= deadline:
+            raise ServingError(
+                f"version {version} of {client.model_name!r} at {client.server} was not AVAILABLE "
+                f"after {timeout:g} s ({last}); is the server watching the export base path?"
+            )
+        time.sleep(poll)

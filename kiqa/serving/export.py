@@ -179,7 +179,7 @@ def export_model(model_or_path, options: Optional[ExportOptions] = None, *, reco
     """
     options = ExportOptions.of(options, **overrides)
     base = Path(options.base_path or DEFAULT_BASE_PATH)
-    resolved = resolve_model(model_or_path, options, base)
+    resolved = load_for_export(model_or_path, options, base)
     if record is None and not isinstance(model_or_path, keras.Model):
         record = provenance.find_for_model(resolved.source)
     parity_images = parity_inputs(options.parity_images)
@@ -205,7 +205,7 @@ def export_model(model_or_path, options: Optional[ExportOptions] = None, *, reco
     return target
 
 
-def resolve_model(model_or_path, options, base):
+def load_for_export(model_or_path, options, base):
     """Loads the model and settles its size and pixel cap, once the version is known free.
 
     An existing version is refused before the model is loaded (that can take a minute).
@@ -221,7 +221,7 @@ def resolve_model(model_or_path, options, base):
     if base.is_dir():
         savedmodel.recover_interrupted(base)
     savedmodel.choose_version(base, options.version, options.overwrite)
-    model, config, source = _resolve_model(model_or_path, options.config, options.safe_mode)
+    model, config, source = _load_keras_model(model_or_path, options.config, options.safe_mode)
     image_size = _resolve_image_size(options.image_size, config, source)
     return ResolvedModel(model, config, source, image_size, _resolve_max_pixels(options.max_pixels, config))
 
@@ -611,32 +611,26 @@ def _lenient_parity(loaded, contents, names):
 # ----------------------------------------------------------------------------- inputs
 
 
-def _resolve_model(model_or_path, config, safe_mode):
+def _load_keras_model(model_or_path, config, safe_mode):
     """(keras model, TrainConfig or None, description of the source)."""
     from kiqa import model as kiqa_model
 
     if isinstance(model_or_path, keras.Model):
         return model_or_path, config, "in-memory keras.Model"
+    from kiqa.run import resolve_model  # the one model-path resolver
+
     path = Path(model_or_path)
-    if path.is_dir():
-        model_file = path / "model.keras"
-        if not model_file.is_file():
-            raise ModelError(
-                f"run directory {path} has no model.keras (the run may not have finished); "
-                f"pass {path / 'checkpoints' / 'best.keras'} to export the best checkpoint"
-            )
-        config_file = path / "config.json"
-    elif path.is_file():
-        model_file = path
-        # checkpoints/best.keras sits one level below its run's config.json.
-        config_file = path.parent / "config.json"
-        if not config_file.is_file() and path.parent.name == "checkpoints":
-            config_file = path.parent.parent / "config.json"
-    else:
-        raise ModelError(f"{path} not found; pass a run directory or a .keras file")
-    if config is None and config_file.is_file():
-        config = TrainConfig.load(config_file)
-    return kiqa_model.load_model(model_file, safe_mode=safe_mode), config, str(model_file)
+    if path.is_dir() and not (path / "model.keras").is_file():
+        raise ModelError(
+            f"run directory {path} has no model.keras (the run may not have finished); "
+            f"pass {path / 'checkpoints' / 'best.keras'} to export the best checkpoint"
+        )
+    resolved = resolve_model(path)  # the one lookup of a model's config.json (kiqa.run)
+    if resolved.kind != "keras":
+        raise ModelError(f"{path} is a {resolved.kind} export, not a run directory or a .keras file")
+    if config is None:
+        config = resolved.config()
+    return kiqa_model.load_model(resolved.model, safe_mode=safe_mode), config, str(resolved.model)
 
 
 def _resolve_image_size(image_size, config, source):

@@ -84,7 +84,7 @@ def export_litert(model_or_path, options: Optional[ExportOptions] = None, *, var
     tolerances = {name: tol for name, (_, tol) in VARIANTS.items()} | dict(tolerances or {})
     options = ExportOptions.of(options, **overrides)
     base = Path(options.base_path or DEFAULT_BASE_PATH)
-    resolved = export.resolve_model(model_or_path, options, base)
+    resolved = export.load_for_export(model_or_path, options, base)
     names, pixels, caller_images = artifact.parity_pixels(options.parity_images, resolved.image_size,
                                                           resolved.max_pixels)
     reference = artifact.keras_scores(resolved.model, pixels)

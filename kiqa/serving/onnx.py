@@ -86,7 +86,7 @@ def export_onnx(model_or_path, options: Optional[ExportOptions] = None, *, toler
     onnxruntime = _require_onnx()
     options = ExportOptions.of(options, **overrides)
     base = Path(options.base_path or DEFAULT_BASE_PATH)
-    resolved = export.resolve_model(model_or_path, options, base)
+    resolved = export.load_for_export(model_or_path, options, base)
     names, pixels, caller_images = artifact.parity_pixels(options.parity_images, resolved.image_size,
                                                           resolved.max_pixels)
     with export.staged_version(base, options.version, options.overwrite) as (version, temp, target):

@@ -1,0 +1,134 @@
+"""The public API (`import kiqa`): load_scorer -> Scorer.score / score_many, lazy names."""
+
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import kiqa
+from kiqa.cli import score as score_cli
+from kiqa.cli._common import EXIT_PARTIAL
+from kiqa.errors import ConfigError, ImageError
+from kiqa.serving import export
+
+import helpers
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("api") / "run"
+    # head_scale: scores differ by points between images, so a mix-up shows.
+    helpers.make_tiny_run(run, seed=1, head_scale=50.0)
+    return run
+
+
+@pytest.fixture(scope="module")
+def scorer(run_dir):
+    return kiqa.load_scorer(run_dir)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Five generated photos and one truncated JPEG."""
+    folder = tmp_path_factory.mktemp("api-photos")
+    names = []
+    for name, contents in export.generated_images(5, seed=3):
+        (folder / name).write_bytes(contents)
+        names.append(name)
+    good = (folder / names[0]).read_bytes()
+    (folder / "broken.jpg").write_bytes(good[: len(good) // 3])
+    return folder, names
+
+
+def test_score_of_a_path_and_of_its_bytes(scorer, photos):
+    folder, names = photos
+    path = folder / names[0]
+    mos = scorer.score(path)
+    assert isinstance(mos, float) and 0.0 <= mos <= 100.0
+    assert scorer.score(str(path)) == mos
+    assert scorer.score(path.read_bytes()) == mos
+    # Another image scores differently (the tiny model's head is scaled to make it so).
+    assert scorer.score(folder / names[1]) != mos
+
+
+def test_score_of_a_bad_file_raises_the_reason(scorer, photos, tmp_path):
+    folder, _ = photos
+    with pytest.raises(ImageError, match="broken.jpg"):
+        scorer.score(folder / "broken.jpg")
+    with pytest.raises(ImageError, match="image bytes"):
+        scorer.score(b"not an image")
+    with pytest.raises(ImageError, match="missing.jpg.*cannot read"):
+        scorer.score(tmp_path / "missing.jpg")
+
+
+def test_score_many_gives_a_bad_file_a_row_and_equals_kiqa_scores_csv(scorer, run_dir, photos, tmp_path):
+    folder, names = photos
+    paths = [str(folder / name) for name in sorted([*names, "broken.jpg"])]
+    table = scorer.score_many([*paths, str(tmp_path / "missing.jpg")], batch_size=2)
+    assert list(table.columns) == ["path", "mos", "error"]
+    assert list(table["path"]) == [*paths, str(tmp_path / "missing.jpg")]
+    failed = table[table["error"].notna()]
+    assert set(failed["path"]) == {str(folder / "broken.jpg"), str(tmp_path / "missing.jpg")}
+    assert failed["mos"].isna().all() and all(isinstance(e, str) and e for e in failed["error"])
+    assert table.loc[table["error"].isna(), "mos"].between(0, 100).all()
+
+    out = tmp_path / "scores.csv"
+    assert score_cli.main([str(folder), "--model", str(run_dir), "--out", str(out), "--quiet"]) == EXIT_PARTIAL
+    csv = pd.read_csv(out, keep_default_na=False)
+    expected = table.iloc[:-1]
+    assert list(csv["path"]) == list(expected["path"])
+    np.testing.assert_array_equal(
+        [float(v) if v != "" else math.nan for v in csv["mos"]], expected["mos"].to_numpy()
+    )
+    assert list(csv["error"]) == [e or "" for e in expected["error"]]
+
+
+def test_score_many_takes_bytes_and_paths_mixed(scorer, photos):
+    folder, names = photos
+    contents = (folder / names[2]).read_bytes()
+    table = scorer.score_many([contents, folder / names[2], b""])
+    assert list(table["path"]) == ["<bytes 0>", str(folder / names[2]), "<bytes 2>"]
+    assert table["mos"][0] == table["mos"][1] and math.isnan(table["mos"][2])
+    assert table["error"][2]
+
+
+def test_the_scorer_is_the_forward_pass_of_evaluation(run_dir, scorer, photos):
+    from kiqa.evaluate import predict_paths
+    from kiqa.model import load_model
+
+    folder, names = photos
+    paths = [str(folder / name) for name in names]
+    config = kiqa.TrainConfig.load(run_dir / "config.json").replace(cache="none")
+    by_model = predict_paths(load_model(run_dir / "model.keras"), paths, config)
+    by_scorer = predict_paths(scorer, paths, config)
+    np.testing.assert_array_equal(by_model, by_scorer)
+    np.testing.assert_allclose(scorer.score_many(paths)["mos"], by_scorer, atol=1e-4)
+
+
+def test_train_and_evaluate_are_modules_and_functions(run_dir, tmp_path):
+    from kiqa import evaluate as evaluate_module
+    from kiqa import train as train_module
+
+    assert train_module is kiqa.train and callable(kiqa.train) and kiqa.train.TrainResult
+    assert evaluate_module is kiqa.evaluate and evaluate_module.predict_paths
+    bare = tmp_path / "bare.keras"
+    shutil.copy(run_dir / "model.keras", bare)
+    # Calling the module calls kiqa.evaluate.evaluate, which needs a run config to know the data.
+    with pytest.raises(ConfigError, match="bare.keras has no run config"):
+        kiqa.evaluate(bare)
+    assert kiqa.export_model is export.export_model and kiqa.Scorer.score_many
+
+
+def test_import_kiqa_does_not_import_tensorflow():
+    code = (
+        "import sys, kiqa; kiqa.TrainConfig; kiqa.RunDir; "
+        "print('tensorflow' in sys.modules, 'pandas' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.split() == ["False", "False"]
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        kiqa.nothing
