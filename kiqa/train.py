@@ -25,7 +25,7 @@ from kiqa.data.pipeline import make_dataset, steps_per_epoch
 from kiqa.data.prepared import default_prepared_dir, inspect_prepared, open_prepared
 from kiqa.data.validate import apply_bad_image_policy, check_image_folder, check_labels
 from kiqa.distribute import JaxStrategy, keras_backend, make_strategy, writable_run_dir
-from kiqa.errors import ConfigError, DataError, DiskFullError, StrategyError
+from kiqa.errors import ClusterError, ConfigError, DataError, DiskFullError, StrategyError
 from kiqa.fsutil import PANDAS_READ_TEXT, write_atomically, write_csv_atomically, write_text_atomically
 from kiqa.evaluate import evaluate_frame, predict_paths, write_json
 from kiqa.metrics import evaluate_scores, summarize_repeats
@@ -501,13 +501,28 @@ def _fit_phase(model, dataset_for, callbacks_for, phase_dir, epochs, verbose, lo
         if _is_disk_full(err):
             check_free_space(model, run_dir, backup_dir, cause=err)
         raise
-    except ValueError as err:
+    except Exception as err:
+        if _is_multi_process(strategy) and type(err).__name__ in ("JaxRuntimeError", "XlaRuntimeError"):
+            # A peer died or cannot be reached: JAX's collectives or its coordination
+            # service fail this process (within HEARTBEAT_TIMEOUT_SECONDS) instead of hanging.
+            raise ClusterError(
+                f"the data-parallel job lost a process: process {strategy.process_id} of "
+                f"{strategy.num_processes} stopped at a collective step ({_first_line(err)}); the last "
+                "complete backups are kept: rerun the same commands on every process to resume"
+            ) from err
+        if not isinstance(err, ValueError):
+            raise
         if "PerReplica" in str(err) and isinstance(
             tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy
         ):
             raise StrategyError(MULTI_WORKER_UNSUPPORTED, "multi-worker", "tensorflow", alternative="mirrored") from err
         raise
     write_text_atomically(done, "completed\n")
+
+
+def _first_line(err, limit=300):
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _check_same_epoch(strategy, completed, phase):

@@ -194,6 +194,8 @@ def main(argv=None, prog=None):
     except StrategyError as err:
         raise StrategyError(f"{err}\n{_strategy_remedy(err)}", err.strategy, err.backend, err.alternative) from err
     except ClusterError as err:
+        if not err.missing:  # a process was lost: nothing to pass, the message says what to do
+            raise
         raise ClusterError(f"{err}; pass --coordinator-address HOST:PORT, --num-processes N and "
                            f"--process-id I (or set the variables)", err.missing) from err
     except ImageFolderError as err:
