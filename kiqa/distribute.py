@@ -312,7 +312,9 @@ class JaxStrategy:
         # epoch's last, short batch (Keras' own sharding would hand the processes short
         # batches of different sizes, and they would fall out of step).
         distribution = keras.distribution.DataParallel(auto_shard_dataset=False)
-        return cls(distribution, distribution.num_processes, distribution._process_id)
+        import jax
+
+        return cls(distribution, jax.process_count(), jax.process_index())
 
     @property
     def num_replicas_in_sync(self):
