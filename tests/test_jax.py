@@ -172,7 +172,7 @@ def test_the_two_process_model_exports_and_scores_like_the_one_process_model(run
 
 @pytest.mark.large
 def test_killing_one_worker_fails_the_job_with_an_error_instead_of_a_hang(labels, tmp_path):
-    procs = two_processes(labels, tmp_path / "run", tmp_path, "--epochs", "200", "--patience", "200")
+    procs = two_processes(labels, tmp_path / "run", tmp_path, "--epochs", "6", "--patience", "6")
     try:
         deadline = time.monotonic() + RUN_TIMEOUT
         history = tmp_path / "run" / "history.csv"
