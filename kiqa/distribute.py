@@ -34,6 +34,7 @@ epoch.
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -177,7 +178,11 @@ def writable_run_dir(run_dir, strategy):
     if is_chief(strategy):
         return Path(run_dir)
     if isinstance(strategy, JaxStrategy):
-        return Path(tempfile.gettempdir()) / f"kiqa-process-{strategy.process_id}" / Path(run_dir).name
+        # Named after the whole path: two runs with the same folder name (runs/a/demo,
+        # runs/b/demo) must not share a scratch folder, or the second would find the
+        # first's config and refuse to start.
+        where = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:10]
+        return Path(tempfile.gettempdir()) / f"kiqa-process-{strategy.process_id}" / f"{Path(run_dir).name}-{where}"
     resolver = strategy.cluster_resolver
     return Path(tempfile.gettempdir()) / f"kiqa-worker-{resolver.task_type}-{resolver.task_id}" / Path(run_dir).name
 

@@ -154,9 +154,11 @@ def test_two_processes_train_as_one_process_on_the_same_global_batch(runs):
     np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-4)
     np.testing.assert_allclose(two["val_loss"], one["val_loss"], rtol=1e-4)
     # Only process 0 wrote the run directory; process 1 wrote its own scratch folder.
-    scratch = Path(tempfile.gettempdir()) / "kiqa-process-1" / two_dir.name
-    assert (scratch / "phase-finetune" / "backup").is_dir() or (scratch / "phase-finetune" / "done").is_file()
-    assert "results in" in results[1][1] and str(scratch) in results[2][1]
+    scratch = [line.split("results in ", 1)[1].strip() for line in results[2][1].splitlines()
+               if line.startswith("results in ")]
+    assert scratch and Path(scratch[0]).parent == Path(tempfile.gettempdir()) / "kiqa-process-1"
+    assert (Path(scratch[0]) / "phase-finetune" / "done").is_file()
+    assert f"results in {two_dir}" in results[1][1]
 
 
 @pytest.mark.large
@@ -193,4 +195,7 @@ def test_killing_one_worker_fails_the_job_with_an_error_instead_of_a_hang(labels
     text = output(procs[0])
     assert procs[0].returncode != 0, text[-3000:]
     assert waited < 180
-    assert "kiqa-train: error:" in text and "process" in text.split("kiqa-train: error:")[-1], text[-3000:]
+    # Either kiqa's error (a collective step failed in Python) or JAX's own: its
+    # coordination service ends the survivor from C++, which Python cannot catch.
+    assert ("kiqa-train: error: the data-parallel job lost a process" in text
+            or "This most likely indicates that another task died" in text), text[-3000:]
