@@ -6,7 +6,6 @@ and the SavedModel checks run here, on the TensorFlow backend, as users run them
 Each run is bounded by a timeout and every subprocess is killed in a `finally`.
 """
 
-import json
 import os
 import signal
 import socket
