@@ -21,7 +21,8 @@ SPLITS = ("official", "random", "repeated")
 MONITORS = ("val_loss", "val_srcc", "val_plcc")
 CACHES = ("none", "memory")  # or a directory path for tf.data's file cache
 ON_BAD_IMAGES = ("drop", "stop")
-STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")
+# The TF strategies and data-parallel (JAX backend); kiqa.distribute says which backend runs which.
+STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker", "data-parallel")
 
 # The small CNN's demo recipe: from random weights it needs more epochs and a higher
 # learning rate than a fine-tuned ConvNeXt, and 48x64 is enough for the demo distortions
@@ -81,7 +82,8 @@ class TrainConfig:
         mixed_precision: mixed_float16 compute (a GPU switch; runs but does not help
             on CPU).
         jit_compile: XLA-compile the train step (a GPU switch).
-        strategy: tf.distribute strategy: auto, one-device, mirrored, multi-worker.
+        strategy: auto, one-device, mirrored, multi-worker (TensorFlow backend) or
+            data-parallel (JAX backend; see kiqa.distribute).
         run_dir: where checkpoints, logs, metrics and plots go. None means
             `runs/<name>`; rerunning the same command resumes there.
         name: run name used for the default run_dir.

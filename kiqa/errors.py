@@ -60,16 +60,18 @@ class BatchMemoryError(ModelError):
 
 
 class RunExistsError(ConfigError):
-    """A run folder holds a finished run with other settings.
+    """A run folder holds a run that a new one must not mix with.
 
     Attributes:
         run_dir: the folder.
-        changed: the config fields that differ.
+        changed: the config fields that differ (empty when a finished run is simply there).
+        finished: whether that run finished (False: it trained, stopped, and resumes only
+            with the same config).
     """
 
-    def __init__(self, message, run_dir, changed):
+    def __init__(self, message, run_dir, changed, finished=True):
         super().__init__(message)
-        self.run_dir, self.changed = run_dir, tuple(changed)
+        self.run_dir, self.changed, self.finished = run_dir, tuple(changed), finished
 
 
 class UntrustedModelError(ModelError):
@@ -180,3 +182,46 @@ class DefaultImageSizeWarning(UserWarning):
     def __init__(self, message, source, image_size):
         super().__init__(message)
         self.source, self.image_size = source, tuple(image_size)
+
+
+class WeightsError(ModelError):
+    """The backbone's weights cannot be had: not downloadable, no such file, or a file that
+    does not fit the variant. The message states the fact; `kiqa.cli.train` names the flags.
+
+    Attributes:
+        variant: the ConvNeXt size asked for ("tiny" ...).
+        weights: what was asked for: "imagenet" or the weights file's path.
+        problem: "download" (ImageNet weights not downloadable), "missing" (no such file)
+            or "mismatch" (the file does not fit the variant).
+    """
+
+    def __init__(self, message, variant, weights, problem):
+        super().__init__(message)
+        self.variant, self.weights, self.problem = variant, weights, problem
+
+
+class StrategyError(ConfigError):
+    """A distribution strategy cannot run with this backend or cluster set-up.
+
+    Attributes:
+        strategy: the strategy asked for ("multi-worker", "data-parallel", ...).
+        backend: the Keras backend of the process ("tensorflow" or "jax").
+        alternative: the strategy that does the job instead, or None.
+    """
+
+    def __init__(self, message, strategy, backend, alternative=None):
+        super().__init__(message)
+        self.strategy, self.backend, self.alternative = strategy, backend, alternative
+
+
+class ClusterError(ConfigError):
+    """A multi-process run is missing a coordinator address, a process count or an index.
+
+    Attributes:
+        missing: names of what is missing ("coordinator address", "number of processes",
+            "process index").
+    """
+
+    def __init__(self, message, missing=()):
+        super().__init__(message)
+        self.missing = tuple(missing)

@@ -45,7 +45,7 @@ from kiqa.contract import (
     PIXELS_SIGNATURE,
 )
 from kiqa.errors import BatchMemoryError, ExportError, ImageError, ImageSizeError, ModelError, UntrustedModelError
-from kiqa.run import ONNX_FILE, SAVED_MODEL_FILE, ModelPath, resolve_model
+from kiqa.run import ModelPath, resolve_model
 
 EXPORT_INFO = Path(ASSETS_EXTRA) / METADATA_FILE
 ONNX_INFO = "kiqa.json"

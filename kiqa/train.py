@@ -24,8 +24,8 @@ from kiqa.data import koniq
 from kiqa.data.pipeline import make_dataset, steps_per_epoch
 from kiqa.data.prepared import default_prepared_dir, inspect_prepared, open_prepared
 from kiqa.data.validate import apply_bad_image_policy, check_image_folder, check_labels
-from kiqa.distribute import make_strategy, writable_run_dir
-from kiqa.errors import ConfigError, DataError, DiskFullError
+from kiqa.distribute import JaxStrategy, keras_backend, make_strategy, writable_run_dir
+from kiqa.errors import ClusterError, ConfigError, DataError, DiskFullError, RunExistsError, StrategyError
 from kiqa.fsutil import PANDAS_READ_TEXT, write_atomically, write_csv_atomically, write_text_atomically
 from kiqa.evaluate import evaluate_frame, predict_paths, write_json
 from kiqa.metrics import evaluate_scores, summarize_repeats
@@ -45,8 +45,9 @@ FROM_SCRATCH_CAVEAT = (
 MULTI_WORKER_UNSUPPORTED = (
     "Keras 3's model.fit cannot train under tf.distribute.MultiWorkerMirroredStrategy on TF "
     "2.21: its train step hands a PerReplica value to an op that wants a tensor (open "
-    "upstream: keras-team/keras issue 20585, tensorflow/tensorflow issue 72388). Train on one "
-    "host: --strategy mirrored uses every local GPU."
+    "upstream: keras-team/keras issue 20585, tensorflow/tensorflow issue 72388). On one host "
+    "the mirrored strategy uses every local GPU; several hosts train with the data-parallel "
+    "strategy on the JAX backend (keras.distribution)."
 )
 SMALL_CNN_CAVEAT = (
     "Training the small CNN (--backbone small-cnn), kiqa's backbone for offline teaching and "
@@ -197,12 +198,17 @@ class ValidationMetrics(keras.callbacks.Callback):
     since Keras calls callbacks in order with the same logs dict.
     """
 
-    def __init__(self, paths, mos, config):
+    def __init__(self, paths, mos, config, strategy=None):
         super().__init__()
         self.paths, self.mos, self.config = list(paths), np.asarray(mos, float), config
+        self.strategy = strategy
 
     def on_epoch_end(self, epoch, logs=None):
-        predicted = predict_paths(self.model, self.paths, self.config, part="val")
+        # Under data-parallel, every process predicts the (small) validation set alone,
+        # from its copy of the replicated weights (see `predictor`): the same weights and
+        # images give the same numbers everywhere, so every process' early stopping and
+        # best checkpoint decide alike.
+        predicted = predict_paths(predictor(self.model), self.paths, self.config, part="val")
         ok = np.isfinite(predicted)
         scores = evaluate_scores(self.mos[ok], predicted[ok])
         if logs is not None:
@@ -315,39 +321,81 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
                 self.wait += 1
 
 
-def _inference_copy(model):
+class JaxPredictor:
+    """A JAX-backend model callable where `kiqa.evaluate.predict_paths` calls a model.
+
+    `predict_paths` runs the model inside a `tf.function`, which only a TF-backend model
+    can join; this object hands the images out of the graph (`tf.py_function`) to one
+    jitted JAX forward pass. The weights are read once, when it is made, as this
+    process' own arrays: under data-parallel they are replicated over all processes, and
+    a forward pass on the distributed arrays would need every process in every step.
+
+    Args:
+        model: a JAX-backend kiqa model (output dict with "mos").
+    """
+
+    def __init__(self, model):
+        import jax
+
+        self.model = model
+        self.values = ([_host_value(v.value) for v in model.trainable_variables],
+                       [_host_value(v.value) for v in model.non_trainable_variables])
+        self._forward = jax.jit(lambda trainable, other, images: model.stateless_call(
+            trainable, other, images, training=False)[0]["mos"])
+
+    def _predict(self, images):
+        return np.asarray(self._forward(*self.values, images.numpy()), np.float32)
+
+    def __call__(self, images, training=False):
+        del training  # always inference
+        mos = tf.py_function(self._predict, [images], tf.float32)
+        mos.set_shape(images.shape[:1])
+        return {"mos": mos}
+
+
+def _host_value(value):
+    """A jax array as this process' numpy array (a replicated global array's local copy)."""
+    if getattr(value, "is_fully_addressable", True):
+        return np.asarray(value)
+    return np.asarray(value.addressable_data(0))
+
+
+def predictor(model):
+    """What `kiqa.evaluate` should call for `model`: the model itself on TF, a `JaxPredictor` on JAX."""
+    return JaxPredictor(model) if keras_backend() == "jax" else model
+
+
+def _is_multi_process(strategy):
+    return isinstance(strategy, JaxStrategy) and strategy.num_processes > 1
+
+
+def _inference_copy(model, force=False):
     """The model without optimizer state: a fresh, uncompiled copy (clone_model would
-    compile it again), or the model itself when it has none."""
-    if getattr(model, "optimizer", None) is None:
+    compile it again), or the model itself when it has none (unless `force`)."""
+    if getattr(model, "optimizer", None) is None and not force:
         return model
     copy = keras.Model.from_config(model.get_config(), custom_objects=custom_objects())
-    copy.set_weights(model.get_weights())
+    if keras_backend() == "jax":  # this process' copy of replicated (data-parallel) weights
+        copy.set_weights([_host_value(v.value) for v in model.weights])
+    else:
+        copy.set_weights(model.get_weights())
     return copy
 
 
 def _save_model_atomically(model, path):
     """Saves the model for inference (no optimizer state: a third of the size), atomically."""
-    path = Path(path)
     inference = _inference_copy(model)
-    write_atomically(path.parent / path.name, lambda tmp: _save_keras(inference, tmp))
-
-
-def _save_keras(model, tmp):
-    # Keras insists on the .keras suffix: save beside the temporary name, then move.
-    target = f"{tmp}.keras"
-    try:
-        model.save(target)
-        os.replace(target, tmp)
-    finally:
-        if os.path.exists(target):
-            os.remove(target)
+    # Keras insists on the .keras suffix, so the temporary file carries it too.
+    write_atomically(path, inference.save, suffix=".keras")
 
 
 def _compile(model, config):
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate, epsilon=config.epsilon),
         loss={"mos": mos_loss},
-        jit_compile=config.jit_compile,
+        # On JAX, XLA is the only compiled path: jit_compile=False runs every op eagerly
+        # (Keras' JAX trainer then skips jax.jit), many times slower. On TF it is a GPU switch.
+        jit_compile=config.jit_compile or keras_backend() == "jax",
     )
 
 
@@ -413,7 +461,7 @@ def _is_disk_full(err):
 PHASE_NAMES = {"phase-warmup": "warm-up", "phase-finetune": "fine-tuning"}
 
 
-def _fit_phase(model, dataset_for, callbacks_for, phase_dir, epochs, verbose, log):
+def _fit_phase(model, dataset_for, callbacks_for, phase_dir, epochs, verbose, log, strategy=None):
     """One `model.fit` call with its own backup folder; skipped if already completed.
 
     The backup is restored here, before the training data is built, so the data can
@@ -426,6 +474,8 @@ def _fit_phase(model, dataset_for, callbacks_for, phase_dir, epochs, verbose, lo
     run_dir, phase = phase_dir.parent, PHASE_NAMES.get(phase_dir.name, phase_dir.name)
     backup_dir = phase_dir / "backup"
     completed, why = restore_backup(model, backup_dir)
+    if _is_multi_process(strategy):
+        _check_same_epoch(strategy, completed, phase)
     if why:
         log(f"restarting {run_dir} ({phase}) from epoch 1 of {epochs}: its backup cannot be read ({why})")
     elif completed:
@@ -440,13 +490,47 @@ def _fit_phase(model, dataset_for, callbacks_for, phase_dir, epochs, verbose, lo
         if _is_disk_full(err):
             check_free_space(model, run_dir, backup_dir, cause=err)
         raise
-    except ValueError as err:
+    except Exception as err:
+        if _is_multi_process(strategy) and type(err).__name__ in ("JaxRuntimeError", "XlaRuntimeError"):
+            # A peer died or cannot be reached: JAX's collectives or its coordination
+            # service fail this process (within HEARTBEAT_TIMEOUT_SECONDS) instead of hanging.
+            raise ClusterError(
+                f"the data-parallel job lost a process: process {strategy.process_id} of "
+                f"{strategy.num_processes} stopped at a collective step ({_first_line(err)}); the last "
+                "complete backups are kept: rerun the same commands on every process to resume"
+            ) from err
+        if not isinstance(err, ValueError):
+            raise
         if "PerReplica" in str(err) and isinstance(
             tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy
         ):
-            raise ConfigError(MULTI_WORKER_UNSUPPORTED) from err
+            raise StrategyError(MULTI_WORKER_UNSUPPORTED, "multi-worker", "tensorflow", alternative="mirrored") from err
         raise
     write_text_atomically(done, "completed\n")
+
+
+def _first_line(err, limit=300):
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_same_epoch(strategy, completed, phase):
+    """Refuses to resume when the processes' backups are at different epochs.
+
+    Every process restores its own backup (process 0's in the run directory, the others'
+    in their scratch folders); a process whose backup is gone (a new host, a cleaned /tmp)
+    would start over while the others resume, and the job would train on mixed weights.
+
+    Raises:
+        ConfigError: naming each process' completed epochs.
+    """
+    epochs = strategy.agree(completed)
+    if len(set(epochs)) > 1:
+        raise ConfigError(
+            f"the processes cannot resume the {phase} together: their backups hold "
+            + ", ".join(f"process {i}: {n} completed epoch(s)" for i, n in enumerate(epochs))
+            + "; every process must resume from the same epoch (start the run again in a new run directory)"
+        )
 
 
 def check_parts(split):
@@ -478,7 +562,8 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
             function returning one (needed with a distribution strategy, whose scope
             must create the variables).
         verbose: Keras verbosity ("auto" shows progress bars).
-        strategy: a `tf.distribute.Strategy`; None uses the default one.
+        strategy: a `tf.distribute.Strategy`, or a `kiqa.distribute.JaxStrategy` on the
+            JAX backend; None uses the default one.
         prepared: a `kiqa.data.prepared.Prepared` set to read training images from
             instead of decoding the files every epoch (used when it holds them all).
         log: function taking one line for the user (resuming, restarting a phase).
@@ -499,10 +584,15 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
         run_dir / "split.csv",
     )
 
-    strategy = strategy or tf.distribute.get_strategy()
+    if strategy is None:
+        strategy = JaxStrategy() if keras_backend() == "jax" else tf.distribute.get_strategy()
     keras.utils.set_random_seed(config.seed)
     previous_policy = keras.mixed_precision.global_policy()
     if config.mixed_precision:
+        # Keras 3's policy names are the backends' own: "mixed_float16" (float16 compute,
+        # float32 variables, loss scaling by Keras' optimizer) on TF and on JAX alike.
+        # bfloat16 ("mixed_bfloat16") would suit TPUs and recent GPUs, but needs no loss
+        # scaling and changes numerics: not chosen silently.
         keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         with strategy.scope():
@@ -526,6 +616,16 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
         else:
             dataset = make_dataset(split.train["path"], split.train["mos"], config, training=True, part="train",
                                    epochs=epochs, first_epoch=first_epoch)
+        if isinstance(strategy, JaxStrategy) and strategy.distribution is not None:
+            # keras.distribution steps every process together on equal global batches:
+            # each epoch's short last batch is dropped (see JaxStrategy.shard).
+            steps = len(split.train) // config.batch_size
+            if steps == 0:
+                raise DataError(
+                    f"split {split.name!r}: {len(split.train)} training image(s) make no full batch of "
+                    f"{config.batch_size}, which data-parallel training needs"
+                )
+            return strategy.shard(dataset, config.batch_size), steps
         return dataset, steps_per_epoch(len(split.train), config)
 
     history_csv = run_dir / "history.csv"
@@ -539,7 +639,7 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
         # between them repeats the epoch (rewriting its row) instead of losing it.
         offset = config.warmup_epochs if phase_dir.name == "phase-finetune" else 0
         return [
-            ValidationMetrics(split.val["path"], split.val["mos"], config),
+            ValidationMetrics(split.val["path"], split.val["mos"], config, strategy),
             ResumableEarlyStopping(
                 history_csv, offset, monitor=config.monitor, mode=mode, patience=config.patience,
                 restore_best_weights=True,
@@ -557,14 +657,18 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
             set_backbone_trainable(model, False)
             _compile(model, config)
             _fit_phase(model, dataset_for, callbacks_for, run_dir / "phase-warmup",
-                       config.warmup_epochs, verbose, log)
+                       config.warmup_epochs, verbose, log, strategy)
             set_backbone_trainable(model, True)
         _compile(model, config)
         _fit_phase(model, dataset_for, callbacks_for, run_dir / "phase-finetune",
-                   config.epochs, verbose, log)
+                   config.epochs, verbose, log, strategy)
 
     # The best checkpoint spans restarts; EarlyStopping's restored weights do not.
-    model = _inference_copy(model)
+    if _is_multi_process(strategy):
+        with strategy.local():  # a copy on this process alone, for evaluating and saving
+            model = _inference_copy(model, force=True)
+    else:
+        model = _inference_copy(model)
     if best_path.exists():
         model.load_weights(best_path)
     model_path = run_dir / "model.keras"
@@ -574,7 +678,8 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
     if len(history):
         write_csv_atomically(history, history_csv)
         plot_history(history, run_dir / "loss.png", title=f"{config.name}: {split.name}")
-    metrics, _ = evaluate_frame(model, split.test, config, out_dir=run_dir, title=f"{config.name} {split.name} test")
+    metrics, _ = evaluate_frame(predictor(model), split.test, config, out_dir=run_dir,
+                                title=f"{config.name} {split.name} test")
     return metrics, model_path
 
 
@@ -631,27 +736,24 @@ def _check_run_dir(run_dir, config, overwrite, log):
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     if (run_dir / "metrics.json").exists():
-        raise ConfigError(
-            f"{run_dir} already holds a finished run (metrics.json); pass --run-dir for a new "
-            "one, or --overwrite to replace it"
-        )
+        raise RunExistsError(f"{run_dir} already holds a finished run (metrics.json)", run_dir, changed=())
     saved = run_dir / "config.json"
     if saved.exists():
         previous = TrainConfig.load(saved)
         if previous != config:
-            changed = sorted(k for k, v in config.to_dict().items() if previous.to_dict().get(k) != v)
+            changed = config.changed_keys(previous)
             if completed_epochs(run_dir) == 0:
                 log(f"replacing {run_dir}: its earlier run completed no epoch (changed: {changed})")
                 shutil.rmtree(run_dir)
                 return
-            raise ConfigError(
+            raise RunExistsError(
                 f"{run_dir} holds an unfinished run started with a different config "
-                f"(changed: {changed}); rerun with the same settings to resume it, or pass "
-                "--run-dir for a new run, or --overwrite to start again"
+                f"(changed: {changed}); rerun with the same settings to resume it",
+                run_dir, changed, finished=False,
             )
 
 
-def train(config, backbone=None, overwrite=False, progress=True, log=None):
+def train(config, backbone=None, overwrite=False, progress=True, log=None, cluster=None):
     """Runs a whole training job: data checks, split(s), training, evaluation, plots.
 
     The run's config.json is written only once the data are checked and split, so a run
@@ -664,6 +766,8 @@ def train(config, backbone=None, overwrite=False, progress=True, log=None):
         overwrite: delete an existing run directory first.
         progress: show progress bars.
         log: function taking one line for the user (resuming, restarting, replacing).
+        cluster: where this process stands in a multi-process JAX run
+            (`kiqa.distribute.Cluster`); None reads it from the environment.
 
     Returns:
         A `TrainResult`.
@@ -674,7 +778,7 @@ def train(config, backbone=None, overwrite=False, progress=True, log=None):
     """
     log = log or _no_log
     # First, before any other TF op: multi-worker collectives must be set up at start-up.
-    strategy = make_strategy(config.strategy)
+    strategy = make_strategy(config.strategy, cluster)
     run_dir = writable_run_dir(config.resolved_run_dir, strategy)
     _check_run_dir(run_dir, config, overwrite, log)
 

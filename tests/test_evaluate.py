@@ -9,7 +9,7 @@ import pytest
 
 from helpers import make_tiny_run
 from kiqa import metrics
-from kiqa.serving import warmup
+from kiqa.serving import export, warmup
 from kiqa.cli import evaluate as evaluate_cli
 from kiqa.scorer import load_scorer
 

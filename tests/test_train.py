@@ -291,6 +291,18 @@ def _cli_args(labels, run_dir, *more):
             "--epochs", "2", "--batch-size", "8", "--cache", "none", "--quiet", "--run-dir", str(run_dir), *more]
 
 
+def test_kiqa_train_names_the_flags_behind_a_weights_or_strategy_error(subset_csv, tmp_path, capsys):
+    # The library's errors carry the facts (kiqa.errors.WeightsError, StrategyError);
+    # the command adds the flags that fix them.
+    missing = tmp_path / "missing.weights.h5"
+    assert train_cli.main(_cli_args(subset_csv, tmp_path / "w", "--weights", str(missing))) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "missing.weights.h5 not found" in err and "--weights PATH" in err
+    assert train_cli.main(_cli_args(subset_csv, tmp_path / "s", "--strategy", "data-parallel")) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "runs on the jax backend" in err and "--backend jax" in err
+
+
 def test_a_stopped_prevalidation_writes_every_reject_and_no_config(subset_csv, tmp_path, capsys):
     frame = pd.read_csv(subset_csv)
     images = tmp_path / "images"

@@ -6,13 +6,14 @@ resolved config is written to the run directory as config.json.
 """
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
 
 from kiqa import provenance
 from kiqa.cli._common import EXIT_OK, entry_point, print_model_warning
-from kiqa.errors import ConfigError
+from kiqa.errors import ClusterError, ConfigError, RunExistsError, StrategyError, WeightsError
 from kiqa.config import (
     BACKBONES, CACHES, MONITORS, ON_BAD_IMAGES, SPLITS, STRATEGIES, VARIANTS, TrainConfig,
 )
@@ -87,12 +88,61 @@ def build_parser(prog=None):
                      help="mixed_float16 compute (for GPUs; runs on CPU without a gain)")
     fit.add_argument("--xla", dest="jit_compile", action="store_true", default=None,
                      help="XLA-compile the train step (for GPUs; no gain measured on CPU)")
-    fit.add_argument("--strategy", choices=STRATEGIES, help="tf.distribute strategy (default auto)")
+    fit.add_argument("--strategy", choices=STRATEGIES,
+                     help="auto (default), one-device, mirrored (every GPU of one host) or multi-worker on "
+                     "TensorFlow; data-parallel (one process per host or GPU, several hosts) on JAX")
+
+    dist = parser.add_argument_group(
+        "backend and processes",
+        "Keras' backend is chosen before Keras loads. A data-parallel run starts one kiqa-train per "
+        "process with the same flags; the three values below can come from the environment instead: "
+        "KERAS_DISTRIBUTION_JOB_ADDRESSES, KERAS_DISTRIBUTION_NUM_PROCESSES, KERAS_DISTRIBUTION_PROCESS_ID, "
+        "or under SLURM from SLURM_JOB_NODELIST, SLURM_NTASKS and SLURM_PROCID "
+        "(on a Kubernetes Indexed Job or JobSet, the index from JOB_COMPLETION_INDEX)",
+    )
+    dist.add_argument("--backend", choices=BACKENDS,
+                      help="Keras backend (default: $KERAS_BACKEND, else tensorflow); jax needs kiqa[jax]")
+    dist.add_argument("--coordinator-address", metavar="HOST:PORT",
+                      help="process 0's host and a free port, the same on every process")
+    dist.add_argument("--num-processes", type=int, metavar="N", help="processes in the job")
+    dist.add_argument("--process-id", type=int, metavar="I",
+                      help="this process' index, 0..N-1; process 0 writes the run directory")
 
     out = parser.add_argument_group("output")
     out.add_argument("--run-dir", help="output folder (default runs/<name>); rerunning resumes there")
     out.add_argument("--name", help="run name (default koniq, or demo without --labels)")
     return parser
+
+
+# Flags of this process, not of the run: the same config trains on any backend and any
+# number of processes (config.json does not record them).
+PROCESS_FLAGS = ("backend", "coordinator_address", "num_processes", "process_id")
+BACKENDS = ("tensorflow", "jax")
+
+
+def select_backend(requested):
+    """Sets KERAS_BACKEND for this process before Keras is imported.
+
+    Args:
+        requested: the --backend value, or None for $KERAS_BACKEND (else tensorflow).
+
+    Returns:
+        The backend name.
+
+    Raises:
+        ConfigError: Keras is already loaded with another backend (in-process callers).
+    """
+    backend = requested or os.environ.get("KERAS_BACKEND") or "tensorflow"
+    if "keras" in sys.modules:
+        import keras
+
+        if keras.backend.backend() != backend:
+            raise ConfigError(
+                f"Keras is already loaded with the {keras.backend.backend()} backend in this process; "
+                f"--backend {backend} must be chosen before Keras loads (run kiqa-train in a new process)"
+            )
+    os.environ["KERAS_BACKEND"] = backend
+    return backend
 
 
 def resolve_config(args):
@@ -102,7 +152,7 @@ def resolve_config(args):
         fields.update(TrainConfig.load(args.config).to_dict())
     flags = {
         key: value for key, value in vars(args).items()
-        if value is not None and key not in ("config", "overwrite", "quiet", "verbose")
+        if value is not None and key not in ("config", "overwrite", "quiet", "verbose") + PROCESS_FLAGS
     }
     fields.update(flags)
     if fields.get("backbone") == "small-cnn":
@@ -124,7 +174,12 @@ def main(argv=None, prog=None):
     if config.prepared and not config.labels:
         raise ConfigError("--prepared needs --labels: a prepared set is made from a label file by "
                           "`kiqa prepare LABELS.csv --out DIR`")
+    select_backend(args.backend)  # before kiqa.train imports Keras
+    from kiqa.distribute import Cluster
     from kiqa.train import caveats, train
+
+    cluster = Cluster.from_environment(coordinator_address=args.coordinator_address,
+                                       num_processes=args.num_processes, process_id=args.process_id)
 
     # Once, before training: they say what the numbers at the end will mean.
     for note in caveats(config):
@@ -133,7 +188,20 @@ def main(argv=None, prog=None):
     from kiqa.errors import ImageFolderError
 
     try:
-        result = train(config, overwrite=args.overwrite, progress=not args.quiet, log=_tell)
+        result = train(config, overwrite=args.overwrite, progress=not args.quiet, log=_tell, cluster=cluster)
+    except WeightsError as err:
+        raise WeightsError(f"{err}; {_weights_remedy(err)}", err.variant, err.weights, err.problem) from err
+    except StrategyError as err:
+        raise StrategyError(f"{err}\n{_strategy_remedy(err)}", err.strategy, err.backend, err.alternative) from err
+    except ClusterError as err:
+        if not err.missing:  # a process was lost: nothing to pass, the message says what to do
+            raise
+        raise ClusterError(f"{err}; pass --coordinator-address HOST:PORT, --num-processes N and "
+                           f"--process-id I (or set the variables)", err.missing) from err
+    except RunExistsError as err:
+        again = "replace it" if err.finished else "start again"
+        raise RunExistsError(f"{err}; pass --run-dir for a new run, or --overwrite to {again}",
+                             err.run_dir, err.changed, err.finished) from err
     except ImageFolderError as err:
         raise ImageFolderError(
             f"{err}.\nPass --images with the folder the label file's image_name values are relative "
@@ -183,6 +251,25 @@ def next_steps(result, config):
         lines.append(f"  the demo data: {labels} (labels) and {images}/ (images); "
                      f"KIQA_HOME moves it (now {synthetic.default_demo_dir().parent})")
     return lines
+
+
+def _weights_remedy(err):
+    """The flags that fix a `WeightsError`."""
+    if err.problem == "download":
+        return (f"pass --weights PATH to a local Keras weights file of the backbone (e.g. "
+                f"convnext_{err.variant}_notop.h5 from keras' storage), or --weights none to train from scratch")
+    if err.problem == "missing":
+        return "pass --weights PATH to an existing Keras weights file, imagenet or none"
+    return "pass --weights with a file of this variant, or set --variant to the size the file was saved from"
+
+
+def _strategy_remedy(err):
+    """The flags that fix a `StrategyError`."""
+    if err.alternative == "data-parallel" or err.strategy == "data-parallel":
+        return ("--strategy data-parallel runs on JAX (--backend jax, pip install kiqa[jax]); "
+                "on TensorFlow --strategy mirrored uses every GPU of one host")
+    return ("On one host: --strategy mirrored uses every local GPU. On several hosts: --backend jax "
+            "--strategy data-parallel (pip install kiqa[jax]; README, \"Train on more than one GPU or host\")")
 
 
 def _tell(message):
