@@ -18,7 +18,6 @@ TensorFlow only with the modules that need it (`kiqa --help` starts without it).
 """
 
 import importlib
-import sys
 import types
 from typing import TYPE_CHECKING
 
@@ -34,9 +33,9 @@ _LAZY = {
     "resolve_model": ("kiqa.run", "resolve_model"),
 }
 # `kiqa.train` and `kiqa.evaluate` are both submodules (`from kiqa import train` is the
-# module) and the public functions: the submodule is made callable, calling the function
-# named here, so both readings hold whichever was imported first.
-_CALLABLE_MODULES = {"train": "train", "evaluate": "evaluate"}
+# module) and the public functions: each of those modules makes itself a `CallableModule`
+# at its end, so `kiqa.train(config)` calls `kiqa.train.train` whichever was imported first.
+_CALLABLE_MODULES = ("train", "evaluate")
 
 __all__ = ["__version__", *_LAZY, *_CALLABLE_MODULES]
 
@@ -49,38 +48,16 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from kiqa.train import train
 
 
-class _CallableModule(types.ModuleType):
-    """A submodule that can be called as its main function (see `_CALLABLE_MODULES`)."""
+class CallableModule(types.ModuleType):
+    """A submodule that calls the function of its own name: `kiqa.train(...)` is `kiqa.train.train(...)`."""
 
     def __call__(self, *args, **kwargs):
-        return getattr(self, _CALLABLE_MODULES[self.__name__.rsplit(".", 1)[-1]])(*args, **kwargs)
-
-
-def _callable_submodule(name):
-    def get(package):
-        module = importlib.import_module(f"{package.__name__}.{name}")
-        if not isinstance(module, _CallableModule):
-            module.__class__ = _CallableModule
-        return module
-
-    def set_(package, value):
-        # The import system binds each submodule on its package once loaded; the getter
-        # returns that same module from sys.modules.
-        pass
-
-    return property(get, set_, doc=f"`kiqa.{name}`: the module, callable as its `{_CALLABLE_MODULES[name]}`.")
-
-
-class _Package(types.ModuleType):
-    pass
-
-
-for _name in _CALLABLE_MODULES:
-    setattr(_Package, _name, _callable_submodule(_name))
-sys.modules[__name__].__class__ = _Package
+        return getattr(self, self.__name__.rsplit(".", 1)[-1])(*args, **kwargs)
 
 
 def __getattr__(name):
+    if name in _CALLABLE_MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
     if name in _LAZY:
         module, attribute = _LAZY[name]
         value = getattr(importlib.import_module(module), attribute)

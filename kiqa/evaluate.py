@@ -1,12 +1,14 @@
 """Evaluating a model on a labelled set: predictions, the field's metrics, plots."""
 
 import os
+import sys
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import numpy as np
 import pandas as pd
 
+from kiqa import CallableModule
 from kiqa.config import TrainConfig
 from kiqa.data.pipeline import make_dataset
 from kiqa.errors import ConfigError
@@ -194,3 +196,7 @@ def _default_out_dir(resolved):
         return resolved.model.parent
     # Beside the export's base path: TF Serving watches the base path itself.
     return resolved.version_dir.parent.parent
+
+
+# `kiqa.evaluate(...)` calls `evaluate` above: the module is also the public function (kiqa/__init__.py).
+sys.modules[__name__].__class__ = CallableModule

@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import keras
@@ -18,7 +19,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from kiqa import provenance
+from kiqa import CallableModule, provenance
 from kiqa.config import TrainConfig
 from kiqa.data import koniq
 from kiqa.data.pipeline import make_dataset, steps_per_epoch
@@ -817,3 +818,7 @@ def train(config, backbone=None, overwrite=False, progress=True, log=None, clust
     write_json(run_dir / "metrics.json", {"protocol": f"{len(splits)} seeded random splits", "summary": summary, "splits": rows})
     _write_provenance(run_dir, config, summary, frame, rejects, backbone)
     return TrainResult(run_dir, summary, None, rejects, prepared and prepared.path)
+
+
+# `kiqa.train(...)` calls `train` above: the module is also the public function (kiqa/__init__.py).
+sys.modules[__name__].__class__ = CallableModule

@@ -1,12 +1,13 @@
 """Small builders shared by tests (not product options)."""
 
+import json
 import shutil
 
 import keras
 import numpy as np
 import pandas as pd
 
-from kiqa.serving import export
+from kiqa.serving import export, warmup
 from kiqa.config import TrainConfig
 from kiqa.data import synthetic
 from kiqa.model import build_model
@@ -160,3 +161,23 @@ def bad_image_kinds():
         "truncated-webp": webp[: len(webp) // 2],
         "webp-garbage": b"RIFF\x40\x00\x00\x00WEBPVP8 " + b"\x07" * 60,
     }
+
+
+def write_generated_images(folder, count, seed=0):
+    """Writes `count` of the export's generated photos into `folder`; returns their names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for name, contents in warmup.generated_images(count, seed=seed):
+        (folder / name).write_bytes(contents)
+        names.append(name)
+    return names
+
+
+def send_json(handler, code, payload):
+    """Answers an `http.server` request with `payload` as JSON (the REST stand-ins)."""
+    data = json.dumps(payload).encode()
+    handler.send_response(code)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)

@@ -35,10 +35,7 @@ def scorer(run_dir):
 def photos(tmp_path_factory):
     """Five generated photos and one truncated JPEG."""
     folder = tmp_path_factory.mktemp("api-photos")
-    names = []
-    for name, contents in export.generated_images(5, seed=3):
-        (folder / name).write_bytes(contents)
-        names.append(name)
+    names = helpers.write_generated_images(folder, 5, seed=3)
     good = (folder / names[0]).read_bytes()
     (folder / "broken.jpg").write_bytes(good[: len(good) // 3])
     return folder, names

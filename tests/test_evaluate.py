@@ -7,10 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import make_tiny_run
+from helpers import make_tiny_run, write_generated_images
 from kiqa import metrics
-from kiqa.serving import export, warmup
+from kiqa.serving import export
 from kiqa.cli import evaluate as evaluate_cli
+from kiqa.run import resolve_model
 from kiqa.scorer import load_scorer
 
 
@@ -25,10 +26,7 @@ def tiny_run(tmp_path_factory):
 def rated(tmp_path_factory):
     """Twelve generated photos in a plain file,mos CSV rated 1-5."""
     folder = tmp_path_factory.mktemp("rated")
-    names = []
-    for name, contents in warmup.generated_images(12, seed=2):
-        (folder / name).write_bytes(contents)
-        names.append(name)
+    names = write_generated_images(folder, 12, seed=2)
     labels = folder / "labels.csv"
     pd.DataFrame({"file": names, "mos": [1 + (i % 5) for i in range(12)]}).to_csv(labels, index=False)
     return labels
@@ -95,17 +93,23 @@ def test_evaluate_resolves_every_model_path_kiqa_score_resolves(tiny_run, rated,
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(tiny_run / "config.json", run / "config.json")
     shutil.copy(tiny_run / "model.keras", run / "checkpoints" / "best.keras")
-    refs = [tiny_run, tiny_run / "model.keras", run / "checkpoints" / "best.keras", base, base / "1"]
-    reference = None
-    for i, ref in enumerate(refs):
+    refs = {tiny_run: "keras", tiny_run / "model.keras": "keras", run / "checkpoints" / "best.keras": "keras",
+            base: "savedmodel", base / "1": "savedmodel"}
+    for ref, kind in refs.items():
         load_scorer(ref)  # what `kiqa score --model` takes
+        resolved = resolve_model(ref)  # what `kiqa evaluate` resolves it through
+        assert resolved.kind == kind, ref
+        assert (resolved.config() is not None) == (kind == "keras"), ref  # a run's config, found
+    assert resolve_model(base).model == resolve_model(base / "1").model
+    # Evaluated end to end: one Keras path (checkpoints/best.keras has its own test above)
+    # and the export base; the other paths resolve to the same files.
+    predicted = []
+    for i, ref in enumerate([tiny_run / "model.keras", base]):
         out = tmp_path / f"eval-{i}"
         assert evaluate_cli.main([str(ref), "--labels", str(rated), "--out", str(out), "--quiet"]) == 0, ref
-        predicted = pd.read_csv(out / "predictions.csv")["predicted_mos"]
-        if reference is None:
-            reference = predicted
-        # The export scores the same pixels within its parity tolerance.
-        np.testing.assert_allclose(predicted, reference, atol=export.PARITY_TOLERANCE)
+        predicted.append(pd.read_csv(out / "predictions.csv")["predicted_mos"])
+    # The export scores the same pixels within its parity tolerance.
+    np.testing.assert_allclose(predicted[1], predicted[0], atol=export.PARITY_TOLERANCE)
 
 
 @pytest.mark.large  # converts the model to ONNX (tf2onnx): tens of seconds on a shared 2-core machine

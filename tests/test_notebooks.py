@@ -26,6 +26,7 @@ from nbclient import NotebookClient
 from PIL import Image
 
 from conftest import PROJECT_ROOT
+from helpers import send_json
 from kiqa import notebook as nb_lib
 from kiqa.data import koniq, synthetic
 
@@ -348,12 +349,7 @@ class RestToGrpc(http.server.BaseHTTPRequestHandler):
         with ServingClient(self.grpc_address, model_name=name, version=version,
                            signature_name=body.get("signature_name", "serving_default")) as client:
             scores = client.score_bytes(contents)
-        data = json.dumps({"predictions": [float(s) for s in scores]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, 200, {"predictions": [float(s) for s in scores]})
 
     def log_message(self, *args):
         pass

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kiqa.serving import export, warmup
+from helpers import write_generated_images
+from kiqa.serving import export
 from kiqa.cli import predict as predict_cli
 from kiqa.serving.devserver import DevServer
 from kiqa.errors import ServingError
@@ -30,10 +31,7 @@ CORRUPT = b"\xff\xd8\xff\xe0 a JPEG that stops here"
 def images(tmp_path_factory):
     """Seven generated image files and one corrupt JPEG, in that order."""
     folder = tmp_path_factory.mktemp("images")
-    paths = []
-    for name, contents in warmup.generated_images(7, seed=3):
-        (folder / name).write_bytes(contents)
-        paths.append(folder / name)
+    paths = [folder / name for name in write_generated_images(folder, 7, seed=3)]
     (folder / "corrupt.jpg").write_bytes(CORRUPT)
     return paths, folder / "corrupt.jpg"
 

@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 
+from helpers import send_json
 from kiqa.errors import ServingError
 from kiqa.serving import client as serving_client
 from kiqa.serving.client import VersionStatus
@@ -32,12 +33,7 @@ class FakeRest(http.server.BaseHTTPRequestHandler):
         self._answer(200, {"predictions": [float(s) for s in sizes]})
 
     def _answer(self, code, payload):
-        data = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, code, payload)
 
     def log_message(self, *args):
         pass
