@@ -55,14 +55,28 @@ class CallableModule(types.ModuleType):
         return getattr(self, self.__name__.rsplit(".", 1)[-1])(*args, **kwargs)
 
 
+def load_lazy(namespace, lazy, name):
+    """Imports the attribute `lazy[name]` names, as (module, attribute), and caches it.
+
+    The body of a package's PEP 562 `__getattr__` (kiqa's and kiqa.notebook's).
+
+    Args:
+        namespace: the package's `globals()`; the value is stored there, so later
+            accesses skip `__getattr__`.
+        lazy: public name -> (module, attribute).
+        name: the name asked for.
+    """
+    module, attribute = lazy[name]
+    value = getattr(importlib.import_module(module), attribute)
+    namespace[name] = value
+    return value
+
+
 def __getattr__(name):
     if name in _CALLABLE_MODULES:
         return importlib.import_module(f"{__name__}.{name}")
     if name in _LAZY:
-        module, attribute = _LAZY[name]
-        value = getattr(importlib.import_module(module), attribute)
-        globals()[name] = value  # later accesses skip this hook
-        return value
+        return load_lazy(globals(), _LAZY, name)
     raise AttributeError(f"module 'kiqa' has no attribute {name!r}")
 
 

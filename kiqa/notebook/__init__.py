@@ -12,8 +12,7 @@ The notebooks import only `kiqa` and this package (`from kiqa import notebook as
 Importing this package loads pandas, SciPy and matplotlib, not TensorFlow.
 """
 
-import importlib
-
+from kiqa import load_lazy
 from kiqa.data.koniq import default_image_root, official_split, random_split, read_labels, resolve_image_path
 from kiqa.data.synthetic import demo_dataset
 from kiqa.notebook.figures import first_conv_kernels, kernel_grid, plot_image_grid, plot_kernels
@@ -106,10 +105,7 @@ __all__ = [
 
 def __getattr__(name):
     if name in _LAZY:
-        module, attribute = _LAZY[name]
-        value = getattr(importlib.import_module(module), attribute)
-        globals()[name] = value
-        return value
+        return load_lazy(globals(), _LAZY, name)
     raise AttributeError(f"module 'kiqa.notebook' has no attribute {name!r}")
 
 
