@@ -195,6 +195,12 @@ def resolve_model(model_ref: PathLike) -> ModelPath:
     versions = saved_model_versions(given)
     if versions:
         return ModelPath(given, "savedmodel", versions[-1][1])
+    if (given / BEST_CHECKPOINT).is_file():
+        raise ModelError(
+            f"run folder {given} has no {MODEL_FILE} (the run may not have finished); its best "
+            f"checkpoint is {given / BEST_CHECKPOINT}",
+            path=str(given),
+        )
     raise ModelError(
         f"{given} is not a model: no {MODEL_FILE} (run folder), no {SAVED_MODEL_FILE} "
         f"(SavedModel version folder), no {ONNX_FILE} and no integer version folders holding "

@@ -198,3 +198,16 @@ def test_saved_model_batches_are_split_at_the_exports_maximum(base):
     mos = scorer.predict_pixels(pixels.astype(np.float32))
     assert mos.shape == (export.MAX_BATCH + 3,) and np.all(np.isfinite(mos))
     np.testing.assert_allclose(mos[-3:], scorer.predict_pixels(pixels[-3:].astype(np.float32)), atol=1e-4)
+
+
+def test_an_unfinished_run_names_its_best_checkpoint(tmp_path):
+    from kiqa.run import resolve_model
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.keras").write_bytes(b"placeholder")
+    with pytest.raises(ModelError, match=r"has no model\.keras \(the run may not have finished\); its best checkpoint is .*best\.keras"):
+        resolve_model(run)
+    (run / "checkpoints" / "best.keras").unlink()
+    with pytest.raises(ModelError, match="is not a model"):
+        resolve_model(run)

@@ -620,11 +620,6 @@ def _load_keras_model(model_or_path, config, safe_mode):
     from kiqa.run import resolve_model  # the one model-path resolver
 
     path = Path(model_or_path)
-    if path.is_dir() and not (path / "model.keras").is_file():
-        raise ModelError(
-            f"run directory {path} has no model.keras (the run may not have finished); "
-            f"pass {path / 'checkpoints' / 'best.keras'} to export the best checkpoint"
-        )
     resolved = resolve_model(path)  # the one lookup of a model's config.json (kiqa.run)
     if resolved.kind != "keras":
         raise ModelError(f"{path} is a {resolved.kind} export, not a run directory or a .keras file")
