@@ -1,7 +1,9 @@
 """Typed errors. Library code raises these; only `kiqa.cli` turns them into exit codes.
 
 Every message names the thing that is wrong and the fix, because the user reading it
-is usually hours into a run and looking at a log, not at the code.
+is usually hours into a run and looking at a log, not at the code. The fix is said in the
+library's terms (arguments, files); the attributes carry the facts, from which
+`kiqa.cli.remedies` says the command-line flags that fix it.
 """
 
 
@@ -83,12 +85,86 @@ class UntrustedModelError(ModelError):
         self.ops = tuple(ops)
 
 
+class LambdaLayerError(ModelError):
+    """A `.keras` file holds a `keras.layers.Lambda` (arbitrary Python code), which safe mode
+    refuses; `path` names the file."""
+
+
 class ExportError(KiqaError):
     """A SavedModel export failed its checks; nothing was made visible to TF Serving."""
 
 
+class UntrustedExportError(ExportError):
+    """A SavedModel failed its checks because its graph uses ops outside kiqa's allow list.
+
+    Attributes:
+        refused_ops: the ops refused.
+    """
+
+    def __init__(self, message, refused_ops=()):
+        super().__init__(message)
+        self.refused_ops = tuple(refused_ops)
+
+
 class ServingError(KiqaError):
     """A TF Serving endpoint is unreachable, has no such model, or rejected a request."""
+
+
+class ServingStatusError(ServingError):
+    """A gRPC call to a TF Serving endpoint failed with a status code.
+
+    Attributes:
+        code: the gRPC status name ("UNAVAILABLE", "DEADLINE_EXCEEDED", "NOT_FOUND",
+            "FAILED_PRECONDITION", ...), or "QUEUE_FULL" for a full batching queue.
+        server: the server's "host:port".
+        model: the model name asked for.
+        signature: the signature asked for.
+        timeout: the client's timeout in seconds.
+    """
+
+    def __init__(self, message, code, server, model, signature, timeout):
+        super().__init__(message)
+        self.code, self.server, self.model, self.signature, self.timeout = code, server, model, signature, timeout
+
+
+class SignatureError(ServingError):
+    """A served model has no such signature, or one that does not take and give what kiqa's
+    client sends and reads.
+
+    Attributes:
+        server: the server's "host:port".
+        model: the model name.
+        version: the served version.
+        signature: the signature asked for.
+        available: the signatures the version has.
+        problem: "missing" (no such signature) or "mismatch" (wrong inputs or outputs).
+    """
+
+    def __init__(self, message, server, model, version, signature, available, problem):
+        super().__init__(message)
+        self.server, self.model, self.version, self.signature = server, model, version, signature
+        self.available, self.problem = tuple(available), problem
+
+
+class NoExportError(ServingError):
+    """A model base path to serve from does not exist; `base_path` names it."""
+
+    def __init__(self, message, base_path):
+        super().__init__(message)
+        self.base_path = base_path
+
+
+class PortError(ServingError):
+    """A server cannot listen on its address.
+
+    Attributes:
+        address: the "host:port" asked for.
+        reason: why, as the socket layer said it.
+    """
+
+    def __init__(self, message, address, reason):
+        super().__init__(message)
+        self.address, self.reason = address, reason
 
 
 class NotScoresCsvError(DataError):
@@ -97,6 +173,72 @@ class NotScoresCsvError(DataError):
     def __init__(self, message, path):
         super().__init__(message)
         self.path = path
+
+
+class BadImagesError(DataError):
+    """Images of a label file cannot be used, and the bad-image policy stops the run.
+
+    Attributes:
+        n_bad: the unusable images.
+        n_images: the images the label file lists.
+        policy: "stop" (`on_bad_images="stop"`: any bad image stops) or "too_many" (more
+            than `max_bad_fraction` of them are bad).
+        max_bad_fraction: the fraction allowed.
+    """
+
+    def __init__(self, message, n_bad, n_images, policy, max_bad_fraction):
+        super().__init__(message)
+        self.n_bad, self.n_images, self.policy, self.max_bad_fraction = n_bad, n_images, policy, max_bad_fraction
+
+
+class NoOfficialSplitError(DataError):
+    """A label file has no `set` column, so it has no official split; `path` names it."""
+
+    def __init__(self, message, path):
+        super().__init__(message)
+        self.path = path
+
+
+class DownloadError(DataError):
+    """A server refused a download.
+
+    Attributes:
+        name: the file being downloaded.
+        url: the address asked.
+        status: the HTTP status code.
+    """
+
+    def __init__(self, message, name, url, status):
+        super().__init__(message)
+        self.name, self.url, self.status = name, url, status
+
+
+class ChecksumError(DataError):
+    """A downloaded file is not what was expected (it has been deleted).
+
+    Attributes:
+        name: the file.
+        problem: "size" or "sha256".
+        expected: the expected size or digest.
+        actual: the size or digest received.
+    """
+
+    def __init__(self, message, name, problem, expected, actual):
+        super().__init__(message)
+        self.name, self.problem, self.expected, self.actual = name, problem, expected, actual
+
+
+class UnsafeArchiveError(DataError):
+    """An archive has members that would be written outside the folder, or links.
+
+    Attributes:
+        archive: the archive file.
+        members: the unsafe members (the first ten).
+    """
+
+    def __init__(self, message, archive, members):
+        super().__init__(message)
+        self.archive, self.members = archive, tuple(members)
 
 
 class ImageFolderError(DataError):
