@@ -36,7 +36,7 @@ import keras
 from keras import ops
 
 from kiqa.contract import MOS_OUTPUT as OUTPUT_NAME, MOS_SCALE, PIXELS_INPUT as INPUT_NAME
-from kiqa.errors import ModelError, WeightsError
+from kiqa.errors import LambdaLayerError, ModelError, WeightsError
 
 # A model variant is data: one builder (`build_model`) reads this table.
 CONVNEXT_VARIANTS = {
@@ -418,15 +418,14 @@ def load_model(path, safe_mode=True):
     Args:
         path: the `.keras` file.
         safe_mode: refuse files with `keras.layers.Lambda` (arbitrary code).
-            kiqa models contain none; only turn it off (--unsafe) for files you
-            trust.
+            kiqa models contain none; only turn it off for files you trust.
 
     Returns:
         The `keras.Model`, compiled if it was saved compiled.
 
     Raises:
-        ModelError: missing file, not a Keras `.keras` file, or a Lambda layer
-            refused by safe mode.
+        ModelError: missing file, or not a Keras `.keras` file.
+        LambdaLayerError: a Lambda layer refused by safe mode.
     """
     path = Path(path)
     if not path.is_file():
@@ -441,8 +440,9 @@ def load_model(path, safe_mode=True):
     except Exception as err:
         reason = _reason(err)
         if safe_mode and "safe_mode" in str(err):
-            raise ModelError(
+            raise LambdaLayerError(
                 f"model file {path} contains a Lambda layer (arbitrary Python code), which "
-                f"safe mode refuses; pass --unsafe only if you trust where the file came from"
+                f"safe mode refuses; load it with safe_mode=False only if you trust where the file came from",
+                path=str(path),
             ) from err
         raise ModelError(f"cannot load model file {path}: {reason}") from err
