@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kiqa.errors import DataError
+from kiqa.errors import DataError, NoOfficialSplitError
 from kiqa.fsutil import PANDAS_READ_TEXT, has_undecodable_bytes
 
 SPLIT_FILE = "split file"  # koniq10k_distributions_sets.csv
@@ -315,12 +315,13 @@ def official_split(frame):
     """KonIQ's official split from the `set` column (7058 / 1000 / 2015 on KonIQ-10k).
 
     Raises:
-        DataError: the table has no `set` column (use a random split instead).
+        NoOfficialSplitError: the table has no `set` column (use a random split instead).
     """
     if "set" not in frame.columns:
-        raise DataError(
+        raise NoOfficialSplitError(
             f"{frame.attrs.get('path', 'the label file')} has no 'set' column, so it has no "
-            "official split: use koniq10k_distributions_sets.csv, or --split random / repeated"
+            "official split: use koniq10k_distributions_sets.csv, or a random or repeated split",
+            path=frame.attrs.get("path"),
         )
     parts = {key: frame[frame["set"] == key].reset_index(drop=True) for key in ("train", "val", "test")}
     return Split("official", parts["train"], parts["val"], parts["test"])

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from kiqa.contract import DEFAULT_MAX_BYTES
 from kiqa.data.koniq import DUPLICATE_REASON, MISSING_REASON, check_image_names, undecodable_bytes
-from kiqa.errors import DataError, ImageError, ImageFolderError
+from kiqa.errors import BadImagesError, ImageError, ImageFolderError
 from kiqa.fsutil import has_undecodable_bytes, printable, tf_path
 from kiqa.image import decode_image, describe_decode_error, read_image_bytes
 
@@ -149,7 +149,7 @@ def apply_bad_image_policy(frame, paths, rejects, config):
         The label table without rejected rows, with a `path` column.
 
     Raises:
-        DataError: `on_bad_images="stop"` and there are rejects, or more than
+        BadImagesError: `on_bad_images="stop"` and there are rejects, or more than
             `max_bad_fraction` of the images are bad; the message lists them.
             Duplicate rows (see `kiqa.data.koniq.check_image_names`) are dropped and
             listed, but neither stop a run nor count as bad.
@@ -160,15 +160,17 @@ def apply_bad_image_policy(frame, paths, rejects, config):
         more = f"\n  ... and {len(bad) - 20} more (all in rejects.csv)" if len(bad) > 20 else ""
         fraction = len(bad) / len(frame)
         if config.on_bad_images == "stop":
-            raise DataError(
+            raise BadImagesError(
                 f"{len(bad)} of {len(frame)} images cannot be used:\n{listing}{more}\n"
-                "Fix or remove them, or pass --on-bad-images drop to train without them."
+                'Fix or remove them, or set on_bad_images="drop" to train without them.',
+                n_bad=len(bad), n_images=len(frame), policy="stop", max_bad_fraction=config.max_bad_fraction,
             )
         if fraction > config.max_bad_fraction:
-            raise DataError(
+            raise BadImagesError(
                 f"{len(bad)} of {len(frame)} images ({fraction:.1%}) cannot be used, more "
                 f"than max_bad_fraction={config.max_bad_fraction:.1%} (wrong image folder?):\n"
-                f"{listing}{more}\nCheck --images, or raise --max-bad-fraction to drop them."
+                f"{listing}{more}\nCheck the image folder, or raise max_bad_fraction to drop them.",
+                n_bad=len(bad), n_images=len(frame), policy="too_many", max_bad_fraction=config.max_bad_fraction,
             )
     kept = frame.assign(path=paths)
     return kept[kept["path"].notna()].reset_index(drop=True)
@@ -209,7 +211,7 @@ def load_checked_labels(config, progress=True):
 
     Raises:
         ImageFolderError: most images are missing (see `check_image_folder`).
-        DataError: see `apply_bad_image_policy`.
+        BadImagesError: see `apply_bad_image_policy`.
     """
     frame, paths, rejects, root = check_labels(config, progress)
     check_image_folder(frame, rejects, root)
