@@ -18,7 +18,7 @@ from PIL import Image
 
 from kiqa.data import fetch
 from kiqa.cli import fetch as fetch_cli
-from kiqa.errors import DataError
+from kiqa.errors import DataError, DownloadError
 
 IMAGES_ZIP = "koniq10k_1024x768.zip"
 SCORES_ZIP = "koniq10k_scores_and_distributions.zip"
@@ -165,7 +165,7 @@ def test_unknown_checksum_is_recorded_and_logged(server, tmp_path, caplog):
     server.serve(archives)
     with caplog.at_level(logging.INFO, logger="kiqa.data.fetch"):
         run_fetch(server, tmp_path)
-    assert f"--sha256 {IMAGES_ZIP}={sha(archives[IMAGES_ZIP])}" in caplog.text
+    assert f"{IMAGES_ZIP}: sha256 {sha(archives[IMAGES_ZIP])}" in caplog.text
     state = json.loads((tmp_path / fetch.STATE_FILE).read_text())
     assert state["files"][SCORES_ZIP]["sha256"] == sha(archives[SCORES_ZIP])
 
@@ -240,7 +240,8 @@ def test_wrong_checksum_deletes_the_file_and_extracts_nothing(server, tmp_path):
         run_fetch(server, tmp_path, expected={IMAGES_ZIP: {"sha256": wrong}})
     message = str(err.value)
     assert IMAGES_ZIP in message and wrong in message and sha(archives[IMAGES_ZIP]) in message
-    assert "--sha256" in message and "Rerun" in message
+    assert "Rerun" in message and "--" not in message  # the CLI names the flag
+    assert (err.value.name, err.value.problem, err.value.expected) == (IMAGES_ZIP, "sha256", wrong)
     assert not (tmp_path / IMAGES_ZIP).exists()
     assert not list(tmp_path.glob("*.part*"))
     assert not (tmp_path / "1024x768").exists()
@@ -329,8 +330,9 @@ def test_archives_downloaded_by_hand_are_used_without_a_request(server, tmp_path
 
 
 def test_not_found_is_a_clear_error_not_retried(server, tmp_path):
-    with pytest.raises(DataError, match="HTTP 404.*--base-url"):
+    with pytest.raises(DownloadError, match="HTTP 404.*check the address") as err:
         run_fetch(server, tmp_path)
+    assert err.value.status == 404 and err.value.name == IMAGES_ZIP
     assert server.names_requested() == [IMAGES_ZIP]
 
 
@@ -358,7 +360,9 @@ def test_cli_wrong_sha256_exits_1_naming_the_archive(server, tmp_path, capsys):
     code = fetch_cli.main([str(tmp_path), "--base-url", server.url, "--no-split-file", "--quiet",
                            "--sha256", f"{IMAGES_ZIP}={'a' * 64}"], prog="kiqa fetch-koniq")
     assert code == 1
-    assert f"{IMAGES_ZIP}: sha256 mismatch" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{IMAGES_ZIP}: sha256 mismatch" in err
+    assert f"--sha256 {IMAGES_ZIP}=<the new digest>" in err  # the remedy, in this command's flags
 
 
 @pytest.mark.parametrize("value, message", [

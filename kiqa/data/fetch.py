@@ -6,7 +6,7 @@ letting any member escape `out_dir`, fetches the official split file from the au
 GitHub repository, and checks that every image the labels name is on disk. A rerun after
 success makes no request at all; a rerun after a failure resumes where it stopped.
 
-Layout after a full fetch (what `kiqa train --labels` expects):
+Layout after a full fetch (what training's `labels` setting expects):
 
     out_dir/
       koniq10k_distributions_sets.csv        official split file (0-100 `MOS` + `set`)
@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from kiqa import __version__
 from kiqa.contract import IMAGE_EXTENSIONS
 from kiqa.data.koniq import check_image_names, read_labels
-from kiqa.errors import ConfigError, DataError
+from kiqa.errors import ChecksumError, ConfigError, DataError, DownloadError, UnsafeArchiveError
 from kiqa.fsutil import sha256_of, write_json_atomically
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class Expected:
     Attributes:
         size: size in bytes.
         sha256: lowercase hex digest.
-        about: the download's size for people (`kiqa fetch-koniq --help` and the README
+        about: the download's size for people (the fetch command's help and the README
             quote it): a measured figure, or "size unverified" when none was measured.
     """
 
@@ -334,9 +334,10 @@ def _open(url, name, headers, offset, part, meta_path, timeout):
             raise _Retry("range not satisfiable") from err
         if err.code in (408, 429) or err.code >= 500:
             raise _Retry(f"HTTP {err.code} {err.reason}") from err
-        raise DataError(
+        raise DownloadError(
             f"{name}: {url} answered HTTP {err.code} {err.reason}; check the address "
-            "(--base-url, --split-file-url) or try again later"
+            "or try again later",
+            name=name, url=url, status=err.code,
         ) from err
     except (urllib.error.URLError, HTTPException, OSError) as err:
         reason = getattr(err, "reason", err)
@@ -411,22 +412,24 @@ def _check_received(part, total, meta_path):
 def _verify(part, name, expected, meta_path):
     size = part.stat().st_size
     digest = sha256_of(part)
-    problem = None
+    mismatch = None
     if expected.size is not None and size != expected.size:
-        problem = f"size mismatch: expected {expected.size} bytes, got {size}"
+        mismatch = ("size", expected.size, size, f"size mismatch: expected {expected.size} bytes, got {size}")
     elif expected.sha256 is not None and digest != expected.sha256:
-        problem = f"sha256 mismatch: expected {expected.sha256}, got {digest}"
-    if problem:
+        mismatch = ("sha256", expected.sha256, digest, f"sha256 mismatch: expected {expected.sha256}, got {digest}")
+    if mismatch:
         part.unlink()
         meta_path.unlink(missing_ok=True)
-        raise DataError(
-            f"{name}: {problem}. The download was corrupted or the server's file changed; "
+        problem, want, got, text = mismatch
+        raise ChecksumError(
+            f"{name}: {text}. The download was corrupted or the server's file changed; "
             "the bad file was deleted. Rerun to download it again; if the archive was "
-            f"legitimately updated, pass --sha256 {name}=<the new digest>"
+            "legitimately updated, expect the new digest",
+            name=name, problem=problem, expected=want, actual=got,
         )
     if expected.sha256 is None:
-        logger.info("%s: sha256 %s (%d bytes); no published value to check against, pin it "
-                    "with --sha256 %s=%s", name, digest, size, name, digest)
+        logger.info("%s: sha256 %s (%d bytes); no published value to check it against (recorded "
+                    "in %s, to pin for later fetches)", name, digest, size, STATE_FILE)
     return size, digest
 
 
@@ -457,10 +460,11 @@ def extract_archive(archive, out_dir, progress=True):
             members = zipped.infolist()
             unsafe = [info.filename for info in members if _unsafe_member(info)]
             if unsafe:
-                raise DataError(
+                raise UnsafeArchiveError(
                     f"{archive}: refusing to extract: {len(unsafe)} member(s) would be written "
                     f"outside {out_dir} or are links: {unsafe[:10]}. The archive is not the "
-                    "official one; delete it and check --base-url"
+                    "official one; delete it and check where it came from",
+                    archive=str(archive), members=unsafe[:10],
                 )
             _check_free_space(out_dir, sum(info.file_size for info in members), archive.name)
             staging = out_dir / f".{archive.name}.extracting"
@@ -556,8 +560,8 @@ def _fetch_split_file(out_dir, url, want, state, options):
         if path.exists() and not entry:
             path.unlink()  # it did not parse as a KonIQ label file
         logger.warning(
-            "official split file not fetched (%s). Training still works with --split random "
-            "or repeated; to get it, download %s into %s", err, url, out_dir,
+            "official split file not fetched (%s). Training still works with a random or "
+            "repeated split; to get it, download %s into %s", err, url, out_dir,
         )
         return
     state.files[SPLIT_FILE] = {"url": url, "size": size, "sha256": digest}
@@ -594,7 +598,7 @@ def _adopt(archive, want):
 
 
 def _agrees(entry, want):
-    """A recorded download still satisfies what is expected now (e.g. a new --sha256)."""
+    """A recorded download still satisfies what is expected now (e.g. a newly pinned sha256)."""
     return (want.sha256 is None or entry.get("sha256") == want.sha256) and (
         want.size is None or entry.get("size") == want.size
     )
