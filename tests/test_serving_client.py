@@ -19,7 +19,7 @@ from helpers import write_generated_images
 from kiqa.serving import export
 from kiqa.cli import predict as predict_cli
 from kiqa.serving.devserver import DevServer
-from kiqa.errors import ServingError
+from kiqa.errors import ServingError, ServingStatusError, SignatureError
 from kiqa.serving.client import ServingClient
 
 CORRUPT = b"\xff\xd8\xff\xe0 a JPEG that stops here"
@@ -120,15 +120,17 @@ def test_wrong_signature_is_explained(server, images):
             client.score_bytes([paths[0].read_bytes()])
     # The pixel signature exists but is not one this client can send bytes to.
     with ServingClient(server.address, signature_name="score_pixels", timeout=30) as client:
-        with pytest.raises(ServingError, match=r"signature 'score_pixels' is .*image.*kiqa sends image_bytes"):
+        with pytest.raises(SignatureError, match=r"signature 'score_pixels' is .*image.*kiqa sends image_bytes") as err:
             client.check()
+        assert (err.value.signature, err.value.problem) == ("score_pixels", "mismatch")
 
 
 def test_server_down_is_a_clear_error():
     port = free_port()
     with ServingClient(f"127.0.0.1:{port}", timeout=5) as client:
-        with pytest.raises(ServingError, match=rf"^no TF Serving at 127\.0\.0\.1:{port} .*--server"):
+        with pytest.raises(ServingStatusError, match=rf"^no TF Serving at 127\.0\.0\.1:{port} .*check the address") as err:
             client.check()
+        assert (err.value.code, err.value.server) == ("UNAVAILABLE", f"127.0.0.1:{port}")
         with pytest.raises(ServingError, match=rf"^no TF Serving at 127\.0\.0\.1:{port}"):
             client.score_bytes([b"x"])
 
@@ -203,7 +205,9 @@ def test_predict_cli_status(server, capsys):
 def test_predict_cli_server_down(capsys):
     port = free_port()
     assert predict_cli.main(["--server", f"127.0.0.1:{port}", "--timeout", "5", "--status"]) == 1
-    assert f"error: no TF Serving at 127.0.0.1:{port}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"error: no TF Serving at 127.0.0.1:{port}" in err
+    assert "check --server" in err  # the remedy, in kiqa predict's flags
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ from kiqa.contract import (
     PROVENANCE_OUTPUT,
     PROVENANCE_SIGNATURE,
 )
-from kiqa.errors import ImageError, KiqaError, MessageTooLargeError, ServingError
+from kiqa.errors import ImageError, KiqaError, MessageTooLargeError, ServingError, ServingStatusError, SignatureError
 from kiqa.tferrors import clean_tf_message
 from kiqa.image import DEFAULT_MAX_BYTES, read_image_bytes
 # Room for the request's own fields around the image bytes.
@@ -206,10 +206,12 @@ class ServingClient:
         version, signatures = self._signature_defs()
         if self.signature_name not in signatures.signature_def:
             names = sorted(k for k in signatures.signature_def if not k.startswith("__"))
-            raise ServingError(
+            raise SignatureError(
                 f"model {self.model_name!r} version {version} at "
                 f"{self.server} has no signature {self.signature_name!r} (Predict would answer FAILED_PRECONDITION); "
-                f"it has {names}. Pass --signature, or re-export the model with kiqa export"
+                f"it has {names}. Ask for one of them, or re-export the model",
+                server=self.server, model=self.model_name, version=version, signature=self.signature_name,
+                available=names, problem="missing",
             )
         self._lenient = _lenient_signature(self.signature_name, signatures)
         return version, _describe(signatures.signature_def[self.signature_name])
@@ -255,11 +257,13 @@ class ServingClient:
         want_in = {BYTES_INPUT: ["string", [-1]]}
         got_out = signature["outputs"].get(MOS_OUTPUT)
         if signature["inputs"] != want_in or got_out is None or got_out[0] != "float32":
-            raise ServingError(
+            raise SignatureError(
                 f"model {self.model_name!r} version {version} at {self.server}: signature "
                 f"{self.signature_name!r} is {signature['inputs']} -> {signature['outputs']}, but kiqa "
                 f"sends {BYTES_INPUT}: string[-1] and reads {MOS_OUTPUT}: float[-1]. Is this a kiqa "
-                f"export? Re-export it with kiqa export, or pass the right --model/--signature"
+                f"export? Re-export it, or ask for the right model and signature",
+                server=self.server, model=self.model_name, version=version, signature=self.signature_name,
+                available=(), problem="mismatch",
             )
         return {"version": version, "versions": versions, "signature": signature, "lenient": self.lenient}
 
@@ -493,21 +497,23 @@ class ServingClient:
                                   code=getattr(code, "name", code))
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return MessageTooLargeError(message, limit=self.max_message_bytes)
-        return ServingError(message)
+        return ServingStatusError(message, code=getattr(code, "name", code), server=self.server,
+                                  model=self.model_name, signature=self.signature_name, timeout=self.timeout)
 
 
-# What each gRPC failure means here, and what to do about it.
+# What each gRPC failure means here, and what to do about it (in the client's arguments:
+# kiqa.cli.remedies names the flags, from the error's `code`).
 _ERROR_MESSAGES = {
     "QUEUE_FULL": "TF Serving at {server} is overloaded: its batching queue is full ({details}); retry "
     "later, send fewer requests at once, or raise max_enqueued_batches",
     grpc.StatusCode.UNAVAILABLE: "no TF Serving at {server} ({details}). Start it (serving/README.md) or "
-    "check --server: TF Serving's gRPC port is 8500 by default (8501 is REST)",
+    "check the address: TF Serving's gRPC port is 8500 by default (8501 is REST)",
     grpc.StatusCode.DEADLINE_EXCEEDED: "TF Serving at {server} did not answer {action} within {timeout:g} s; "
-    "raise --timeout (a version's first requests can be slow) or check the server's load",
-    grpc.StatusCode.NOT_FOUND: "{model} is not loaded at {server} (NOT_FOUND: {details}). Check --model "
-    "against the name in models.config, and `kiqa predict --status` for the versions' states",
+    "allow more time (a version's first requests can be slow) or check the server's load",
+    grpc.StatusCode.NOT_FOUND: "{model} is not loaded at {server} (NOT_FOUND: {details}). Check the model "
+    "name against the one in models.config, and the versions' states",
     grpc.StatusCode.FAILED_PRECONDITION: "{model} at {server} refused {action} (FAILED_PRECONDITION: "
-    "{details}); the signature {signature!r} may be missing: pass --signature or re-export",
+    "{details}); the signature {signature!r} may be missing: ask for another or re-export",
     # The flags that fix this are the CLI's to name (kiqa predict): MessageTooLargeError.
     grpc.StatusCode.RESOURCE_EXHAUSTED: "{action} to {server} hit a size or memory limit "
     "(RESOURCE_EXHAUSTED: {details}); send fewer images per request or raise the client's "
@@ -601,7 +607,7 @@ def rest_predict(address, contents, model_name=DEFAULT_MODEL_NAME, version=None,
         reason = getattr(err, "reason", err)
         raise ServingError(
             f"no REST answer from {url} ({reason}); TF Serving's REST port is 8501 by default "
-            "(--rest_api_port), its gRPC port 8500"
+            "(its rest_api_port option), its gRPC port 8500"
         ) from err
     except ValueError as err:
         raise ServingError(f"REST predict at {url} did not answer JSON: {err}") from err
