@@ -53,7 +53,7 @@ from tensorflow_serving.apis import (
 )
 
 from kiqa.contract import ASSETS_EXTRA, BYTES_SIGNATURE, MAX_REQUEST_BYTES, WARMUP_FILE
-from kiqa.errors import ServingError
+from kiqa.errors import NoExportError, PortError, ServingError
 from kiqa.serving import savedmodel, warmup
 from kiqa.tferrors import error_text, without_python_preamble
 
@@ -139,18 +139,19 @@ class DevServer:
 
         Args:
             poll_seconds: if set, re-scan the base path this often (TF Serving's
-                --file_system_poll_wait_seconds, 1 by default there).
+                file_system_poll_wait_seconds option, 1 by default there).
 
         Returns:
             self.
 
         Raises:
-            ServingError: the base path is missing or the port cannot be bound.
+            NoExportError: the base path is missing.
+            PortError: the port cannot be bound.
         """
         if not self.base_path.is_dir():
-            raise ServingError(
-                f"export base path {self.base_path} not found; export a model first "
-                f"(kiqa export RUN --base {self.base_path})"
+            raise NoExportError(
+                f"export base path {self.base_path} not found; export a model into it first",
+                base_path=str(self.base_path),
             )
         self.reload()
         server = grpc.server(
@@ -173,7 +174,7 @@ class DevServer:
         else:
             reason = "address in use?"
         if not port:
-            raise ServingError(f"cannot listen on {address} ({reason}); pick another --port")
+            raise PortError(f"cannot listen on {address} ({reason}); pick another port", address=address, reason=reason)
         self.port = port
         server.start()
         self._server = server
