@@ -27,7 +27,7 @@ from kiqa.contract import (
     PIXELS_INPUT,
     PIXELS_SIGNATURE,
 )
-from kiqa.errors import ConfigError, ExportError, VersionExistsError
+from kiqa.errors import ConfigError, ExportError, UntrustedExportError, VersionExistsError
 from kiqa.serving import ops as serving_ops
 
 # A version being written (`.tmp-<version>-<host>-<pid>`) and an old version waiting
@@ -65,12 +65,12 @@ def check_saved_model(path, image_size=None, check_ops=True):
     Returns:
         dict with "signatures" ({name: {"inputs": {key: [dtype, shape]}, "outputs":
         ...}}) and "xla_must_compile_functions" (functions TF must XLA-compile; slow on
-        CPU: the stock grouped Conv2D of `--stock-depthwise` models).
+        CPU: the stock grouped Conv2D of `fast_depthwise=False` models).
 
     Raises:
         ExportError: unreadable file, no "serve" graph, wrong or missing signatures,
             or ops outside the allow list (`kiqa.serving.ops`), each named (and
-            listed in the error's `refused_ops`).
+            listed: an `UntrustedExportError` and its `refused_ops`).
     """
     meta_graph = read_meta_graph(path)
     signatures = describe_signatures(meta_graph)
@@ -109,9 +109,8 @@ def check_saved_model(path, image_size=None, check_ops=True):
             f"logs; remove them from the model, or review them and extend the allow list"
         )
     if problems:
-        error = ExportError(f"SavedModel {path} failed its checks: " + "; ".join(problems))
-        error.refused_ops = tuple(refused)
-        raise error
+        message = f"SavedModel {path} failed its checks: " + "; ".join(problems)
+        raise UntrustedExportError(message, refused_ops=refused) if refused else ExportError(message)
     return {
         "signatures": signatures,
         "xla_must_compile_functions": _count_xla_must_compile(meta_graph),
