@@ -2,7 +2,7 @@
 
 Training, local scoring, the exporter, the gRPC client, the dev server and the CLI read
 these from here, so each is defined once. This module imports nothing (no TensorFlow), so
-`kiqa predict --help` and `kiqa fetch-koniq --help` can use it without waiting for TF.
+the command-line help of `kiqa predict` and `kiqa fetch-koniq` can use it without waiting for TF.
 """
 
 # The training and scoring default (height, width). KonIQ's photos are all 4:3 (1024x768),

@@ -1,4 +1,4 @@
-"""Distribution strategies for `kiqa-train --strategy`, per Keras backend.
+"""Distribution strategies for training (`TrainConfig.strategy`), per Keras backend.
 
 TensorFlow backend (tf.distribute, the way TensorFlow documents it):
 
@@ -85,7 +85,7 @@ def keras_backend():
 
 
 def make_strategy(name, cluster=None):
-    """Builds the strategy named by `--strategy` for this process' Keras backend.
+    """Builds the strategy named by `TrainConfig.strategy` for this process' Keras backend.
 
     Args:
         name: "auto", "one-device", "mirrored", "multi-worker" (TensorFlow backend) or
@@ -121,7 +121,7 @@ def make_strategy(name, cluster=None):
 
 
 def _tf_strategy(name):
-    """Builds the tf.distribute strategy named by `--strategy`.
+    """Builds the tf.distribute strategy named by `TrainConfig.strategy`.
 
     Args:
         name: "auto", "one-device", "mirrored" or "multi-worker".

@@ -1,6 +1,6 @@
 """File-system steps shared by everything that writes user-visible files.
 
-File names in kiqa's CSVs (`kiqa score` and `kiqa predict --out`, `rejects.csv`,
+File names in kiqa's CSVs (`kiqa score`'s and `kiqa predict`'s, `rejects.csv`,
 `split.csv`, `predictions.csv`): one rule everywhere. A path is the `str` Python's
 `os.fsdecode` gives for the name's bytes (on Linux: UTF-8, with each byte that is not
 valid UTF-8 kept as a lone surrogate, PEP 383), and CSVs are read and written as UTF-8

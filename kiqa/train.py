@@ -36,11 +36,11 @@ from kiqa.plots import plot_history, plot_repeats
 # PLCC/SRCC need a few points; fewer makes every epoch's validation metric meaningless.
 MIN_PART_SIZE = 3
 FROM_SCRATCH_CAVEAT = (
-    "ConvNeXt is being trained from random weights (--weights none). Measured on "
+    "ConvNeXt is being trained from random weights (weights \"none\"). Measured on "
     "demo-like data, a ConvNeXt trained from scratch on a few hundred images learns next "
     "to nothing about quality (held-out SRCC stays near 0: it memorises the training "
     "photos). Treat this run's test numbers as a check that the pipeline runs, not as a "
-    "result. ImageNet weights (--weights imagenet, or a local weights file) are what make "
+    "result. ImageNet weights (weights \"imagenet\", or a local weights file) are what make "
     "ConvNeXt work for quality."
 )
 MULTI_WORKER_UNSUPPORTED = (
@@ -51,14 +51,14 @@ MULTI_WORKER_UNSUPPORTED = (
     "strategy on the JAX backend (keras.distribution)."
 )
 SMALL_CNN_CAVEAT = (
-    "Training the small CNN (--backbone small-cnn), kiqa's backbone for offline teaching and "
+    "Training the small CNN (backbone \"small-cnn\"), kiqa's backbone for offline teaching and "
     "testing: a plain ReLU CNN from random weights. It learns the demo distortions in minutes, "
     "but its scores are not meaningful quality predictions; the real model is ConvNeXt from "
     "ImageNet weights."
 )
 DEMO_CAVEAT = (
     "Training on kiqa's built-in demo data: sample photos with synthetic blur, noise and "
-    "JPEG artefacts and made-up scores. It is not KonIQ-10k; pass --labels to train on KonIQ."
+    "JPEG artefacts and made-up scores. It is not KonIQ-10k; give a KonIQ label file (labels) to train on KonIQ."
 )
 
 
@@ -731,7 +731,7 @@ def completed_epochs(run_dir):
 def _check_run_dir(run_dir, config, overwrite, log):
     """Refuses to mix runs: a finished run, or a different config in a run that trained.
 
-    A run that failed before its first completed epoch (a wrong --labels, a part too
+    A run that failed before its first completed epoch (a wrong label file, a part too
     small, a full disk at the first backup) holds nothing worth keeping: it is replaced.
     """
     if overwrite and run_dir.exists():

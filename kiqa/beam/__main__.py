@@ -1,4 +1,4 @@
-"""`python -m kiqa.beam --input ... --model ... --output ... [Beam pipeline options]`."""
+"""`python -m kiqa.beam`: `kiqa score-beam` under another name (its options: kiqa/cli/score_beam.py)."""
 
 import sys
 

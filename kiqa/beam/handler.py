@@ -82,7 +82,7 @@ class KiqaModelHandler(ModelHandler):
         """Describes the model; nothing is loaded until a worker calls `load_model`.
 
         Args:
-            model_ref: what `kiqa score --model` takes (run folder, .keras file,
+            model_ref: what `kiqa.load_scorer` takes (run folder, .keras file,
                 SavedModel base path or version folder), on any Beam file system.
             image_size: (height, width) or None for the model's own size.
             safe_mode: refuse `.keras` files with Lambda layers (arbitrary code).

@@ -74,7 +74,7 @@ class BeamScoreJob:
             wildcard patterns keep image files only, like `kiqa score` in a folder;
             a single file is taken whatever its name).
         input_lists: text files with one path a line, or CSVs with a `path` column.
-        model: what `kiqa score --model` takes, on any Beam file system.
+        model: what `kiqa.load_scorer` takes, on any Beam file system.
         output: output prefix: PREFIX-SSSSS-of-NNNNN.csv / .parquet and PREFIX-summary.json.
         formats: any of `FORMATS`.
         image_size: (height, width), or None for the model's own.

@@ -58,7 +58,7 @@ def all_layers(model):
 def convertible_model(model):
     """The model as converters can take it: grouped depthwise `Conv2D`s made `DepthwiseConv2D`.
 
-    keras.applications' stock ConvNeXt (`--stock-depthwise`) runs its depthwise
+    keras.applications' stock ConvNeXt (`fast_depthwise=False`) runs its depthwise
     convolutions as grouped `Conv2D` inside a nested XLA-compiled function, which
     tf2onnx leaves as an unconvertible `StatefulPartitionedCall`. The copy from
     `kiqa.model.fast_depthwise_backbone` has the same weights and outputs (within 1e-5);

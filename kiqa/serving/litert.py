@@ -16,7 +16,7 @@ The quantised variants trade accuracy for size, so their bound is looser
 (`QUANTISED_TOLERANCE`); an export whose variant drifts further is refused, as a wrong
 conversion would be. The parity of a random-weight model (the tests, the benchmarks
 here) says little about a trained one: re-check with your trained model and real photos
-(`--parity-images`), which the export does every time.
+(the export's `parity_images`), which the export does every time.
 
 Converter: `tf.lite.TFLiteConverter.from_concrete_functions` on the model's traced call,
 builtin ops only. Keras 3.15's own `model.export(format="litert")` goes through a

@@ -25,7 +25,7 @@ difference from TF's erfc is float32 rounding near erfc ~ 0, i.e. GELU's far neg
 tail, where the output is ~0 either way. Two more fixes happen before tracing
 (`kiqa.serving.artifact`): ConvNeXt's prestem Normalization statistics are traced as
 constants (else they stay as extra graph inputs), and a model with the stock grouped
-Conv2D (`--stock-depthwise`; an XLA-compiled nested function tf2onnx leaves as an
+Conv2D (`fast_depthwise=False`; an XLA-compiled nested function tf2onnx leaves as an
 unconvertible `StatefulPartitionedCall`) is converted through its fast-depthwise copy.
 tf2onnx 1.17 declares `protobuf>=3.20` (no upper pin) and installs beside TF 2.21's
 protobuf 7 and numpy 2.4 (`pip check` clean).

@@ -19,7 +19,7 @@ file, a socket or a process, or runs Python.
 To extend it (a new layer, a new TF release): export the model, read the refused op
 names from the error, check in TF's op documentation that each only computes on its
 inputs (no file, network, process, Python or summary side effect), add it below with
-a comment saying what needs it, and run tests/test_serving_ops.py. `--unsafe` skips
+a comment saying what needs it, and run tests/test_serving_ops.py. `safe_mode=False` skips
 the check for one run of a SavedModel you trust.
 """
 
