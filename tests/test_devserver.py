@@ -28,7 +28,7 @@ from kiqa.serving import export, warmup
 from kiqa.contract import MAX_REQUEST_BYTES
 from kiqa.cli import serve_dev as serve_dev_cli
 from kiqa.serving.devserver import DevServer
-from kiqa.errors import ServingError
+from kiqa.errors import NoExportError, ServingError
 
 
 
@@ -169,9 +169,13 @@ def test_failing_warmup_fails_the_load(base, tmp_path):
     assert "warmup request" in entry.status.error_message and "image format not recognised" in entry.status.error_message
 
 
-def test_missing_base_path_is_an_error(tmp_path):
-    with pytest.raises(ServingError, match="export base path .* not found"):
+def test_missing_base_path_is_an_error(tmp_path, capsys):
+    with pytest.raises(NoExportError, match="export base path .* not found") as raised:
         DevServer(tmp_path / "nothing").start()
+    assert raised.value.base_path == str(tmp_path / "nothing")
+    # `kiqa serve-dev` says the command that makes one (kiqa.cli.remedies).
+    assert serve_dev_cli.main(["--base", str(tmp_path / "nothing")]) == 1
+    assert f"hint: export a model first: `kiqa export RUN --base {tmp_path / 'nothing'}`" in capsys.readouterr().err
 
 
 def test_serve_dev_command_announces_itself_and_stops_on_ctrl_c(base, monkeypatch, capsys):

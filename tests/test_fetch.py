@@ -348,11 +348,15 @@ def test_unreachable_server_gives_up_after_the_retries(tmp_path, monkeypatch):
 
 
 def test_cli_fetches_and_prints_the_label_file(server, tmp_path, capsys):
-    server.serve(koniq_archives())
+    archives = koniq_archives()
+    server.serve(archives)
     code = fetch_cli.main([str(tmp_path), "--base-url", server.url, "--no-split-file", "--quiet",
                            "--timeout", str(TIMEOUT)], prog="kiqa fetch-koniq")
     assert code == 0
-    assert "kiqa train --labels" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "kiqa train --labels" in out
+    # The library records and logs the digests; the command says the flag that pins them.
+    assert f"pass --sha256 {IMAGES_ZIP}={sha(archives[IMAGES_ZIP])}" in err
 
 
 def test_cli_wrong_sha256_exits_1_naming_the_archive(server, tmp_path, capsys):

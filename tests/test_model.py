@@ -12,7 +12,7 @@ import pytest
 
 from kiqa import model as kiqa_model
 from kiqa.config import TrainConfig
-from kiqa.errors import ModelError
+from kiqa.errors import LambdaLayerError, ModelError
 
 CONFIG = TrainConfig(weights="none")
 
@@ -209,7 +209,7 @@ def test_load_model_refuses_lambda_unless_unsafe(tmp_path):
     doubled = keras.layers.Lambda(lambda t: t * 2.0)(image)
     path = tmp_path / "lambda.keras"
     keras.Model(image, doubled).save(path)
-    with pytest.raises(ModelError, match="--unsafe") as raised:
+    with pytest.raises(LambdaLayerError, match="safe_mode=False") as raised:
         kiqa_model.load_model(path)
     assert "lambda.keras" in str(raised.value)
     loaded = kiqa_model.load_model(path, safe_mode=False)

@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 
 from kiqa.config import TrainConfig
-from kiqa.cli.score import model_remedy
+from kiqa.cli.remedies import remedy_for
 from kiqa.errors import ImageSizeError, ModelError, ModelNotFoundError
 from kiqa import scorer as inference
 from kiqa.scorer import DEFAULT_IMAGE_SIZE, load_scorer
@@ -170,7 +170,8 @@ def test_saved_model_version_directory(handmade_export):
     with pytest.raises(ImageSizeError, match="exported for 32x48.*not 64x64") as raised:
         load_scorer(handmade_export / "1", image_size=(64, 64))
     assert raised.value.expected == SIZE and raised.value.requested == (64, 64)
-    assert model_remedy(raised.value) == "drop --image-size, or export again with --image-size 64 64"
+    assert remedy_for(raised.value, "score") == (
+        "drop --image-size, or export again at that size: `kiqa export MODEL --image-size 64 64`")
 
 
 def test_saved_model_without_metadata_or_pixel_signature(tmp_path):

@@ -316,6 +316,7 @@ def test_a_stopped_prevalidation_writes_every_reject_and_no_config(subset_csv, t
     code = train_cli.main(_cli_args(subset_csv, run_dir, "--images", str(images)))
     err = capsys.readouterr().err
     assert code == EXIT_ERROR and "max_bad_fraction" in err and "... and 3 more (all in rejects.csv)" in err
+    assert "hint: check --images, or raise --max-bad-fraction" in err  # kiqa.cli.remedies
     rejects = pd.read_csv(run_dir / "rejects.csv")
     assert sorted(rejects.image_name) == sorted(bad)  # every one, not the 20 shown
     assert not (run_dir / "config.json").exists()  # nothing locks the folder

@@ -10,6 +10,7 @@ import sys
 import tempfile
 import warnings
 
+from kiqa.cli.remedies import command_of, remedy_for
 from kiqa.errors import KiqaError
 
 EXIT_OK = 0
@@ -148,11 +149,16 @@ def program_name(module_name):
     Args:
         module_name: e.g. "kiqa.cli.train".
     """
-    if module_name == "__main__":  # `python -m kiqa.cli.train`
-        spec = getattr(sys.modules["__main__"], "__spec__", None)
-        module_name = spec.name if spec else "kiqa"
-    command = module_name.rsplit(".", 1)[-1]
+    command = command_of(_real_module_name(module_name))
     return SCRIPT_NAMES.get(command) or f"kiqa {_COMMAND_NAMES.get(command, command.replace('_', '-'))}"
+
+
+def _real_module_name(module_name):
+    """"kiqa.cli.train" for "__main__" when run as `python -m kiqa.cli.train`."""
+    if module_name == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        return spec.name if spec else "kiqa"
+    return module_name
 
 
 def _show_kiqa_warning(prog, seen):
@@ -175,8 +181,10 @@ def entry_point(func):
     """Wraps a command's `main`: quiet TF, one error prefix, typed errors become exit 1.
 
     The prefix is the program the user typed (`kiqa-train: error: ...`, `kiqa score:
-    error: ...`), and the same name is handed to the command's argparse parser.
+    error: ...`), and the same name is handed to the command's argparse parser. A typed
+    error is followed by its remedy in this command's flags (`kiqa.cli.remedies`), if any.
     """
+    command = command_of(_real_module_name(func.__module__))
 
     @functools.wraps(func)
     def wrapper(argv=None, prog=None):
@@ -188,9 +196,9 @@ def entry_point(func):
                 return func(argv, prog=prog)
             except KiqaError as err:
                 print(f"{prog}: error: {err}", file=sys.stderr)
-                if getattr(err, "ops", None) or getattr(err, "refused_ops", None):
-                    print(f"{prog}: --unsafe skips the op check, for a SavedModel whose "
-                          f"source you trust and whose ops you reviewed", file=sys.stderr)
+                remedy = remedy_for(err, command)
+                if remedy:
+                    print(f"{prog}: hint: {remedy}", file=sys.stderr)
                 return EXIT_ERROR
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted", file=sys.stderr)

@@ -4,8 +4,8 @@ import argparse
 import sys
 
 from kiqa.cli._common import add_model_arguments, EXIT_OK, EXIT_PARTIAL, entry_point, print_model_warning
-from kiqa.cli.score import model_remedies, print_failures, scoring_options
-from kiqa.errors import ConfigError, DataError, ScoresFromAnotherModelError
+from kiqa.cli.remedies import IGNORE_EXTENSION_HINT
+from kiqa.cli.score import print_failures, scoring_options
 
 
 def build_parser(prog=None):
@@ -58,9 +58,6 @@ def _format_pair(pair):
     ]
 
 
-IGNORE_EXTENSION_HINT = "pass --ignore-extension to pair x.png with x.jpg"
-
-
 @entry_point
 def main(argv=None, prog=None):
     """Runs `kiqa compare`."""
@@ -71,23 +68,13 @@ def main(argv=None, prog=None):
     from kiqa.compare import compare_folders
     from kiqa.scorer import load_scorer
 
-    try:
-        with model_remedies():
-            scorer = load_scorer(args.model, image_size=args.image_size, safe_mode=not args.unsafe)
-            result = compare_folders(
-                args.dirs, scorer, args.out, ignore_extension=args.ignore_extension,
-                n_resamples=args.bootstrap, confidence=args.confidence, seed=args.seed,
-                **scoring_options(args),
-            )
-    except ScoresFromAnotherModelError as err:
-        raise ConfigError(
-            f"{err.folder} holds scores from another model or image size ({err.previous}); use a new "
-            f"--out, or pass --no-skip to rescore with {scorer.source}"
-        ) from err
-    except DataError as err:
-        if getattr(err, "extension_pairable", ()):
-            raise DataError(f"{err}; {IGNORE_EXTENSION_HINT}") from err
-        raise
+    # A typed error's flags to fix it are in kiqa.cli.remedies (printed by entry_point).
+    scorer = load_scorer(args.model, image_size=args.image_size, safe_mode=not args.unsafe)
+    result = compare_folders(
+        args.dirs, scorer, args.out, ignore_extension=args.ignore_extension,
+        n_resamples=args.bootstrap, confidence=args.confidence, seed=args.seed,
+        **scoring_options(args),
+    )
     print(f"{result.n_common} images scored in all {len(result.folders)} folders; "
           f"{result.n_unpaired} unpaired, {result.n_failed} failed (see {result.files['unpaired']})")
     if result.extension_pairable:

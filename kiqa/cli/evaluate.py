@@ -121,18 +121,16 @@ def main(argv=None, prog=None):
     """Runs `kiqa-evaluate`."""
     args = build_parser(prog).parse_args(argv)
     resolved, config = _run_config(args.model, args)
-    from kiqa.cli.score import model_remedies
     from kiqa.evaluate import evaluate_saved_model
     from kiqa.metrics import format_report
 
     labelled = _read_plain_csv(args) if _is_plain_csv(args) else None
     part = "all" if labelled is not None else (args.part or "test")
     out = Path(args.out) if args.out else None
-    with model_remedies():
-        metrics, out_dir = evaluate_saved_model(
-            resolved.given, config, part=part, out_dir=out, progress=not args.quiet, labelled=labelled,
-            engine=args.engine,
-        )
+    metrics, out_dir = evaluate_saved_model(
+        resolved.given, config, part=part, out_dir=out, progress=not args.quiet, labelled=labelled,
+        engine=args.engine,
+    )
     labels = metrics["labels"]
     print(f"{labels['file']}, {part}: {metrics['n']} images ({metrics['rejected']} rejected, "
           f"{metrics['failed']} failed to decode); {labels['scores']}")

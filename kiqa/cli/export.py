@@ -5,7 +5,7 @@ import sys
 import warnings
 
 from kiqa.cli._common import EXIT_OK, entry_point
-from kiqa.errors import DefaultImageSizeWarning, ExportError, VersionExistsError
+from kiqa.errors import DefaultImageSizeWarning
 
 
 def build_parser(prog=None):
@@ -97,13 +97,7 @@ def _run(exporter, args, base):
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        try:
-            path = exporter(args.model, options)
-        except VersionExistsError as err:
-            raise ExportError(
-                f"version {err.version} already exists in {err.base} (versions: {list(err.existing)}); "
-                f"pick another --version (next free: {err.next_free}), or pass --overwrite to replace it"
-            ) from err
+        path = exporter(args.model, options)
     for warning in caught:
         if issubclass(warning.category, UserWarning) and "kiqa" in warning.filename:
             hint = " (--image-size H W)" if issubclass(warning.category, DefaultImageSizeWarning) else ""

@@ -72,8 +72,26 @@ def main(argv=None, prog=None):
         timeout=args.timeout,
     )
     print(f"KonIQ-10k is ready: {labels}")
+    for name, digest in _unpinned_digests(args.dir, archives, expected).items():
+        print(f"{name} has no published sha256; to check it on later fetches, pass --sha256 {name}={digest}",
+              file=sys.stderr)
     print(f"train with: kiqa train --labels {labels}")
     return EXIT_OK
+
+
+def _unpinned_digests(out_dir, archives, given):
+    """{archive: the sha256 recorded by this fetch} for the archives nothing pinned."""
+    import json
+    from pathlib import Path
+
+    from kiqa.data.fetch import EXPECTED, STATE_FILE
+
+    try:
+        files = json.loads((Path(out_dir) / STATE_FILE).read_text()).get("files", {})
+    except (OSError, ValueError):
+        return {}  # the fetch itself logged its digests; the state file is only a convenience here
+    return {name: files[name]["sha256"] for name in archives
+            if name in files and "sha256" in files[name] and name not in given and EXPECTED[name].sha256 is None}
 
 
 def _log_to_stderr(prog):

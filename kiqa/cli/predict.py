@@ -61,7 +61,6 @@ def main(argv=None, prog=None):
         parser.error("give image files or folders to score, or --status")
     from kiqa.provenance import write_sidecar
     from kiqa.score import find_images
-    from kiqa.errors import MessageTooLargeError, ServingError
     from kiqa.serving.client import ScoreResult, ServingClient
 
     client = ServingClient(
@@ -79,10 +78,7 @@ def main(argv=None, prog=None):
         client.check()
         record = client.provenance()
         readable = [path for path, error in found if error is None]
-        try:
-            scored = iter(client.score_files(readable, batch_size=args.batch_size))
-        except MessageTooLargeError as err:
-            raise ServingError(f"{err}: lower --batch-size or raise --max-message-mb") from err
+        scored = iter(client.score_files(readable, batch_size=args.batch_size))
         results = [
             next(scored) if error is None else ScoreResult(str(path), error=f"{path}: {error}")
             for path, error in found

@@ -1,7 +1,6 @@
 """`kiqa score`: score files and folders of images with a local model into a CSV."""
 
 import argparse
-import contextlib
 import sys
 
 from kiqa.cli._common import add_model_arguments, EXIT_OK, EXIT_PARTIAL, entry_point, print_model_warning
@@ -59,35 +58,6 @@ def scoring_options(args):
     )
 
 
-def model_remedy(err):
-    """The flag that fixes a typed model error, in this CLI's words, or None."""
-    from kiqa.errors import BatchMemoryError, ImageSizeError
-
-    if isinstance(err, BatchMemoryError):
-        return f"lower --batch-size (the batch held {err.batch_size} images)"
-    if isinstance(err, ImageSizeError) and err.expected and err.requested:
-        height, width = err.requested
-        return f"drop --image-size, or export again with --image-size {height} {width}"
-    return None
-
-
-@contextlib.contextmanager
-def model_remedies():
-    """Re-raises a typed model error this CLI has a flag for, with that flag as its remedy."""
-    from kiqa.errors import ModelError, NotScoresCsvError
-
-    try:
-        yield
-    except ModelError as err:
-        remedy = model_remedy(err)
-        if remedy is None:
-            raise
-        raise type(err)(f"{err}; {remedy}", path=err.path) from err
-    except NotScoresCsvError as err:
-        raise NotScoresCsvError(f"{err}: choose another --out, or pass --no-skip to replace it",
-                                path=err.path) from err
-
-
 def print_failures(failures, where):
     """Lists the first failed files on stderr (names that are not UTF-8 as \\xNN escapes)."""
     from kiqa.fsutil import printable
@@ -105,10 +75,8 @@ def main(argv=None, prog=None):
     from kiqa.scorer import load_scorer
     from kiqa.score import is_link_outside, score_paths
 
-    with model_remedies():
-        scorer = load_scorer(args.model, image_size=args.image_size, safe_mode=not args.unsafe,
-                             engine=args.engine)
-        summary = score_paths(args.paths, scorer, args.out, **scoring_options(args))
+    scorer = load_scorer(args.model, image_size=args.image_size, safe_mode=not args.unsafe, engine=args.engine)
+    summary = score_paths(args.paths, scorer, args.out, **scoring_options(args))
     resumed = f" ({summary.n_skipped} from an earlier run)" if summary.n_skipped else ""
     print(f"{summary.n_files} files{resumed}: {summary.n_scored} scored, {summary.n_failed} failed")
     if summary.n_scored:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from kiqa import provenance
 from kiqa.cli._common import EXIT_OK, entry_point, print_model_warning
-from kiqa.errors import ClusterError, ConfigError, RunExistsError, StrategyError, WeightsError
+from kiqa.errors import ConfigError
 from kiqa.config import (
     BACKBONES, CACHES, MONITORS, ON_BAD_IMAGES, SPLITS, STRATEGIES, VARIANTS, TrainConfig,
 )
@@ -185,29 +185,8 @@ def main(argv=None, prog=None):
     for note in caveats(config):
         print(f"{parser.prog}: note: {note}\n", file=sys.stderr)
     print(f"run directory: {config.resolved_run_dir}", file=sys.stderr)
-    from kiqa.errors import ImageFolderError
-
-    try:
-        result = train(config, overwrite=args.overwrite, progress=not args.quiet, log=_tell, cluster=cluster)
-    except WeightsError as err:
-        raise WeightsError(f"{err}; {_weights_remedy(err)}", err.variant, err.weights, err.problem) from err
-    except StrategyError as err:
-        raise StrategyError(f"{err}\n{_strategy_remedy(err)}", err.strategy, err.backend, err.alternative) from err
-    except ClusterError as err:
-        if not err.missing:  # a process was lost: nothing to pass, the message says what to do
-            raise
-        raise ClusterError(f"{err}; pass --coordinator-address HOST:PORT, --num-processes N and "
-                           f"--process-id I (or set the variables)", err.missing) from err
-    except RunExistsError as err:
-        again = "replace it" if err.finished else "start again"
-        raise RunExistsError(f"{err}; pass --run-dir for a new run, or --overwrite to {again}",
-                             err.run_dir, err.changed, err.finished) from err
-    except ImageFolderError as err:
-        raise ImageFolderError(
-            f"{err}.\nPass --images with the folder the label file's image_name values are relative "
-            f"to, or download KonIQ-10k first: kiqa fetch-koniq DIR (then --labels DIR/koniq10k_distributions_sets.csv)",
-            err.folder, err.n_missing, err.n_images, err.first_missing,
-        ) from err
+    # A typed error's flags to fix it are in kiqa.cli.remedies (printed by entry_point).
+    result = train(config, overwrite=args.overwrite, progress=not args.quiet, log=_tell, cluster=cluster)
     if result.prepared_dir:
         print(f"training images were read from the prepared set {result.prepared_dir}")
     if len(result.rejects):
@@ -251,25 +230,6 @@ def next_steps(result, config):
         lines.append(f"  the demo data: {labels} (labels) and {images}/ (images); "
                      f"KIQA_HOME moves it (now {synthetic.default_demo_dir().parent})")
     return lines
-
-
-def _weights_remedy(err):
-    """The flags that fix a `WeightsError`."""
-    if err.problem == "download":
-        return (f"pass --weights PATH to a local Keras weights file of the backbone (e.g. "
-                f"convnext_{err.variant}_notop.h5 from keras' storage), or --weights none to train from scratch")
-    if err.problem == "missing":
-        return "pass --weights PATH to an existing Keras weights file, imagenet or none"
-    return "pass --weights with a file of this variant, or set --variant to the size the file was saved from"
-
-
-def _strategy_remedy(err):
-    """The flags that fix a `StrategyError`."""
-    if err.alternative == "data-parallel" or err.strategy == "data-parallel":
-        return ("--strategy data-parallel runs on JAX (--backend jax, pip install kiqa[jax]); "
-                "on TensorFlow --strategy mirrored uses every GPU of one host")
-    return ("On one host: --strategy mirrored uses every local GPU. On several hosts: --backend jax "
-            "--strategy data-parallel (pip install kiqa[jax]; README, \"Train on more than one GPU or host\")")
 
 
 def _tell(message):
