@@ -62,8 +62,14 @@ MAX_REQUEST_BYTES = 128 * 2**20
 # Files inside an export version directory, beside saved_model.pb. TF Serving replays the
 # warmup file at load; kiqa.json records the image size, pixel cap and versions.
 ASSETS_EXTRA = "assets.extra"
-METADATA_FILE = "kiqa.json"
+METADATA_FILE = "kiqa.json"  # also beside an ONNX or LiteRT model file
 WARMUP_FILE = "tf_serving_warmup_requests"
+# A model's provenance record (kiqa.provenance): in a run folder, in an export's
+# ASSETS_EXTRA, and beside a scores CSV as "<csv name>.provenance.json".
+PROVENANCE_FILE = "provenance.json"
+# Images per forward pass when an export (SavedModel, ONNX, LiteRT) is checked against
+# the Keras model: small enough for a 12 MP parity photo set to fit in memory.
+PARITY_BATCH = 8
 
 # TF Serving gRPC client defaults (`kiqa predict`, `kiqa.serving.client.ServingClient`).
 DEFAULT_SERVER = "localhost:8500"  # TF Serving's gRPC port; 8501 is REST

@@ -8,6 +8,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from kiqa.contract import MOS_SCALE
+
 
 def plot_history(history, path, title="Training"):
     """Loss curves (and validation PLCC/SRCC when logged) per epoch.
@@ -64,7 +66,7 @@ def plot_scatter(y_true, y_pred, metrics, path, title="Predicted vs true MOS"):
     ax = fig.subplots()
     ax.scatter(y_true, y_pred, s=12, alpha=0.6, edgecolors="none")
     low = float(min(np.min(y_true), np.min(y_pred), 0))
-    high = float(max(np.max(y_true), np.max(y_pred), 100))
+    high = float(max(np.max(y_true), np.max(y_pred), MOS_SCALE))
     ax.plot([low, high], [low, high], color="grey", linestyle="--", linewidth=1, label="y = x")
     ax.set(xlabel="true MOS (0-100)", ylabel="predicted MOS (0-100)", xlim=(low, high), ylim=(low, high))
     ax.set_aspect("equal")

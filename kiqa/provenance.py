@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Optional
 
 from kiqa import __version__
+from kiqa.contract import ASSETS_EXTRA, PROVENANCE_FILE
 from kiqa.errors import ModelError
 from kiqa.fsutil import sha256_of, write_json_atomically, write_text_atomically
 
-FILE_NAME = "provenance.json"
+FILE_NAME = PROVENANCE_FILE
 SCHEMA = 1
 # KonIQ-10k has 10,073 rated photos; a label file listing all of them is "koniq".
 KONIQ_IMAGES = 10_073
@@ -276,7 +277,7 @@ def find_for_model(model_ref):
         if path.parent.name == "checkpoints":
             candidates.append(path.parent.parent / FILE_NAME)
     else:
-        candidates = [path / FILE_NAME, path / "assets.extra" / FILE_NAME]
+        candidates = [path / FILE_NAME, path / ASSETS_EXTRA / FILE_NAME]
     for candidate in candidates:
         if candidate.is_file():
             return read(candidate)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from kiqa.config import TrainConfig
+from kiqa.contract import PROVENANCE_FILE
 from kiqa.errors import ConfigError, ModelError, ModelNotFoundError
 
 CONFIG_FILE = "config.json"
@@ -19,7 +20,6 @@ BEST_CHECKPOINT = f"{CHECKPOINTS}/best.keras"
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 HISTORY_FILE = "history.csv"
-PROVENANCE_FILE = "provenance.json"
 SAVED_MODEL_FILE = "saved_model.pb"
 ONNX_FILE = "model.onnx"
 KINDS = ("keras", "savedmodel", "onnx")

@@ -48,7 +48,6 @@ from kiqa.errors import BatchMemoryError, ExportError, ImageError, ImageSizeErro
 from kiqa.run import ModelPath, resolve_model
 
 EXPORT_INFO = Path(ASSETS_EXTRA) / METADATA_FILE
-ONNX_INFO = "kiqa.json"
 # "tf" is the default: it needs no extra package and no conversion. Measured side by side
 # at 384x512 ConvNeXt-Tiny on the shared 2-core build machine (benchmarks/README.md,
 # "Engines"), OpenVINO f32 ran ~1.3x TF and ONNX Runtime ~0.75x, with parity ~4e-6 MOS.
@@ -311,14 +310,14 @@ def _onnx_scorer(resolved, image_size, safe_mode, engine):
             source=keras_scorer.source, kind="keras", _predict=predict, _owner=owner, engine=engine,
         )
     onnx_file = resolved.model
-    info_path = onnx_file.parent / ONNX_INFO
+    info_path = onnx_file.parent / METADATA_FILE
     try:
         info = json.loads(info_path.read_text())
         export_size = tuple(int(v) for v in info["image_size"])
         max_pixels = int(info.get("max_pixels", DEFAULT_MAX_PIXELS))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ModelError(
-            f"ONNX export {onnx_file.parent} has no readable {ONNX_INFO} with its image_size "
+            f"ONNX export {onnx_file.parent} has no readable {METADATA_FILE} with its image_size "
             f"({err}); kiqa's ONNX export writes one",
             path=str(onnx_file),
         ) from err

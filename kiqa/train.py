@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from kiqa import CallableModule, provenance
 from kiqa.config import TrainConfig
+from kiqa.contract import MOS_SCALE
 from kiqa.data import koniq
 from kiqa.data.pipeline import make_dataset, steps_per_epoch
 from kiqa.data.prepared import default_prepared_dir, inspect_prepared, open_prepared
@@ -30,7 +31,7 @@ from kiqa.errors import ClusterError, ConfigError, DataError, DiskFullError, Run
 from kiqa.fsutil import PANDAS_READ_TEXT, write_atomically, write_csv_atomically, write_text_atomically
 from kiqa.evaluate import evaluate_frame, predict_paths, write_json
 from kiqa.metrics import evaluate_scores, summarize_repeats
-from kiqa.model import MOS_SCALE, build_model, custom_objects, mos_loss, set_backbone_trainable
+from kiqa.model import build_model, custom_objects, mos_loss, set_backbone_trainable
 from kiqa.plots import plot_history, plot_repeats
 
 # PLCC/SRCC need a few points; fewer makes every epoch's validation metric meaningless.

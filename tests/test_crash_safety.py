@@ -36,7 +36,8 @@ from kiqa import train as kiqa_train
 from kiqa.config import TrainConfig
 from kiqa.evaluate import predict_paths
 from kiqa.scorer import load_scorer
-from kiqa.model import MOS_SCALE, load_model, small_cnn
+from kiqa.contract import MOS_SCALE
+from kiqa.model import load_model, small_cnn
 from kiqa.score import CSV_COLUMNS, read_scores, score_paths
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

@@ -34,7 +34,8 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from kiqa.beam.handler import KiqaModelHandler, is_remote, local_copy
 from kiqa.errors import DataError, ImageError
-from kiqa.image import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS, read_image_bytes
+from kiqa.contract import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS
+from kiqa.image import read_image_bytes
 from kiqa.score import (
     CSV_COLUMNS,
     LISTED_UNSUPPORTED_EXTENSIONS,

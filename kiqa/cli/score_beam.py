@@ -69,7 +69,7 @@ def main(argv=None, prog=None):
               f"pip install 'kiqa[beam]'", file=sys.stderr)
         return EXIT_ERROR
     from kiqa.beam.pipeline import BeamScoreJob, score_with_beam
-    from kiqa.image import DEFAULT_MAX_BYTES
+    from kiqa.contract import DEFAULT_MAX_BYTES
 
     job = BeamScoreJob(
         inputs=tuple(args.input), input_lists=tuple(args.input_list), model=args.model,

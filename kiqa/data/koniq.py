@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kiqa.contract import MOS_SCALE
 from kiqa.errors import DataError, NoOfficialSplitError
 from kiqa.fsutil import PANDAS_READ_TEXT, has_undecodable_bytes
 
@@ -174,7 +175,7 @@ def _check_rows(frame, path, score_column):
     if bad_name.any():
         lines = (frame.index[bad_name] + 2).tolist()[:10]
         raise DataError(f"{path}: empty image_name on line(s) {lines}")
-    bad_score = ~np.isfinite(frame["mos"]) | (frame["mos"] < 0) | (frame["mos"] > 100)
+    bad_score = ~np.isfinite(frame["mos"]) | (frame["mos"] < 0) | (frame["mos"] > MOS_SCALE)
     if bad_score.any():
         lines = (frame.index[bad_score] + 2).tolist()[:10]
         raise DataError(

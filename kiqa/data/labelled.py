@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kiqa.contract import MOS_SCALE
 from kiqa.errors import ConfigError, DataError
 
-NAMED_SCALES = {"1-5": (1.0, 5.0), "0-1": (0.0, 1.0), "0-100": (0.0, 100.0)}
+NAMED_SCALES = {"1-5": (1.0, 5.0), "0-1": (0.0, 1.0), "0-100": (0.0, MOS_SCALE)}
 DEFAULT_SCALE = "0-100"
 _RANGE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*-\s*(-?\d+(?:\.\d+)?)\s*$")
 
@@ -38,12 +39,12 @@ class Scale:
 
     def to_mos(self, values):
         """Maps scores on this scale to 0-100."""
-        return (np.asarray(values, dtype=np.float64) - self.low) / (self.high - self.low) * 100.0
+        return (np.asarray(values, dtype=np.float64) - self.low) / (self.high - self.low) * MOS_SCALE
 
     @property
     def identity(self):
         """True for 0-100 (no mapping)."""
-        return self.low == 0.0 and self.high == 100.0
+        return self.low == 0.0 and self.high == MOS_SCALE
 
     def describe(self, column):
         """How the column was read, in words for reports."""

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
 
+from kiqa.contract import MOS_SCALE
 from kiqa.fsutil import publish_directory, staged_directory
 
 DEMO_VERSION = 2
@@ -97,8 +98,8 @@ def _distort(image, kind, level, rng):
 
 def _vote_columns(mos, rng):
     """KonIQ-style vote fractions c1..c5, count, raw 1-5 MOS and SD around a 0-100 score."""
-    raw = 1.0 + 4.0 * mos / 100.0
-    votes = int(rng.integers(100, 140))
+    raw = 1.0 + 4.0 * mos / MOS_SCALE
+    votes = int(rng.integers(100, 140))  # raters per image, not the MOS scale
     ratings = np.clip(np.round(rng.normal(raw, 0.55, votes)), 1, 5)
     fractions = [float(np.mean(ratings == k)) for k in range(1, 6)]
     return fractions, votes, float(ratings.mean()), float(ratings.std(ddof=1))

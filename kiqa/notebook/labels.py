@@ -12,6 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from scipy import stats
 
+from kiqa.contract import MOS_SCALE
 from kiqa.data import koniq
 from kiqa.errors import DataError
 
@@ -19,7 +20,7 @@ from kiqa.errors import DataError
 # Five equal bands of the 0-100 MOS. KonIQ's raters voted on a 5-point absolute
 # category scale (bad, poor, fair, good, excellent); the 0-100 MOS is a rescaled
 # z-score of those votes, so the names are a reading aid, not KonIQ's own bins.
-BAND_EDGES = (0.0, 20.0, 40.0, 60.0, 80.0, 100.0)
+BAND_EDGES = tuple(MOS_SCALE * k / 5 for k in range(6))  # 0, 20, ..., 100
 
 
 BAND_NAMES = ("bad", "poor", "fair", "good", "excellent")
@@ -114,12 +115,12 @@ def plot_mos_histogram(frame, bins=50):
     """
     fig = Figure(figsize=(7, 3.8), layout="constrained")
     ax = fig.subplots()
-    ax.hist(frame["mos"], bins=bins, range=(0, 100), color="tab:blue", alpha=0.8)
+    ax.hist(frame["mos"], bins=bins, range=(0, MOS_SCALE), color="tab:blue", alpha=0.8)
     for edge in BAND_EDGES[1:-1]:
         ax.axvline(edge, color="grey", linewidth=0.8, linestyle=":")
     mean = float(frame["mos"].mean())
     ax.axvline(mean, color="tab:red", linewidth=1.2, label=f"mean {mean:.1f}")
-    ax.set(xlabel="MOS (0-100, higher is better)", ylabel="images", xlim=(0, 100),
+    ax.set(xlabel="MOS (0-100, higher is better)", ylabel="images", xlim=(0, MOS_SCALE),
            title=f"MOS distribution, {len(frame)} images")
     ax.legend()
     return fig
@@ -147,7 +148,7 @@ def plot_sd_vs_mos(frame, bin_width=5.0):
             "KonIQ's label files (koniq10k_distributions_sets.csv has one)"
         )
     data = frame[["mos", "sd"]].dropna()
-    edges = np.arange(0.0, 100.0 + bin_width, bin_width)
+    edges = np.arange(0.0, MOS_SCALE + bin_width, bin_width)
     binned = data.groupby(pd.cut(data["mos"], edges), observed=True)["sd"].agg(["mean", "count"])
     centres = [interval.mid for interval in binned.index]
     fig = Figure(figsize=(7, 3.8), layout="constrained")
@@ -155,7 +156,7 @@ def plot_sd_vs_mos(frame, bin_width=5.0):
     ax.scatter(data["mos"], data["sd"], s=4, alpha=0.25, edgecolors="none", label="one image")
     ax.plot(centres, binned["mean"], color="tab:red", marker="o", markersize=3,
             label=f"mean per {bin_width:g}-point bin")
-    ax.set(xlabel="MOS (0-100)", ylabel="SD of the votes (1-5 scale)", xlim=(0, 100),
+    ax.set(xlabel="MOS (0-100)", ylabel="SD of the votes (1-5 scale)", xlim=(0, MOS_SCALE),
            title="rater disagreement against quality")
     ax.legend()
     return fig
@@ -207,9 +208,9 @@ def plot_split_distributions(splits, bins=40):
     for ax, split in zip(axes, splits):
         for name, part in (("train", split.train), ("val", split.val), ("test", split.test)):
             if len(part):
-                ax.hist(part["mos"], bins=bins, range=(0, 100), density=True, histtype="step",
+                ax.hist(part["mos"], bins=bins, range=(0, MOS_SCALE), density=True, histtype="step",
                         linewidth=1.5, label=f"{name} ({len(part)})")
-        ax.set(xlabel="MOS (0-100)", title=split.name, xlim=(0, 100))
+        ax.set(xlabel="MOS (0-100)", title=split.name, xlim=(0, MOS_SCALE))
         ax.legend()
     axes[0].set_ylabel("density")
     return fig

@@ -17,14 +17,10 @@ import numpy as np
 import tensorflow as tf
 from scipy import stats
 
-from kiqa.contract import MOS_OUTPUT, PIXELS_INPUT
+from kiqa.contract import METADATA_FILE, MOS_OUTPUT, PARITY_BATCH, PIXELS_INPUT
 from kiqa.errors import ExportError
 from kiqa.image import decode_image, describe_decode_error
 from kiqa.serving import export
-
-METADATA_FILE = "kiqa.json"
-# Images per forward pass in the parity checks.
-PARITY_BATCH = 8
 
 # What an ONNX or LiteRT user must do to the pixels, recorded in every kiqa.json
 # (kiqa.serving.preprocess.preprocess_image does it in Pillow + numpy).

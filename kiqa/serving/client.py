@@ -61,7 +61,8 @@ from kiqa.contract import (
 )
 from kiqa.errors import ImageError, KiqaError, MessageTooLargeError, ServingError, ServingStatusError, SignatureError
 from kiqa.tferrors import clean_tf_message
-from kiqa.image import DEFAULT_MAX_BYTES, read_image_bytes
+from kiqa.contract import DEFAULT_MAX_BYTES
+from kiqa.image import read_image_bytes
 # Room for the request's own fields around the image bytes.
 _MESSAGE_OVERHEAD = 64 * 1024
 

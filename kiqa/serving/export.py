@@ -59,6 +59,7 @@ from kiqa.contract import (
     MAX_BATCH,
     METADATA_FILE,
     MOS_OUTPUT,
+    PARITY_BATCH,
     PIXELS_INPUT,
     PIXELS_SIGNATURE,
     PROVENANCE_OUTPUT,
@@ -91,9 +92,6 @@ PARITY_TOLERANCE = 0.05
 # Images decoded at once inside one request. Each holds its full decoded resolution as
 # float32 before resizing (a 12 MP photo: ~140 MB), so this bounds a request's peak memory.
 DECODE_PARALLELISM = 4
-# Images per forward pass in the parity check.
-_PARITY_BATCH = 8
-
 
 @dataclasses.dataclass(frozen=True)
 class ExportOptions:
@@ -544,14 +542,14 @@ def _check_parity(model, directory, parity, image_size, max_pixels):
             ) from err
     loaded = tf.saved_model.load(str(directory))
     by_keras, by_bytes, by_pixels, by_lenient = [], [], [], []
-    for start in range(0, len(inputs), _PARITY_BATCH):
-        batch = tf.stack(pixels[start : start + _PARITY_BATCH])
-        contents = tf.constant([c for _, c in inputs[start : start + _PARITY_BATCH]])
+    for start in range(0, len(inputs), PARITY_BATCH):
+        batch = tf.stack(pixels[start : start + PARITY_BATCH])
+        contents = tf.constant([c for _, c in inputs[start : start + PARITY_BATCH]])
         by_keras.append(np.reshape(model(batch, training=False)[MOS_OUTPUT], [-1]))
         try:
             by_bytes.append(loaded.signatures[BYTES_SIGNATURE](**{BYTES_INPUT: contents})[MOS_OUTPUT].numpy())
             by_pixels.append(loaded.signatures[PIXELS_SIGNATURE](**{PIXELS_INPUT: batch})[MOS_OUTPUT].numpy())
-            by_lenient.append(_lenient_parity(loaded, contents, names[start : start + _PARITY_BATCH]))
+            by_lenient.append(_lenient_parity(loaded, contents, names[start : start + PARITY_BATCH]))
         except tf.errors.OpError as err:
             raise ExportError(
                 f"the reloaded SavedModel failed on the parity images: {describe_decode_error(err)}"

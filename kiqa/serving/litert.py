@@ -38,7 +38,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from kiqa.contract import MOS_OUTPUT, PIXELS_INPUT
+from kiqa.contract import MOS_OUTPUT, PARITY_BATCH, PIXELS_INPUT
 from kiqa.errors import ExportError
 from kiqa.serving import artifact, export
 from kiqa.serving.export import ExportOptions
@@ -180,7 +180,7 @@ def load_interpreter(path, threads=None):
     return interpreter
 
 
-def run_interpreter(interpreter, pixels, batch_size=artifact.PARITY_BATCH):
+def run_interpreter(interpreter, pixels, batch_size=PARITY_BATCH):
     """MOS of a pixel array through a LiteRT interpreter, batch by batch."""
     runner = interpreter.get_signature_runner()
     out = []

@@ -46,7 +46,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from kiqa.contract import MOS_OUTPUT, PIXELS_INPUT
+from kiqa.contract import MOS_OUTPUT, PARITY_BATCH, PIXELS_INPUT
 from kiqa.errors import ExportError
 from kiqa.serving import artifact, export
 from kiqa.serving.export import ExportOptions
@@ -175,7 +175,7 @@ def load_session(path, onnxruntime=None, threads=None):
         raise ExportError(f"ONNX Runtime cannot load {path}: {' '.join(str(err).split())[:300]}") from err
 
 
-def run_session(session, pixels, batch_size=artifact.PARITY_BATCH):
+def run_session(session, pixels, batch_size=PARITY_BATCH):
     """MOS of a pixel array through an ONNX Runtime session, batch by batch."""
     out = []
     for start in range(0, len(pixels), batch_size):

@@ -34,7 +34,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from kiqa.config import DEFAULT_MAX_PIXELS
+from kiqa.contract import DEFAULT_MAX_PIXELS
 from kiqa.errors import ImageError
 
 # libjpeg's DCT-domain scales (kiqa.image._JPEG_RATIOS).

@@ -32,7 +32,7 @@ def generated_images(count=6, seed=0):
         list of (name, bytes).
     """
     rng = np.random.default_rng(seed)
-    sizes = [(48, 64), (96, 72), (120, 160), (64, 200), (150, 100), (80, 80)]
+    sizes = [(48, 64), (96, 72), (120, 160), (64, 200), (150, 100), (80, 80)]  # pixels, not the MOS scale
     images = []
     for i in range(count):
         height, width = sizes[i % len(sizes)]
