@@ -19,7 +19,7 @@ TensorFlow only with the modules that need it (the `kiqa` command's help starts 
 
 import importlib
 import types
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Tuple
 
 __version__ = "0.1.0"
 
@@ -51,11 +51,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
 class CallableModule(types.ModuleType):
     """A submodule that calls the function of its own name: `kiqa.train(...)` is `kiqa.train.train(...)`."""
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return getattr(self, self.__name__.rsplit(".", 1)[-1])(*args, **kwargs)
 
 
-def load_lazy(namespace, lazy, name):
+def load_lazy(namespace: Dict[str, Any], lazy: Mapping[str, Tuple[str, str]], name: str) -> Any:
     """Imports the attribute `lazy[name]` names, as (module, attribute), and caches it.
 
     The body of a package's PEP 562 `__getattr__` (kiqa's and kiqa.notebook's).
@@ -65,6 +65,12 @@ def load_lazy(namespace, lazy, name):
             accesses skip `__getattr__`.
         lazy: public name -> (module, attribute).
         name: the name asked for.
+
+    Returns:
+        The attribute.
+
+    Raises:
+        KeyError: `lazy` has no `name`.
     """
     module, attribute = lazy[name]
     value = getattr(importlib.import_module(module), attribute)
@@ -72,7 +78,7 @@ def load_lazy(namespace, lazy, name):
     return value
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name in _CALLABLE_MODULES:
         return importlib.import_module(f"{__name__}.{name}")
     if name in _LAZY:
@@ -80,5 +86,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'kiqa' has no attribute {name!r}")
 
 
-def __dir__():
+def __dir__() -> List[str]:
     return sorted(set(globals()) | set(__all__))

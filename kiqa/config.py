@@ -8,8 +8,9 @@ written beside the checkpoints as `config.json`, so every run can be repeated.
 
 import dataclasses
 import json
+import os
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 from kiqa.contract import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_PIXELS
 from kiqa.errors import ConfigError
@@ -122,14 +123,14 @@ class TrainConfig:
     run_dir: Optional[str] = None
     name: str = "koniq"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
         if self.train_crop is not None:
             object.__setattr__(self, "train_crop", tuple(int(v) for v in self.train_crop))
         self.validate()
 
     @classmethod
-    def demo(cls, **overrides):
+    def demo(cls, **overrides: Any) -> "TrainConfig":
         """The small variant: built-in demo data, 96x128 images, a few epochs.
 
         Args:
@@ -137,8 +138,11 @@ class TrainConfig:
 
         Returns:
             A `TrainConfig`.
+
+        Raises:
+            ConfigError: an override names no field or has an invalid value.
         """
-        fields = dict(
+        fields: Dict[str, Any] = dict(
             labels=None,
             split="random",
             test_fraction=0.25,
@@ -156,8 +160,13 @@ class TrainConfig:
         fields.update(overrides)
         return cls(**fields)
 
-    def validate(self):
-        """Checks every field; raises `ConfigError` naming the field and the choices."""
+    def validate(self) -> None:
+        """Checks every field.
+
+        Raises:
+            ConfigError: a field has an invalid value; the message names the field and
+                the choices.
+        """
         _choice("split", self.split, SPLITS)
         _choice("backbone", self.backbone, BACKBONES)
         _choice("variant", self.variant, VARIANTS)
@@ -199,39 +208,67 @@ class TrainConfig:
             raise ConfigError("split='repeated' needs repeats >= 2 (e.g. 10)")
 
     @property
-    def resolved_run_dir(self):
+    def resolved_run_dir(self) -> Path:
         """The run directory as a `Path`: `run_dir`, or `runs/<name>`."""
         return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
 
-    def replace(self, **changes):
-        """Returns a copy with `changes` applied (and validated)."""
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with some fields changed.
+
+        Args:
+            **changes: field names and their new values.
+
+        Returns:
+            The new, validated `TrainConfig`.
+
+        Raises:
+            ConfigError: a changed value is invalid.
+        """
         return dataclasses.replace(self, **changes)
 
-    def to_dict(self):
-        """Returns the config as a JSON-ready dict."""
+    def to_dict(self) -> Dict[str, Any]:
+        """The config as a JSON-ready dict.
+
+        Returns:
+            {field: value}, tuples as lists.
+        """
         data = dataclasses.asdict(self)
         data["image_size"] = list(self.image_size)
         data["train_crop"] = list(self.train_crop) if self.train_crop else None
         return data
 
-    def changed_keys(self, other):
-        """The sorted names of the fields whose values differ between `self` and `other`."""
+    def changed_keys(self, other: "TrainConfig") -> List[str]:
+        """The fields whose values differ between two configs.
+
+        Args:
+            other: the config to compare with.
+
+        Returns:
+            Their names, sorted.
+        """
         mine, theirs = self.to_dict(), other.to_dict()
         return sorted(key for key, value in mine.items() if theirs.get(key) != value)
 
-    def save(self, path):
-        """Writes the config as JSON to `path`, atomically (a kill leaves the old file or the new one)."""
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Writes the config as JSON, atomically (a kill leaves the old file or the new one).
+
+        Args:
+            path: the file to write (usually `<run_dir>/config.json`).
+        """
         from kiqa.fsutil import write_text_atomically
 
         write_text_atomically(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def from_dict(cls, data, source="config"):
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "TrainConfig":
         """Builds a config from a dict, rejecting unknown keys by name.
 
         Args:
             data: mapping of field names to values.
             source: where the data came from, for error messages.
+
+        Returns:
+            The validated `TrainConfig`.
 
         Raises:
             ConfigError: on unknown keys or invalid values.
@@ -245,8 +282,19 @@ class TrainConfig:
         return cls(**data)
 
     @classmethod
-    def load(cls, path):
-        """Reads a JSON config file written by `save` or by hand."""
+    def load(cls, path: Union[str, os.PathLike]) -> "TrainConfig":
+        """Reads a JSON config file written by `save` or by hand.
+
+        Args:
+            path: the JSON file.
+
+        Returns:
+            The validated `TrainConfig`.
+
+        Raises:
+            ConfigError: the file is unreadable, not a JSON object, or holds unknown
+                keys or invalid values.
+        """
         path = Path(path)
         try:
             data = json.loads(path.read_text())

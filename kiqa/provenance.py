@@ -30,7 +30,7 @@ import datetime
 import json
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, List, Optional, Union
 
 from kiqa import __version__
 from kiqa.contract import ASSETS_EXTRA, PROVENANCE_FILE
@@ -105,7 +105,7 @@ class Provenance:
     created: Optional[str] = None
     schema: int = SCHEMA
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.data not in DATA_KINDS:
             raise ValueError(f"provenance data must be one of {list(DATA_KINDS)}, got {self.data!r}")
         if self.weights not in WEIGHT_KINDS:
@@ -113,8 +113,12 @@ class Provenance:
 
     # ------------------------------------------------------------------ judgement
 
-    def problems(self):
-        """Why this model's scores are not meaningful; empty when they are."""
+    def problems(self) -> List[str]:
+        """Why this model's scores are not meaningful.
+
+        Returns:
+            One clause per reason; empty when they are meaningful.
+        """
         found = []
         if self.data == "demo":
             found.append("it was trained on kiqa's built-in demo data (synthetic blur, noise and "
@@ -131,19 +135,27 @@ class Provenance:
         return found
 
     @property
-    def knows_quality(self):
+    def knows_quality(self) -> bool:
         """True only for a pretrained ConvNeXt trained on real rated photos (module docstring)."""
         return not self.problems()
 
-    def warning(self):
-        """The plain sentence to show beside this model's scores, or None if they are meaningful."""
+    def warning(self) -> Optional[str]:
+        """The plain sentence to show beside this model's scores.
+
+        Returns:
+            The sentence, or None when they are meaningful.
+        """
         problems = self.problems()
         if not problems:
             return None
         return _NOT_MEANINGFUL + "; ".join(problems) + "."
 
-    def describe(self):
-        """One line: backbone, weights, data and test SRCC, e.g. for a report header."""
+    def describe(self) -> str:
+        """The model in one line, e.g. for a report header.
+
+        Returns:
+            Backbone, weights, data and test SRCC.
+        """
         data = {"demo": "kiqa's demo data", "koniq": "KonIQ-10k", "custom": "a custom label file"}[self.data]
         weights = {"imagenet": "ImageNet weights", "file": "a weights file", "none": "random weights"}[self.weights]
         text = f"{self.backbone} from {weights}, trained on {data} ({self.split} split"
@@ -154,20 +166,35 @@ class Provenance:
 
     # ------------------------------------------------------------------ storage
 
-    def to_dict(self):
-        """The record as a JSON-ready dict, with the judgement spelled out."""
+    def to_dict(self) -> Dict[str, Any]:
+        """The record as a JSON-ready dict.
+
+        Returns:
+            {field: value}, with the judgement spelled out (`knows_quality`, `warning`).
+        """
         data = dataclasses.asdict(self)
         data["knows_quality"] = self.knows_quality
         data["warning"] = self.warning()
         return data
 
-    def to_json(self):
-        """The record as indented JSON text."""
+    def to_json(self) -> str:
+        """The record as JSON.
+
+        Returns:
+            Indented JSON text of `to_dict`, ending in a newline.
+        """
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, data, source="provenance"):
+    def from_dict(cls, data: Any, source: str = "provenance") -> "Provenance":
         """Builds a record from `to_dict` output (derived keys are recomputed, not trusted).
+
+        Args:
+            data: the parsed JSON object.
+            source: where it came from, for error messages.
+
+        Returns:
+            The `Provenance`.
 
         Raises:
             ModelError: not an object, unknown layout, or invalid values; names `source`.
@@ -185,8 +212,15 @@ class Provenance:
             ) from err
 
     @classmethod
-    def from_json(cls, text, source="provenance"):
+    def from_json(cls, text: Union[str, bytes], source: str = "provenance") -> "Provenance":
         """Parses `to_json` output.
+
+        Args:
+            text: the JSON text.
+            source: where it came from, for error messages.
+
+        Returns:
+            The `Provenance`.
 
         Raises:
             ModelError: not JSON or not a provenance record; names `source`.

@@ -6,8 +6,9 @@ Every command that takes a model path (`kiqa score`, `kiqa evaluate`, `kiqa expo
 """
 
 import dataclasses
+import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import List, Optional, Tuple, Union
 
 from kiqa.config import TrainConfig
 from kiqa.contract import PROVENANCE_FILE
@@ -24,7 +25,7 @@ SAVED_MODEL_FILE = "saved_model.pb"
 ONNX_FILE = "model.onnx"
 KINDS = ("keras", "savedmodel", "onnx")
 
-PathLike = Union[str, Path]
+PathLike = Union[str, os.PathLike]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +76,10 @@ class RunDir:
         return all(p.is_file() for p in (self.config_path, self.model_path, self.metrics_path))
 
     def config(self) -> Optional[TrainConfig]:
-        """The run's `TrainConfig`, or None when it has no config.json.
+        """The run's `TrainConfig`.
+
+        Returns:
+            The config, or None when the run has no config.json.
 
         Raises:
             ConfigError: config.json exists but is unusable.
@@ -84,8 +88,15 @@ class RunDir:
 
     @classmethod
     def of_model_file(cls, model_file: PathLike) -> Optional["RunDir"]:
-        """The run a `.keras` file belongs to: the folder with config.json beside it, or
-        above `checkpoints/` (for `checkpoints/best.keras`); None when there is none."""
+        """The run a `.keras` file belongs to.
+
+        Args:
+            model_file: the `.keras` file.
+
+        Returns:
+            The folder with config.json beside the file, or above `checkpoints/` (for
+            `checkpoints/best.keras`); None when there is none.
+        """
         model_file = Path(model_file)
         candidates = [model_file.parent]
         if model_file.parent.name == CHECKPOINTS:
@@ -114,7 +125,10 @@ class ModelPath:
     run: Optional[RunDir] = None
 
     def config(self) -> Optional[TrainConfig]:
-        """The run's `TrainConfig`, or None (no run, or an export).
+        """The run's `TrainConfig`.
+
+        Returns:
+            The config, or None (no run, or an export).
 
         Raises:
             ModelError: the run's config.json exists but is unusable; names both files.
@@ -138,8 +152,15 @@ class ModelPath:
         return None
 
 
-def saved_model_versions(base: Path):
-    """(version, folder) of the integer-named subfolders holding a SavedModel, by version."""
+def saved_model_versions(base: PathLike) -> List[Tuple[int, Path]]:
+    """The integer-named subfolders of a model base path that hold a SavedModel.
+
+    Args:
+        base: the model base path (e.g. export/kiqa).
+
+    Returns:
+        (version, folder) pairs sorted by version; empty when `base` is no folder.
+    """
     return _versions(Path(base), SAVED_MODEL_FILE)
 
 

@@ -25,11 +25,14 @@ import os
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
 import tensorflow as tf
+
+if TYPE_CHECKING:  # Keras loads lazily here: only the Keras path needs it
+    import keras
 
 from kiqa import provenance as provenance_lib
 from kiqa import score as score_lib
@@ -85,7 +88,7 @@ class Scorer:
 
     @classmethod
     def from_keras_model(
-        cls, model, image_size: Tuple[int, int], max_pixels: int = DEFAULT_MAX_PIXELS,
+        cls, model: "keras.Model", image_size: Sequence[int], max_pixels: int = DEFAULT_MAX_PIXELS,
         source: str = "in-memory keras.Model", provenance: Optional[provenance_lib.Provenance] = None,
     ) -> "Scorer":
         """A scorer over a Keras model in memory (training's validation pass uses this).
@@ -96,13 +99,16 @@ class Scorer:
             max_pixels: header pixel cap to decode with.
             source: what to call the model in messages.
             provenance: its `kiqa.provenance.Provenance`, if known.
+
+        Returns:
+            The `Scorer`.
         """
         return cls(
-            image_size=tuple(int(v) for v in image_size), max_pixels=int(max_pixels), source=source,
+            image_size=(int(image_size[0]), int(image_size[1])), max_pixels=int(max_pixels), source=source,
             kind="keras", _predict=keras_forward(model, image_size), _owner=model, provenance=provenance,
         )
 
-    def predict_pixels(self, batch) -> np.ndarray:
+    def predict_pixels(self, batch: Union[np.ndarray, tf.Tensor]) -> np.ndarray:
         """Scores a batch of decoded images.
 
         Args:
@@ -221,7 +227,7 @@ def _bytes_reader(blobs):
 
 # One traced forward pass per model and size: training's validation pass scores every
 # epoch, and a new tf.function each time would trace the whole model again.
-_FORWARD = weakref.WeakKeyDictionary()
+_FORWARD: "weakref.WeakKeyDictionary[Any, Dict[Tuple[int, int], Callable]]" = weakref.WeakKeyDictionary()
 
 
 def keras_forward(model, image_size):
@@ -347,7 +353,7 @@ def _check_size(image_size, path):
     return size
 
 
-def _keras_scorer(resolved: ModelPath, image_size, safe_mode):
+def _keras_scorer(resolved: ModelPath, image_size: Optional[Sequence[int]], safe_mode: bool) -> Scorer:
     from kiqa.model import load_model  # Keras model code only when a .keras file is used
 
     model_file = resolved.model

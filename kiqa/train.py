@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any, Callable, Dict, Optional
 
 import keras
 import numpy as np
@@ -26,7 +27,7 @@ from kiqa.data import koniq
 from kiqa.data.pipeline import make_dataset, steps_per_epoch
 from kiqa.data.prepared import default_prepared_dir, inspect_prepared, open_prepared
 from kiqa.data.validate import apply_bad_image_policy, check_image_folder, check_labels
-from kiqa.distribute import JaxStrategy, keras_backend, make_strategy, writable_run_dir
+from kiqa.distribute import Cluster, JaxStrategy, keras_backend, make_strategy, writable_run_dir
 from kiqa.errors import ClusterError, ConfigError, DataError, DiskFullError, RunExistsError, StrategyError
 from kiqa.fsutil import PANDAS_READ_TEXT, write_atomically, write_csv_atomically, write_text_atomically
 from kiqa.evaluate import evaluate_frame, predict_paths, write_json
@@ -77,10 +78,10 @@ class TrainResult:
     """
 
     run_dir: Path
-    metrics: dict
-    model_path: Path
+    metrics: Dict[str, Any]
+    model_path: Optional[Path]
     rejects: pd.DataFrame
-    prepared_dir: Path = None
+    prepared_dir: Optional[Path] = None
 
 
 def caveats(config, backbone=None):
@@ -755,7 +756,10 @@ def _check_run_dir(run_dir, config, overwrite, log):
             )
 
 
-def train(config, backbone=None, overwrite=False, progress=True, log=None, cluster=None):
+def train(
+    config: TrainConfig, backbone: Optional[keras.Model] = None, overwrite: bool = False, progress: bool = True,
+    log: Optional[Callable[[str], None]] = None, cluster: Optional[Cluster] = None,
+) -> TrainResult:
     """Runs a whole training job: data checks, split(s), training, evaluation, plots.
 
     The run's config.json is written only once the data are checked and split, so a run
@@ -775,8 +779,13 @@ def train(config, backbone=None, overwrite=False, progress=True, log=None, clust
         A `TrainResult`.
 
     Raises:
-        kiqa.errors.KiqaError subclasses for unusable data, configs or weights;
-        ImageFolderError when most images are missing; DiskFullError for a full disk.
+        ImageFolderError: most images are missing from the image folder.
+        BadImagesError: the bad-image policy stops the run (see `on_bad_images`).
+        RunExistsError: the run folder holds a finished run, or one with another config.
+        WeightsError: the backbone's weights cannot be had.
+        DiskFullError: the run folder's disk is full.
+        KiqaError: another unusable label file, config or cluster set-up (a subclass
+            naming it).
     """
     log = log or _no_log
     # First, before any other TF op: multi-worker collectives must be set up at start-up.

@@ -1,6 +1,9 @@
 """The public API (`import kiqa`): load_scorer -> Scorer.score / score_many, lazy names."""
 
+import importlib
+import inspect
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -129,3 +132,49 @@ def test_import_kiqa_does_not_import_tensorflow():
     assert result.stdout.split() == ["False", "False"]
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         kiqa.nothing
+
+
+# ---------------------------------------------------------------- types and docstrings
+
+# What the exported names take and return, beyond themselves (their methods are public too).
+RETURNED_CLASSES = (("kiqa.run", "ModelPath"), ("kiqa.train", "TrainResult"),
+                    ("kiqa.serving.export", "ExportOptions"), ("kiqa.provenance", "Provenance"))
+
+
+def _public_face():
+    """(qualified name, function, is a property) of every exported function and public method."""
+    objects = {name: getattr(kiqa, name) for name in kiqa.__all__ if name != "__version__"}
+    for name in ("train", "evaluate"):  # callable modules: the function of their name
+        objects[name] = getattr(objects[name], name)
+    for module, name in RETURNED_CLASSES:
+        objects[name] = getattr(importlib.import_module(module), name)
+    for name, obj in objects.items():
+        if not inspect.isclass(obj):
+            yield name, obj, False
+            continue
+        for attribute, member in vars(obj).items():
+            if attribute.startswith("_"):
+                continue
+            if isinstance(member, property):
+                yield f"{name}.{attribute}", member.fget, True
+            elif inspect.isfunction(getattr(member, "__func__", member)):  # method, classmethod, staticmethod
+                yield f"{name}.{attribute}", getattr(member, "__func__", member), False
+
+
+def test_the_public_face_is_annotated_and_documented():
+    """Every parameter and return annotated; Google-style Args/Returns/Raises where they apply."""
+    problems = []
+    for name, function, is_property in _public_face():
+        signature = inspect.signature(function)
+        params = [p for p in signature.parameters.values() if p.name not in ("self", "cls")]
+        unannotated = [p.name for p in params if p.annotation is inspect.Parameter.empty]
+        if unannotated or signature.return_annotation is inspect.Signature.empty:
+            problems.append(f"{name}: unannotated {unannotated or 'return'}")
+        doc = inspect.getdoc(function) or ""
+        needs = {
+            "Args:": bool(params),
+            "Returns:": signature.return_annotation not in (None, "None") and not is_property,
+            "Raises:": re.search(r"^\s+raise \w", inspect.getsource(function), re.M) is not None,
+        }
+        problems += [f"{name}: no {section}" for section, needed in needs.items() if needed and section not in doc]
+    assert problems == []

@@ -39,7 +39,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import keras
 import numpy as np
@@ -126,8 +126,15 @@ class ExportOptions:
     safe_mode: bool = True
 
     @classmethod
-    def of(cls, options=None, **overrides):
-        """`options` (default: all defaults) with the named fields replaced.
+    def of(cls, options: Optional["ExportOptions"] = None, **overrides: Any) -> "ExportOptions":
+        """Options with some fields replaced.
+
+        Args:
+            options: the options to start from (default: all defaults).
+            **overrides: field names and their new values.
+
+        Returns:
+            The `ExportOptions`.
 
         Raises:
             TypeError: `options` is not an `ExportOptions` (a base path given by
@@ -151,7 +158,10 @@ class ResolvedModel:
     max_pixels: int
 
 
-def export_model(model_or_path, options: Optional[ExportOptions] = None, *, record=None, **overrides) -> Path:
+def export_model(
+    model_or_path: Union[str, os.PathLike, keras.Model], options: Optional[ExportOptions] = None, *,
+    record: Optional[provenance.Provenance] = None, **overrides: Any,
+) -> Path:
     """Exports a model as a new TF Serving version, atomically.
 
     Args:
