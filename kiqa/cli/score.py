@@ -74,7 +74,7 @@ def model_remedy(err):
 @contextlib.contextmanager
 def model_remedies():
     """Re-raises a typed model error this CLI has a flag for, with that flag as its remedy."""
-    from kiqa.errors import ModelError, NotScoresCsvError
+    from kiqa.errors import ModelError, NotScoresCsvError, OutputIsInputError
 
     try:
         yield
@@ -84,8 +84,11 @@ def model_remedies():
             raise
         raise type(err)(f"{err}; {remedy}", path=err.path) from err
     except NotScoresCsvError as err:
-        raise NotScoresCsvError(f"{err}: choose another --out, or pass --no-skip to replace it",
+        # --no-skip does not help: kiqa replaces only a CSV it wrote itself.
+        raise NotScoresCsvError(f"{err}: choose another --out, or move that file away",
                                 path=err.path) from err
+    except OutputIsInputError as err:
+        raise OutputIsInputError(f"{err} (choose another --out)", path=err.path) from err
 
 
 def print_failures(failures, where):
