@@ -266,3 +266,17 @@ class OutputLockedError(ConfigError):
     def __init__(self, message, path, pid=None):
         super().__init__(message)
         self.path, self.pid = str(path), pid
+
+
+class DownloadDeadlineError(DataError):
+    """A download did not finish within its overall deadline; the bytes received are kept.
+
+    Attributes:
+        url: what was being downloaded.
+        deadline: the seconds allowed.
+        received: bytes kept for a rerun to resume after.
+    """
+
+    def __init__(self, message, url, deadline, received):
+        super().__init__(message)
+        self.url, self.deadline, self.received = url, deadline, received
