@@ -314,3 +314,56 @@ def test_scores_csv_is_exact_by_default_and_spreadsheet_safe_on_request(formula_
     # The rerun reads the escaped names back as the files' real names: nothing is rescored.
     again = score_paths(["."], scorer, "safe.csv", progress=False)
     assert again.n_skipped == summary.n_files == len(FORMULA_NAMES)
+
+
+# --- 7b. fetch-koniq against a server that trickles bytes ---------------------------------------
+
+@pytest.fixture
+def trickle_server():
+    """A loopback server announcing 1000 bytes and sending one every 0.2 s (at most 100)."""
+    stop = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(100):
+                if stop.wait(0.2):
+                    return
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    stop.set()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_a_trickling_server_meets_the_overall_deadline(trickle_server, tmp_path):
+    dest = tmp_path / "koniq10k_1024x768.zip"
+    start = time.monotonic()
+    with pytest.raises(DownloadDeadlineError, match="deadline of 1 s") as raised:
+        fetch.download(trickle_server + dest.name, dest, progress=False, timeout=5.0, retries=3, deadline=1.0)
+    assert time.monotonic() - start < 3.0  # the per-read timeout (5 s) never fired
+    kept = (tmp_path / (dest.name + ".part")).stat().st_size
+    assert 0 < kept < 1000 and raised.value.received == kept and not dest.exists()
+
+
+def test_fetch_koniq_cli_passes_the_deadline(trickle_server, tmp_path, capsys):
+    from kiqa.cli import fetch as fetch_cli
+
+    code = fetch_cli.main([str(tmp_path / "koniq"), "--base-url", trickle_server, "--no-split-file",
+                           "--quiet", "--deadline-hours", str(1 / 3600)])
+    assert code == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "deadline" in err and "resume" in err and "Traceback" not in err
