@@ -34,7 +34,7 @@ from scipy import stats
 from kiqa import provenance
 from kiqa.contract import DEFAULT_MAX_BYTES
 from kiqa.errors import ConfigError, DataError, ScoresFromAnotherModelError
-from kiqa.fsutil import write_json_atomically
+from kiqa.fsutil import csv_frame, write_json_atomically
 from kiqa.score import DEFAULT_BATCH_SIZE, find_images, read_scores, score_files
 
 DEFAULT_BOOTSTRAP = 10_000
@@ -375,7 +375,7 @@ def _pair_images(labels, folders, per_folder, left_out, ignore_extension, out, f
     pairable = () if ignore_extension else pairable_without_extension(labels, per_folder, common)
     unpaired = pd.DataFrame(left_out, columns=["folder", "path", "reason"])
     files["unpaired"] = str(out / "unpaired.csv")
-    unpaired.to_csv(files["unpaired"], index=False, errors="surrogateescape")
+    csv_frame(unpaired).to_csv(files["unpaired"], index=False, errors="surrogateescape")
     if not common:
         examples = "; ".join(
             f"{label}: {min(scored, default='(none scored)')}" for label, scored in zip(labels, per_folder)
@@ -400,10 +400,11 @@ def _write_tables(out, files, labels, common, matrix, pairs, ranking):
     if len(labels) == 2:
         per_image["diff"] = matrix[0] - matrix[1]
     files["per_image"] = str(out / "per_image.csv")
-    per_image.to_csv(files["per_image"], index=False, float_format="%.4f", errors="surrogateescape")
+    csv_frame(per_image).to_csv(files["per_image"], index=False, float_format="%.4f", errors="surrogateescape")
     if ranking is not None:
         files["ranking"] = str(out / "ranking.csv")
-        pd.DataFrame(ranking).to_csv(files["ranking"], index=False, float_format="%.4f", errors="surrogateescape")
+        csv_frame(pd.DataFrame(ranking)).to_csv(files["ranking"], index=False, float_format="%.4f",
+                                                errors="surrogateescape")
     files["plot"] = str(out / "compare.png")
     if len(labels) == 2:
         _plot_pair(matrix[0], matrix[1], pairs[0], files["plot"])

@@ -87,11 +87,14 @@ def csv_value(cell: str) -> str:
 
 def csv_frame(frame):
     """A copy of a DataFrame with every text cell passed through `csv_cell`."""
+    import pandas as pd  # only for pandas writers: kiqa.fsutil stays light to import
+
     if not spreadsheet_safe():
         return frame
     frame = frame.copy()
     for column in frame.columns:
-        if frame[column].dtype == object:
+        # object (pandas 2) or the string dtype (pandas 3) hold text; numbers stay numbers.
+        if frame[column].dtype == object or pd.api.types.is_string_dtype(frame[column]):
             frame[column] = frame[column].map(csv_cell)
     # Column names are cells too (a label folder named "=x" heads compare's columns).
     frame.columns = [csv_cell(name) if isinstance(name, str) else name for name in frame.columns]

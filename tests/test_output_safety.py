@@ -367,3 +367,53 @@ def test_fetch_koniq_cli_passes_the_deadline(trickle_server, tmp_path, capsys):
     assert code == EXIT_ERROR
     err = capsys.readouterr().err
     assert "deadline" in err and "resume" in err and "Traceback" not in err
+
+
+# pandas writes a lone carriage return unquoted (its line ending is "\n"), so a reader splits
+# that row: the pandas-written CSVs are checked with the other names.
+PANDAS_NAMES = [name for name in FORMULA_NAMES if "\r" not in name]
+
+
+def test_every_csv_writer_escapes_formula_names_on_request(formula_folder, scorer, monkeypatch, tmp_path):
+    import pandas as pd
+
+    from kiqa.compare import compare_folders
+    from kiqa.config import TrainConfig
+    from kiqa.evaluate import evaluate_frame
+    from kiqa.fsutil import write_csv_atomically
+
+    other = tmp_path / "other"
+    for i, name in enumerate(FORMULA_NAMES):
+        write_photo(other / name, seed=10 + i)
+    monkeypatch.setenv(SPREADSHEET_SAFE_ENV, "1")
+    result = compare_folders([str(formula_folder), str(other)], scorer, tmp_path / "cmp", progress=False,
+                             n_resamples=10)
+    for key in ("scores-evil", "scores-other"):
+        cells = first_cells(result.files[key])
+        assert len(cells) == len(FORMULA_NAMES) and all(c.startswith(str(tmp_path)) for c in cells), key
+    assert result.n_common == len(FORMULA_NAMES)  # the escaped names paired as the same files
+    per_image = set(first_cells(result.files["per_image"]))
+    assert {"'" + n for n in PANDAS_NAMES} <= per_image and not per_image & set(PANDAS_NAMES)
+    # evaluate's predictions.csv, and training's rejects/split CSVs (write_csv_atomically).
+    frame = pd.DataFrame({"image_name": PANDAS_NAMES, "mos": 50.0,
+                          "path": [str(formula_folder / n) for n in PANDAS_NAMES]})
+    config = TrainConfig.demo(weights="none", image_size=(32, 48))
+    evaluate_frame(scorer, frame, config, out_dir=tmp_path / "eval")
+    assert first_cells(tmp_path / "eval" / "predictions.csv") == ["'" + n for n in PANDAS_NAMES]
+    write_csv_atomically(pd.DataFrame({"image_name": PANDAS_NAMES, "reason": "-bad"}), tmp_path / "rejects.csv")
+    assert first_cells(tmp_path / "rejects.csv", 1) == ["'-bad"] * len(PANDAS_NAMES)
+    monkeypatch.delenv(SPREADSHEET_SAFE_ENV)
+    write_csv_atomically(pd.DataFrame({"image_name": PANDAS_NAMES}), tmp_path / "split.csv")
+    assert first_cells(tmp_path / "split.csv") == PANDAS_NAMES  # exact by default
+
+
+def test_predict_refuses_an_input_as_out_and_escapes_on_request(server, formula_folder, monkeypatch, capsys):
+    from kiqa.cli import predict as predict_cli
+
+    target = formula_folder / FORMULA_NAMES[0]
+    before = target.read_bytes()
+    assert predict_cli.main([".", "--server", server.address, "--out", str(target)]) == EXIT_ERROR
+    assert str(target) in capsys.readouterr().err and target.read_bytes() == before
+    monkeypatch.setenv(SPREADSHEET_SAFE_ENV, "1")
+    assert predict_cli.main([".", "--server", server.address, "--out", "predict.csv"]) == 0
+    assert sorted(first_cells("predict.csv")) == sorted("'" + n for n in FORMULA_NAMES)
