@@ -417,3 +417,33 @@ def test_predict_refuses_an_input_as_out_and_escapes_on_request(server, formula_
     monkeypatch.setenv(SPREADSHEET_SAFE_ENV, "1")
     assert predict_cli.main([".", "--server", server.address, "--out", "predict.csv"]) == 0
     assert sorted(first_cells("predict.csv")) == sorted("'" + n for n in FORMULA_NAMES)
+
+
+def test_sigterm_stops_a_real_kiqa_score_which_then_resumes(run_dir, scorer, tmp_path):
+    folder = tmp_path / "many"
+    for i in range(40):
+        write_photo(folder / f"{i:02d}.png", seed=i)
+    out = tmp_path / "scores.csv"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "kiqa.cli.score", str(folder), "--model", str(run_dir), "--out", str(out),
+         "--batch-size", "1", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and job.poll() is None:
+            if out.exists() and len(out.read_bytes().splitlines()) >= 3:
+                break
+            time.sleep(0.1)
+        job.send_signal(signal.SIGTERM)
+        _, err = job.communicate(timeout=60)
+    finally:
+        job.kill()
+    if job.returncode == 0:
+        pytest.skip("the job finished before SIGTERM reached it")
+    assert job.returncode == EXIT_TERMINATED, err
+    assert "stopped by SIGTERM" in err and "rerun the same command to resume" in err and "Traceback" not in err
+    kept = len(out.read_bytes().splitlines()) - 1
+    assert kept >= 2 and not (tmp_path / "scores.csv.lock").exists()
+    summary = score_paths([folder], scorer, out, progress=False)
+    assert summary.n_skipped >= kept - 1 and summary.n_files == 40  # a half last line is cut and rescored

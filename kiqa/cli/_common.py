@@ -200,7 +200,7 @@ def describe_os_error(err):
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         fix = "free some space there or write somewhere else"
     elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        fix = "choose a writable location (or, for a setting under your home folder, set KIQA_HOME)"
+        fix = "choose a writable location"
     else:
         fix = "check the path"
     return f"{where}: {reason}; {fix}"
