@@ -149,6 +149,28 @@ def writing(path, done=lambda: "") -> Iterator[None]:
         raise output_error(err, path, done()) from err
 
 
+def refuse_foreign_outputs(folder, names, ours) -> None:
+    """Refuses to write into `folder` when it holds one of `names` that kiqa cannot prove it wrote.
+
+    Args:
+        folder: the output folder.
+        names: the file names the job writes there.
+        ours: whether the folder shows kiqa's mark (a file only kiqa writes there).
+
+    Raises:
+        OutputIsInputError: a file of those names is there without kiqa's mark; nothing was changed.
+    """
+    from kiqa.errors import OutputIsInputError
+
+    folder = Path(folder)
+    there = [name for name in names if os.path.lexists(folder / name)]
+    if there and not ours:
+        raise OutputIsInputError(
+            f"{printable(folder)} holds {', '.join(there)}, which kiqa did not write there (the folder "
+            f"has no kiqa output of this kind); they are left untouched: use another output folder",
+            path=str(folder / there[0]))
+
+
 LOCK_SUFFIX = ".lock"
 
 

@@ -26,9 +26,9 @@ from kiqa.errors import (
 )
 from kiqa.fsutil import SPREADSHEET_SAFE_ENV, csv_cell, csv_value, output_lock
 from kiqa.score import CSV_COLUMNS, score_paths
-from kiqa.scorer import load_scorer
 
-import helpers
+# The tiny run and its scorer, shared with the scoring tests.
+from test_score import run_dir, scorer  # noqa: F401  (pytest fixtures)
 
 # Names a spreadsheet would run as formulas (CSV injection), one per dangerous first character.
 FORMULA_NAMES = ["=1+1.jpg", "+cmd.png", "-2+3.jpg", "@SUM(A1).png", "\tlead.jpg", "\rcr.jpg"]
@@ -38,18 +38,6 @@ def write_photo(path, seed=0):
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.random.default_rng(seed).integers(0, 256, (40, 56, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path)
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    run = tmp_path_factory.mktemp("safety") / "run"
-    helpers.make_tiny_run(run, seed=1)
-    return run
-
-
-@pytest.fixture(scope="module")
-def scorer(run_dir):
-    return load_scorer(run_dir)
 
 
 @pytest.fixture
@@ -447,3 +435,40 @@ def test_sigterm_stops_a_real_kiqa_score_which_then_resumes(run_dir, scorer, tmp
     assert kept >= 2 and not (tmp_path / "scores.csv.lock").exists()
     summary = score_paths([folder], scorer, out, progress=False)
     assert summary.n_skipped >= kept - 1 and summary.n_files == 40  # a half last line is cut and rescored
+
+
+def test_compare_and_evaluate_never_write_over_files_they_did_not_make(photos, scorer, tmp_path):
+    import pandas as pd
+
+    from kiqa.compare import compare_folders
+    from kiqa.config import TrainConfig
+    from kiqa.evaluate import evaluate_frame
+
+    other = tmp_path / "other"
+    for i, name in enumerate(["a.jpg", "b.png", "nested/c.jpg"]):
+        write_photo(other / name, seed=20 + i)
+    names = ["a.jpg", "b.png", "nested/c.jpg"]
+    frame = pd.DataFrame({"image_name": names, "mos": [40.0, 60.0, 50.0], "path": [str(photos / n) for n in names]})
+    config = TrainConfig.demo(weights="none", image_size=(32, 48))
+    for name in ("per_image.csv", "compare.png", "model.json"):
+        mine = tmp_path / f"cmp-{name}"
+        mine.mkdir()
+        (mine / name).write_text("my own file")
+        for skip in (True, False):
+            with pytest.raises(OutputIsInputError, match=name):
+                compare_folders([str(photos), str(other)], scorer, mine, progress=False, n_resamples=10,
+                                skip_existing=skip)
+        assert (mine / name).read_text() == "my own file" and sorted(os.listdir(mine)) == [name]
+    for name in ("predictions.csv", "metrics.json", "scatter.png"):
+        mine = tmp_path / f"eval-{name}"
+        mine.mkdir()
+        (mine / name).write_text("my own file")
+        with pytest.raises(OutputIsInputError, match=name):
+            evaluate_frame(scorer, frame, config, out_dir=mine)
+        assert (mine / name).read_text() == "my own file" and sorted(os.listdir(mine)) == [name]
+    # kiqa's own folders are reused: a rerun into the same folders works.
+    result = compare_folders([str(photos), str(other)], scorer, tmp_path / "cmp", progress=False, n_resamples=10)
+    assert compare_folders([str(photos), str(other)], scorer, tmp_path / "cmp", progress=False,
+                           n_resamples=10).n_common == result.n_common == 3
+    evaluate_frame(scorer, frame, config, out_dir=tmp_path / "eval")
+    evaluate_frame(scorer, frame, config, out_dir=tmp_path / "eval")
