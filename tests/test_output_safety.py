@@ -472,3 +472,13 @@ def test_compare_and_evaluate_never_write_over_files_they_did_not_make(photos, s
                            n_resamples=10).n_common == result.n_common == 3
     evaluate_frame(scorer, frame, config, out_dir=tmp_path / "eval")
     evaluate_frame(scorer, frame, config, out_dir=tmp_path / "eval")
+
+
+def test_beam_csv_rows_and_path_lists_use_the_same_cell_rule(monkeypatch):
+    pipeline = pytest.importorskip("kiqa.beam.pipeline", reason="needs apache_beam (kiqa[beam])")
+    monkeypatch.setenv(SPREADSHEET_SAFE_ENV, "1")
+    for name in FORMULA_NAMES[:5]:
+        line = pipeline._csv_line((name.encode(), 50.0, b""))
+        cells = next(csv.reader(io.StringIO(line.decode())))
+        assert cells[0] == "'" + name
+        assert pipeline._list_entry(line, 0) == [pipeline._bytes(pipeline._normalise(name.strip()))]
