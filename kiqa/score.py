@@ -263,9 +263,11 @@ def check_output(out_csv, files, replace=False):
         replace: the output is to be replaced (`--no-skip`): still only a kiqa CSV is.
 
     Raises:
-        OutputIsInputError: `out_csv` is one of the input files, or an existing non-empty
-            file that is not a kiqa scores CSV (a photo, a text file ...); nothing was changed.
+        OutputIsInputError: `out_csv` is one of the input files (also through a hard link).
+        NotScoresCsvError: `out_csv` is an existing non-empty file that is not a kiqa
+            scores CSV (a photo, a text file without final newline, someone's CSV).
         OutputError: `out_csv` is a folder, a pipe or a socket.
+        Nothing was changed in any of these cases.
     """
     out_csv = Path(out_csv)
     try:
@@ -278,15 +280,15 @@ def check_output(out_csv, files, replace=False):
     if stat.S_ISDIR(out_stat.st_mode) or stat.S_ISFIFO(out_stat.st_mode) or stat.S_ISSOCK(out_stat.st_mode):
         raise OutputError(f"cannot write the scores CSV to {printable(out_csv)}: it is a folder, pipe or "
                           f"socket, not a file", path=out_csv)
-    identity = (out_stat.st_dev, out_stat.st_ino)
     for path, _ in files:
         try:
-            if (lambda st: (st.st_dev, st.st_ino))(os.stat(path)) == identity:
-                raise OutputIsInputError(
-                    f"the output {printable(out_csv)} is one of the input images ({printable(path)}); "
-                    f"it is left untouched: write the CSV somewhere else", path=str(out_csv))
+            same = os.path.samestat(os.stat(path), out_stat)  # also a hard link to it
         except OSError:
             continue  # an input that cannot be stat'ed is not the output
+        if same:
+            raise OutputIsInputError(
+                f"the output {printable(out_csv)} is one of the input images ({printable(path)}); "
+                f"it is left untouched: write the CSV somewhere else", path=str(out_csv))
     if stat.S_ISREG(out_stat.st_mode) and out_stat.st_size > 0 and not is_scores_csv(out_csv):
         action = "replaced" if replace else "resumed"
         raise NotScoresCsvError(
