@@ -482,3 +482,18 @@ def test_beam_csv_rows_and_path_lists_use_the_same_cell_rule(monkeypatch):
         cells = next(csv.reader(io.StringIO(line.decode())))
         assert cells[0] == "'" + name
         assert pipeline._list_entry(line, 0) == [pipeline._bytes(pipeline._normalise(name.strip()))]
+
+
+def test_train_overwrite_never_removes_a_folder_that_is_not_a_run(tmp_path, capsys):
+    from kiqa.cli import train as train_cli
+
+    photos = tmp_path / "photos"
+    write_photo(photos / "holiday.jpg")
+    (tmp_path / "notes.txt").write_text("mine")
+    for target in (photos, tmp_path / "notes.txt"):
+        code = train_cli.main(["--run-dir", str(target), "--overwrite", "--weights", "none",
+                               "--backbone", "small-cnn", "--epochs", "1"])
+        assert code == EXIT_ERROR
+        err = capsys.readouterr().err
+        assert "not a kiqa run folder" in err and str(target) in err
+    assert (photos / "holiday.jpg").is_file() and (tmp_path / "notes.txt").read_text() == "mine"
