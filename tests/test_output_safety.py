@@ -217,13 +217,18 @@ def test_disk_full_mid_job_keeps_the_rows_and_says_so(photos, scorer, tmp_path, 
     assert score_paths([photos], scorer, out, progress=False).n_skipped == 2
 
 
-def test_read_only_home_without_kiqa_home_names_kiqa_home(monkeypatch):
+def test_read_only_home_without_kiqa_home_names_kiqa_home(monkeypatch, tmp_path, capsys):
+    from kiqa.cli import train as train_cli
     from kiqa.data import synthetic
 
     monkeypatch.delenv("KIQA_HOME", raising=False)
     monkeypatch.setenv("HOME", "/sys/no-home")
     with pytest.raises(OutputError, match="KIQA_HOME"):
         synthetic.demo_dataset()
+    code = train_cli.main(["--weights", "none", "--backbone", "small-cnn", "--run-dir", str(tmp_path / "run")])
+    assert code == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "KIQA_HOME" in err and "/sys/no-home" in err and "Traceback" not in err
 
 
 def test_an_os_error_reaching_a_command_is_one_line_with_the_path(capsys):
