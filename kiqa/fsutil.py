@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from kiqa.errors import DiskFullError, KiqaError, OutputError, OutputIsInputError, OutputLockedError
+
 # open(..., **CSV_TEXT) for every CSV kiqa writes or reads back that holds file names.
 CSV_TEXT = dict(encoding="utf-8", errors="surrogateescape", newline="")
 # The same rule for pandas: frame.to_csv(path, **PANDAS_CSV_TEXT), pd.read_csv(path, **PANDAS_READ_TEXT).
@@ -113,8 +115,6 @@ def output_error(err: OSError, path, done: str = "") -> Exception:
         path: the output being written.
         done: what was kept, for the message ("1200 rows are kept"), or "".
     """
-    from kiqa.errors import DiskFullError, OutputError
-
     path = Path(path)
     reason = err.strerror or str(err)
     kept = f"; {done}" if done else ""
@@ -139,8 +139,6 @@ def writing(path, done=lambda: "") -> Iterator[None]:
         path: the output.
         done: called on failure for what was kept ("1200 rows are kept"), or "".
     """
-    from kiqa.errors import KiqaError
-
     try:
         yield
     except KiqaError:
@@ -160,8 +158,6 @@ def refuse_foreign_outputs(folder, names, ours) -> None:
     Raises:
         OutputIsInputError: a file of those names is there without kiqa's mark; nothing was changed.
     """
-    from kiqa.errors import OutputIsInputError
-
     folder = Path(folder)
     there = [name for name in names if os.path.lexists(folder / name)]
     if there and not ours:
@@ -190,8 +186,6 @@ def output_lock(path) -> Iterator[Path]:
             `<path>.lock` is a file kiqa did not write (left untouched).
         OutputError: the lock file cannot be created (read-only folder, ...).
     """
-    from kiqa.errors import OutputLockedError
-
     lock = Path(f"{os.fspath(path)}{LOCK_SUFFIX}")
     handle = _take_lock(lock, path)
     try:
@@ -214,8 +208,6 @@ def output_lock(path) -> Iterator[Path]:
 def _take_lock(lock: Path, path):
     """The open, `flock`ed lock file (see `output_lock`); three tries against a holder
     that removes it between our open and our lock."""
-    from kiqa.errors import OutputLockedError
-
     for _ in range(3):
         with writing(lock):
             handle = open(lock, "a+")
