@@ -242,7 +242,7 @@ def test_an_os_error_reaching_a_command_is_one_line_with_the_path(capsys):
 
 
 def test_sigterm_says_it_stopped_and_how_to_resume(capsys):
-    for prog in ("kiqa score", "kiqa-train"):
+    for prog in ("kiqa score", "kiqa-train", "kiqa train", "kiqa compare", "kiqa fetch-koniq"):
         @entry_point
         def main(argv=None, prog=None):
             os.kill(os.getpid(), signal.SIGTERM)

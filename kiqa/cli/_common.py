@@ -25,8 +25,9 @@ RESUME_HINTS = {
     "kiqa score": "rerun the same command to resume: files already in the CSV are skipped",
     "kiqa compare": "rerun the same command to resume: images already scored are skipped",
     "kiqa-train": "rerun the same command to resume from the last completed epoch",
-    "fetch-koniq": "rerun the same command to resume the downloads where they stopped",
+    "kiqa fetch-koniq": "rerun the same command to resume the downloads where they stopped",
 }
+RESUME_HINTS["kiqa train"] = RESUME_HINTS["kiqa-train"]  # `kiqa train` runs the same command
 
 # KIQA_VERBOSE=1 (or `kiqa-train --verbose`) shows TF's own console output untouched.
 VERBOSE_ENV = "KIQA_VERBOSE"
