@@ -34,13 +34,16 @@ from scipy import stats
 from kiqa import provenance
 from kiqa.contract import DEFAULT_MAX_BYTES
 from kiqa.errors import ConfigError, DataError, ScoresFromAnotherModelError
-from kiqa.fsutil import write_json_atomically
+from kiqa.fsutil import csv_frame, refuse_foreign_outputs, write_json_atomically
 from kiqa.score import DEFAULT_BATCH_SIZE, find_images, read_scores, score_files
 
 DEFAULT_BOOTSTRAP = 10_000
 # Resampled indices held at once by the bootstrap (int64: 8 bytes each).
 _BOOTSTRAP_CHUNK_ELEMENTS = 2_000_000
 MODEL_FILE = "model.json"  # which model scored the per-folder CSVs (checked on resume)
+# The fixed names compare writes in its output folder (besides scores-<label>.csv, which are
+# refused one by one unless they are kiqa scores CSVs).
+OUTPUT_NAMES = (MODEL_FILE, "per_image.csv", "unpaired.csv", "ranking.csv", "compare.json", "compare.png")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,6 +291,8 @@ def compare_folders(
     folders = _check_folders(dirs, confidence, n_resamples)
     labels = folder_labels(folders)
     out = Path(out_dir)
+    # Fixed names in a folder the user picks: never over files kiqa did not put there.
+    refuse_foreign_outputs(out, OUTPUT_NAMES, ours=_is_compare_folder(out))
     out.mkdir(parents=True, exist_ok=True)
     _check_same_model(out / MODEL_FILE, scorer, skip_existing)
     files = {}
@@ -375,7 +380,7 @@ def _pair_images(labels, folders, per_folder, left_out, ignore_extension, out, f
     pairable = () if ignore_extension else pairable_without_extension(labels, per_folder, common)
     unpaired = pd.DataFrame(left_out, columns=["folder", "path", "reason"])
     files["unpaired"] = str(out / "unpaired.csv")
-    unpaired.to_csv(files["unpaired"], index=False, errors="surrogateescape")
+    csv_frame(unpaired).to_csv(files["unpaired"], index=False, errors="surrogateescape")
     if not common:
         examples = "; ".join(
             f"{label}: {min(scored, default='(none scored)')}" for label, scored in zip(labels, per_folder)
@@ -400,15 +405,25 @@ def _write_tables(out, files, labels, common, matrix, pairs, ranking):
     if len(labels) == 2:
         per_image["diff"] = matrix[0] - matrix[1]
     files["per_image"] = str(out / "per_image.csv")
-    per_image.to_csv(files["per_image"], index=False, float_format="%.4f", errors="surrogateescape")
+    csv_frame(per_image).to_csv(files["per_image"], index=False, float_format="%.4f", errors="surrogateescape")
     if ranking is not None:
         files["ranking"] = str(out / "ranking.csv")
-        pd.DataFrame(ranking).to_csv(files["ranking"], index=False, float_format="%.4f", errors="surrogateescape")
+        csv_frame(pd.DataFrame(ranking)).to_csv(files["ranking"], index=False, float_format="%.4f",
+                                                errors="surrogateescape")
     files["plot"] = str(out / "compare.png")
     if len(labels) == 2:
         _plot_pair(matrix[0], matrix[1], pairs[0], files["plot"])
     else:
         _plot_ranking(labels, matrix, files["plot"])
+
+
+def _is_compare_folder(out):
+    """Whether `out` holds kiqa compare's mark: its MODEL_FILE with a model identity in it."""
+    try:
+        mark = json.loads((out / MODEL_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(mark, dict) and set(mark) == {"source", "kind", "image_size"}
 
 
 def _model_identity(scorer):

@@ -8,7 +8,10 @@ written beside the checkpoints as `config.json`, so every run can be repeated.
 
 import dataclasses
 import json
+import math
+import numbers
 import os
+import typing
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -29,6 +32,20 @@ STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker", "data-parallel")
 # learning rate than a fine-tuned ConvNeXt, and 48x64 is enough for the demo distortions
 # (and 4x cheaper). Measured on the built-in demo data (2-core CPU, ~5 min): held-out
 # SRCC 0.80 with --seed 1; with lr 1e-3 it stayed below 0.3 (README, "Offline").
+# Sane upper bounds, checked before anything runs: past them a run hangs for days, or the
+# first batch is killed by memory with no message. Generous for a real GPU run.
+MAX_EPOCHS = 10_000  # also warmup_epochs and patience
+MAX_REPEATS = 1_000
+MAX_BATCH_SIZE = 4_096
+MAX_IMAGE_SIDE = 4_096  # pixels per side of image_size (KonIQ's photos are 1024x768)
+# batch_size x height x width: 32 images at 1024x1024 or 128 at 512x512 (ConvNeXt-Tiny's
+# training activations are ~1 GB per megapixel, so this already needs a large GPU; the
+# default 16 at 384x512 is 3 M). 20000x20000 at batch 1 (400 M pixels) is far over it.
+MAX_BATCH_PIXELS = 32 * 1024 * 1024
+MAX_HEADER_PIXELS = 1_000_000_000  # max_pixels: a 1-gigapixel image decodes to 3 GB of RGB
+MAX_SEED = 2**32 - 1  # numpy's and TF's seeds are 32-bit
+MAX_LEARNING_RATE = 10.0
+
 SMALL_CNN_DEMO = dict(weights="none", image_size=(48, 64), epochs=24, patience=24, batch_size=16,
                       learning_rate=2e-3)
 
@@ -124,6 +141,7 @@ class TrainConfig:
     name: str = "koniq"
 
     def __post_init__(self) -> None:
+        _check_types(self)
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
         if self.train_crop is not None:
             object.__setattr__(self, "train_crop", tuple(int(v) for v in self.train_crop))
@@ -195,15 +213,28 @@ class TrainConfig:
             raise ConfigError(
                 f"train_crop must be (height, width) within image_size {self.image_size}, got {self.train_crop}"
             )
-        for field in ("repeats", "epochs", "batch_size", "patience", "max_pixels"):
-            if getattr(self, field) < 1:
-                raise ConfigError(f"{field} must be at least 1, got {getattr(self, field)}")
-        if self.warmup_epochs < 0:
-            raise ConfigError(f"warmup_epochs must be 0 or more, got {self.warmup_epochs}")
+        for field, low, high in (("repeats", 1, MAX_REPEATS), ("epochs", 1, MAX_EPOCHS),
+                                 ("batch_size", 1, MAX_BATCH_SIZE), ("patience", 1, MAX_EPOCHS),
+                                 ("max_pixels", 1, MAX_HEADER_PIXELS), ("warmup_epochs", 0, MAX_EPOCHS),
+                                 ("seed", 0, MAX_SEED)):
+            if not low <= getattr(self, field) <= high:
+                raise ConfigError(f"{field} must be between {low} and {high:,}, got {getattr(self, field):,}")
+        if max(self.image_size) > MAX_IMAGE_SIDE:
+            raise ConfigError(f"image_size must be at most {MAX_IMAGE_SIDE} pixels a side, got "
+                              f"{list(self.image_size)}; KonIQ's photos are 768x1024 (the default trains at 384x512)")
+        batch_pixels = self.batch_size * self.image_size[0] * self.image_size[1]
+        if batch_pixels > MAX_BATCH_PIXELS:
+            raise ConfigError(
+                f"batch_size x image_size is {self.batch_size} x {self.image_size[0]}x{self.image_size[1]} = "
+                f"{batch_pixels:,} pixels a batch, over kiqa's limit of {MAX_BATCH_PIXELS:,} (beyond it a batch "
+                f"does not fit in memory); "
+                f"lower batch_size or image_size")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.learning_rate <= 0 or self.epsilon <= 0:
-            raise ConfigError("learning_rate and epsilon must be positive")
+        for field in ("learning_rate", "epsilon"):
+            if not 0.0 < getattr(self, field) <= MAX_LEARNING_RATE:
+                raise ConfigError(f"{field} must be a positive finite number up to {MAX_LEARNING_RATE:g}, "
+                                  f"got {getattr(self, field)} (e.g. 1e-4)")
         if self.split == "repeated" and self.repeats < 2:
             raise ConfigError("split='repeated' needs repeats >= 2 (e.g. 10)")
 
@@ -297,14 +328,57 @@ class TrainConfig:
         """
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
         except OSError as err:
             raise ConfigError(f"cannot read config file {path}: {err}") from err
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"config file {path} is not valid JSON: {err}") from err
+        except RecursionError as err:
+            raise ConfigError(f"config file {path} nests too deeply to be a config; every value is a "
+                              f"string, number, true/false, null or a [height, width] pair") from err
+        except ValueError as err:  # NaN / Infinity
+            raise ConfigError(f"config file {path}: {err}") from err
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a JSON object of fields")
         return cls.from_dict(data, source=str(path))
+
+
+def _refuse_constant(name):
+    raise ValueError(f"{name} is not a number a config can hold (NaN or Infinity); give a finite value")
+
+
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_size(value):
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) for v in value)
+
+
+# What each annotated type accepts, and how to say it: checked before any value is used,
+# so a string for an int or a list for a path is named instead of failing deep in TF.
+_TYPE_RULES = {
+    str: (lambda v: isinstance(v, str), 'a string, e.g. "official"'),
+    Optional[str]: (lambda v: v is None or isinstance(v, str), "a string or null"),
+    int: (_is_int, "a whole number, e.g. 10 (not 10.0 or \"10\")"),
+    float: (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v),
+            "a finite number, e.g. 0.0001"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    Tuple[int, int]: (_is_size, "[height, width] in whole pixels, e.g. [384, 512]"),
+    Optional[Tuple[int, int]]: (lambda v: v is None or _is_size(v), "[height, width] in whole pixels, or null"),
+}
+
+
+def _check_types(config):
+    """Raises `ConfigError` naming the first field whose value has the wrong type."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        accepts, wanted = _TYPE_RULES[hints[field.name]]
+        if not accepts(value):
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise ConfigError(f"{field.name} must be {wanted}, got {shown} ({type(value).__name__})")
 
 
 def _choice(field, value, choices):

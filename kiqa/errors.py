@@ -367,3 +367,58 @@ class ClusterError(ConfigError):
     def __init__(self, message, missing=()):
         super().__init__(message)
         self.missing = tuple(missing)
+
+
+class OutputError(KiqaError, OSError):
+    """An output file cannot be written: a read-only or missing folder, no permission, a
+    full disk. Also an `OSError` (errno and filename set), so callers that catch those
+    still do.
+
+    Attributes:
+        path: the file kiqa was writing.
+        reason: what the system said ("Read-only file system", ...).
+    """
+
+    def __init__(self, message, path, errno_=None, reason=None):
+        OSError.__init__(self, errno_, message, str(path))
+        self.path, self.reason = str(path), reason
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+class OutputIsInputError(DataError):
+    """An output would be written over a file kiqa only reads (an input image) or over a
+    file kiqa did not write; `path` names it and nothing was changed."""
+
+    def __init__(self, message, path):
+        super().__init__(message)
+        self.path = path
+
+
+class OutputLockedError(ConfigError):
+    """Another kiqa process is writing the same output now.
+
+    Attributes:
+        path: the output.
+        pid: the other process's id (None when its lock file does not say).
+    """
+
+    def __init__(self, message, path, pid=None):
+        super().__init__(message)
+        self.path, self.pid = str(path), pid
+
+
+class DownloadDeadlineError(DataError):
+    """A download did not finish within its overall deadline; the bytes received are kept.
+
+    Attributes:
+        url: what was being downloaded.
+        deadline: the seconds allowed.
+        received: bytes kept for a rerun to resume after.
+    """
+
+    def __init__(self, message, url, deadline, received):
+        super().__init__(message)
+        self.url, self.deadline, self.received = url, deadline, received

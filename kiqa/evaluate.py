@@ -12,7 +12,7 @@ from kiqa import CallableModule
 from kiqa.config import TrainConfig
 from kiqa.data.pipeline import make_dataset
 from kiqa.errors import ConfigError
-from kiqa.fsutil import write_csv_atomically, write_json_atomically
+from kiqa.fsutil import refuse_foreign_outputs, write_csv_atomically, write_json_atomically
 from kiqa.metrics import cautions, evaluate_with_confidence
 from kiqa.plots import plot_scatter
 
@@ -41,6 +41,20 @@ def predict_paths(model, paths, config, part="test"):
     for features, _ in dataset:
         predictions[features["index"].numpy()] = scorer.predict_pixels(features["image"])
     return predictions
+
+
+# What evaluate writes into its output folder; predictions.csv's first line is kiqa's mark.
+OUTPUT_NAMES = ("predictions.csv", "metrics.json", "scatter.png")
+PREDICTIONS_HEADER = b"image_name,mos,predicted_mos"
+
+
+def _has_line(path, line):
+    """Whether `path` is a file whose first line is `line` (bytes)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.readline().rstrip(b"\r\n") == line
+    except OSError:
+        return False
 
 
 def as_scorer(model, config):
@@ -79,6 +93,8 @@ def evaluate_frame(model, frame, config, out_dir=None, title="test set", part="t
     metrics["failed"] = int(len(table) - len(scored))
     if out_dir is not None:
         out_dir = Path(out_dir)
+        # A folder the user names: kiqa's mark is its own predictions.csv header.
+        refuse_foreign_outputs(out_dir, OUTPUT_NAMES, ours=_has_line(out_dir / OUTPUT_NAMES[0], PREDICTIONS_HEADER))
         out_dir.mkdir(parents=True, exist_ok=True)
         write_csv_atomically(table, out_dir / "predictions.csv", float_format="%.4f")
         write_json(out_dir / "metrics.json", metrics)

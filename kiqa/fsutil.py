@@ -13,6 +13,8 @@ shown on a terminal go through `printable` (backslash escapes instead of raw byt
 """
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -21,12 +23,24 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from kiqa.errors import DiskFullError, KiqaError, OutputError, OutputIsInputError, OutputLockedError
 
 # open(..., **CSV_TEXT) for every CSV kiqa writes or reads back that holds file names.
 CSV_TEXT = dict(encoding="utf-8", errors="surrogateescape", newline="")
 # The same rule for pandas: frame.to_csv(path, **PANDAS_CSV_TEXT), pd.read_csv(path, **PANDAS_READ_TEXT).
 PANDAS_CSV_TEXT = dict(encoding="utf-8", errors="surrogateescape")
 PANDAS_READ_TEXT = dict(encoding="utf-8", encoding_errors="surrogateescape")
+
+# Spreadsheets (Excel, LibreOffice, Google Sheets) run a cell that starts with one of these
+# as a formula (CSV injection): a photo named "=HYPERLINK(...).jpg" becomes a live link.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# KIQA_SPREADSHEET_SAFE=1: every CSV kiqa writes puts an apostrophe before such a cell (and
+# before a cell that starts with an apostrophe, so the escape can be undone exactly).
+# Off by default: programs read kiqa's CSVs (resume, joins on `path`/`image_name`) and must
+# get every file name byte for byte.
+SPREADSHEET_SAFE_ENV = "KIQA_SPREADSHEET_SAFE"
 
 
 def tf_path(path):
@@ -46,6 +60,194 @@ def has_undecodable_bytes(text):
     except UnicodeEncodeError:
         return True
     return False
+
+
+def spreadsheet_safe() -> bool:
+    """Whether CSV cells are escaped for spreadsheets (`KIQA_SPREADSHEET_SAFE`, see `csv_cell`)."""
+    return os.environ.get(SPREADSHEET_SAFE_ENV, "") not in ("", "0")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell as kiqa writes it: the one rule against CSV (formula) injection.
+
+    Text is kept exact unless `KIQA_SPREADSHEET_SAFE` is set; then text starting with
+    = + - @ tab, carriage return or an apostrophe gets a leading apostrophe, which a
+    spreadsheet shows as text and never evaluates (`csv_value` undoes it). Non-text
+    values (numbers, None) are returned as they are.
+    """
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS + ("'",)) and spreadsheet_safe():
+        return "'" + value
+    return value
+
+
+def csv_value(cell: str) -> str:
+    """The text `csv_cell` escaped, read back from a CSV kiqa wrote under the same setting."""
+    if spreadsheet_safe() and cell.startswith("'") and cell[1:].startswith(FORMULA_STARTS + ("'",)):
+        return cell[1:]
+    return cell
+
+
+def csv_frame(frame):
+    """A copy of a DataFrame with every text cell passed through `csv_cell`."""
+    import pandas as pd  # only for pandas writers: kiqa.fsutil stays light to import
+
+    if not spreadsheet_safe():
+        return frame
+    frame = frame.copy()
+    for column in frame.columns:
+        # object (pandas 2) or the string dtype (pandas 3) hold text; numbers stay numbers.
+        if frame[column].dtype == object or pd.api.types.is_string_dtype(frame[column]):
+            frame[column] = frame[column].map(csv_cell)
+    # Column names are cells too (a label folder named "=x" heads compare's columns).
+    frame.columns = [csv_cell(name) if isinstance(name, str) else name for name in frame.columns]
+    return frame
+
+
+# errno values that mean "the disk is full" rather than "not allowed here".
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def output_error(err: OSError, path, done: str = "") -> Exception:
+    """The typed error for a failed write to `path` (`DiskFullError` or `OutputError`).
+
+    Args:
+        err: what the system raised.
+        path: the output being written.
+        done: what was kept, for the message ("1200 rows are kept"), or "".
+    """
+    path = Path(path)
+    reason = err.strerror or str(err)
+    kept = f"; {done}" if done else ""
+    if err.errno in _NO_SPACE:
+        folder = path.parent if str(path.parent) else Path(".")
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            free = None
+        return DiskFullError(f"cannot write {printable(path)}: {reason} (no space left on the device "
+                             f"holding {printable(folder)}){kept}", folder=str(folder), needed=None, free=free)
+    where = f" ({printable(err.filename)})" if err.filename and os.fspath(err.filename) != os.fspath(path) else ""
+    return OutputError(f"cannot write {printable(path)}: {reason}{where}{kept}", path=path,
+                       errno_=err.errno, reason=reason)
+
+
+@contextlib.contextmanager
+def writing(path, done=lambda: "") -> Iterator[None]:
+    """Turns an `OSError` raised while writing `path` into `output_error`'s typed error.
+
+    Args:
+        path: the output.
+        done: called on failure for what was kept ("1200 rows are kept"), or "".
+    """
+    try:
+        yield
+    except KiqaError:
+        raise
+    except OSError as err:
+        raise output_error(err, path, done()) from err
+
+
+def refuse_foreign_outputs(folder, names, ours) -> None:
+    """Refuses to write into `folder` when it holds one of `names` that kiqa cannot prove it wrote.
+
+    Args:
+        folder: the output folder.
+        names: the file names the job writes there.
+        ours: whether the folder shows kiqa's mark (a file only kiqa writes there).
+
+    Raises:
+        OutputIsInputError: a file of those names is there without kiqa's mark; nothing was changed.
+    """
+    folder = Path(folder)
+    there = [name for name in names if os.path.lexists(folder / name)]
+    if there and not ours:
+        raise OutputIsInputError(
+            f"{printable(folder)} holds {', '.join(there)}, which kiqa did not write there (the folder "
+            f"has no kiqa output of this kind); they are left untouched: use another output folder",
+            path=str(folder / there[0]))
+
+
+LOCK_SUFFIX = ".lock"
+
+
+@contextlib.contextmanager
+def output_lock(path) -> Iterator[Path]:
+    """Holds `<path>.lock` while one process writes `path`; a second process is refused.
+
+    The lock is an `flock` on the file, so a killed process never leaves a stale lock:
+    the kernel drops it. The file holds the holder's pid for the message, and is
+    removed when the job ends.
+
+    Yields:
+        The lock file's path.
+
+    Raises:
+        OutputLockedError: another process holds the lock (its pid named), or
+            `<path>.lock` is a file kiqa did not write (left untouched).
+        OutputError: the lock file cannot be created (read-only folder, ...).
+    """
+    lock = Path(f"{os.fspath(path)}{LOCK_SUFFIX}")
+    handle = _take_lock(lock, path)
+    try:
+        with writing(lock):
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"kiqa pid {os.getpid()}\n")
+            handle.flush()
+        try:
+            yield lock
+        finally:
+            # Removed while still held: a process that opened the old file meanwhile
+            # sees it replaced once it gets the lock, and starts over (`_take_lock`).
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock)
+    finally:
+        handle.close()
+
+
+def _take_lock(lock: Path, path):
+    """The open, `flock`ed lock file (see `output_lock`); three tries against a holder
+    that removes it between our open and our lock."""
+    for _ in range(3):
+        with writing(lock):
+            handle = open(lock, "a+")
+        try:
+            handle.seek(0)
+            holder = handle.read(64)
+            pid = _lock_pid(holder)
+            if holder and pid is None:
+                raise OutputLockedError(
+                    f"{printable(lock)} exists and is not a kiqa lock file ({holder[:20]!r}); it is "
+                    f"left untouched: move it away or write to another output", path=path)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise OutputLockedError(
+                    f"another kiqa process (pid {pid if pid is not None else 'unknown'}) is writing "
+                    f"{printable(path)} now (lock file {printable(lock)}); wait for it to finish, or "
+                    f"write to another output", path=path, pid=pid) from err
+            try:
+                same = os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return handle
+        except BaseException:
+            handle.close()
+            raise
+        handle.close()
+    raise OutputLockedError(f"{printable(lock)} keeps being replaced by another process; "
+                            f"write to another output", path=path)
+
+
+def _lock_pid(text: str) -> Optional[int]:
+    """The pid in a kiqa lock file's text, or None."""
+    parts = text.split()
+    if len(parts) == 3 and parts[:2] == ["kiqa", "pid"] and parts[2].isdigit():
+        return int(parts[2])
+    return None
 
 
 def write_atomically(path, write, suffix=".tmp"):
@@ -80,7 +282,8 @@ def write_text_atomically(path, text):
 
 
 def write_csv_atomically(frame, path, **to_csv):
-    """`DataFrame.to_csv` under the CSV path rule, atomically (see `write_atomically`)."""
+    """`DataFrame.to_csv` under the CSV path rule (and `csv_cell`'s), atomically (see `write_atomically`)."""
+    frame = csv_frame(frame)
     write_atomically(path, lambda tmp: frame.to_csv(tmp, index=False, **PANDAS_CSV_TEXT, **to_csv))
 
 

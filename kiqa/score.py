@@ -18,6 +18,7 @@ a folder of downloads must not make kiqa read /dev/zero or a private file).
 
 import collections
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import errno
@@ -25,6 +26,7 @@ import functools
 import io
 import math
 import os
+import stat
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -34,8 +36,8 @@ from tqdm.auto import tqdm
 
 from kiqa import provenance
 from kiqa.contract import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS
-from kiqa.errors import ConfigError, DataError, ImageError, NotScoresCsvError
-from kiqa.fsutil import CSV_TEXT, printable
+from kiqa.errors import ConfigError, DataError, ImageError, NotScoresCsvError, OutputError, OutputIsInputError
+from kiqa.fsutil import CSV_TEXT, csv_cell, csv_value, output_lock, printable, writing
 from kiqa.image import (
     UNDECODABLE_MESSAGE,
     decode_image,
@@ -133,6 +135,11 @@ def find_images(paths, follow_links_outside=False):
     Raises:
         DataError: a given path does not exist.
     """
+    if any(not os.fspath(p) for p in paths):
+        # normpath("") is ".": an empty argument (an unset shell variable) must not
+        # quietly score the whole current folder.
+        raise DataError("empty path given to score (an empty argument, e.g. an unset variable); "
+                        "give image files or folders")
     roots = [os.path.normpath(os.fsdecode(p)) for p in paths]
     missing = [root for root in roots if not os.path.lexists(root)]
     if missing:
@@ -217,7 +224,7 @@ def _parse_row(row):
     """(path, mos or None, error) from a CSV row, or None for a malformed row."""
     if len(row) != len(CSV_COLUMNS):
         return None
-    path, mos, error = row
+    path, mos, error = csv_value(row[0]), row[1], csv_value(row[2])
     if mos:
         try:
             value = float(mos)
@@ -227,8 +234,75 @@ def _parse_row(row):
     return (path, None, error) if error else None
 
 
+def _header_line():
+    return encode_csv_line(CSV_COLUMNS)
+
+
+def is_scores_csv(path):
+    """True if `path` is a regular file whose first line is exactly the scores CSV header.
+
+    Read before anything is changed: only a file that passes is ever cut or replaced.
+    """
+    header = _header_line()
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, "rb") as handle:
+            start = handle.read(len(header))
+    except OSError:
+        return False
+    return start == header or start == header.replace(b"\r\n", b"\n")
+
+
+def check_output(out_csv, files, replace=False):
+    """Refuses an output that would change a file kiqa did not write.
+
+    Args:
+        out_csv: the CSV to write.
+        files: (path, error) pairs of the job's inputs.
+        replace: the output is to be replaced (`--no-skip`): still only a kiqa CSV is.
+
+    Raises:
+        OutputIsInputError: `out_csv` is one of the input files (also through a hard link).
+        NotScoresCsvError: `out_csv` is an existing non-empty file that is not a kiqa
+            scores CSV (a photo, a text file without final newline, someone's CSV).
+        OutputError: `out_csv` is a folder, a pipe or a socket.
+        Nothing was changed in any of these cases.
+    """
+    out_csv = Path(out_csv)
+    try:
+        out_stat = os.stat(out_csv)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise OutputError(f"cannot use {printable(out_csv)} as the output: {err.strerror}", path=out_csv,
+                          errno_=err.errno, reason=err.strerror) from err
+    if stat.S_ISDIR(out_stat.st_mode) or stat.S_ISFIFO(out_stat.st_mode) or stat.S_ISSOCK(out_stat.st_mode):
+        raise OutputError(f"cannot write the scores CSV to {printable(out_csv)}: it is a folder, pipe or "
+                          f"socket, not a file", path=out_csv)
+    for path, _ in files:
+        try:
+            same = os.path.samestat(os.stat(path), out_stat)  # also a hard link to it
+        except OSError:
+            continue  # an input that cannot be stat'ed is not the output
+        if same:
+            raise OutputIsInputError(
+                f"the output {printable(out_csv)} is one of the input images ({printable(path)}); "
+                f"it is left untouched: write the CSV somewhere else", path=str(out_csv))
+    if stat.S_ISREG(out_stat.st_mode) and out_stat.st_size > 0 and not is_scores_csv(out_csv):
+        action = "replaced" if replace else "resumed"
+        raise NotScoresCsvError(
+            f"{printable(out_csv)} exists but is not a kiqa scores CSV (its first line is not "
+            f"{','.join(CSV_COLUMNS)}), so it is not {action}; it is left untouched",
+            path=str(out_csv),
+        )
+
+
 def _drop_partial_line(path):
-    """Cuts a half-written last line (a job killed mid-write) off the CSV."""
+    """Cuts a half-written last line (a job killed mid-write) off the CSV.
+
+    Only called on a file `is_scores_csv` accepted: anything else is never cut.
+    """
     with open(path, "rb+") as handle:
         size = handle.seek(0, os.SEEK_END)
         if size == 0:
@@ -303,12 +377,15 @@ def _start_csv(out_csv, skip_existing):
     Returns:
         dict path -> (mos, error) of rows already written.
     """
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    if skip_existing and out_csv.is_file():
-        _drop_partial_line(out_csv)
+    if skip_existing and out_csv.is_file() and out_csv.stat().st_size > 0:
+        if not is_scores_csv(out_csv):  # checked before any cut (check_output said so too)
+            raise NotScoresCsvError(f"{printable(out_csv)} exists but is not a kiqa scores CSV; "
+                                    f"it is left untouched", path=str(out_csv))
+        with writing(out_csv):
+            _drop_partial_line(out_csv)
         if out_csv.stat().st_size > 0:
             return read_scores(out_csv)
-    with open(out_csv, "w", **_CSV_ENCODING) as handle:
+    with writing(out_csv), open(out_csv, "w", **_CSV_ENCODING) as handle:
         csv.writer(handle).writerow(CSV_COLUMNS)
     return {}
 
@@ -443,8 +520,9 @@ def model_score(value):
 
 
 def csv_row(path, mos, error):
-    """The CSV cells (path, mos, error) of one file, as `kiqa score` writes them."""
-    return (path, "" if mos is None else _format_mos(mos), error or "")
+    """The CSV cells (path, mos, error) of one file, as `kiqa score` writes them (text
+    cells under `kiqa.fsutil.csv_cell`'s rule against formula injection)."""
+    return (csv_cell(path), "" if mos is None else _format_mos(mos), csv_cell(error or ""))
 
 
 def encode_csv_line(cells):
@@ -559,21 +637,42 @@ def score_files(
         A `ScoreSummary`.
 
     Raises:
-        DataError: `out_csv` exists and is not a scores CSV.
+        DataError: `out_csv` exists and is not a scores CSV, or is one of the inputs
+            (`OutputIsInputError`); nothing was changed.
+        OutputLockedError: another process is writing `out_csv` (its pid named).
+        OutputError: `out_csv` cannot be written (read-only folder, permissions).
+        DiskFullError: the disk filled; the rows written so far are kept.
         ConfigError: batch_size below 1.
         ModelError: the model rejected a batch.
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     out_csv = Path(out_csv)
+    check_output(out_csv, files, replace=not skip_existing)
+    with writing(out_csv):
+        out_csv.parent.mkdir(parents=True, exist_ok=True)
+    # A device (/dev/null, /dev/stdout) gets no lock file: /dev is not ours to write in.
+    regular = not out_csv.exists() or out_csv.is_file()
+    with output_lock(out_csv) if regular else contextlib.nullcontext():
+        return _score_locked(files, scorer, out_csv, batch_size, skip_existing, progress, max_bytes)
+
+
+def _score_locked(files, scorer, out_csv, batch_size, skip_existing, progress, max_bytes):
+    """`score_files` once the output is checked and locked."""
     previous = _start_csv(out_csv, skip_existing)
     # <out>.provenance.json: which model these scores come from, and whether they mean anything.
-    provenance.write_sidecar(out_csv, getattr(scorer, "provenance", None), getattr(scorer, "source", "unknown"))
+    with writing(provenance.sidecar_path(out_csv)):
+        provenance.write_sidecar(out_csv, getattr(scorer, "provenance", None), getattr(scorer, "source", "unknown"))
     todo = [(path, error) for path, error in files if path not in previous]
     results = {path: previous[path] for path, _ in files if path in previous}
     n_skipped = len(results)
 
-    with open(out_csv, "a", **_CSV_ENCODING) as handle:
+    written = [n_skipped]
+
+    def kept():
+        return f"the {written[0]} rows written before are kept (rerunning resumes after them)"
+
+    with writing(out_csv, kept), open(out_csv, "a", **_CSV_ENCODING) as handle:
         writer = csv.writer(handle)
         for batch in scored_batches(todo, scorer, batch_size, max_bytes, progress=progress):
             rows = []
@@ -583,6 +682,7 @@ def score_files(
             writer.writerows(rows)
             # Flushed to the OS per batch: a killed process loses at most this batch.
             handle.flush()
+            written[0] += len(rows)
 
     scores = np.array([mos for mos, _ in results.values() if mos is not None], dtype=np.float64)
     failures = tuple((path, error) for path, (mos, error) in results.items() if mos is None)

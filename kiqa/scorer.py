@@ -161,6 +161,8 @@ class Scorer:
             ImageError: the image cannot be read or decoded (the reason is the message).
             ModelError: the model failed.
         """
+        if not isinstance(image, (bytes, bytearray, memoryview)) and not os.fspath(image):
+            raise ImageError(EMPTY_PATH)
         row = self.score_many([image], batch_size=1).iloc[0]
         if row["error"] is not None:
             label = "image bytes" if isinstance(image, (bytes, bytearray, memoryview)) else os.fspath(image)
@@ -197,7 +199,8 @@ class Scorer:
                 blobs[key] = bytes(image)
             else:
                 key = os.fspath(image)
-            files.append((key, None))
+            # "" would reach the reader as "." (the current folder): say what it is instead.
+            files.append((key, EMPTY_PATH if key in ("", b"") else None))
         rows = [
             row for batch in score_lib.scored_batches(
                 files, self, batch_size, max_bytes, progress=progress, read_bytes=_bytes_reader(blobs),
@@ -208,6 +211,10 @@ class Scorer:
             "mos": np.array([np.nan if mos is None else mos for _, mos, _ in rows], dtype=np.float64),
             "error": pd.Series([error or None for _, _, error in rows], dtype=object),
         })
+
+
+# The error text of an empty path ("" given as an image), in `score` and `score_many` rows.
+EMPTY_PATH = "empty path: give an image file's path or its encoded bytes"
 
 
 def _bytes_reader(blobs):

@@ -28,7 +28,9 @@ from kiqa.data.pipeline import make_dataset, steps_per_epoch
 from kiqa.data.prepared import default_prepared_dir, inspect_prepared, open_prepared
 from kiqa.data.validate import apply_bad_image_policy, check_image_folder, check_labels
 from kiqa.distribute import Cluster, JaxStrategy, keras_backend, make_strategy, writable_run_dir
-from kiqa.errors import ClusterError, ConfigError, DataError, DiskFullError, RunExistsError, StrategyError
+from kiqa.errors import (
+    ClusterError, ConfigError, DataError, DiskFullError, OutputIsInputError, RunExistsError, StrategyError,
+)
 from kiqa.fsutil import PANDAS_READ_TEXT, write_atomically, write_csv_atomically, write_text_atomically
 from kiqa.evaluate import evaluate_frame, predict_paths, write_json
 from kiqa.metrics import evaluate_scores, summarize_repeats
@@ -730,6 +732,18 @@ def completed_epochs(run_dir):
     return count
 
 
+def _is_run_dir(folder):
+    """Whether `folder` holds a kiqa run: a config.json that loads as a `TrainConfig`, or
+    only the rejects.csv of a run whose image checks stopped it before its config."""
+    if {child.name for child in folder.iterdir()} <= {"rejects.csv"}:
+        return True
+    try:
+        TrainConfig.load(folder / "config.json")
+    except ConfigError:
+        return False
+    return True
+
+
 def _check_run_dir(run_dir, config, overwrite, log):
     """Refuses to mix runs: a finished run, or a different config in a run that trained.
 
@@ -737,6 +751,11 @@ def _check_run_dir(run_dir, config, overwrite, log):
     small, a full disk at the first backup) holds nothing worth keeping: it is replaced.
     """
     if overwrite and run_dir.exists():
+        # Only a run folder is removed: `--run-dir ~/photos --overwrite` must not delete photos.
+        if run_dir.is_symlink() or not run_dir.is_dir() or (any(run_dir.iterdir()) and not _is_run_dir(run_dir)):
+            raise OutputIsInputError(
+                f"{run_dir} is not a kiqa run folder (no readable config.json of a run in it), so it is "
+                f"not replaced; it is left untouched: choose another run folder", path=str(run_dir))
         shutil.rmtree(run_dir)
     if (run_dir / "metrics.json").exists():
         raise RunExistsError(f"{run_dir} already holds a finished run (metrics.json)", run_dir, changed=())

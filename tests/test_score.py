@@ -216,7 +216,7 @@ def test_cli_names_the_flags_for_an_output_that_is_not_a_scores_csv(photos, run_
     other = tmp_path / "labels.csv"
     other.write_text("image_name,MOS\nx.jpg,50\n")
     assert score_cli.main([str(photos / "a.jpg"), "--model", str(run_dir), "--out", str(other), "--quiet"]) == EXIT_ERROR
-    assert "not a kiqa scores CSV" in (err := capsys.readouterr().err) and "--no-skip" in err
+    assert "not a kiqa scores CSV" in (err := capsys.readouterr().err) and "choose another --out" in err
     assert other.read_text() == "image_name,MOS\nx.jpg,50\n"
 
 

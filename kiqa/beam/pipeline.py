@@ -35,6 +35,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from kiqa.beam.handler import KiqaModelHandler, is_remote, local_copy
 from kiqa.errors import DataError, ImageError
 from kiqa.contract import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS
+from kiqa.fsutil import csv_value
 from kiqa.image import read_image_bytes
 from kiqa.score import (
     CSV_COLUMNS,
@@ -150,7 +151,7 @@ def _list_entry(line, column):
     text = _text(line).rstrip("\r\n")
     if column is not None:
         cells = next(csv.reader([text]), [])
-        text = cells[column] if column < len(cells) else ""
+        text = csv_value(cells[column]) if column < len(cells) else ""
     text = text.strip()
     return [_bytes(_normalise(text))] if text else []
 

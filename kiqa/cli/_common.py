@@ -1,12 +1,15 @@
 """What every command shares: a quiet console, error reporting and exit codes."""
 
+import errno
 import functools
 import importlib.abc
 import importlib.machinery
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import tempfile
 import warnings
 
@@ -17,6 +20,15 @@ EXIT_OK = 0
 EXIT_ERROR = 1  # kiqa refused: bad input, bad config (message says what to fix)
 EXIT_PARTIAL = 3  # the job finished but some inputs failed (listed in its output)
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process killed by it
+# What to do after an interruption, a full disk or a read-only output, per command that resumes.
+RESUME_HINTS = {
+    "kiqa score": "rerun the same command to resume: files already in the CSV are skipped",
+    "kiqa compare": "rerun the same command to resume: images already scored are skipped",
+    "kiqa-train": "rerun the same command to resume from the last completed epoch",
+    "kiqa fetch-koniq": "rerun the same command to resume the downloads where they stopped",
+}
+RESUME_HINTS["kiqa train"] = RESUME_HINTS["kiqa-train"]  # `kiqa train` runs the same command
 
 # KIQA_VERBOSE=1 (or `kiqa-train --verbose`) shows TF's own console output untouched.
 VERBOSE_ENV = "KIQA_VERBOSE"
@@ -177,6 +189,30 @@ def _show_kiqa_warning(prog, seen):
     return show
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a `kill`, a scheduler's stop, `docker stop`), raised where Ctrl-C would be, so
+    every cleanup that runs for Ctrl-C (flushed rows, Keras' backups) runs for it too."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def describe_os_error(err):
+    """One line for an `OSError` that reached a command: the path, the reason and the fix."""
+    from kiqa.fsutil import printable
+
+    where = printable(err.filename) if err.filename else "a file"
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = "free some space there or write somewhere else"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "choose a writable location"
+    else:
+        fix = "check the path"
+    return f"{where}: {reason}; {fix}"
+
+
 def entry_point(func):
     """Wraps a command's `main`: quiet TF, one error prefix, typed errors become exit 1.
 
@@ -190,19 +226,39 @@ def entry_point(func):
     def wrapper(argv=None, prog=None):
         prog = prog or program_name(func.__module__)
         quiet_tensorflow(verbose_requested(sys.argv[1:] if argv is None else argv))
+        hint = RESUME_HINTS.get(prog)
+        # SIGTERM only in the main thread (Python's rule); a test calling main() elsewhere keeps its own.
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
         with warnings.catch_warnings():
             warnings.showwarning = _show_kiqa_warning(prog, set())
             try:
                 return func(argv, prog=prog)
             except KiqaError as err:
+                from kiqa.errors import DiskFullError, OutputError
+
                 print(f"{prog}: error: {err}", file=sys.stderr)
                 remedy = remedy_for(err, command)
                 if remedy:
                     print(f"{prog}: hint: {remedy}", file=sys.stderr)
+                if hint and isinstance(err, (DiskFullError, OutputError)):
+                    print(f"{prog}: then {hint}", file=sys.stderr)
                 return EXIT_ERROR
-            except KeyboardInterrupt:
-                print(f"{prog}: interrupted", file=sys.stderr)
-                return EXIT_INTERRUPTED
+            except OSError as err:
+                # An ordinary fault (read-only folder, full disk, permissions) that no typed
+                # check caught: one line with the path and the fix, not a traceback.
+                print(f"{prog}: error: {describe_os_error(err)}", file=sys.stderr)
+                if hint:
+                    print(f"{prog}: then {hint}", file=sys.stderr)
+                return EXIT_ERROR
+            except KeyboardInterrupt as err:
+                terminated = isinstance(err, Terminated)
+                how = "stopped by SIGTERM" if terminated else "interrupted"
+                print(f"{prog}: {how}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+                return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+            finally:
+                if main_thread and previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

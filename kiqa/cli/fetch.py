@@ -10,7 +10,7 @@ from kiqa.errors import ConfigError
 
 def build_parser(prog=None):
     """The argument parser."""
-    from kiqa.data.fetch import DEFAULT_TIMEOUT, OFFICIAL_BASE_URL, SMALL_ARCHIVES, SPLIT_FILE_URL, describe_downloads
+    from kiqa.data.fetch import DEFAULT_DEADLINE, DEFAULT_TIMEOUT, OFFICIAL_BASE_URL, SMALL_ARCHIVES, SPLIT_FILE_URL, describe_downloads
 
     parser = argparse.ArgumentParser(
         prog=prog or "kiqa fetch-koniq",
@@ -38,6 +38,9 @@ def build_parser(prog=None):
                        help="skip the official split file (random splits still work)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                         help=f"seconds allowed for each connect or read (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--deadline-hours", type=float, default=DEFAULT_DEADLINE / 3600,
+                        help=f"hours allowed for each file's whole download, retries included (default "
+                        f"{DEFAULT_DEADLINE / 3600:g}; a rerun resumes after the bytes received)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -69,7 +72,7 @@ def main(argv=None, prog=None):
     labels = fetch_koniq(
         args.dir, base_url=args.base_url, archives=archives, expected=expected,
         progress=not args.quiet, split_file_url=None if args.no_split_file else args.split_file_url,
-        timeout=args.timeout,
+        timeout=args.timeout, deadline=args.deadline_hours * 3600,
     )
     print(f"KonIQ-10k is ready: {labels}")
     for name, digest in _unpinned_digests(args.dir, archives, expected).items():

@@ -60,7 +60,7 @@ def main(argv=None, prog=None):
     if not args.paths and not args.status:
         parser.error("give image files or folders to score, or --status")
     from kiqa.provenance import write_sidecar
-    from kiqa.score import find_images
+    from kiqa.score import check_output, find_images
     from kiqa.serving.client import ScoreResult, ServingClient
 
     client = ServingClient(
@@ -75,6 +75,9 @@ def main(argv=None, prog=None):
         if args.status:
             return _print_status(client)
         found = find_images(args.paths)
+        if args.out:
+            # Before any request: --out must not be an input image or a file kiqa did not write.
+            check_output(args.out, found, replace=True)
         client.check()
         record = client.provenance()
         readable = [path for path, error in found if error is None]
@@ -120,24 +123,25 @@ def _write_csv(results, out):
     """path,mos,error rows, with `kiqa score`'s encoding rule: UTF-8, and file names that
     are not valid UTF-8 written back as their original bytes (surrogateescape), so every
     path round-trips (`os.fsencode` of the field read back with the same rule)."""
-    from kiqa.fsutil import CSV_TEXT as CSV_OPEN_OPTIONS
-    from kiqa.score import CSV_COLUMNS
+    from kiqa.fsutil import CSV_TEXT as CSV_OPEN_OPTIONS, writing
+    from kiqa.score import CSV_COLUMNS, csv_row
 
     if out:
-        handle = open(out, "w", **CSV_OPEN_OPTIONS)
+        with writing(out):
+            handle = open(out, "w", **CSV_OPEN_OPTIONS)
     else:
         handle = sys.stdout
         if hasattr(handle, "reconfigure"):
             handle.reconfigure(errors="surrogateescape")
-    try:
-        writer = csv.writer(handle)
-        writer.writerow(CSV_COLUMNS)
-        for result in results:
-            mos = "" if result.mos is None else f"{result.mos:.4f}"
-            writer.writerow([result.name, mos, result.error or ""])
-    finally:
-        if out:
-            handle.close()
+    with writing(out or "<standard output>"):
+        try:
+            writer = csv.writer(handle)
+            writer.writerow(CSV_COLUMNS)
+            for result in results:
+                writer.writerow(csv_row(result.name, result.mos, result.error))
+        finally:
+            if out:
+                handle.close()
 
 
 if __name__ == "__main__":

@@ -110,7 +110,9 @@ REMEDIES: Mapping[type, Mapping[str, Remedies]] = {
         "evaluate": "pass --split random",
     },
     # --------------------------------------------------------------- outputs
-    errors.NotScoresCsvError: _each(("score", "compare"), "choose another --out, or pass --no-skip to replace it"),
+    # --no-skip does not help: kiqa replaces only a CSV it wrote itself.
+    errors.NotScoresCsvError: _each(("score", "compare"), "choose another --out, or move that file away"),
+    errors.OutputIsInputError: _each(("score", "predict"), "choose another --out"),
     errors.ScoresFromAnotherModelError: {"compare": "use a new --out, or pass --no-skip to rescore with this model"},
     # `kiqa.compare` marks a no-pair DataError with the images that pair but for their extension.
     errors.DataError: {"compare": Remedy(IGNORE_EXTENSION_HINT,

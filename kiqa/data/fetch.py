@@ -42,7 +42,9 @@ from tqdm.auto import tqdm
 from kiqa import __version__
 from kiqa.contract import IMAGE_EXTENSIONS
 from kiqa.data.koniq import check_image_names, read_labels
-from kiqa.errors import ChecksumError, ConfigError, DataError, DownloadError, UnsafeArchiveError
+from kiqa.errors import (
+    ChecksumError, ConfigError, DataError, DownloadDeadlineError, DownloadError, UnsafeArchiveError,
+)
 from kiqa.fsutil import sha256_of, write_json_atomically
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,10 @@ STATE_FILE = ".kiqa-fetch.json"
 
 CHUNK_BYTES = 1 << 20
 DEFAULT_TIMEOUT = 60.0  # seconds per connect or read, not for the whole file
+# Seconds for one file's whole download, retries included: a server that trickles a byte
+# every few seconds never trips the per-read timeout. 6 h lets the 2.5 GB archive through
+# at 120 kB/s; the bytes received are kept, and a rerun resumes after them.
+DEFAULT_DEADLINE = 6 * 3600.0
 DEFAULT_RETRIES = 4
 RETRY_BACKOFF = 1.0  # seconds before the 2nd attempt, doubling after each failure (max 30)
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -127,6 +133,7 @@ def fetch_koniq(
     split_file_url=SPLIT_FILE_URL,
     timeout=DEFAULT_TIMEOUT,
     retries=DEFAULT_RETRIES,
+    deadline=DEFAULT_DEADLINE,
 ):
     """Downloads, verifies and extracts KonIQ-10k, then checks that every image is there.
 
@@ -143,6 +150,8 @@ def fetch_koniq(
         timeout: seconds allowed for each connect or read.
         retries: attempts per file for transient failures (dropped connections,
             timeouts, 5xx), each resuming where the last one stopped.
+        deadline: seconds allowed for each file's whole download, retries included
+            (None: no limit); what arrived is kept for a rerun to resume.
 
     Returns:
         Path of the label file to train with: the official split file when it was
@@ -161,7 +170,7 @@ def fetch_koniq(
     except OSError as err:
         raise DataError(f"cannot create the download folder {out_dir} ({err.strerror}); choose another DIR") from err
     state = _State(out_dir / STATE_FILE)
-    options = dict(progress=progress, timeout=timeout, retries=retries)
+    options = dict(progress=progress, timeout=timeout, retries=retries, deadline=deadline)
 
     for name in archives:
         _check_file_name(name)
@@ -227,7 +236,8 @@ def merge_expected(expected=None):
     return table
 
 
-def download(url, dest, expected=Expected(), progress=True, timeout=DEFAULT_TIMEOUT, retries=DEFAULT_RETRIES):
+def download(url, dest, expected=Expected(), progress=True, timeout=DEFAULT_TIMEOUT, retries=DEFAULT_RETRIES,
+             deadline=DEFAULT_DEADLINE):
     """Downloads `url` to `dest`, resuming `dest.part`, and verifies size and sha256.
 
     The body goes to `<dest>.part`; an interrupted download is resumed with an HTTP
@@ -242,22 +252,28 @@ def download(url, dest, expected=Expected(), progress=True, timeout=DEFAULT_TIME
         progress: show a tqdm bar.
         timeout: seconds allowed for each connect or read.
         retries: attempts for transient failures, each resuming.
+        deadline: seconds allowed for the whole download, retries included (None: no
+            limit); a read never waits past it by more than `timeout`.
 
     Returns:
         (size, sha256) of the verified file.
 
     Raises:
         DataError: not found or refused (4xx), still failing after `retries`
-            attempts, or a size or checksum mismatch (the bad file is deleted).
+            attempts, a size or checksum mismatch (the bad file is deleted), or over
+            the deadline (`DownloadDeadlineError`; the bytes received are kept).
     """
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     meta_path = dest.with_name(dest.name + ".part.json")
     last_error = None
+    stop_at = None if deadline is None else time.monotonic() + deadline
     for attempt in range(1, retries + 1):
         try:
-            _download_once(url, dest.name, part, meta_path, expected, progress, timeout)
+            _download_once(url, dest.name, part, meta_path, expected, progress, timeout, stop_at)
             break
+        except _Expired:
+            _over_deadline(url, dest.name, part, deadline)
         except OSError as err:
             # Network errors became _Retry inside; what is left is the local disk.
             raise DataError(f"{part}: cannot write ({err}); free space or choose another folder") from err
@@ -266,7 +282,10 @@ def download(url, dest, expected=Expected(), progress=True, timeout=DEFAULT_TIME
             done = part.stat().st_size if part.exists() else 0
             logger.warning("%s: %s (attempt %d of %d; %d bytes kept)", dest.name, err, attempt, retries, done)
             if attempt < retries:
-                time.sleep(min(RETRY_BACKOFF * 2.0 ** (attempt - 1), 30.0))
+                pause = min(RETRY_BACKOFF * 2.0 ** (attempt - 1), 30.0)
+                if stop_at is not None and time.monotonic() + pause >= stop_at:
+                    _over_deadline(url, dest.name, part, deadline)
+                time.sleep(pause)
     else:
         done = part.stat().st_size if part.exists() else 0
         raise DataError(
@@ -279,7 +298,16 @@ def download(url, dest, expected=Expected(), progress=True, timeout=DEFAULT_TIME
     return size, digest
 
 
-def _download_once(url, name, part, meta_path, expected, progress, timeout):
+def _over_deadline(url, name, part, deadline):
+    done = part.stat().st_size if part.exists() else 0
+    raise DownloadDeadlineError(
+        f"{name}: the download from {url} did not finish within its deadline of {deadline:g} s "
+        f"(the server sends too slowly); {done} bytes are kept in {part} and a rerun resumes after them",
+        url=url, deadline=deadline, received=done,
+    )
+
+
+def _download_once(url, name, part, meta_path, expected, progress, timeout, stop_at=None):
     """One request: appends to (or restarts) `part`. Raises _Retry on transient failures."""
     resume = _resume_point(name, part, meta_path, expected)
     if resume is None:
@@ -292,7 +320,7 @@ def _download_once(url, name, part, meta_path, expected, progress, timeout):
             _record_validator(response, url, total, meta_path)
         if total is not None:
             _check_free_space(part.parent, total - offset, name)
-        _stream(response, part, mode, total, offset, name, progress)
+        _stream(response, part, mode, total, offset, name, progress, stop_at)
     _check_received(part, total, meta_path)
 
 
@@ -382,14 +410,23 @@ def _record_validator(response, url, total, meta_path):
     write_json_atomically(meta_path, {"url": url, "total": total, "validator": validator}, sort_keys=True)
 
 
-def _stream(response, part, mode, total, offset, name, progress):
+class _Expired(Exception):
+    """The download's deadline passed (see `download`)."""
+
+
+def _stream(response, part, mode, total, offset, name, progress, stop_at=None):
+    # read1: whatever one socket read brings, so a trickling server cannot hold us inside
+    # one read() of CHUNK_BYTES past the deadline.
+    read = getattr(response, "read1", response.read)
     with open(part, mode) as handle, tqdm(
         total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
         desc=name, disable=not progress, leave=False,
     ) as bar:
         while True:
+            if stop_at is not None and time.monotonic() >= stop_at:
+                raise _Expired()
             try:
-                chunk = response.read(CHUNK_BYTES)
+                chunk = read(CHUNK_BYTES)
             except (HTTPException, OSError) as err:
                 raise _Retry(f"connection broke: {err or type(err).__name__}") from err
             if not chunk:
@@ -474,7 +511,10 @@ def extract_archive(archive, out_dir, progress=True):
                 for info in tqdm(members, desc=f"extracting {archive.name}", unit="file",
                                  disable=not progress, leave=False):
                     zipped.extract(info, staging)
-                for child in sorted(staging.iterdir()):
+                children = sorted(staging.iterdir())
+                for child in children:  # every clash is refused before anything moves
+                    _move_into(child, out_dir / child.name, check_only=True)
+                for child in children:
                     _move_into(child, out_dir / child.name)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -505,15 +545,33 @@ def _unsafe_member(info):
     return stat.S_ISLNK(info.external_attr >> 16)
 
 
-def _move_into(src, dst):
-    """Moves `src` to `dst`, merging folders (two archives may share a top folder)."""
-    if src.is_dir() and dst.is_dir():
+def _move_into(src, dst, check_only=False):
+    """Moves `src` to `dst`, merging folders (two archives may share a top folder).
+
+    A file from the archive replaces a file of the same name (a rerun extracts the same
+    archive again), but never a folder, and a folder never replaces a file: kiqa does not
+    remove what it cannot prove it wrote.
+
+    Args:
+        src: a file or folder in the staging folder.
+        dst: where it goes.
+        check_only: only raise on a clash, move nothing.
+
+    Raises:
+        DataError: `dst` is a folder and `src` a file, or the other way round.
+    """
+    if src.is_dir() and dst.is_dir() and not dst.is_symlink():
         for child in src.iterdir():
-            _move_into(child, dst / child.name)
+            _move_into(child, dst / child.name, check_only)
         return
-    if dst.is_dir():
-        shutil.rmtree(dst)  # a file replaces a folder of the same name from an earlier run
-    os.replace(src, dst)
+    if dst.is_dir() or (src.is_dir() and os.path.lexists(dst)):
+        kind, other = ("folder", "file") if dst.is_dir() else ("file", "folder")
+        raise DataError(
+            f"{dst} is a {kind} and the archive holds a {other} of that name; it is left untouched: "
+            f"move it away, or fetch into another folder"
+        )
+    if not check_only:
+        os.replace(src, dst)
 
 
 def check_images_present(label_files, image_root, state_file=None):

@@ -14,6 +14,8 @@ the download file's columns plus `source_image`, which keeps crops of one photo 
 side of every random split).
 """
 
+import collections
+import csv
 import dataclasses
 import errno
 import os
@@ -27,7 +29,7 @@ import pandas as pd
 
 from kiqa.contract import MOS_SCALE
 from kiqa.errors import DataError, NoOfficialSplitError
-from kiqa.fsutil import PANDAS_READ_TEXT, has_undecodable_bytes
+from kiqa.fsutil import CSV_TEXT, PANDAS_READ_TEXT, has_undecodable_bytes
 
 SPLIT_FILE = "split file"  # koniq10k_distributions_sets.csv
 DOWNLOAD_FILE = "download file"  # koniq10k_scores_and_distributions.csv
@@ -96,6 +98,8 @@ def read_labels(path):
     except (OSError, pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
         raise DataError(f"cannot read label file {path} as CSV: {err}") from err
 
+    lines = record_lines(path, len(frame))
+    frame.index = lines - 2  # so every message below names the line a text editor shows
     _refuse_undecodable_cells(frame, path)
     columns = list(frame.columns)
     if "image_name" not in columns:
@@ -114,7 +118,9 @@ def read_labels(path):
         )
 
     out = pd.DataFrame({"image_name": frame["image_name"]})
-    out["line"] = frame.index + 2  # as a spreadsheet shows them: header is line 1
+    out["line"] = frame.index + 2  # as a text editor shows them: header is line 1
+    out = out.reset_index(drop=True)
+    frame = frame.reset_index(drop=True)
     out["mos"] = pd.to_numeric(frame[score_column], errors="coerce")
     if layout == DOWNLOAD_FILE and "MOS" in columns:
         out["mos_raw"] = pd.to_numeric(frame["MOS"], errors="coerce")
@@ -137,6 +143,46 @@ def read_labels(path):
     out.attrs["format"] = layout
     out.attrs["path"] = str(path)
     return out
+
+
+def record_lines(path, n_rows):
+    """The line each data row of a CSV starts on (header = line 1), as a text editor counts.
+
+    A quoted cell may hold line breaks, so row k is not always on line k + 2; blank lines
+    are skipped as pandas skips them. Also refuses a header naming a column twice (pandas
+    would rename the second "MOS.1" and the first would be used silently).
+
+    Args:
+        path: the CSV, already read by pandas (`n_rows` data rows).
+        n_rows: rows pandas found; if the count differs, row k is taken as line k + 2.
+
+    Returns:
+        numpy int array of `n_rows` line numbers.
+
+    Raises:
+        DataError: a column name appears more than once in the header.
+    """
+    starts, header, end = [], None, 0
+    try:
+        with open(path, **CSV_TEXT) as handle:
+            reader = csv.reader(handle)
+            for row in reader:
+                start, end = end + 1, reader.line_num
+                if not row:
+                    continue
+                if header is None:
+                    header = row
+                else:
+                    starts.append(start)
+    except (OSError, csv.Error):
+        starts = []
+    twice = [name for name, count in collections.Counter(header or []).items() if count > 1]
+    if twice:
+        raise DataError(f"{path}: column {twice[0]!r} appears more than once in the header (line 1); "
+                        f"rename or remove the extra column so it is clear which one holds the values")
+    if len(starts) != n_rows:
+        return np.arange(n_rows) + 2
+    return np.array(starts)
 
 
 def undecodable_bytes(text):
@@ -170,14 +216,14 @@ def _refuse_undecodable_cells(frame, path):
 def _check_rows(frame, path, score_column):
     if frame.empty:
         raise DataError(f"{path}: the label file has no rows")
-    # Line numbers as a spreadsheet shows them: header is line 1.
+    # Line numbers as a text editor shows them (header is line 1), from `record_lines`.
     bad_name = frame["image_name"].isna() | (frame["image_name"].str.strip() == "")
     if bad_name.any():
-        lines = (frame.index[bad_name] + 2).tolist()[:10]
+        lines = frame["line"][bad_name].tolist()[:10]
         raise DataError(f"{path}: empty image_name on line(s) {lines}")
     bad_score = ~np.isfinite(frame["mos"]) | (frame["mos"] < 0) | (frame["mos"] > MOS_SCALE)
     if bad_score.any():
-        lines = (frame.index[bad_score] + 2).tolist()[:10]
+        lines = frame["line"][bad_score].tolist()[:10]
         raise DataError(
             f"{path}: column '{score_column}' must be a 0-100 score; missing or out of "
             f"range on line(s) {lines}"

@@ -124,6 +124,9 @@ def read_labelled_csv(path, path_column="file", mos_column="mos", scale=DEFAULT_
         table = pd.read_csv(path)
     except (OSError, ValueError, pd.errors.ParserError) as err:
         raise DataError(f"cannot read label file {path}: {err}") from err
+    from kiqa.data.koniq import record_lines
+
+    lines = record_lines(path, len(table))  # also refuses a column named twice
     missing = [c for c in (path_column, mos_column) if c not in table.columns]
     if missing:
         raise DataError(
@@ -135,7 +138,7 @@ def read_labelled_csv(path, path_column="file", mos_column="mos", scale=DEFAULT_
     scores = pd.to_numeric(table[mos_column], errors="coerce")
     bad = table.index[scores.isna() | table[path_column].isna()]
     if len(bad):
-        rows = ", ".join(str(i + 2) for i in bad[:5])  # +2: header line and 1-based lines
+        rows = ", ".join(str(lines[i]) for i in bad[:5])
         raise DataError(
             f"label file {path}: {len(bad)} row(s) have no path or a non-numeric {mos_column!r} "
             f"(lines {rows}); fix or remove them"
@@ -145,7 +148,7 @@ def read_labelled_csv(path, path_column="file", mos_column="mos", scale=DEFAULT_
         first = outside[0]
         raise DataError(
             f"label file {path}: {len(outside)} score(s) in {mos_column!r} lie outside the stated "
-            f"scale {scale.low:g}-{scale.high:g} (line {first + 2}: {scores[first]:g}); give the "
+            f"scale {scale.low:g}-{scale.high:g} (line {lines[first]}: {scores[first]:g}); give the "
             f"scale the scores are on"
         )
     notes = []

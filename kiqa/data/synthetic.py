@@ -24,6 +24,7 @@ import pandas as pd
 from PIL import Image, ImageFilter
 
 from kiqa.contract import MOS_SCALE
+from kiqa.errors import OutputError
 from kiqa.fsutil import publish_directory, staged_directory
 
 DEMO_VERSION = 2
@@ -155,9 +156,19 @@ def demo_dataset(out_dir=None):
 
     Returns:
         Path of `labels.csv` (images are in `images/` beside it).
+
+    Raises:
+        OutputError: the folder cannot be written (a read-only home without KIQA_HOME).
     """
     out_dir = Path(out_dir) if out_dir else default_demo_dir()
     labels = out_dir / "labels.csv"
     if not labels.is_file():
-        write_demo_dataset(out_dir)
+        try:
+            write_demo_dataset(out_dir)
+        except OSError as err:
+            # A read-only home (a container, a shared account) without KIQA_HOME lands here.
+            raise OutputError(
+                f"cannot write the demo data to {out_dir}: {err.strerror or err}; set KIQA_HOME to a "
+                f"writable folder (now {os.environ.get('KIQA_HOME') or 'unset, so ~/.cache/kiqa'})",
+                path=out_dir, errno_=err.errno, reason=err.strerror) from err
     return labels
