@@ -411,20 +411,16 @@ def _write_tables(out, files, labels, common, matrix, pairs, ranking):
         _plot_ranking(labels, matrix, files["plot"])
 
 
-def _model_identity(scorer):
-    return dict(source=os.path.abspath(scorer.source), kind=scorer.kind, image_size=list(scorer.image_size))
-
-
 def _check_same_model(path, scorer, skip_existing):
     """Resumed score CSVs must come from the same model: scores of two models mixed in
     one comparison would look like a difference between the folders."""
-    identity = _model_identity(scorer)
+    identity = scorer.identity()  # the weights' fingerprint: an export of the same run matches
     if skip_existing and path.is_file():
         try:
             previous = json.loads(path.read_text())
         except (OSError, ValueError):
             previous = None
-        if previous != identity:
+        if not provenance.same_model(previous, identity):
             raise ScoresFromAnotherModelError(
                 f"{path.parent} holds scores from another model or image size ({previous}); use a "
                 f"new output folder, or rescore everything (skip_existing=False) with {scorer.source}",

@@ -63,6 +63,8 @@ MAX_REQUEST_BYTES = 128 * 2**20
 # warmup file at load; kiqa.json records the image size, pixel cap and versions.
 ASSETS_EXTRA = "assets.extra"
 METADATA_FILE = "kiqa.json"
+# Its key holding `kiqa.provenance.weights_fingerprint` of the exported weights.
+WEIGHTS_KEY = "weights_sha256"
 WARMUP_FILE = "tf_serving_warmup_requests"
 
 # TF Serving gRPC client defaults (`kiqa predict`, `kiqa.serving.client.ServingClient`).

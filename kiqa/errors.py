@@ -130,17 +130,18 @@ class DiskFullError(KiqaError):
 
 
 class ScoresFromAnotherModelError(ConfigError):
-    """An output folder holds scores written by another model (or image size).
+    """An output folder or scores CSV holds scores written by another model (or image size).
 
     Attributes:
         folder: the output folder.
         previous: the identity of the model that wrote them (None when unreadable).
         current: the identity of the model given now.
+        path: the scores CSV, when one file is concerned (else None).
     """
 
-    def __init__(self, message, folder, previous, current):
+    def __init__(self, message, folder, previous, current, path=None):
         super().__init__(message)
-        self.folder, self.previous, self.current = folder, previous, current
+        self.folder, self.previous, self.current, self.path = folder, previous, current, path
 
 
 class VersionExistsError(ExportError):

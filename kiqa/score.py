@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from kiqa import provenance
 from kiqa.contract import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS
-from kiqa.errors import ConfigError, DataError, ImageError, NotScoresCsvError
+from kiqa.errors import ConfigError, DataError, ImageError, NotScoresCsvError, ScoresFromAnotherModelError
 from kiqa.fsutil import CSV_TEXT, printable
 from kiqa.image import (
     UNDECODABLE_MESSAGE,
@@ -535,6 +535,29 @@ def score_paths(
     return score_files(files, scorer, out_csv, batch_size, skip_existing, progress, max_bytes)
 
 
+def _identity(scorer):
+    if hasattr(scorer, "identity"):
+        return scorer.identity()
+    return provenance.model_identity(getattr(scorer, "source", "unknown"), getattr(scorer, "kind", None),
+                                     scorer.image_size, None)
+
+
+def _check_same_model(out_csv, identity):
+    """Rows kept on resume must come from the same weights at the same image size: two
+    models' scores in one CSV would read as one model's (the sidecar names only one)."""
+    recorded = provenance.read_sidecar(out_csv)
+    previous = None
+    if recorded is not None:
+        previous = {key: recorded.get(key) for key in identity}
+    if not provenance.same_model(previous, identity):
+        raise ScoresFromAnotherModelError(
+            f"{out_csv} holds scores from {provenance.describe_identity(previous)}, not from "
+            f"{provenance.describe_identity(identity)}, the model given now; its rows are left "
+            f"untouched. Write to another CSV, or rescore every file (skip_existing=False)",
+            folder=str(out_csv.parent), previous=previous, current=identity, path=str(out_csv),
+        )
+
+
 def score_files(
     files,
     scorer,
@@ -560,15 +583,21 @@ def score_files(
 
     Raises:
         DataError: `out_csv` exists and is not a scores CSV.
+        ScoresFromAnotherModelError: (a ConfigError) `out_csv` is resumed but holds
+            scores from other weights or another image size (or says not which).
         ConfigError: batch_size below 1.
         ModelError: the model rejected a batch.
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     out_csv = Path(out_csv)
+    identity = _identity(scorer)
     previous = _start_csv(out_csv, skip_existing)
+    if previous:
+        _check_same_model(out_csv, identity)
     # <out>.provenance.json: which model these scores come from, and whether they mean anything.
-    provenance.write_sidecar(out_csv, getattr(scorer, "provenance", None), getattr(scorer, "source", "unknown"))
+    provenance.write_sidecar(out_csv, getattr(scorer, "provenance", None), identity["source"],
+                             **{k: v for k, v in identity.items() if k != "source"})
     todo = [(path, error) for path, error in files if path not in previous]
     results = {path: previous[path] for path, _ in files if path in previous}
     n_skipped = len(results)

@@ -74,7 +74,7 @@ def model_remedy(err):
 @contextlib.contextmanager
 def model_remedies():
     """Re-raises a typed model error this CLI has a flag for, with that flag as its remedy."""
-    from kiqa.errors import ModelError, NotScoresCsvError
+    from kiqa.errors import ModelError, NotScoresCsvError, ScoresFromAnotherModelError
 
     try:
         yield
@@ -86,6 +86,17 @@ def model_remedies():
     except NotScoresCsvError as err:
         raise NotScoresCsvError(f"{err}: choose another --out, or pass --no-skip to replace it",
                                 path=err.path) from err
+    except ScoresFromAnotherModelError as err:
+        if err.path is None:  # a folder of CSVs (compare): its command names its flags
+            raise
+        from kiqa.provenance import describe_identity
+
+        raise ScoresFromAnotherModelError(
+            f"{err.path} holds scores from {describe_identity(err.previous)}, not from "
+            f"{describe_identity(err.current)}: write to another --out, or pass --no-skip to "
+            f"replace it and rescore every file with this model",
+            folder=err.folder, previous=err.previous, current=err.current, path=err.path,
+        ) from err
 
 
 def print_failures(failures, where):
