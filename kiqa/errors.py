@@ -74,6 +74,20 @@ class RunExistsError(ConfigError):
         self.run_dir, self.changed, self.finished = run_dir, tuple(changed), finished
 
 
+class EvaluationExistsError(ConfigError):
+    """An output folder holds an evaluation made with other labels, settings or model weights.
+
+    Attributes:
+        out_dir: the folder.
+        previous: what the earlier evaluation recorded ({"labels": ..., "model": ...}).
+        current: the same for this one.
+    """
+
+    def __init__(self, message, out_dir, previous, current):
+        super().__init__(message)
+        self.out_dir, self.previous, self.current = out_dir, previous, current
+
+
 class UntrustedModelError(ModelError):
     """A SavedModel uses ops outside kiqa's allow list; `ops` names them."""
 

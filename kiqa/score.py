@@ -309,7 +309,7 @@ def _start_csv(out_csv, skip_existing):
         if out_csv.stat().st_size > 0:
             return read_scores(out_csv)
     with open(out_csv, "w", **_CSV_ENCODING) as handle:
-        csv.writer(handle).writerow(CSV_COLUMNS)
+        csv.writer(handle, lineterminator="\n").writerow(CSV_COLUMNS)
     return {}
 
 
@@ -450,7 +450,7 @@ def csv_row(path, mos, error):
 def encode_csv_line(cells):
     """One CSV line as bytes, quoted and encoded like the scores CSV (non-UTF-8 names round-trip)."""
     buffer = io.StringIO(newline="")
-    csv.writer(buffer).writerow(cells)
+    csv.writer(buffer, lineterminator="\n").writerow(cells)
     return buffer.getvalue().encode(_CSV_ENCODING["encoding"], _CSV_ENCODING["errors"])
 
 
@@ -603,7 +603,7 @@ def score_files(
     n_skipped = len(results)
 
     with open(out_csv, "a", **_CSV_ENCODING) as handle:
-        writer = csv.writer(handle)
+        writer = csv.writer(handle, lineterminator="\n")  # csv.writer defaults to CRLF
         for batch in scored_batches(todo, scorer, batch_size, max_bytes, progress=progress):
             rows = []
             for path, mos, error in batch:

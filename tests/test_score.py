@@ -393,6 +393,7 @@ def test_resume_refuses_a_csv_from_other_weights_but_accepts_an_export_of_the_sa
     helpers.make_tiny_run(second, seed=2, head_scale=50.0)
     out = tmp_path / "scores.csv"
     score_paths([photos / "a.jpg"], load_scorer(first), out, progress=False)
+    assert out.read_bytes().count(b"\n") == 2 and b"\r" not in out.read_bytes()  # issue 20.8: no CRLF
     sidecar = json.loads((tmp_path / "scores.csv.provenance.json").read_text())
     assert len(sidecar["weights_sha256"]) == 64 and sidecar["image_size"] == list(SIZE)
 

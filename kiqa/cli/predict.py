@@ -134,7 +134,7 @@ def _write_csv(results, out):
         if hasattr(handle, "reconfigure"):
             handle.reconfigure(errors="surrogateescape")
     try:
-        writer = csv.writer(handle)
+        writer = csv.writer(handle, lineterminator="\n")  # csv.writer defaults to CRLF
         writer.writerow(CSV_COLUMNS)
         for result in results:
             mos = "" if result.mos is None else f"{result.mos:.4f}"
