@@ -6,9 +6,12 @@ import importlib.machinery
 import logging
 import os
 import re
+import shlex
+import shutil
 import sys
 import tempfile
 import warnings
+from pathlib import Path
 
 from kiqa.errors import KiqaError
 
@@ -153,6 +156,33 @@ def program_name(module_name):
         module_name = spec.name if spec else "kiqa"
     command = module_name.rsplit(".", 1)[-1]
     return SCRIPT_NAMES.get(command) or f"kiqa {_COMMAND_NAMES.get(command, command.replace('_', '-'))}"
+
+
+def runnable(command):
+    """A printed command's program as this user can run it: `kiqa score` -> `kiqa score`
+    when the shell finds this installation's `kiqa`, else the script's own path
+    (`.venv/bin/kiqa score`, for a venv that is not activated), else `python -m kiqa.cli score`.
+
+    Args:
+        command: what a user types, starting with a console script: "kiqa score",
+            "kiqa-train", "kiqa-evaluate".
+
+    Returns:
+        The command with its program replaced by what runs this installation.
+    """
+    program, _, rest = command.partition(" ")
+    script = Path(sys.executable).parent / program
+    found = shutil.which(program)
+    if script.is_file():
+        if found and os.path.realpath(found) == os.path.realpath(script):
+            return command
+        prefix = shlex.quote(str(script))
+    else:  # e.g. a user install whose scripts folder is not next to python
+        if found:
+            return command
+        sub = program.removeprefix("kiqa").removeprefix("-")
+        prefix = " ".join(filter(None, [shlex.quote(sys.executable), "-m kiqa.cli", sub]))
+    return f"{prefix} {rest}".rstrip()
 
 
 def _show_kiqa_warning(prog, seen):
