@@ -208,11 +208,14 @@ class WeightsError(ModelError):
         weights: what was asked for: "imagenet" or the weights file's path.
         problem: "download" (ImageNet weights not downloadable), "missing" (no such file)
             or "mismatch" (the file does not fit the variant).
+        facts: the message without the fix in Python's words (a command states its own
+            fix after it); None means the whole message.
     """
 
-    def __init__(self, message, variant, weights, problem):
+    def __init__(self, message, variant, weights, problem, facts=None):
         super().__init__(message)
         self.variant, self.weights, self.problem = variant, weights, problem
+        self.facts = facts
 
 
 class StrategyError(ConfigError):

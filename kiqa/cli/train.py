@@ -190,7 +190,8 @@ def main(argv=None, prog=None):
     try:
         result = train(config, overwrite=args.overwrite, progress=not args.quiet, log=_tell, cluster=cluster)
     except WeightsError as err:
-        raise WeightsError(f"{err}; {_weights_remedy(err)}", err.variant, err.weights, err.problem) from err
+        raise WeightsError(f"{err.facts or err}; {_weights_remedy(err)}", err.variant, err.weights, err.problem,
+                           facts=err.facts) from err
     except StrategyError as err:
         raise StrategyError(f"{err}\n{_strategy_remedy(err)}", err.strategy, err.backend, err.alternative) from err
     except ClusterError as err:
@@ -260,7 +261,8 @@ def _weights_remedy(err):
     """The flags that fix a `WeightsError`."""
     if err.problem == "download":
         return (f"pass --weights PATH to a local Keras weights file of the backbone (e.g. "
-                f"convnext_{err.variant}_notop.h5 from keras' storage), or --weights none to train from scratch")
+                f"convnext_{err.variant}_notop.h5 from Keras' storage), or --weights none for random "
+                f"initial weights (which learn next to nothing on small data)")
     if err.problem == "missing":
         return "pass --weights PATH to an existing Keras weights file, imagenet or none"
     return "pass --weights with a file of this variant, or set --variant to the size the file was saved from"
