@@ -113,6 +113,14 @@ class NotScoresCsvError(DataError):
         self.path = path
 
 
+class LabelsNotFoundError(DataError):
+    """A label file does not exist; `path` names it."""
+
+    def __init__(self, message, path):
+        super().__init__(message)
+        self.path = path
+
+
 class ImageFolderError(DataError):
     """(Almost) none of a label file's images are in the image folder: the folder is wrong
     or the images were never downloaded.

@@ -351,3 +351,16 @@ def test_printed_next_steps_run_as_printed_without_activating_the_venv(tmp_path,
 
     monkeypatch.setenv("PATH", os.pathsep.join([str(bin_dir), user_path]))  # activated: the bare name
     assert train_cli.next_steps(result, config)[1].strip().startswith("kiqa score ")
+
+
+def test_a_mistyped_labels_path_points_to_fetch_koniq(tmp_path, capsys):
+    """Issue 20.8: "label file not found" alone; the file may simply never have been downloaded."""
+    from helpers import make_tiny_run
+
+    make_tiny_run(tmp_path / "run")
+    typo = tmp_path / "koniq10k_distributions_set.csv"
+    for main, argv in [(evaluate_cli.main, [str(tmp_path / "run"), "--labels", str(typo), "--quiet"]),
+                       (train_cli.main, ["--labels", str(typo), "--run-dir", str(tmp_path / "new"), "--quiet"])]:
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"label file not found: {typo}" in err and "kiqa fetch-koniq DIR" in err and "--labels" in err

@@ -1,5 +1,6 @@
 """What every command shares: a quiet console, error reporting and exit codes."""
 
+import contextlib
 import functools
 import os
 import shlex
@@ -129,6 +130,20 @@ def add_model_arguments(parser):
                        help="load .keras files with Lambda layers (arbitrary code) and SavedModels "
                        "using ops outside kiqa's allow list: only for files you trust")
     return model
+
+
+@contextlib.contextmanager
+def labels_remedies():
+    """A label file that does not exist: perhaps mistyped, perhaps KonIQ was never fetched."""
+    from kiqa.errors import LabelsNotFoundError
+
+    try:
+        yield
+    except LabelsNotFoundError as err:
+        raise LabelsNotFoundError(
+            f"{err}; check --labels, or download KonIQ-10k first: kiqa fetch-koniq DIR (then "
+            f"--labels DIR/koniq10k_distributions_sets.csv)", path=err.path,
+        ) from err
 
 
 def print_model_warning(record, stream=None):

@@ -4,7 +4,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kiqa.cli._common import EXIT_OK, entry_point, print_model_warning
+from kiqa.cli._common import EXIT_OK, entry_point, labels_remedies, print_model_warning
 from kiqa.config import ON_BAD_IMAGES, SPLITS, TrainConfig
 from kiqa.errors import ConfigError
 
@@ -127,6 +127,11 @@ def _has_official_split(labels):
 def main(argv=None, prog=None):
     """Runs `kiqa-evaluate`."""
     args = build_parser(prog).parse_args(argv)
+    with labels_remedies():
+        return _evaluate(args, prog)
+
+
+def _evaluate(args, prog):
     resolved, config = _run_config(args.model, args)
     from kiqa.cli.score import model_remedies
     from kiqa.errors import EvaluationExistsError

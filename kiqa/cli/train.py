@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from kiqa import provenance
-from kiqa.cli._common import EXIT_OK, entry_point, print_model_warning, runnable
+from kiqa.cli._common import EXIT_OK, entry_point, labels_remedies, print_model_warning, runnable
 from kiqa.errors import ClusterError, ConfigError, RunExistsError, StrategyError, WeightsError
 from kiqa.config import (
     BACKBONES, CACHES, MONITORS, ON_BAD_IMAGES, SPLITS, STRATEGIES, VARIANTS, TrainConfig,
@@ -188,7 +188,8 @@ def main(argv=None, prog=None):
     from kiqa.errors import ImageFolderError
 
     try:
-        result = train(config, overwrite=args.overwrite, progress=not args.quiet, log=_tell, cluster=cluster)
+        with labels_remedies():
+            result = train(config, overwrite=args.overwrite, progress=not args.quiet, log=_tell, cluster=cluster)
     except WeightsError as err:
         raise WeightsError(f"{err.facts or err}; {_weights_remedy(err)}", err.variant, err.weights, err.problem,
                            facts=err.facts) from err
