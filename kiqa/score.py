@@ -128,17 +128,11 @@ def find_images(paths, follow_links_outside=False):
         List of (path, error) in scoring order: `path` is the given path joined with
         the file's relative path (normalised; a `str` under `kiqa.fsutil`'s rule, so a
         name that is not valid UTF-8 keeps its bytes as surrogates); `error` is None or why the file will
-        not be read.
-
-    Raises:
-        DataError: a given path does not exist.
+        not be read. A given path that does not exist is listed as given (reading it fails).
     """
+    # A path that does not exist is listed like a file: reading it gives the same error row
+    # as `Scorer.score_many` gives (one rule for a missing path, not an abort of the job).
     roots = [os.path.normpath(os.fsdecode(p)) for p in paths]
-    missing = [root for root in roots if not os.path.lexists(root)]
-    if missing:
-        raise DataError(
-            f"no such file or folder: {', '.join(missing)}; check the path(s) given to score"
-        )
     real_roots = [os.path.realpath(root) for root in roots]
     found = {}
     for root in roots:
@@ -521,8 +515,8 @@ def score_paths(
         A `ScoreSummary`.
 
     Raises:
-        DataError: a path does not exist, no image file was found, or `out_csv`
-            exists and is not a scores CSV.
+        DataError: no image file was found, or `out_csv` exists and is not a scores CSV
+            (a path that does not exist is a row with its error).
         ConfigError: batch_size below 1.
         ModelError: the model rejected a batch.
     """

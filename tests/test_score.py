@@ -110,8 +110,10 @@ def test_find_images_lists_sorted_image_files_and_flags_links(photos):
     assert find_images([photos / "readme.txt", photos / "a.jpg", photos / "a.jpg"]) == [
         (str(photos / "readme.txt"), None), (str(photos / "a.jpg"), None)
     ]
-    with pytest.raises(DataError, match="no such file or folder: .*missing"):
-        find_images([photos, photos / "missing"])
+    # Issue 20.8: a missing path is listed like any file, and its row says why (as in score_many).
+    assert find_images([photos / "a.jpg", photos / "missing"]) == [
+        (str(photos / "a.jpg"), None), (str(photos / "missing"), None)
+    ]
 
 
 def test_every_bad_file_is_a_named_row_and_the_job_goes_on(photos, scorer, tmp_path):
@@ -257,6 +259,14 @@ def test_cli_exit_codes_and_summary(photos, run_dir, tmp_path, capsys):
                            "--quiet", "--batch-size", "1"])
     assert code == EXIT_OK
     assert "2 files: 2 scored, 0 failed" in capsys.readouterr().out
+    # A mistyped path is a row with its error and exit code 3, as any file that cannot be used,
+    # with the same text as Scorer.score_many gives it.
+    missing = tmp_path / "clean" / "z.jpg"
+    code = score_cli.main([str(clean), str(missing), "--model", str(run_dir), "--out",
+                           str(tmp_path / "typo.csv"), "--quiet"])
+    assert code == EXIT_PARTIAL and "3 files: 2 scored, 1 failed" in capsys.readouterr().out
+    (row,) = [r for r in read_csv(tmp_path / "typo.csv") if r[0] == str(missing)]
+    assert row[2] == load_scorer(run_dir).score_many([missing])["error"][0] and "No such file" in row[2]
 
     code = score_cli.main([str(clean), "--model", str(tmp_path / "nope"), "--quiet"])
     assert code == EXIT_ERROR
