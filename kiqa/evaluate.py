@@ -54,7 +54,7 @@ def as_scorer(model, config):
     return Scorer.from_keras_model(model, config.image_size, config.max_pixels)
 
 
-def evaluate_frame(model, frame, config, out_dir=None, title="test set", part="test"):
+def evaluate_frame(model, frame, config, out_dir=None, title="test set", part="test", warning=None):
     """Predicts a labelled table and scores the predictions.
 
     Args:
@@ -65,6 +65,7 @@ def evaluate_frame(model, frame, config, out_dir=None, title="test set", part="t
             None writes nothing.
         title: plot title.
         part: name for file caches.
+        warning: the model's provenance warning, drawn on scatter.png.
 
     Returns:
         (metrics, predictions): metrics dict (`kiqa.metrics.evaluate_with_confidence`:
@@ -84,7 +85,8 @@ def evaluate_frame(model, frame, config, out_dir=None, title="test set", part="t
         out_dir.mkdir(parents=True, exist_ok=True)
         write_csv_atomically(table, out_dir / "predictions.csv", float_format="%.4f")
         write_json(out_dir / "metrics.json", metrics)
-        plot_scatter(scored["mos"], scored["predicted_mos"], metrics, out_dir / "scatter.png", title=title)
+        plot_scatter(scored["mos"], scored["predicted_mos"], metrics, out_dir / "scatter.png", title=title,
+                     warning=warning)
     return metrics, table
 
 
@@ -173,7 +175,7 @@ def evaluate_saved_model(model_path, config, part="test", out_dir=None, progress
     """
     from kiqa.data.koniq import make_splits
     from kiqa.data.validate import apply_bad_image_policy, find_bad_images, load_checked_labels
-    from kiqa.provenance import report_entry
+    from kiqa.provenance import report_entry, warning_for
     from kiqa.run import resolve_model
     from kiqa.scorer import load_scorer
 
@@ -199,7 +201,8 @@ def evaluate_saved_model(model_path, config, part="test", out_dir=None, progress
         out_dir = _default_out_dir(resolved) / f"eval-{labels_name}-{part}-{_settings_tag(labels)}"
     out_dir = Path(out_dir)
     _refuse_another_evaluation(out_dir, labels, identity, overwrite)
-    metrics, table = evaluate_frame(scorer, frame, config, out_dir=out_dir, title=f"{labels_name} {part}", part=part)
+    metrics, table = evaluate_frame(scorer, frame, config, out_dir=out_dir, title=f"{labels_name} {part}", part=part,
+                                    warning=warning_for(scorer.provenance))
     metrics["rejected"] = int(len(rejects))
     metrics["labels"] = labels
     metrics["cautions"] = cautions(metrics)

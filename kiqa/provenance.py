@@ -82,8 +82,8 @@ class Provenance:
         weights: the backbone's starting weights: "imagenet", "file" or "none" (random).
         weights_file: the weights file's path when weights == "file".
         weights_sha256: its sha256.
-        test_metrics: {"plcc", "srcc", "n"} on the held-out test part (medians for
-            repeated splits), or None.
+        test_metrics: {"plcc", "srcc", "rmse", "n"} on the held-out test part (medians
+            for repeated splits; rmse in MOS points, absent from older records), or None.
         kiqa_version, tensorflow_version, keras_version: the versions that trained it.
         created: ISO 8601 UTC time the record was made.
         schema: version of this record's layout.
@@ -416,11 +416,11 @@ def _is_demo_labels(path):
 
 
 def _headline(metrics):
-    """PLCC, SRCC and n from flat metrics or a repeated-splits summary (medians)."""
+    """PLCC, SRCC, RMSE and n from flat metrics or a repeated-splits summary (medians)."""
     if not metrics:
         return None
     pick = {}
-    for key in ("plcc", "srcc", "n"):
+    for key in ("plcc", "srcc", "rmse", "n"):
         value = metrics.get(key)
         if isinstance(value, dict):
             value = value.get("median")

@@ -676,12 +676,24 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
     _save_model_atomically(model, model_path)
 
     history = read_history(history_csv)
+    # The warning provenance.json will carry (it depends on the data and the backbone, not the metrics).
+    warning = provenance.for_training(config, None, len(split.train), len(split.train),
+                                      custom_backbone=backbone is not None).warning()
     if len(history):
         write_csv_atomically(history, history_csv)
-        plot_history(history, run_dir / "loss.png", title=f"{config.name}: {split.name}")
+        plot_history(history, run_dir / "loss.png", title=f"{config.name}: {split.name}", warning=warning,
+                     best_epoch=_best_epoch(history, config.monitor, mode))
     metrics, _ = evaluate_frame(predictor(model), split.test, config, out_dir=run_dir,
-                                title=f"{config.name} {split.name} test")
+                                title=f"{config.name} {split.name} test", warning=warning)
     return metrics, model_path
+
+
+def _best_epoch(history, monitor, mode):
+    """The 0-based epoch whose weights early stopping kept, or None when not logged."""
+    if monitor not in history.columns or history[monitor].dropna().empty:
+        return None
+    values = history.set_index("epoch")[monitor].dropna()
+    return int(values.idxmin() if mode == "min" else values.idxmax())
 
 
 def _prepared_set(config):
