@@ -127,8 +127,9 @@ def test_wrong_signature_is_explained(server, images):
 def test_server_down_is_a_clear_error():
     port = free_port()
     with ServingClient(f"127.0.0.1:{port}", timeout=5) as client:
-        with pytest.raises(ServingError, match=rf"^no TF Serving at 127\.0\.0\.1:{port} .*--server"):
+        with pytest.raises(ServingError, match=rf"^no TF Serving at 127\.0\.0\.1:{port} .*--server") as raised:
             client.check()
+        assert "kiqa serve-dev --base" in str(raised.value)  # issue 20.8: "Start it" led nowhere
         with pytest.raises(ServingError, match=rf"^no TF Serving at 127\.0\.0\.1:{port}"):
             client.score_bytes([b"x"])
 
