@@ -180,6 +180,7 @@ def test_predict_cli_writes_csv_and_reports_partial_failure(server, images, tmp_
                              str(paths[0]), str(corrupt), str(paths[1])])
     assert code == 3  # EXIT_PARTIAL
     rows = list(csv.DictReader(out.open()))
+    assert b"\r" not in out.read_bytes()  # issue 20.8: csv.writer's default CRLF
     assert [r["path"] for r in rows] == [str(paths[0]), str(corrupt), str(paths[1])]
     assert rows[0]["mos"] and rows[2]["mos"] and not rows[1]["mos"]
     assert rows[1]["error"].startswith(f"{corrupt}: JPEG header is unreadable")
@@ -191,8 +192,9 @@ def test_predict_cli_scores_a_folder_to_stdout(server, images, capsys):
     paths, corrupt = images
     code = predict_cli.main(["--server", server.address, str(paths[0].parent)])
     assert code == 3
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "path,mos,error" and len(lines) == 1 + len(paths) + 1
+    printed = capsys.readouterr().out
+    lines = printed.strip().splitlines()
+    assert lines[0] == "path,mos,error" and len(lines) == 1 + len(paths) + 1 and "\r" not in printed
 
 
 def test_predict_cli_status(server, capsys):
