@@ -121,6 +121,23 @@ class LabelsNotFoundError(DataError):
         self.path = path
 
 
+class SetTooSmallError(DataError):
+    """A split leaves a part with too few images for correlations.
+
+    Attributes:
+        part: "training", "validation" or "test".
+        size: images in that part.
+        n_images: images in the whole set.
+        minimum: images the whole set needs at these fractions (None for the official split).
+        facts: the message without its fix (a command states its own).
+    """
+
+    def __init__(self, message, part, size, n_images, minimum=None, facts=None):
+        super().__init__(message)
+        self.part, self.size, self.n_images, self.minimum = part, size, n_images, minimum
+        self.facts = facts
+
+
 class ImageFolderError(DataError):
     """(Almost) none of a label file's images are in the image folder: the folder is wrong
     or the images were never downloaded.

@@ -185,7 +185,7 @@ def main(argv=None, prog=None):
     for note in caveats(config):
         print(f"{parser.prog}: note: {note}\n", file=sys.stderr)
     print(f"run directory: {config.resolved_run_dir}", file=sys.stderr)
-    from kiqa.errors import ImageFolderError
+    from kiqa.errors import ImageFolderError, SetTooSmallError
 
     try:
         with labels_remedies():
@@ -204,6 +204,12 @@ def main(argv=None, prog=None):
         again = "replace it" if err.finished else "start again"
         raise RunExistsError(f"{err}; pass --run-dir for a new run, or --overwrite to {again}",
                              err.run_dir, err.changed, err.finished) from err
+    except SetTooSmallError as err:
+        flag = {"validation": "--val-fraction", "test": "--test-fraction"}.get(err.part, "--test-fraction or --val-fraction")
+        fix = (f"; at these fractions the set needs at least {err.minimum} images (it has {err.n_images}): "
+               f"add images, or raise {flag}" if err.minimum else "; add images")
+        raise SetTooSmallError(f"{err.facts}{fix}", err.part, err.size, err.n_images, err.minimum,
+                               facts=err.facts) from err
     except ImageFolderError as err:
         raise ImageFolderError(
             f"{err}.\nPass --images with the folder the label file's image_name values are relative "
