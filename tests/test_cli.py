@@ -155,6 +155,26 @@ def _assert_quiet_demo_run(process, run_dir, demo_home):
     assert steps[1].split() == ["kiqa", "evaluate", str(run_dir), "--part", "test"]  # held out only
     assert steps[2].split()[:3] == ["kiqa", "export", str(run_dir)]
     assert f"the demo data: {labels}" in steps[3]
+    # Issue 20.8: the README's sample of this console is what training prints (numbers aside).
+    shown = _console_shape(lines[lines.index(f"results in {run_dir}"):], run_dir, demo_home.parent)
+    assert shown == _console_shape(_readme_sample()[1:], "runs/demo", "~/.cache/kiqa")
+
+
+def _readme_sample():
+    text = (TESTS.parent / "README.md").read_text()
+    start = text.index("```text\n", text.index("The end of a demo run")) + len("```text\n")
+    return text[start:text.index("```", start)].splitlines()
+
+
+def _console_shape(lines, run_dir, demo_parent):
+    """Lines with paths shortened and numbers masked; cautions (they depend on the numbers) left out."""
+    shape = []
+    for line in lines:
+        line = line.replace(str(run_dir), "RUN").replace(str(demo_parent), "HOME")
+        if not line.strip() or line.strip().startswith("caution:"):
+            continue
+        shape.append(re.sub(r"-?\d+(\.\d+)?", "#", line.replace("  (unreliable, see below)", "")))
+    return shape
 
 
 def test_kiqa_train_demo_console_is_quiet_and_says_what_next(tmp_path):
