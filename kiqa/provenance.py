@@ -421,6 +421,8 @@ def _headline(metrics):
         return None
     pick = {}
     for key in ("plcc", "srcc", "rmse", "n"):
+        if key == "rmse" and key not in metrics:  # older callers' metrics
+            continue
         value = metrics.get(key)
         if isinstance(value, dict):
             value = value.get("median")

@@ -67,7 +67,8 @@ def test_run_directory_holds_everything(finished_run):
     record = provenance.read(run / "provenance.json")
     assert (record.data, record.split, record.backbone, record.weights) == ("demo", "random", "custom", "none")
     assert record.labels_sha256 == provenance.sha256_of(config.labels) and record.n_images == 32
-    assert record.test_metrics == pytest.approx({"plcc": metrics["plcc"], "srcc": metrics["srcc"], "n": metrics["n"]})
+    assert record.test_metrics == pytest.approx({"plcc": metrics["plcc"], "srcc": metrics["srcc"],
+                                                 "rmse": metrics["rmse"], "n": metrics["n"]})
     assert not record.knows_quality and provenance.find_for_model(result.model_path) == record
     assert metrics["srcc_ci_low"] <= metrics["srcc"] <= metrics["srcc_ci_high"] and "bootstrap" in metrics["ci"]
 
