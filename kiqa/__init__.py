@@ -14,14 +14,20 @@ Models predict KonIQ-10k's 0-100 mean opinion score (MOS, higher is better)::
     kiqa.export_model("runs/demo", base_path="export/kiqa")
 
 Importing the package is cheap: every name above is loaded on first use, and
-TensorFlow only with the modules that need it (the `kiqa` command's help starts without it).
+TensorFlow only with the modules that need it (`kiqa --help` starts without it).
+TensorFlow's start-up noise is hidden as on the command line (`kiqa.console`);
+`KIQA_VERBOSE=1` shows everything.
 """
 
 import importlib
 import types
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Tuple
 
+from kiqa.console import quiet_tensorflow as _quiet_tensorflow, verbose_requested as _verbose_requested
+
 __version__ = "0.1.0"
+# Scripts and notebooks get the CLI's quiet console (before anything imports TensorFlow).
+_quiet_tensorflow(_verbose_requested())
 
 # Public name -> (module, attribute), imported on first access (PEP 562).
 _LAZY = {

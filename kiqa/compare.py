@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import re
+import textwrap
 import warnings
 from pathlib import Path
 from typing import Optional, Tuple
@@ -35,6 +36,7 @@ from kiqa import provenance
 from kiqa.contract import DEFAULT_MAX_BYTES
 from kiqa.errors import ConfigError, DataError, ScoresFromAnotherModelError
 from kiqa.fsutil import csv_frame, refuse_foreign_outputs, write_json_atomically
+from kiqa.plots import legend_off_the_data, save_figure
 from kiqa.score import DEFAULT_BATCH_SIZE, find_images, read_scores, score_files
 
 DEFAULT_BOOTSTRAP = 10_000
@@ -313,8 +315,11 @@ def compare_folders(
         paired_stats(matrix[i], matrix[j], labels[i], labels[j], n_resamples, confidence, seed)
         for i, j in itertools.combinations(range(len(folders)), 2)
     )
+    record = getattr(scorer, "provenance", None)
+    for pair in pairs:
+        pair["context"] = effect_context(pair["mean_diff"], record)
     ranking = _ranking(labels, folders, matrix) if len(folders) > 2 else None
-    _write_tables(out, files, labels, common, matrix, pairs, ranking)
+    _write_tables(out, files, labels, common, matrix, pairs, ranking, provenance.warning_for(record))
     result = CompareResult(
         out_dir=str(out),
         labels=tuple(labels),
@@ -397,7 +402,29 @@ def _pair_images(labels, folders, per_folder, left_out, ignore_extension, out, f
     return common, pairable, int(unpaired["reason"].str.startswith("no scored counterpart").sum())
 
 
-def _write_tables(out, files, labels, common, matrix, pairs, ranking):
+def effect_context(mean_diff, record):
+    """A mean difference beside the model's own error, so a small shift does not read as a finding.
+
+    Args:
+        mean_diff: mean MOS difference between two folders (0-100 points).
+        record: the model's `kiqa.provenance.Provenance`, or None.
+
+    Returns:
+        {"test_rmse": the model's held-out RMSE in MOS points or None when unknown,
+        "ratio": |mean_diff| / test_rmse or None, "text": one sentence}.
+    """
+    rmse = (record.test_metrics or {}).get("rmse") if record is not None else None
+    if not rmse:
+        return dict(test_rmse=None, ratio=None, text=(
+            f"{mean_diff:+.2f} MOS; the model's own test error is unknown (no RMSE in its provenance), "
+            f"so the size of this difference cannot be weighed against it"))
+    ratio = abs(mean_diff) / rmse
+    return dict(test_rmse=float(rmse), ratio=float(ratio), text=(
+        f"{mean_diff:+.2f} MOS is {ratio:.2f}x the model's test RMSE ({rmse:.2f} MOS points)"
+        + ("; smaller than the model's own error on one image" if ratio < 1 else "")))
+
+
+def _write_tables(out, files, labels, common, matrix, pairs, ranking, warning=None):
     """Writes per_image.csv, ranking.csv (more than two folders) and compare.png."""
     per_image = pd.DataFrame({"path": common})
     for label, row in zip(labels, matrix):
@@ -412,9 +439,9 @@ def _write_tables(out, files, labels, common, matrix, pairs, ranking):
                                                 errors="surrogateescape")
     files["plot"] = str(out / "compare.png")
     if len(labels) == 2:
-        _plot_pair(matrix[0], matrix[1], pairs[0], files["plot"])
+        _plot_pair(matrix[0], matrix[1], pairs[0], files["plot"], warning)
     else:
-        _plot_ranking(labels, matrix, files["plot"])
+        _plot_ranking(labels, matrix, files["plot"], warning)
 
 
 def _is_compare_folder(out):
@@ -423,23 +450,19 @@ def _is_compare_folder(out):
         mark = json.loads((out / MODEL_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(mark, dict) and set(mark) == {"source", "kind", "image_size"}
-
-
-def _model_identity(scorer):
-    return dict(source=os.path.abspath(scorer.source), kind=scorer.kind, image_size=list(scorer.image_size))
+    return isinstance(mark, dict) and {"source", "kind", "image_size"} <= set(mark)
 
 
 def _check_same_model(path, scorer, skip_existing):
     """Resumed score CSVs must come from the same model: scores of two models mixed in
     one comparison would look like a difference between the folders."""
-    identity = _model_identity(scorer)
+    identity = scorer.identity()  # the weights' fingerprint: an export of the same run matches
     if skip_existing and path.is_file():
         try:
             previous = json.loads(path.read_text())
         except (OSError, ValueError):
             previous = None
-        if previous != identity:
+        if not provenance.same_model(previous, identity):
             raise ScoresFromAnotherModelError(
                 f"{path.parent} holds scores from another model or image size ({previous}); use a "
                 f"new output folder, or rescore everything (skip_existing=False) with {scorer.source}",
@@ -463,7 +486,7 @@ def _ranking(labels, folders, matrix):
     return tuple(rows)
 
 
-def _plot_pair(a, b, pair, path):
+def _plot_pair(a, b, pair, path, warning=None):
     fig = Figure(figsize=(11, 4.8))  # no pyplot: the user's backend is left alone
     scatter, hist = fig.subplots(1, 2)
     low = float(min(a.min(), b.min()))
@@ -474,7 +497,7 @@ def _plot_pair(a, b, pair, path):
     scatter.plot(line, line, color="grey", linewidth=1, label="equal MOS")
     scatter.set(xlim=line, ylim=line, xlabel=f"MOS {pair['a']} (0-100)", ylabel=f"MOS {pair['b']} (0-100)",
                 title=f"{pair['n']} paired images: {pair['a']} higher on {pair['a_better_fraction']:.0%}")
-    scatter.legend(loc="upper left")
+    legend_off_the_data(scatter, columns=1)
     scatter.grid(alpha=0.3)
 
     diff = a - b
@@ -485,15 +508,16 @@ def _plot_pair(a, b, pair, path):
                  label=f"{pair['ci_level']:.0%} CI [{pair['ci_low']:+.2f}, {pair['ci_high']:+.2f}]")
     p_value = pair["wilcoxon"]["p_value"]
     p_text = "n/a" if p_value is None else f"{p_value:.3g}"
-    hist.set(xlabel=f"MOS {pair['a']} - MOS {pair['b']}", ylabel="images",
-             title=f"difference per image (Wilcoxon p = {p_text})")
-    hist.legend(loc="upper left")
+    context = pair.get("context") or effect_context(pair["mean_diff"], None)
+    hist.set(xlabel=f"MOS {pair['a']} - MOS {pair['b']}", ylabel="images")
+    hist.set_title(f"difference per image (Wilcoxon p = {p_text})\n{textwrap.fill(context['text'], 70)}",
+                   fontsize=9)
+    legend_off_the_data(hist)
     hist.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, warning)
 
 
-def _plot_ranking(labels, matrix, path):
+def _plot_ranking(labels, matrix, path, warning=None):
     k = len(labels)
     fig = Figure(figsize=(6 + 1.2 * k, 4.8))
     box, heat = fig.subplots(1, 2)
@@ -512,8 +536,7 @@ def _plot_ranking(labels, matrix, path):
     heat.set_yticks(range(k), labels)
     heat.set(title="win rate of row over column")
     fig.colorbar(image, ax=heat, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, warning)
 
 
 def _write_json(result, scorer, path):

@@ -62,7 +62,9 @@ MAX_REQUEST_BYTES = 128 * 2**20
 # Files inside an export version directory, beside saved_model.pb. TF Serving replays the
 # warmup file at load; kiqa.json records the image size, pixel cap and versions.
 ASSETS_EXTRA = "assets.extra"
-METADATA_FILE = "kiqa.json"  # also beside an ONNX or LiteRT model file
+METADATA_FILE = "kiqa.json"
+# Its key holding `kiqa.provenance.weights_fingerprint` of the exported weights.
+WEIGHTS_KEY = "weights_sha256"
 WARMUP_FILE = "tf_serving_warmup_requests"
 # A model's provenance record (kiqa.provenance): in a run folder, in an export's
 # ASSETS_EXTRA, and beside a scores CSV as "<csv name>.provenance.json".

@@ -76,6 +76,20 @@ class RunExistsError(ConfigError):
         self.run_dir, self.changed, self.finished = run_dir, tuple(changed), finished
 
 
+class EvaluationExistsError(ConfigError):
+    """An output folder holds an evaluation made with other labels, settings or model weights.
+
+    Attributes:
+        out_dir: the folder.
+        previous: what the earlier evaluation recorded ({"labels": ..., "model": ...}).
+        current: the same for this one.
+    """
+
+    def __init__(self, message, out_dir, previous, current):
+        super().__init__(message)
+        self.out_dir, self.previous, self.current = out_dir, previous, current
+
+
 class UntrustedModelError(ModelError):
     """A SavedModel uses ops outside kiqa's allow list; `ops` names them."""
 
@@ -199,6 +213,14 @@ class NoOfficialSplitError(DataError):
         self.path = path
 
 
+class LabelsNotFoundError(DataError):
+    """A label file does not exist; `path` names it."""
+
+    def __init__(self, message, path):
+        super().__init__(message)
+        self.path = path
+
+
 class DownloadError(DataError):
     """A server refused a download.
 
@@ -241,6 +263,23 @@ class UnsafeArchiveError(DataError):
         self.archive, self.members = archive, tuple(members)
 
 
+class SetTooSmallError(DataError):
+    """A split leaves a part with too few images for correlations.
+
+    Attributes:
+        part: "training", "validation" or "test".
+        size: images in that part.
+        n_images: images in the whole set.
+        minimum: images the whole set needs at these fractions (None for the official split).
+        facts: the message without its fix (a command states its own).
+    """
+
+    def __init__(self, message, part, size, n_images, minimum=None, facts=None):
+        super().__init__(message)
+        self.part, self.size, self.n_images, self.minimum = part, size, n_images, minimum
+        self.facts = facts
+
+
 class ImageFolderError(DataError):
     """(Almost) none of a label file's images are in the image folder: the folder is wrong
     or the images were never downloaded.
@@ -272,17 +311,18 @@ class DiskFullError(KiqaError):
 
 
 class ScoresFromAnotherModelError(ConfigError):
-    """An output folder holds scores written by another model (or image size).
+    """An output folder or scores CSV holds scores written by another model (or image size).
 
     Attributes:
         folder: the output folder.
         previous: the identity of the model that wrote them (None when unreadable).
         current: the identity of the model given now.
+        path: the scores CSV, when one file is concerned (else None).
     """
 
-    def __init__(self, message, folder, previous, current):
+    def __init__(self, message, folder, previous, current, path=None):
         super().__init__(message)
-        self.folder, self.previous, self.current = folder, previous, current
+        self.folder, self.previous, self.current, self.path = folder, previous, current, path
 
 
 class VersionExistsError(ExportError):
@@ -335,11 +375,14 @@ class WeightsError(ModelError):
         weights: what was asked for: "imagenet" or the weights file's path.
         problem: "download" (ImageNet weights not downloadable), "missing" (no such file)
             or "mismatch" (the file does not fit the variant).
+        facts: the message without the fix in Python's words (a command states its own
+            fix after it); None means the whole message.
     """
 
-    def __init__(self, message, variant, weights, problem):
+    def __init__(self, message, variant, weights, problem, facts=None):
         super().__init__(message)
         self.variant, self.weights, self.problem = variant, weights, problem
+        self.facts = facts
 
 
 class StrategyError(ConfigError):

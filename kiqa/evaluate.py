@@ -1,5 +1,7 @@
 """Evaluating a model on a labelled set: predictions, the field's metrics, plots."""
 
+import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -11,8 +13,8 @@ import pandas as pd
 from kiqa import CallableModule
 from kiqa.config import TrainConfig
 from kiqa.data.pipeline import make_dataset
-from kiqa.errors import ConfigError
-from kiqa.fsutil import refuse_foreign_outputs, write_csv_atomically, write_json_atomically
+from kiqa.errors import ConfigError, EvaluationExistsError
+from kiqa.fsutil import refuse_foreign_outputs, sha256_of, write_csv_atomically, write_json_atomically
 from kiqa.metrics import cautions, evaluate_with_confidence
 from kiqa.plots import plot_scatter
 
@@ -66,7 +68,7 @@ def as_scorer(model, config):
     return Scorer.from_keras_model(model, config.image_size, config.max_pixels)
 
 
-def evaluate_frame(model, frame, config, out_dir=None, title="test set", part="test"):
+def evaluate_frame(model, frame, config, out_dir=None, title="test set", part="test", warning=None):
     """Predicts a labelled table and scores the predictions.
 
     Args:
@@ -77,6 +79,7 @@ def evaluate_frame(model, frame, config, out_dir=None, title="test set", part="t
             None writes nothing.
         title: plot title.
         part: name for file caches.
+        warning: the model's provenance warning, drawn on scatter.png.
 
     Returns:
         (metrics, predictions): metrics dict (`kiqa.metrics.evaluate_with_confidence`:
@@ -98,7 +101,8 @@ def evaluate_frame(model, frame, config, out_dir=None, title="test set", part="t
         out_dir.mkdir(parents=True, exist_ok=True)
         write_csv_atomically(table, out_dir / "predictions.csv", float_format="%.4f")
         write_json(out_dir / "metrics.json", metrics)
-        plot_scatter(scored["mos"], scored["predicted_mos"], metrics, out_dir / "scatter.png", title=title)
+        plot_scatter(scored["mos"], scored["predicted_mos"], metrics, out_dir / "scatter.png", title=title,
+                     warning=warning)
     return metrics, table
 
 
@@ -110,6 +114,7 @@ def write_json(path, data):
 def evaluate(
     model_ref: Union[str, os.PathLike], config: Optional[TrainConfig] = None, part: str = "test",
     out_dir: Optional[Union[str, os.PathLike]] = None, progress: bool = True, engine: str = "tf",
+    overwrite: bool = False,
 ) -> Tuple[dict, Path]:
     """Evaluates a model on its run's test set, or on the labelled set `config` names.
 
@@ -122,12 +127,15 @@ def evaluate(
             `evaluate_saved_model`).
         progress: show progress bars.
         engine: what runs the model (see `kiqa.load_scorer`).
+        overwrite: replace an evaluation in `out_dir` made with other labels, settings
+            or weights (see `evaluate_saved_model`).
 
     Returns:
         (metrics, out_dir), as `evaluate_saved_model` returns them.
 
     Raises:
         ConfigError: no config was given and the model has no run config.
+        EvaluationExistsError: (a ConfigError) `out_dir` holds another evaluation.
         ModelError: the model cannot be resolved or loaded.
     """
     from kiqa.run import resolve_model
@@ -137,15 +145,24 @@ def evaluate(
         if config is None:
             raise ConfigError(f"{model_ref} has no run config.json naming its data; pass a TrainConfig")
         config = config.replace(cache="none")
-    return evaluate_saved_model(model_ref, config, part=part, out_dir=out_dir, progress=progress, engine=engine)
+    return evaluate_saved_model(model_ref, config, part=part, out_dir=out_dir, progress=progress, engine=engine,
+                                overwrite=overwrite)
 
 
 def evaluate_saved_model(model_path, config, part="test", out_dir=None, progress=True, labelled=None,
-                         safe_mode=True, engine="tf"):
+                         safe_mode=True, engine="tf", overwrite=False):
     """Re-evaluates a saved model on a KonIQ-format set or any labelled CSV.
 
     Writes `metrics.json` (the metrics with their intervals, `cautions`, the `labels`
-    read and the model's provenance under `model`), `predictions.csv` and `scatter.png`.
+    read: file, sha256, columns, scale, part, split and seed; the model's provenance and
+    weights fingerprint under `model`), `predictions.csv` and `scatter.png`.
+
+    An earlier evaluation is never replaced silently: the default folder is named after
+    the label file, the part and a short hash of the label file's contents and the
+    settings, and a folder holding an evaluation of other labels, settings or weights is
+    refused unless `overwrite`. When the model's run trained or validated on some of the
+    evaluated images (its `split.csv`), `overlap` counts them, a caution says so, and
+    `held_out` holds the metrics of the other images alone.
 
     Args:
         model_path: any model path `kiqa.scorer.load_scorer` takes (run folder, `.keras`
@@ -153,7 +170,8 @@ def evaluate_saved_model(model_path, config, part="test", out_dir=None, progress
         config: `TrainConfig` naming the labels, images, split, seed and image size (an
             export is scored at its own size).
         part: "test", "val", "train" or "all" (a plain labelled CSV has no split: "all").
-        out_dir: output folder; default `eval-<labels>-<part>` in the run folder, beside a
+        out_dir: output folder; default `eval-<labels>-<part>-<8 hex digits of the label
+            file's sha256 and the settings>` in the run folder, beside a
             bare `.keras` file, or beside an export's base path.
         progress: show progress bars.
         labelled: a `kiqa.data.labelled.LabelledCsv` to evaluate instead of reading
@@ -161,16 +179,19 @@ def evaluate_saved_model(model_path, config, part="test", out_dir=None, progress
             (default: the CSV's folder).
         safe_mode: refuse models that can run arbitrary code (see `load_scorer`).
         engine: what runs the model (see `load_scorer`).
+        overwrite: replace an evaluation of other labels, settings or weights in `out_dir`.
 
     Returns:
         (metrics, out_dir): `metrics` is the dict written to metrics.json.
 
     Raises:
         ConfigError: a part other than "all" for a plain labelled CSV.
+        EvaluationExistsError: (a ConfigError) `out_dir` holds another evaluation and
+            `overwrite` is False.
     """
     from kiqa.data.koniq import make_splits
     from kiqa.data.validate import apply_bad_image_policy, find_bad_images, load_checked_labels
-    from kiqa.provenance import report_entry
+    from kiqa.provenance import report_entry, warning_for
     from kiqa.run import resolve_model
     from kiqa.scorer import load_scorer
 
@@ -190,19 +211,121 @@ def evaluate_saved_model(model_path, config, part="test", out_dir=None, progress
         if part != "all":
             frame = getattr(make_splits(frame, config)[0], part)
     labels_name = Path(config.labels).stem if config.labels else "demo"
-    out_dir = Path(out_dir) if out_dir else _default_out_dir(resolved) / f"eval-{labels_name}-{part}"
-    metrics, _ = evaluate_frame(scorer, frame, config, out_dir=out_dir, title=f"{labels_name} {part}", part=part)
+    labels = _labels_record(config, part, labelled)
+    identity = scorer.identity()
+    if not out_dir:
+        out_dir = _default_out_dir(resolved) / f"eval-{labels_name}-{part}-{_settings_tag(labels)}"
+    out_dir = Path(out_dir)
+    _refuse_another_evaluation(out_dir, labels, identity, overwrite)
+    metrics, table = evaluate_frame(scorer, frame, config, out_dir=out_dir, title=f"{labels_name} {part}", part=part,
+                                    warning=warning_for(scorer.provenance))
     metrics["rejected"] = int(len(rejects))
-    metrics["labels"] = dict(
+    metrics["labels"] = labels
+    metrics["cautions"] = cautions(metrics)
+    _report_overlap(metrics, frame, table, resolved, config.seed)
+    metrics["model"] = report_entry(scorer.provenance, scorer.source,
+                                    **{k: v for k, v in identity.items() if k != "source"})
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics, out_dir
+
+
+def _labels_record(config, part, labelled):
+    """What metrics.json says about the labels: enough to tell two evaluations apart."""
+    record = dict(
         file=str(config.labels) if config.labels else "demo",
+        sha256=sha256_of(config.labels) if config.labels else None,
         part=part,
         scores=labelled.describe() if labelled is not None else "KonIQ 0-100 MOS",
         notes=list(labelled.notes) if labelled is not None else [],
     )
-    metrics["cautions"] = cautions(metrics)
-    metrics["model"] = report_entry(scorer.provenance, scorer.source)
-    write_json(out_dir / "metrics.json", metrics)
-    return metrics, out_dir
+    if labelled is not None:
+        record.update(columns=[labelled.path_column, labelled.mos_column],
+                      scale=[labelled.scale.low, labelled.scale.high])
+    else:
+        columns = list(pd.read_csv(config.labels, nrows=0).columns) if config.labels else ["image_name", "mos"]
+        record.update(columns=columns, scale=[0.0, 100.0], split=config.split, seed=config.seed)
+    return record
+
+
+def _settings_tag(labels):
+    """8 hex digits naming a label file's contents and the settings it was read with."""
+    keys = ("file", "sha256", "part", "columns", "scale", "split", "seed")
+    text = json.dumps({k: labels.get(k) for k in keys}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _refuse_another_evaluation(out_dir, labels, identity, overwrite):
+    """An evaluation folder holds one evaluation: the same labels, settings and weights
+    may be redone (same result), anything else replaces it only when asked."""
+    from kiqa.provenance import same_model
+
+    try:
+        previous = json.loads((out_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return
+    if overwrite or not isinstance(previous, dict):
+        return
+    before = previous.get("labels") or {}
+    keys = ("sha256", "part", "columns", "scale", "split", "seed")
+    same_labels = all(before.get(k) == labels.get(k) for k in keys)
+    if same_labels and same_model(previous.get("model"), identity):
+        return
+    what = "the labels or settings" if not same_labels else "the model's weights"
+    raise EvaluationExistsError(
+        f"{out_dir} holds an evaluation of {before.get('file', 'unknown labels')} (part "
+        f"{before.get('part')}) whose {what} differ from this one; it is left untouched. "
+        f"Write to another folder, or replace it (overwrite=True)",
+        out_dir=str(out_dir), previous={"labels": before, "model": previous.get("model")},
+        current={"labels": labels, "model": identity},
+    )
+
+
+def run_parts(run_config, split_csv):
+    """Which images a run trained and validated on, by real path, from its `split.csv`.
+
+    Args:
+        run_config: the run's `TrainConfig` (its labels and image folder).
+        split_csv: the run's `split.csv` (image_name, mos, part).
+
+    Returns:
+        dict real path -> part ("train", "val" or "test"); empty when unreadable.
+    """
+    from kiqa.data import koniq, synthetic
+
+    labels = Path(run_config.labels) if run_config.labels else synthetic.default_demo_dir() / "labels.csv"
+    root = Path(run_config.images) if run_config.images else koniq.default_image_root(labels)
+    try:
+        split = pd.read_csv(split_csv, usecols=["image_name", "part"])
+    except (OSError, ValueError):
+        return {}
+    return {os.path.realpath(root / name): part for name, part in zip(split["image_name"], split["part"])}
+
+
+def _report_overlap(metrics, frame, table, resolved, seed):
+    """Counts evaluated images the run trained or validated on; scores the rest alone."""
+    run = resolved.run
+    run_config = resolved.config() if run is not None else None
+    split_csv = Path(run.path) / "split.csv" if run is not None else None
+    if run_config is None or split_csv is None or not split_csv.is_file():
+        return
+    parts = run_parts(run_config, split_csv)
+    seen = np.array([parts.get(os.path.realpath(p)) for p in frame["path"]], dtype=object)
+    counts = {name: int((seen == name).sum()) for name in ("train", "val")}
+    held_out = ~np.isin(seen, ["train", "val"])
+    counts["held_out"] = int(held_out.sum())
+    metrics["overlap"] = counts
+    if not counts["train"] and not counts["val"]:
+        return
+    kept = table[held_out].dropna(subset=["predicted_mos"])
+    metrics["held_out"] = (
+        evaluate_with_confidence(kept["mos"].to_numpy(), kept["predicted_mos"].to_numpy(), seed=seed)
+        if len(kept) >= 3 else None
+    )
+    metrics["cautions"].insert(0, (
+        f"{counts['train']} of these images trained the model and {counts['val']} chose its "
+        f"best epoch (its run's split.csv); only {counts['held_out']} are held out, and the "
+        f"metrics over all of them overstate what it does on new photos (see 'held_out')"
+    ))
 
 
 def _default_out_dir(resolved):

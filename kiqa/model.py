@@ -161,11 +161,12 @@ def build_backbone(variant="tiny", weights="imagenet", fast_depthwise=True):
         try:
             backbone = constructor(weights="imagenet", **kwargs)
         except Exception as err:  # keras.utils.get_file raises a bare Exception offline
+            facts = f"could not download the ImageNet weights for {name} ({_reason(err)})"
             raise WeightsError(
-                f"could not download the ImageNet weights for {name} ({_reason(err)}); a local "
-                f"Keras weights file of the backbone (e.g. convnext_{variant}_notop.h5 from keras' "
-                f"storage) needs no download, and random initialisation none (but learns next to "
-                f"nothing on small data)", variant, "imagenet", "download",
+                f"{facts}; pass weights= a local Keras weights file of the backbone (e.g. "
+                f"convnext_{variant}_notop.h5 from Keras' storage), or weights='none' for random "
+                f"initial weights (which learn next to nothing on small data)",
+                variant, "imagenet", "download", facts=facts,
             ) from err
     elif weights == "none":
         backbone = constructor(weights=None, **kwargs)

@@ -27,6 +27,7 @@ No TensorFlow import: reading a record is cheap, and versions come from package 
 
 import dataclasses
 import datetime
+import hashlib
 import json
 from importlib import metadata
 from pathlib import Path
@@ -82,8 +83,8 @@ class Provenance:
         weights: the backbone's starting weights: "imagenet", "file" or "none" (random).
         weights_file: the weights file's path when weights == "file".
         weights_sha256: its sha256.
-        test_metrics: {"plcc", "srcc", "n"} on the held-out test part (medians for
-            repeated splits), or None.
+        test_metrics: {"plcc", "srcc", "rmse", "n"} on the held-out test part (medians
+            for repeated splits; rmse in MOS points, absent from older records), or None.
         kiqa_version, tensorflow_version, keras_version: the versions that trained it.
         created: ISO 8601 UTC time the record was made.
         schema: version of this record's layout.
@@ -261,16 +262,89 @@ def report_entry(record, source, **extra):
     }
 
 
+def weights_fingerprint(arrays):
+    """A model's identity by its weights: the same numbers give the same fingerprint.
+
+    sha256 over the sorted sha256 digests of each weight's float32 bytes. Sorted, and
+    without names or shapes, because an export holds the run's weights under other
+    variable names, in another order, and ConvNeXt's grouped kernels reshaped to
+    depthwise ones (same bytes): a SavedModel of a run is the same model as the run.
+
+    Args:
+        arrays: the model's weights as array-likes (e.g. `[w.numpy() for w in model.weights]`).
+
+    Returns:
+        64 hex digits.
+    """
+    import numpy as np  # kept out of the module's import: reading a record needs no numpy
+
+    digests = sorted(
+        hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest() for array in arrays
+    )
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+
+def model_identity(source, kind, image_size, weights_sha256):
+    """What a scores file records about the model that wrote it, to refuse mixing on resume.
+
+    Args:
+        source: the model path that was loaded (for people; not compared).
+        kind: "keras", "savedmodel" or "onnx" (for people; not compared).
+        image_size: (height, width) images were decoded to.
+        weights_sha256: `weights_fingerprint` of its weights, or None when unknown.
+    """
+    return {"source": str(source), "kind": kind, "image_size": [int(v) for v in image_size],
+            "weights_sha256": weights_sha256}
+
+
+def same_model(previous, current):
+    """True when two `model_identity` dicts are the same weights at the same image size.
+
+    An identity without a fingerprint (an older file, an export made before kiqa recorded
+    one) is never the same: kiqa cannot tell, so it does not mix.
+    """
+    if not isinstance(previous, dict) or not previous.get("weights_sha256"):
+        return False
+    return (previous.get("weights_sha256") == current.get("weights_sha256")
+            and list(previous.get("image_size") or []) == list(current.get("image_size") or []))
+
+
+def describe_identity(identity):
+    """One phrase naming a model by its `model_identity`: source, size and fingerprint start."""
+    if not isinstance(identity, dict):
+        return "an unrecorded model"
+    size = identity.get("image_size") or ["?", "?"]
+    weights = (identity.get("weights_sha256") or "unknown")[:12]
+    return f"{identity.get('source', 'an unnamed model')} at {size[0]}x{size[1]} (weights {weights})"
+
+
+def read_sidecar(csv_path):
+    """The `write_sidecar` dict beside a CSV, or None when it is missing or unreadable."""
+    try:
+        data = json.loads(sidecar_path(csv_path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def sidecar_path(csv_path):
     """`scores.csv` -> `scores.csv.provenance.json`."""
     csv_path = Path(csv_path)
     return csv_path.with_name(csv_path.name + "." + FILE_NAME)
 
 
-def write_sidecar(csv_path, record, source):
-    """Writes `report_entry` beside a CSV of scores; returns the sidecar's path."""
+def write_sidecar(csv_path, record, source, **identity):
+    """Writes `report_entry` beside a CSV of scores; returns the sidecar's path.
+
+    Args:
+        csv_path: the CSV.
+        record: the model's `Provenance`, or None.
+        source: the model that was used.
+        **identity: more of `model_identity` (kind, image_size, weights_sha256), which
+            a resumed job compares.
+    """
     path = sidecar_path(csv_path)
-    write_json_atomically(path, report_entry(record, source), sort_keys=True)
+    write_json_atomically(path, report_entry(record, source, **identity), sort_keys=True)
     return path
 
 
@@ -377,11 +451,13 @@ def _is_demo_labels(path):
 
 
 def _headline(metrics):
-    """PLCC, SRCC and n from flat metrics or a repeated-splits summary (medians)."""
+    """PLCC, SRCC, RMSE and n from flat metrics or a repeated-splits summary (medians)."""
     if not metrics:
         return None
     pick = {}
-    for key in ("plcc", "srcc", "n"):
+    for key in ("plcc", "srcc", "rmse", "n"):
+        if key == "rmse" and key not in metrics:  # older callers' metrics
+            continue
         value = metrics.get(key)
         if isinstance(value, dict):
             value = value.get("median")

@@ -36,7 +36,10 @@ from tqdm.auto import tqdm
 
 from kiqa import provenance
 from kiqa.contract import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS
-from kiqa.errors import ConfigError, DataError, ImageError, NotScoresCsvError, OutputError, OutputIsInputError
+from kiqa.errors import (
+    ConfigError, DataError, ImageError, NotScoresCsvError, OutputError, OutputIsInputError,
+    ScoresFromAnotherModelError,
+)
 from kiqa.fsutil import CSV_TEXT, csv_cell, csv_value, output_lock, printable, writing
 from kiqa.image import (
     UNDECODABLE_MESSAGE,
@@ -130,22 +133,16 @@ def find_images(paths, follow_links_outside=False):
         List of (path, error) in scoring order: `path` is the given path joined with
         the file's relative path (normalised; a `str` under `kiqa.fsutil`'s rule, so a
         name that is not valid UTF-8 keeps its bytes as surrogates); `error` is None or why the file will
-        not be read.
-
-    Raises:
-        DataError: a given path does not exist.
+        not be read. A given path that does not exist is listed as given (reading it fails).
     """
     if any(not os.fspath(p) for p in paths):
         # normpath("") is ".": an empty argument (an unset shell variable) must not
         # quietly score the whole current folder.
         raise DataError("empty path given to score (an empty argument, e.g. an unset variable); "
                         "give image files or folders")
+    # A path that does not exist is listed like a file: reading it gives the same error row
+    # as `Scorer.score_many` gives (one rule for a missing path, not an abort of the job).
     roots = [os.path.normpath(os.fsdecode(p)) for p in paths]
-    missing = [root for root in roots if not os.path.lexists(root)]
-    if missing:
-        raise DataError(
-            f"no such file or folder: {', '.join(missing)}; check the path(s) given to score"
-        )
     real_roots = [os.path.realpath(root) for root in roots]
     found = {}
     for root in roots:
@@ -243,15 +240,20 @@ def is_scores_csv(path):
 
     Read before anything is changed: only a file that passes is ever cut or replaced.
     """
-    header = _header_line()
+    header = _header_line()  # ends in "\n"; earlier kiqa versions wrote "\r\n"
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return False
         with open(path, "rb") as handle:
-            start = handle.read(len(header))
+            start = handle.read(len(header) + 1)
     except OSError:
         return False
-    return start == header or start == header.replace(b"\r\n", b"\n")
+    return start.startswith(header) or start.startswith(header[:-1] + b"\r\n")
+
+
+def _has_rows(path):
+    """True if `path` is a scores CSV with at least one byte after its header line."""
+    return is_scores_csv(path) and os.stat(path).st_size > len(_header_line()) + 1
 
 
 def check_output(out_csv, files, replace=False):
@@ -386,7 +388,7 @@ def _start_csv(out_csv, skip_existing):
         if out_csv.stat().st_size > 0:
             return read_scores(out_csv)
     with writing(out_csv), open(out_csv, "w", **_CSV_ENCODING) as handle:
-        csv.writer(handle).writerow(CSV_COLUMNS)
+        csv.writer(handle, lineterminator="\n").writerow(CSV_COLUMNS)
     return {}
 
 
@@ -528,7 +530,7 @@ def csv_row(path, mos, error):
 def encode_csv_line(cells):
     """One CSV line as bytes, quoted and encoded like the scores CSV (non-UTF-8 names round-trip)."""
     buffer = io.StringIO(newline="")
-    csv.writer(buffer).writerow(cells)
+    csv.writer(buffer, lineterminator="\n").writerow(cells)
     return buffer.getvalue().encode(_CSV_ENCODING["encoding"], _CSV_ENCODING["errors"])
 
 
@@ -599,8 +601,8 @@ def score_paths(
         A `ScoreSummary`.
 
     Raises:
-        DataError: a path does not exist, no image file was found, or `out_csv`
-            exists and is not a scores CSV.
+        DataError: no image file was found, or `out_csv` exists and is not a scores CSV
+            (a path that does not exist is a row with its error).
         ConfigError: batch_size below 1.
         ModelError: the model rejected a batch.
     """
@@ -611,6 +613,29 @@ def score_paths(
             f"{', '.join(map(str, paths))}; check the folder(s)"
         )
     return score_files(files, scorer, out_csv, batch_size, skip_existing, progress, max_bytes)
+
+
+def _identity(scorer):
+    if hasattr(scorer, "identity"):
+        return scorer.identity()
+    return provenance.model_identity(getattr(scorer, "source", "unknown"), getattr(scorer, "kind", None),
+                                     scorer.image_size, None)
+
+
+def _check_same_model(out_csv, identity):
+    """Rows kept on resume must come from the same weights at the same image size: two
+    models' scores in one CSV would read as one model's (the sidecar names only one)."""
+    recorded = provenance.read_sidecar(out_csv)
+    previous = None
+    if recorded is not None:
+        previous = {key: recorded.get(key) for key in identity}
+    if not provenance.same_model(previous, identity):
+        raise ScoresFromAnotherModelError(
+            f"{out_csv} holds scores from {provenance.describe_identity(previous)}, not from "
+            f"{provenance.describe_identity(identity)}, the model given now; its rows are left "
+            f"untouched. Write to another CSV, or rescore every file (skip_existing=False)",
+            folder=str(out_csv.parent), previous=previous, current=identity, path=str(out_csv),
+        )
 
 
 def score_files(
@@ -639,6 +664,9 @@ def score_files(
     Raises:
         DataError: `out_csv` exists and is not a scores CSV, or is one of the inputs
             (`OutputIsInputError`); nothing was changed.
+        ScoresFromAnotherModelError: (a ConfigError) `out_csv` is resumed but holds
+            scores from other weights or another image size (or says not which); nothing
+            was changed.
         OutputLockedError: another process is writing `out_csv` (its pid named).
         OutputError: `out_csv` cannot be written (read-only folder, permissions).
         DiskFullError: the disk filled; the rows written so far are kept.
@@ -659,10 +687,15 @@ def score_files(
 
 def _score_locked(files, scorer, out_csv, batch_size, skip_existing, progress, max_bytes):
     """`score_files` once the output is checked and locked."""
+    identity = _identity(scorer)
+    if skip_existing and _has_rows(out_csv):
+        # Before anything is cut or appended: two models' rows in one CSV would read as one's.
+        _check_same_model(out_csv, identity)
     previous = _start_csv(out_csv, skip_existing)
     # <out>.provenance.json: which model these scores come from, and whether they mean anything.
     with writing(provenance.sidecar_path(out_csv)):
-        provenance.write_sidecar(out_csv, getattr(scorer, "provenance", None), getattr(scorer, "source", "unknown"))
+        provenance.write_sidecar(out_csv, getattr(scorer, "provenance", None), identity["source"],
+                                 **{k: v for k, v in identity.items() if k != "source"})
     todo = [(path, error) for path, error in files if path not in previous]
     results = {path: previous[path] for path, _ in files if path in previous}
     n_skipped = len(results)
@@ -673,7 +706,8 @@ def _score_locked(files, scorer, out_csv, batch_size, skip_existing, progress, m
         return f"the {written[0]} rows written before are kept (rerunning resumes after them)"
 
     with writing(out_csv, kept), open(out_csv, "a", **_CSV_ENCODING) as handle:
-        writer = csv.writer(handle)
+        writer = csv.writer(handle, lineterminator="\n")  # csv.writer defaults to CRLF
+
         for batch in scored_batches(todo, scorer, batch_size, max_bytes, progress=progress):
             rows = []
             for path, mos, error in batch:

@@ -46,6 +46,7 @@ from kiqa.contract import (
     MOS_OUTPUT,
     PIXELS_INPUT,
     PIXELS_SIGNATURE,
+    WEIGHTS_KEY,
 )
 from kiqa.errors import BatchMemoryError, ExportError, ImageError, ImageSizeError, ModelError, UntrustedModelError
 from kiqa.run import ModelPath, resolve_model
@@ -73,6 +74,9 @@ class Scorer:
         provenance: the model's `kiqa.provenance.Provenance` (from the run directory
             or the SavedModel's `assets.extra/provenance.json`), or None when it has
             none: then its origin is unknown, and commands say so.
+        weights_sha256: the weights' `kiqa.provenance.weights_fingerprint` as an export
+            recorded it; None for a Keras model (computed from its weights when asked)
+            or an export made before kiqa recorded it (unknown).
     """
 
     image_size: Tuple[int, int]
@@ -85,6 +89,19 @@ class Scorer:
     _owner: Any = dataclasses.field(repr=False, default=None)
     engine: str = DEFAULT_ENGINE
     provenance: Optional[provenance_lib.Provenance] = None
+    weights_sha256: Optional[str] = None
+
+    def identity(self) -> dict:
+        """The model's `kiqa.provenance.model_identity`: what a resumed scores file must match.
+
+        A Keras model's fingerprint is computed from its weights now (they change while
+        it trains), an export's is the one recorded when it was exported.
+        """
+        fingerprint = self.weights_sha256
+        weights = getattr(self._owner, "weights", None) if fingerprint is None else None
+        if weights is not None and self.kind == "keras":
+            fingerprint = provenance_lib.weights_fingerprint(np.asarray(w) for w in weights)
+        return provenance_lib.model_identity(self.source, self.kind, self.image_size, fingerprint)
 
     @classmethod
     def from_keras_model(
@@ -321,6 +338,7 @@ def _onnx_scorer(resolved, image_size, safe_mode, engine):
         return Scorer(
             image_size=keras_scorer.image_size, max_pixels=keras_scorer.max_pixels,
             source=keras_scorer.source, kind="keras", _predict=predict, _owner=owner, engine=engine,
+            weights_sha256=keras_scorer.identity()["weights_sha256"],
         )
     onnx_file = resolved.model
     info_path = onnx_file.parent / METADATA_FILE
@@ -328,7 +346,8 @@ def _onnx_scorer(resolved, image_size, safe_mode, engine):
         info = json.loads(info_path.read_text())
         export_size = tuple(int(v) for v in info["image_size"])
         max_pixels = int(info.get("max_pixels", DEFAULT_MAX_PIXELS))
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        fingerprint = info.get(WEIGHTS_KEY)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise ModelError(
             f"ONNX export {onnx_file.parent} has no readable {METADATA_FILE} with its image_size "
             f"({err}); kiqa's ONNX export writes one",
@@ -343,7 +362,7 @@ def _onnx_scorer(resolved, image_size, safe_mode, engine):
     predict, owner = engines.onnx_predictor(onnx_file, engine)
     return Scorer(
         image_size=export_size, max_pixels=max_pixels, source=str(onnx_file), kind="onnx",
-        _predict=predict, _owner=owner, engine=engine,
+        _predict=predict, _owner=owner, engine=engine, weights_sha256=fingerprint,
     )
 
 
@@ -390,20 +409,21 @@ def _read_export_info(version_dir):
         info = json.loads(info_path.read_text())
         size = tuple(int(v) for v in info["image_size"])
         max_pixels = int(info.get("max_pixels", DEFAULT_MAX_PIXELS))
+        fingerprint = info.get(WEIGHTS_KEY)
     except OSError as err:
         raise ModelError(
             f"SavedModel {version_dir} has no readable {EXPORT_INFO} ({err.strerror}); "
             f"`kiqa export` records the image size there",
             path=str(version_dir),
         ) from err
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ModelError(
             f"{info_path} does not hold an image_size [height, width] ({err}); "
             f"re-export the model with `kiqa export`"
         ) from err
     if len(size) != 2:
         raise ModelError(f"{info_path}: image_size must be [height, width], got {list(size)}")
-    return size, max_pixels
+    return size, max_pixels, fingerprint
 
 
 def _refuse_unknown_ops(version_dir):
@@ -432,7 +452,7 @@ def _refuse_unknown_ops(version_dir):
 
 
 def _saved_model_scorer(version_dir, image_size, safe_mode=True):
-    export_size, max_pixels = _read_export_info(version_dir)
+    export_size, max_pixels, fingerprint = _read_export_info(version_dir)
     if safe_mode:
         _refuse_unknown_ops(version_dir)
     try:
@@ -476,5 +496,5 @@ def _saved_model_scorer(version_dir, image_size, safe_mode=True):
     return Scorer(
         image_size=tuple(image_size), max_pixels=max_pixels, source=str(version_dir),
         kind="savedmodel", _predict=predict, _owner=loaded,
-        provenance=provenance_lib.find_for_model(version_dir),
+        provenance=provenance_lib.find_for_model(version_dir), weights_sha256=fingerprint,
     )

@@ -29,7 +29,8 @@ from kiqa.data.prepared import default_prepared_dir, inspect_prepared, open_prep
 from kiqa.data.validate import apply_bad_image_policy, check_image_folder, check_labels
 from kiqa.distribute import Cluster, JaxStrategy, keras_backend, make_strategy, writable_run_dir
 from kiqa.errors import (
-    ClusterError, ConfigError, DataError, DiskFullError, OutputIsInputError, RunExistsError, StrategyError,
+    ClusterError, ConfigError, DataError, DiskFullError, OutputIsInputError, RunExistsError, SetTooSmallError,
+    StrategyError,
 )
 from kiqa.fsutil import PANDAS_READ_TEXT, write_atomically, write_csv_atomically, write_text_atomically
 from kiqa.evaluate import evaluate_frame, predict_paths, write_json
@@ -538,18 +539,42 @@ def _check_same_epoch(strategy, completed, phase):
         )
 
 
-def check_parts(split):
+def check_parts(split, config=None):
     """Refuses a split with a part too small for correlations, before anything is trained.
 
+    Args:
+        split: a `kiqa.data.koniq.Split`.
+        config: its `TrainConfig`; for a random split, the fractions give the minimum
+            size of the whole set, which the message states.
+
     Raises:
-        DataError: naming the part and its size.
+        SetTooSmallError: (a DataError) naming the part, its size and the set's minimum.
     """
+    n_images = len(split.train) + len(split.val) + len(split.test)
     for name, part in (("training", split.train), ("validation", split.val), ("test", split.test)):
         if len(part) < MIN_PART_SIZE:
-            raise DataError(
-                f"split {split.name!r}: the {name} part has {len(part)} image(s); it needs at least "
-                f"{MIN_PART_SIZE} for correlations (use more images, or larger fractions)"
-            )
+            minimum = None
+            if config is not None and config.split != "official":
+                minimum = minimum_images(config.test_fraction, config.val_fraction)
+            need = (f"; at test_fraction={config.test_fraction:g} and val_fraction={config.val_fraction:g} "
+                    f"that takes at least {minimum} images (this set has {n_images}): add images, or "
+                    f"raise the fraction of the part that is short") if minimum else (
+                    " (use more images, or larger fractions)")
+            facts = (f"split {split.name!r}: the {name} part has {len(part)} image(s); it needs at least "
+                     f"{MIN_PART_SIZE} for correlations")
+            raise SetTooSmallError(f"{facts}{need}", part=name, size=len(part), n_images=n_images,
+                                   minimum=minimum, facts=facts)
+
+
+def minimum_images(test_fraction, val_fraction, limit=100_000):
+    """The smallest set whose random split (`kiqa.data.koniq.random_split`'s rounding) gives
+    every part at least `MIN_PART_SIZE` images (a grouped split may need more)."""
+    for n in range(3 * MIN_PART_SIZE, limit):
+        n_test = int(round(n * test_fraction))
+        n_val = int(round((n - n_test) * val_fraction))
+        if min(n_test, n_val, n - n_test - n_val) >= MIN_PART_SIZE:
+            return n
+    return None
 
 
 def _no_log(message):
@@ -680,12 +705,24 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
     _save_model_atomically(model, model_path)
 
     history = read_history(history_csv)
+    # The warning provenance.json will carry (it depends on the data and the backbone, not the metrics).
+    warning = provenance.for_training(config, None, len(split.train), len(split.train),
+                                      custom_backbone=backbone is not None).warning()
     if len(history):
         write_csv_atomically(history, history_csv)
-        plot_history(history, run_dir / "loss.png", title=f"{config.name}: {split.name}")
+        plot_history(history, run_dir / "loss.png", title=f"{config.name}: {split.name}", warning=warning,
+                     best_epoch=_best_epoch(history, config.monitor, mode))
     metrics, _ = evaluate_frame(predictor(model), split.test, config, out_dir=run_dir,
-                                title=f"{config.name} {split.name} test")
+                                title=f"{config.name} {split.name} test", warning=warning)
     return metrics, model_path
+
+
+def _best_epoch(history, monitor, mode):
+    """The 0-based epoch whose weights early stopping kept, or None when not logged."""
+    if monitor not in history.columns or history[monitor].dropna().empty:
+        return None
+    values = history.set_index("epoch")[monitor].dropna()
+    return int(values.idxmin() if mode == "min" else values.idxmax())
 
 
 def _prepared_set(config):
@@ -821,7 +858,7 @@ def train(
 
     splits = koniq.make_splits(frame, config)
     for split in splits:
-        check_parts(split)
+        check_parts(split, config)
     config.save(run_dir / "config.json")
     verbose = "auto" if progress else 0
     prepared = _prepared_set(config)

@@ -3,6 +3,7 @@
 import importlib
 import inspect
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -178,3 +179,38 @@ def test_the_public_face_is_annotated_and_documented():
         }
         problems += [f"{name}: no {section}" for section, needed in needs.items() if needed and section not in doc]
     assert problems == []
+def _python_api_stderr(tmp_path, env_extra):
+    """stderr of a fresh process that imports kiqa, loads a scorer and scores bad files."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = tmp_path / "use_kiqa.py"
+    script.write_text(textwrap.dedent(f"""
+        import kiqa
+        scorer = kiqa.load_scorer({str(tmp_path / "run")!r})
+        frame = scorer.score_many({[str(tmp_path / n) for n in ("cut.jpg", "good.jpg")]!r})
+        print(frame["error"].notna().tolist())
+    """))
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "KIQA_VERBOSE")}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), **env_extra)
+    process = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0 and process.stdout.strip() == "[True, False]", process.stderr[-2000:]
+    return process.stderr
+
+
+def test_python_api_hides_tf_start_up_and_decode_log_lines_like_the_cli(tmp_path):
+    # Issue 20.6: `import kiqa; kiqa.load_scorer(...)` printed absl/oneDNN/cuInit lines, and
+    # every bad file in score_many added "Local rendezvous is aborting" and JPEG log lines.
+    import re
+
+    helpers.make_tiny_run(tmp_path / "run")
+    (name,) = helpers.write_generated_images(tmp_path / "photos", 1)
+    good = (tmp_path / "photos" / name).read_bytes()
+    (tmp_path / "good.jpg").write_bytes(good)
+    (tmp_path / "cut.jpg").write_bytes(good[: len(good) // 2])
+    log_line = re.compile(r"^[IWEF]\d{4} |absl::InitializeLog|Local rendezvous", re.M)
+    assert log_line.findall(_python_api_stderr(tmp_path, {})) == []
+    # The same switch as the CLI shows everything.
+    assert log_line.search(_python_api_stderr(tmp_path, {"KIQA_VERBOSE": "1"}))

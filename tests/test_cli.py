@@ -152,9 +152,29 @@ def _assert_quiet_demo_run(process, run_dir, demo_home):
     steps = lines[lines.index("next steps:") + 1:]
     assert steps[0].split() == ["kiqa", "score", str(images), "--model", str(run_dir), "--out",
                                 str(run_dir / "scores.csv")]
-    assert steps[1].split() == ["kiqa", "evaluate", str(run_dir), "--labels", str(labels), "--part", "all"]
+    assert steps[1].split() == ["kiqa", "evaluate", str(run_dir), "--part", "test"]  # held out only
     assert steps[2].split()[:3] == ["kiqa", "export", str(run_dir)]
     assert f"the demo data: {labels}" in steps[3]
+    # Issue 20.8: the README's sample of this console is what training prints (numbers aside).
+    shown = _console_shape(lines[lines.index(f"results in {run_dir}"):], run_dir, demo_home.parent)
+    assert shown == _console_shape(_readme_sample()[1:], "runs/demo", "~/.cache/kiqa")
+
+
+def _readme_sample():
+    text = (TESTS.parent / "README.md").read_text()
+    start = text.index("```text\n", text.index("The end of a demo run")) + len("```text\n")
+    return text[start:text.index("```", start)].splitlines()
+
+
+def _console_shape(lines, run_dir, demo_parent):
+    """Lines with paths shortened and numbers masked; cautions (they depend on the numbers) left out."""
+    shape = []
+    for line in lines:
+        line = line.replace(str(run_dir), "RUN").replace(str(demo_parent), "HOME")
+        if not line.strip() or line.strip().startswith("caution:"):
+            continue
+        shape.append(re.sub(r"-?\d+(\.\d+)?", "#", line.replace("  (unreliable, see below)", "")))
+    return shape
 
 
 def test_kiqa_train_demo_console_is_quiet_and_says_what_next(tmp_path):
@@ -165,7 +185,7 @@ def test_kiqa_train_demo_console_is_quiet_and_says_what_next(tmp_path):
     # The demo data where kiqa-train looks for it, one crop per photo instead of four (speed).
     synthetic.write_demo_dataset(synthetic_demo_dir(tmp_path / "home"), crops_per_photo=1)
     process = _run_cli("kiqa.cli.train", ["--weights", "none", "--epochs", "1", "--image-size", "32", "32",
-                                          "--run-dir", str(run_dir)], env={"KIQA_HOME": str(tmp_path / "home")})
+                                          "--run-dir", str(run_dir)], env=_activated(KIQA_HOME=str(tmp_path / "home")))
     _assert_quiet_demo_run(process, run_dir, synthetic_demo_dir(tmp_path / "home"))
 
 
@@ -173,8 +193,13 @@ def test_kiqa_train_demo_console_is_quiet_and_says_what_next(tmp_path):
 def test_kiqa_train_demo_console_with_convnext(tmp_path):
     run_dir = tmp_path / "run"
     process = _run_cli("kiqa.cli.train", ["--weights", "none", "--epochs", "1", "--run-dir", str(run_dir)],
-                       env={"KIQA_HOME": str(tmp_path / "home")}, small_backbone=False)
+                       env=_activated(KIQA_HOME=str(tmp_path / "home")), small_backbone=False)
     _assert_quiet_demo_run(process, run_dir, synthetic_demo_dir(tmp_path / "home"))
+
+
+def _activated(**env):
+    """The environment of a user who activated the venv, as the README says: its bin first on PATH."""
+    return {"PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]), **env}
 
 
 def synthetic_demo_dir(home):
@@ -235,3 +260,127 @@ def test_every_entry_point_names_itself_in_errors(tmp_path, capsys):
     assert _error_line(capsys).startswith("kiqa prepare: error: ")
     assert cli.main(["score", str(tmp_path), "--model", str(tmp_path / "no-model")]) == 1
     assert _error_line(capsys).startswith("kiqa score: error: ")
+
+
+# Library modules whose error messages a command shows as they are (the flags they name must
+# be that command's): checked with the command modules' own raise/stderr texts below.
+SHOWN_BY = {
+    "kiqa/data/validate.py": ("train", "evaluate"),
+    "kiqa/serving/client.py": ("predict",),
+}
+_FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9](?![\w-])")
+# Where a clause naming another command ends: "kiqa fetch-koniq DIR (then --labels ...)".
+_CLAUSE_END = re.compile(r"[;(),`\n]|\. |: ")
+# "kiqa prepare LABELS --out DIR", "kiqa-train --verbose": flags after a command name are that command's.
+_NAMED_COMMAND = re.compile(r"\bkiqa(?:-| )(" + "|".join(sorted(cli.COMMANDS, key=len, reverse=True)) + r")\b")
+
+
+def _message_texts(path):
+    """The string pieces of every `raise`, `parser.error(...)` and `print(..., file=sys.stderr)`."""
+    import ast
+
+    texts = []
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        target = None
+        if isinstance(node, ast.Raise):
+            target = node.exc
+        elif isinstance(node, ast.Call) and (
+            (isinstance(node.func, ast.Attribute) and node.func.attr == "error")
+            or (isinstance(node.func, ast.Name) and node.func.id == "print"
+                and any(k.arg == "file" for k in node.keywords))
+        ):
+            target = node
+        if target is None:
+            continue
+        pieces = [n.value for n in ast.walk(target) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+        texts.append(" ".join(pieces))
+    if path.endswith("client.py"):  # its gRPC error table is raised by name
+        source = Path(path).read_text()
+        texts.append(source[source.index("_ERROR_MESSAGES = {"):source.index("class _MissingSignature")])
+    return texts
+
+
+def _flags_named(text, own_command):
+    """(command, flag) for each --flag in a message: after `kiqa <command>`, that command's."""
+    found, command = [], own_command
+    marks = [*_FLAG.finditer(text), *_NAMED_COMMAND.finditer(text), *_CLAUSE_END.finditer(text)]
+    for match in sorted(marks, key=lambda m: m.start()):
+        if match.re is _NAMED_COMMAND:
+            command = match.group(1)
+        elif match.re is _CLAUSE_END:
+            command = own_command
+        else:
+            found.append((command, match.group(0)))
+    return found
+
+
+def test_every_flag_an_error_names_is_accepted_by_that_commands_parser():
+    """Issue 20.5: `kiqa evaluate` suggested --max-bad-fraction, which it rejected."""
+    import importlib
+
+    sources = {}
+    for command, (module, _) in cli.COMMANDS.items():
+        sources.setdefault(module.replace(".", "/") + ".py", []).append(command)
+    for library, commands in SHOWN_BY.items():
+        sources.setdefault(library, []).extend(commands)
+    missing = []
+    for path, commands in sources.items():
+        for own in commands:
+            for text in _message_texts(path):
+                for command, flag in _flags_named(text, own):
+                    if command not in cli.COMMANDS:
+                        continue
+                    parser = importlib.import_module(cli.COMMANDS[command][0]).build_parser()
+                    if flag not in parser._option_string_actions:
+                        missing.append(f"{path}: {command} has no {flag} ({text[:80]!r})")
+    assert missing == [], "\n".join(missing)
+
+
+def test_printed_next_steps_run_as_printed_without_activating_the_venv(tmp_path, monkeypatch):
+    """Issue 20.5: the README's `.venv/bin/kiqa-train` printed `kiqa score ...`: command not found."""
+    import shlex
+    import shutil
+    import types
+
+    from helpers import make_tiny_run, write_generated_images
+    from kiqa.cli import export as export_cli
+    from kiqa.config import TrainConfig
+
+    run = tmp_path / "run"
+    make_tiny_run(run)
+    images = tmp_path / "images"
+    write_generated_images(images, 2)
+    config = TrainConfig.load(run / "config.json").replace(labels=str(tmp_path / "labels.csv"), images=str(images))
+    result = types.SimpleNamespace(run_dir=run, model_path=run / "model.keras")
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "kiqa").is_file():
+        pytest.skip("kiqa's console scripts are not installed beside this Python")
+    user_path = os.pathsep.join(p for p in ["/usr/local/bin", "/usr/bin", "/bin"]
+                                if shutil.which("kiqa", path=p) is None)
+
+    monkeypatch.setenv("PATH", user_path)  # a user who did not activate the venv
+    steps = [line.strip() for line in train_cli.next_steps(result, config)[1:4]]
+    assert all(step.startswith(shlex.quote(str(bin_dir / "kiqa")) + " ") for step in steps), steps
+    env = {"PATH": user_path, "HOME": str(tmp_path), "PYTHONPATH": str(TESTS.parent)}
+    process = subprocess.run(steps[0], shell=True, env=env, capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert "2 files: 2 scored, 0 failed" in process.stdout
+    # The other two as their parsers read them (running them needs a KonIQ split and an export).
+    evaluate_cli.build_parser().parse_args(shlex.split(steps[1])[2:])
+    export_cli.build_parser().parse_args(shlex.split(steps[2].split("#")[0])[2:])
+
+    monkeypatch.setenv("PATH", os.pathsep.join([str(bin_dir), user_path]))  # activated: the bare name
+    assert train_cli.next_steps(result, config)[1].strip().startswith("kiqa score ")
+
+
+def test_a_mistyped_labels_path_points_to_fetch_koniq(tmp_path, capsys):
+    """Issue 20.8: "label file not found" alone; the file may simply never have been downloaded."""
+    from helpers import make_tiny_run
+
+    make_tiny_run(tmp_path / "run")
+    typo = tmp_path / "koniq10k_distributions_set.csv"
+    for main, argv in [(evaluate_cli.main, [str(tmp_path / "run"), "--labels", str(typo), "--quiet"]),
+                       (train_cli.main, ["--labels", str(typo), "--run-dir", str(tmp_path / "new"), "--quiet"])]:
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"label file not found: {typo}" in err and "kiqa fetch-koniq DIR" in err and "--labels" in err

@@ -144,6 +144,13 @@ def test_two_folders_pair_by_relative_path(systems, scorer, tmp_path):
     assert saved["model"]["kind"] == "keras" and saved["folders"][1]["n_failed"] == 1
     png = (tmp_path / "cmp" / "compare.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    # Issue 20.4: the figure carries the model's provenance warning, and the difference is
+    # weighed against the model's own error (unknown here: a bare tiny model).
+    from PIL import Image
+    from kiqa.plots import WARNING_KEY
+
+    assert Image.open(tmp_path / "cmp" / "compare.png").text[WARNING_KEY].startswith("unknown provenance")
+    assert "own test error is unknown" in saved["pairs"][0]["context"]["text"]
 
     # Rerunning reuses the scores (resume) and gives the same numbers.
     again = compare_folders([a, b], scorer, tmp_path / "cmp", progress=False, n_resamples=500, seed=1)
@@ -264,3 +271,15 @@ def test_importing_the_plotting_modules_leaves_the_users_backend_alone():
         "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_difference_is_weighed_against_the_models_test_rmse():
+    from kiqa.compare import effect_context
+    from kiqa.provenance import Provenance
+
+    record = Provenance(data="koniq", split="official", backbone="convnext-tiny", weights="imagenet",
+                        test_metrics={"plcc": 0.9, "srcc": 0.9, "rmse": 8.0, "n": 2015})
+    context = effect_context(0.12, record)
+    assert context["ratio"] == 0.12 / 8.0 and "0.01x the model's test RMSE (8.00 MOS points)" in context["text"]
+    assert "smaller than the model's own error" in context["text"]
+    assert effect_context(0.12, None)["test_rmse"] is None

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,6 +12,10 @@ from helpers import make_tiny_run, write_generated_images
 from kiqa import metrics
 from kiqa.serving import export
 from kiqa.cli import evaluate as evaluate_cli
+from kiqa.config import TrainConfig
+from kiqa.errors import EvaluationExistsError
+from kiqa.data.labelled import read_labelled_csv
+from kiqa.evaluate import evaluate_saved_model
 from kiqa.run import resolve_model
 from kiqa.scorer import load_scorer
 
@@ -77,7 +82,8 @@ def test_a_best_checkpoint_finds_its_runs_config(tiny_run, rated, tmp_path):
     # No --image-size: the size comes from the run's config.json above checkpoints/.
     assert evaluate_cli.main([str(run / "checkpoints" / "best.keras"), "--labels", str(rated), "--quiet"]) == 0
     # Written into the run folder, as for the run folder itself.
-    assert json.loads((run / "eval-labels-all" / "metrics.json").read_text())["n"] == 12
+    (written,) = run.glob("eval-labels-all-*/metrics.json")
+    assert json.loads(written.read_text())["n"] == 12
 
 
 def test_a_missing_model_path_is_said_to_not_exist(tmp_path, capsys):
@@ -126,3 +132,56 @@ def test_evaluate_runs_an_onnx_export_like_kiqa_score(tiny_run, rated, tmp_path)
         assert evaluate_cli.main([str(ref), "--labels", str(rated), "--engine", "onnxruntime",
                                   "--out", str(out), "--quiet"]) == 0, ref
         assert json.loads((out / "metrics.json").read_text())["n"] == 12
+
+
+def test_an_earlier_evaluation_is_never_replaced_silently(tiny_run, rated, tmp_path, capsys):
+    # Issue 20.2: two label files both called labels.csv, or another --scale, got the same folder.
+    other = tmp_path / "other" / "labels.csv"
+    other.parent.mkdir()
+    shutil.copytree(rated.parent, other.parent, dirs_exist_ok=True)
+    frame = pd.read_csv(rated)
+    frame.assign(mos=6 - frame["mos"]).to_csv(other, index=False)
+    folders = set()
+    for labels, scale in [(rated, "1-5"), (other, "1-5"), (rated, "0-10")]:
+        assert evaluate_cli.main([str(tiny_run), "--labels", str(labels), "--scale", scale, "--quiet"]) == 0
+        folders.add(capsys.readouterr().out.split("written to ")[1].split(" (")[0])
+    assert len(folders) == 3 and all(f.startswith(str(tiny_run / "eval-labels-all-")) for f in folders)
+    report = json.loads((Path(sorted(folders)[0]) / "metrics.json").read_text())
+    assert len(report["labels"]["sha256"]) == 64 and report["labels"]["columns"] == ["file", "mos"]
+    assert report["labels"]["scale"] in ([1.0, 5.0], [0.0, 10.0]) and len(report["model"]["weights_sha256"]) == 64
+
+    # An explicit --out holding another evaluation is refused, named, and kept; --overwrite replaces it.
+    out = tmp_path / "eval"
+    assert evaluate_cli.main([str(tiny_run), "--labels", str(rated), "--scale", "1-5", "--out", str(out), "--quiet"]) == 0
+    before = (out / "metrics.json").read_bytes()
+    capsys.readouterr()
+    assert evaluate_cli.main([str(tiny_run), "--labels", str(other), "--scale", "1-5", "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "holds an earlier evaluation" in err and "--overwrite" in err and (out / "metrics.json").read_bytes() == before
+    with pytest.raises(EvaluationExistsError):  # the Python API refuses too
+        config = TrainConfig.load(tiny_run / "config.json").replace(labels=str(other), cache="none")
+        evaluate_saved_model(tiny_run, config, part="all", out_dir=out, progress=False,
+                             labelled=read_labelled_csv(other, scale="1-5"))
+    assert evaluate_cli.main([str(tiny_run), "--labels", str(other), "--scale", "1-5", "--out", str(out),
+                              "--quiet", "--overwrite"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["labels"]["file"] == str(other)
+
+
+def test_training_images_are_counted_and_held_out_ones_reported_alone(tmp_path, capsys):
+    # Issue 20.3: evaluating a run on its own training images must say so.
+    folder = tmp_path / "rated"
+    names = write_generated_images(folder, 12, seed=3)
+    labels = folder / "labels.csv"
+    pd.DataFrame({"file": names, "mos": [10.0 + 7 * i for i in range(12)]}).to_csv(labels, index=False)
+    run = tmp_path / "run"
+    make_tiny_run(run, head_scale=300.0)
+    config = TrainConfig.load(run / "config.json").replace(labels=str(labels), images=str(folder))
+    config.save(run / "config.json")
+    parts = ["train"] * 6 + ["val"] * 2 + ["test"] * 4
+    pd.DataFrame({"image_name": names, "mos": 0.0, "part": parts}).to_csv(run / "split.csv", index=False)
+    assert evaluate_cli.main([str(run), "--labels", str(labels), "--out", str(tmp_path / "e"), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert report["overlap"] == {"train": 6, "val": 2, "held_out": 4}
+    assert report["held_out"]["n"] == 4 and "6 of these images trained the model" in report["cautions"][0]
+    assert "6 of these images trained the model" in captured.err and "held out only (4 images)" in captured.out

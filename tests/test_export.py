@@ -247,6 +247,14 @@ def test_cli_overwrite_replaces_the_version(exported, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "exported version 1" in out and "stored once" in out
+    # Issue 20.8: the end leads to the loopback server, whose parser takes what is printed.
+    from kiqa.cli import serve_dev as serve_dev_cli
+    import shlex
+
+    line = out.split("to try it on this machine: ")[1].split(", then")[0]
+    words = shlex.split(line)
+    assert words[words.index("serve-dev") + 1:] == ["--base", str(copy)]
+    serve_dev_cli.build_parser().parse_args(words[words.index("serve-dev") + 1:])
     assert savedmodel.read_export_metadata(copy / "1")["max_pixels"] == 1_000_000
     assert sorted(p.name for p in copy.iterdir()) == ["1"]  # the old one was deleted, no leftovers
     # The new cap is in the graph: a 1200x1000 header is now refused.

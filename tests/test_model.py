@@ -393,7 +393,7 @@ def test_not_a_weights_file_is_rejected(tmp_path):
         kiqa_model.build_model(CONFIG.replace(weights=str(path)))
 
 
-def test_imagenet_without_network_explains_the_alternatives(monkeypatch):
+def test_imagenet_without_network_explains_the_alternatives(monkeypatch, tmp_path, capsys):
     # keras.applications downloads through keras.src.utils.file_utils.get_file (the function
     # behind keras.utils.get_file); make it fail as it does offline, whatever the network.
     import keras.src.utils.file_utils as file_utils
@@ -407,12 +407,20 @@ def test_imagenet_without_network_explains_the_alternatives(monkeypatch):
     message = str(raised.value)
     assert "could not download the ImageNet weights for ConvNeXt-Tiny" in message
     assert "Name or service not known" in message
-    # The facts are the library's; kiqa-train adds --weights PATH / --weights none
-    # (tests/test_train.py).
-    assert "random initialisation" in message
+    # The fix in Python's words; kiqa-train states it once in flags instead (issue 20.8: it
+    # repeated the library's alternatives in broken grammar).
+    assert "weights='none'" in message and "random initial weights" in message
     assert "local Keras weights file" in message
     assert (raised.value.problem, raised.value.weights) == ("download", "imagenet")
     assert "convnext_tiny_notop.h5" in message
+    assert raised.value.facts.startswith("could not download") and "weights" not in raised.value.facts[40:]
+    from kiqa.cli import train as train_cli
+
+    monkeypatch.setattr(train_cli, "select_backend", lambda backend: None)
+    code = train_cli.main(["--weights", "imagenet", "--epochs", "1", "--run-dir", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("local Keras weights file") == 1 and "weights=" not in err
+    assert "--weights PATH" in err and "--weights none" in err
 
 
 def test_unknown_variant_is_rejected():

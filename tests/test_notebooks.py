@@ -381,3 +381,17 @@ def test_serving_notebook_against_a_running_server_over_grpc_and_rest(trained_ru
     path, body = RestToGrpc.requests[-1]
     assert path == "/v1/models/watched/versions/1:predict" and body["signature_name"] == "serving_default"
     assert "local development server" not in printed(nb, "serve")
+
+
+def test_parameter_comments_name_their_own_notebook():
+    """Issue 20.8: a parameter cell's papermill line named a notebook that does not exist."""
+    import json
+    import re
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "notebooks"
+    for notebook in sorted(folder.glob("*.ipynb")):
+        cells = json.loads(notebook.read_text())["cells"]
+        source = "".join("".join(c["source"]) for c in cells if "parameters" in c.get("metadata", {}).get("tags", []))
+        named = re.findall(r"papermill (\S+\.ipynb)", source)
+        assert named and all(name == notebook.name for name in named), (notebook.name, named)

@@ -88,7 +88,7 @@ def test_a_koniq_training_record_has_the_label_files_hash(koniq_csv, tmp_path):
                                      n_images=10073, n_labelled=10073)
     assert (record.data, record.labels_sha256, record.backbone, record.weights) == (
         "koniq", KONIQ_SHA256, "convnext-tiny", "imagenet")
-    assert record.knows_quality and record.test_metrics == {"plcc": 0.9, "srcc": 0.91, "n": 2015}
+    assert record.knows_quality and record.test_metrics == {"plcc": 0.9, "srcc": 0.91, "rmse": 7.0, "n": 2015}
     assert record.tensorflow_version and record.keras_version and record.kiqa_version
     weights = tmp_path / "w.weights.h5"
     weights.write_bytes(b"weights")

@@ -1,6 +1,7 @@
 """Tests for kiqa.score and `kiqa score`: folders, bad files, resuming, batching, CLI."""
 
 import csv
+import json
 import dataclasses
 import os
 import shutil
@@ -11,7 +12,7 @@ from PIL import Image
 
 from kiqa.cli import score as score_cli
 from kiqa.cli._common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
-from kiqa.errors import DataError
+from kiqa.errors import DataError, ScoresFromAnotherModelError
 from kiqa.serving.export import export_model
 from kiqa.scorer import load_scorer
 from kiqa.score import CSV_COLUMNS, find_images, is_link_outside, read_scores, score_paths
@@ -109,8 +110,10 @@ def test_find_images_lists_sorted_image_files_and_flags_links(photos):
     assert find_images([photos / "readme.txt", photos / "a.jpg", photos / "a.jpg"]) == [
         (str(photos / "readme.txt"), None), (str(photos / "a.jpg"), None)
     ]
-    with pytest.raises(DataError, match="no such file or folder: .*missing"):
-        find_images([photos, photos / "missing"])
+    # Issue 20.8: a missing path is listed like any file, and its row says why (as in score_many).
+    assert find_images([photos / "a.jpg", photos / "missing"]) == [
+        (str(photos / "a.jpg"), None), (str(photos / "missing"), None)
+    ]
 
 
 def test_every_bad_file_is_a_named_row_and_the_job_goes_on(photos, scorer, tmp_path):
@@ -183,6 +186,8 @@ def test_interrupted_job_resumes_without_duplicates(photos, scorer, tmp_path):
         writer.writerow(CSV_COLUMNS)
         writer.writerows(kept)
         handle.write(f"{complete[4][0]},58.1")  # no newline: cut mid-row
+    # The job wrote its model's record before its first row.
+    shutil.copy(tmp_path / "reference.csv.provenance.json", tmp_path / "resumed.csv.provenance.json")
     summary = score_paths([photos], scorer, out, progress=False)
 
     rows = read_csv(out)
@@ -254,6 +259,14 @@ def test_cli_exit_codes_and_summary(photos, run_dir, tmp_path, capsys):
                            "--quiet", "--batch-size", "1"])
     assert code == EXIT_OK
     assert "2 files: 2 scored, 0 failed" in capsys.readouterr().out
+    # A mistyped path is a row with its error and exit code 3, as any file that cannot be used,
+    # with the same text as Scorer.score_many gives it.
+    missing = tmp_path / "clean" / "z.jpg"
+    code = score_cli.main([str(clean), str(missing), "--model", str(run_dir), "--out",
+                           str(tmp_path / "typo.csv"), "--quiet"])
+    assert code == EXIT_PARTIAL and "3 files: 2 scored, 1 failed" in capsys.readouterr().out
+    (row,) = [r for r in read_csv(tmp_path / "typo.csv") if r[0] == str(missing)]
+    assert row[2] == load_scorer(run_dir).score_many([missing])["error"][0] and "No such file" in row[2]
 
     code = score_cli.main([str(clean), "--model", str(tmp_path / "nope"), "--quiet"])
     assert code == EXIT_ERROR
@@ -379,3 +392,40 @@ def test_prefetched_batches_keep_order_pass_errors_and_bound_what_is_held():
     assert seen[0] == ["f0", "pixels of f0", None]
     assert seen[-2] == ["bad", None, "cannot decode"] and seen[-1] == ["listed", None, "not a regular file"]
     assert peak[0] <= 3 * 4  # at most (ahead + 1) batches decoded and not yet consumed
+
+
+def test_resume_refuses_a_csv_from_other_weights_but_accepts_an_export_of_the_same_run(tmp_path, capsys):
+    # Issue 20.1: rows of two models in one CSV read as one model's scores.
+    photos = tmp_path / "photos"
+    write_images(photos, ["a.jpg", "b.png"])
+    first, second = tmp_path / "first", tmp_path / "second"
+    helpers.make_tiny_run(first, seed=1, head_scale=50.0)
+    helpers.make_tiny_run(second, seed=2, head_scale=50.0)
+    out = tmp_path / "scores.csv"
+    score_paths([photos / "a.jpg"], load_scorer(first), out, progress=False)
+    assert out.read_bytes().count(b"\n") == 2 and b"\r" not in out.read_bytes()  # issue 20.8: no CRLF
+    sidecar = json.loads((tmp_path / "scores.csv.provenance.json").read_text())
+    assert len(sidecar["weights_sha256"]) == 64 and sidecar["image_size"] == list(SIZE)
+
+    # An export of the same run is the same model: resumed by the weights' fingerprint, not the path.
+    base = tmp_path / "export" / "kiqa"
+    export_model(first, base_path=base)
+    summary = score_paths([photos], load_scorer(base), out, progress=False)
+    assert summary.n_skipped == 1 and summary.n_scored == 2
+
+    # Other weights, or another image size: refused, both models named, the CSV untouched.
+    before = out.read_bytes()
+    with pytest.raises(ScoresFromAnotherModelError) as refused:
+        score_paths([photos], load_scorer(second), out, progress=False)
+    assert str(first / "model.keras") in str(refused.value) or str(base) in str(refused.value)
+    assert str(second / "model.keras") in str(refused.value)
+    with pytest.raises(ScoresFromAnotherModelError):
+        score_paths([photos], load_scorer(first, image_size=(40, 56)), out, progress=False)
+    assert out.read_bytes() == before
+
+    # The CLI names its flags; --no-skip replaces the CSV with the new model's rows only.
+    code = score_cli.main([str(photos), "--model", str(second), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == EXIT_ERROR and "another --out" in err and "--no-skip" in err
+    code = score_cli.main([str(photos), "--model", str(second), "--out", str(out), "--quiet", "--no-skip"])
+    assert code == EXIT_OK and "2 files: 2 scored" in capsys.readouterr().out

@@ -131,6 +131,12 @@ def test_server_down_is_a_clear_error():
         with pytest.raises(ServingStatusError, match=rf"^no TF Serving at 127\.0\.0\.1:{port} .*check the address") as err:
             client.check()
         assert (err.value.code, err.value.server) == ("UNAVAILABLE", f"127.0.0.1:{port}")
+        # Issue 20.8: "Start it" led nowhere. The message names the loopback stand-in, and
+        # `kiqa predict` adds the command that starts it.
+        assert "kiqa.serving.devserver" in str(err.value)
+        from kiqa.cli.remedies import remedy_for
+
+        assert "`kiqa serve-dev --base" in remedy_for(err.value, "predict")
         with pytest.raises(ServingError, match=rf"^no TF Serving at 127\.0\.0\.1:{port}"):
             client.score_bytes([b"x"])
 
@@ -181,6 +187,7 @@ def test_predict_cli_writes_csv_and_reports_partial_failure(server, images, tmp_
                              str(paths[0]), str(corrupt), str(paths[1])])
     assert code == 3  # EXIT_PARTIAL
     rows = list(csv.DictReader(out.open()))
+    assert b"\r" not in out.read_bytes()  # issue 20.8: csv.writer's default CRLF
     assert [r["path"] for r in rows] == [str(paths[0]), str(corrupt), str(paths[1])]
     assert rows[0]["mos"] and rows[2]["mos"] and not rows[1]["mos"]
     assert rows[1]["error"].startswith(f"{corrupt}: JPEG header is unreadable")
@@ -192,8 +199,9 @@ def test_predict_cli_scores_a_folder_to_stdout(server, images, capsys):
     paths, corrupt = images
     code = predict_cli.main(["--server", server.address, str(paths[0].parent)])
     assert code == 3
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "path,mos,error" and len(lines) == 1 + len(paths) + 1
+    printed = capsys.readouterr().out
+    lines = printed.strip().splitlines()
+    assert lines[0] == "path,mos,error" and len(lines) == 1 + len(paths) + 1 and "\r" not in printed
 
 
 def test_predict_cli_status(server, capsys):

@@ -1,6 +1,7 @@
 """Training runs end to end: run directory, resume/refusal rules, repeats, and proof it learns."""
 
 import json
+import re
 
 import keras
 
@@ -66,7 +67,8 @@ def test_run_directory_holds_everything(finished_run):
     record = provenance.read(run / "provenance.json")
     assert (record.data, record.split, record.backbone, record.weights) == ("demo", "random", "custom", "none")
     assert record.labels_sha256 == provenance.sha256_of(config.labels) and record.n_images == 32
-    assert record.test_metrics == pytest.approx({"plcc": metrics["plcc"], "srcc": metrics["srcc"], "n": metrics["n"]})
+    assert record.test_metrics == pytest.approx({"plcc": metrics["plcc"], "srcc": metrics["srcc"],
+                                                 "rmse": metrics["rmse"], "n": metrics["n"]})
     assert not record.knows_quality and provenance.find_for_model(result.model_path) == record
     assert metrics["srcc_ci_low"] <= metrics["srcc"] <= metrics["srcc_ci_high"] and "bootstrap" in metrics["ci"]
 
@@ -234,13 +236,25 @@ def test_small_cnn_is_never_the_default_and_has_no_pretrained_weights():
     assert FROM_SCRATCH_CAVEAT not in caveats(resolve(["--backbone", "small-cnn"]))
 
 
-def test_a_part_too_small_for_correlations_is_refused_before_training(subset_csv, tmp_path):
+def test_a_part_too_small_for_correlations_is_refused_before_training(subset_csv, tmp_path, capsys):
     # Without source photos to group by, 14 images give a validation part of one image.
     small = subset_csv.parent / "small.csv"
     pd.read_csv(subset_csv).drop(columns="source_image").head(14).to_csv(small, index=False)
     config = TrainConfig.demo(labels=str(small), run_dir=str(tmp_path / "r"), val_fraction=0.1, **TINY)
-    with pytest.raises(DataError, match="validation part has 1 image"):
+    with pytest.raises(DataError, match="validation part has 1 image") as raised:
         train(config, backbone=small_cnn((8,)), progress=False)
+    # Issue 20.7: the minimum and what to do, in the library's words and in kiqa-train's flags.
+    from kiqa.train import minimum_images
+
+    assert raised.value.minimum == minimum_images(config.test_fraction, 0.1) and raised.value.n_images == 14
+    assert f"at least {raised.value.minimum} images (this set has 14)" in str(raised.value)
+    from kiqa.cli import train as train_cli
+
+    code = train_cli.main(["--labels", str(small), "--split", "random", "--val-fraction", "0.1", "--run-dir", str(tmp_path / "c"),
+                           "--backbone", "small-cnn", "--image-size", "32", "32", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and re.search(r"the set needs at least \d+ images \(it has 14\)", err), err
+    assert "raise --val-fraction" in err and "val_fraction=" not in err
 
 
 def test_the_final_model_and_the_best_checkpoint_are_saved_without_optimizer_state(finished_run):

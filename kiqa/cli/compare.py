@@ -55,6 +55,7 @@ def _format_pair(pair):
         f"  {pair['a']} higher on {pair['a_better_fraction']:.0%} of images, {pair['b']} on "
         f"{pair['b_better_fraction']:.0%}, ties {pair['tie_fraction']:.0%}",
         f"  Wilcoxon signed-rank (two-sided): {p_text}",
+        f"  in context: {pair['context']['text']}" if pair.get("context") else "",
     ]
 
 
@@ -82,7 +83,7 @@ def main(argv=None, prog=None):
         print(f"{len(result.extension_pairable)} unpaired image(s) differ only by their extension "
               f"(e.g. {label}: {path}); {IGNORE_EXTENSION_HINT}", file=sys.stderr)
     if result.ranking is None:
-        print("\n".join(_format_pair(result.pairs[0])))
+        print("\n".join(filter(None, _format_pair(result.pairs[0]))))
     else:
         print("rank  mean MOS  median  mean win rate  folder")
         for row in result.ranking:

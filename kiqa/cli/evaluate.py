@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from kiqa.cli._common import EXIT_OK, entry_point, print_model_warning
-from kiqa.config import SPLITS, TrainConfig
+from kiqa.config import ON_BAD_IMAGES, SPLITS, TrainConfig
 from kiqa.errors import ConfigError
 
 PARTS = ("test", "val", "train", "all")
@@ -45,8 +45,14 @@ def build_parser(prog=None):
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                         help="input size, for a bare .keras file without config.json beside it")
     parser.add_argument("--batch-size", type=int, help="batch size (default: the run's own)")
+    parser.add_argument("--on-bad-images", choices=ON_BAD_IMAGES,
+                        help="drop unusable images (counted in metrics.json) or stop (default: the run's own)")
+    parser.add_argument("--max-bad-fraction", type=float,
+                        help="stop anyway when more than this share of images is unusable (default: the run's own)")
     parser.add_argument("--out", help="folder for metrics.json, predictions.csv, scatter.png "
-                        "(default: <run>/eval-<labels>-<part>)")
+                        "(default: <run>/eval-<labels>-<part>-<hash of the label file and settings>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an evaluation in --out made with other labels, settings or weights")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -72,7 +78,8 @@ def _run_config(model_ref, args):
     changes = {
         key: value for key, value in dict(
             labels=args.labels, images=args.images, split=args.split, seed=args.seed,
-            image_size=args.image_size, batch_size=args.batch_size,
+            image_size=args.image_size, batch_size=args.batch_size, on_bad_images=args.on_bad_images,
+            max_bad_fraction=args.max_bad_fraction,
         ).items() if value is not None
     }
     if args.labels and not args.images:
@@ -120,6 +127,10 @@ def _has_official_split(labels):
 def main(argv=None, prog=None):
     """Runs `kiqa-evaluate`."""
     args = build_parser(prog).parse_args(argv)
+    return _evaluate(args, prog)
+
+
+def _evaluate(args, prog):
     resolved, config = _run_config(args.model, args)
     from kiqa.evaluate import evaluate_saved_model
     from kiqa.metrics import format_report
@@ -129,7 +140,7 @@ def main(argv=None, prog=None):
     out = Path(args.out) if args.out else None
     metrics, out_dir = evaluate_saved_model(
         resolved.given, config, part=part, out_dir=out, progress=not args.quiet, labelled=labelled,
-        engine=args.engine,
+        engine=args.engine, overwrite=args.overwrite,
     )
     labels = metrics["labels"]
     print(f"{labels['file']}, {part}: {metrics['n']} images ({metrics['rejected']} rejected, "
@@ -137,11 +148,28 @@ def main(argv=None, prog=None):
     for note in labels["notes"]:
         print(f"note: {note}")
     print(format_report(metrics, indent="  "))
+    _print_overlap(metrics, prog)
     print(f"written to {out_dir} (metrics.json records the model's provenance under 'model')")
     from kiqa.provenance import find_for_model
 
     print_model_warning(find_for_model(resolved.model))
     return EXIT_OK
+
+
+def _print_overlap(metrics, prog):
+    """Says, on stderr, how many images the model trained on; prints the held-out metrics."""
+    from kiqa.metrics import format_report
+
+    overlap = metrics.get("overlap") or {}
+    if not overlap.get("train") and not overlap.get("val"):
+        return
+    print(f"{prog}: warning: {metrics['cautions'][0]}", file=sys.stderr)
+    if metrics.get("held_out"):
+        print(f"held out only ({overlap['held_out']} images):")
+        print(format_report(metrics["held_out"], indent="  "))
+    else:
+        print(f"held out only: {overlap['held_out']} image(s), too few for metrics; "
+              f"evaluate with --part test")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """`kiqa-export` / `kiqa export`: publish a trained model as a TF Serving version, atomically."""
 
 import argparse
+import shlex
 import sys
 import warnings
+from pathlib import Path
 
-from kiqa.cli._common import EXIT_OK, entry_point
+from kiqa.cli._common import EXIT_OK, entry_point, runnable
 from kiqa.errors import DefaultImageSizeWarning
 
 
@@ -83,7 +85,9 @@ def main(argv=None, prog=None):
             f"grouped Conv2D); on a CPU server that is slow, retrain with fast depthwise",
             file=sys.stderr,
         )
-    print(f"TF Serving watching {base} loads it at its next poll (serving/README.md)")
+    print(f"TF Serving watching {base} loads it at its next poll (serving/README.md); to try it on this "
+          f"machine: {runnable('kiqa serve-dev')} --base {shlex.quote(str(base))}, then in another shell "
+          f"{runnable('kiqa predict')} IMAGES... --model {shlex.quote(Path(base).name)}")
     return EXIT_OK
 
 

@@ -135,7 +135,7 @@ def _write_csv(results, out):
             handle.reconfigure(errors="surrogateescape")
     with writing(out or "<standard output>"):
         try:
-            writer = csv.writer(handle)
+            writer = csv.writer(handle, lineterminator="\n")  # csv.writer defaults to CRLF
             writer.writerow(CSV_COLUMNS)
             for result in results:
                 writer.writerow(csv_row(result.name, result.mos, result.error))

@@ -70,7 +70,8 @@ REMEDIES: Mapping[type, Mapping[str, Remedies]] = {
     )),
     errors.WeightsError: {"train": (
         Remedy("pass --weights PATH to a local Keras weights file of the backbone (e.g. "
-               "convnext_{variant}_notop.h5 from keras' storage), or --weights none to train from scratch",
+               "convnext_{variant}_notop.h5 from Keras' storage), or --weights none for random "
+               "initial weights (which learn next to nothing on small data)",
                when=_attribute_is("problem", "download")),
         Remedy("pass --weights PATH to an existing Keras weights file, imagenet or none",
                when=_attribute_is("problem", "missing")),
@@ -105,6 +106,21 @@ REMEDIES: Mapping[type, Mapping[str, Remedies]] = {
         ),
         "evaluate": "check --images (the folder the label file's image names are relative to)",
     },
+    errors.LabelsNotFoundError: _each(("train", "evaluate"), (
+        "check --labels, or download KonIQ-10k first: `kiqa fetch-koniq DIR` "
+        "(then --labels DIR/koniq10k_distributions_sets.csv)"
+    )),
+    errors.SetTooSmallError: {"train": (
+        Remedy("at these fractions the set needs at least {minimum} images (it has {n_images}): "
+               "add images, or raise --val-fraction",
+               when=lambda err: bool(err.minimum) and err.part == "validation"),
+        Remedy("at these fractions the set needs at least {minimum} images (it has {n_images}): "
+               "add images, or raise --test-fraction",
+               when=lambda err: bool(err.minimum) and err.part == "test"),
+        Remedy("at these fractions the set needs at least {minimum} images (it has {n_images}): "
+               "add images, or raise --test-fraction or --val-fraction", when=lambda err: bool(err.minimum)),
+        Remedy("add images"),
+    )},
     errors.NoOfficialSplitError: {
         "train": "pass --split random or --split repeated",
         "evaluate": "pass --split random",
@@ -113,17 +129,23 @@ REMEDIES: Mapping[type, Mapping[str, Remedies]] = {
     # --no-skip does not help: kiqa replaces only a CSV it wrote itself.
     errors.NotScoresCsvError: _each(("score", "compare"), "choose another --out, or move that file away"),
     errors.OutputIsInputError: _each(("score", "predict"), "choose another --out"),
-    errors.ScoresFromAnotherModelError: {"compare": "use a new --out, or pass --no-skip to rescore with this model"},
+    errors.ScoresFromAnotherModelError: {
+        "compare": "use a new --out, or pass --no-skip to rescore with this model",
+        "score": Remedy("write to another --out, or pass --no-skip to replace it and rescore every file "
+                        "with this model", when=lambda err: err.path is not None),
+    },
     # `kiqa.compare` marks a no-pair DataError with the images that pair but for their extension.
     errors.DataError: {"compare": Remedy(IGNORE_EXTENSION_HINT,
                                          when=lambda err: bool(getattr(err, "extension_pairable", ())))},
+    errors.EvaluationExistsError: {"evaluate": "pass another --out, or --overwrite to replace it"},
     errors.VersionExistsError: {"export": (
         "pick another --version (next free: {next_free}), or pass --overwrite to replace it"
     )},
     # --------------------------------------------------------------- serving
     errors.MessageTooLargeError: {"predict": "lower --batch-size or raise --max-message-mb"},
     errors.ServingStatusError: {"predict": (
-        Remedy("check --server: TF Serving's gRPC port is 8500 by default (8501 is REST)",
+        Remedy("check --server: TF Serving's gRPC port is 8500 by default (8501 is REST); for a local "
+               "test, serve an export on this machine with `kiqa serve-dev --base EXPORT_BASE_PATH`",
                when=_attribute_is("code", "UNAVAILABLE")),
         Remedy("raise --timeout (a version's first requests can be slow) or check the server's load",
                when=_attribute_is("code", "DEADLINE_EXCEEDED")),

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from kiqa import provenance
-from kiqa.cli._common import EXIT_OK, entry_point, print_model_warning
+from kiqa.cli._common import EXIT_OK, entry_point, print_model_warning, runnable
 from kiqa.errors import ConfigError
 from kiqa.config import (
     BACKBONES, CACHES, MONITORS, ON_BAD_IMAGES, SPLITS, STRATEGIES, VARIANTS, TrainConfig,
@@ -221,10 +221,13 @@ def next_steps(result, config):
         model = models[0].parent
         lines.append(f"  (one model per split: {len(models)} in {result.run_dir}/*/; the first is used here)")
     q = shlex.quote
+    # Held-out images only, with the run's own labels and split (its config.json): the
+    # train and val parts would overstate the model. The program as this user runs it:
+    # an unactivated venv has no `kiqa` on PATH.
     lines += [
-        f"  kiqa score {q(str(images))} --model {q(str(model))} --out {q(str(model / 'scores.csv'))}",
-        f"  kiqa evaluate {q(str(model))} --labels {q(str(labels))} --part {'all' if config.labels is None else 'test'}",
-        f"  kiqa export {q(str(model))}        # writes export/kiqa/<next version>/ for TF Serving",
+        f"  {runnable('kiqa score')} {q(str(images))} --model {q(str(model))} --out {q(str(model / 'scores.csv'))}",
+        f"  {runnable('kiqa evaluate')} {q(str(model))} --part test",
+        f"  {runnable('kiqa export')} {q(str(model))}        # writes export/kiqa/<next version>/ for TF Serving",
     ]
     if config.labels is None:
         lines.append(f"  the demo data: {labels} (labels) and {images}/ (images); "

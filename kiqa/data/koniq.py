@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from kiqa.contract import MOS_SCALE
-from kiqa.errors import DataError, NoOfficialSplitError
+from kiqa.errors import DataError, LabelsNotFoundError, NoOfficialSplitError
 from kiqa.fsutil import CSV_TEXT, PANDAS_READ_TEXT, has_undecodable_bytes
 
 SPLIT_FILE = "split file"  # koniq10k_distributions_sets.csv
@@ -89,7 +89,7 @@ def read_labels(path):
             # column they are refused below, by line.
             frame = pd.read_csv(path, dtype={"image_name": object}, index_col=False, **PANDAS_READ_TEXT)
     except FileNotFoundError as err:
-        raise DataError(f"label file not found: {path}") from err
+        raise LabelsNotFoundError(f"label file not found: {path}", path=str(path)) from err
     except pd.errors.ParserWarning as err:
         raise DataError(
             f"{path}: rows have more fields than the header has columns; check the "

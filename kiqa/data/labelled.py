@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from kiqa.contract import MOS_SCALE
-from kiqa.errors import ConfigError, DataError
+from kiqa.errors import ConfigError, DataError, LabelsNotFoundError
 
 NAMED_SCALES = {"1-5": (1.0, 5.0), "0-1": (0.0, 1.0), "0-100": (0.0, MOS_SCALE)}
 DEFAULT_SCALE = "0-100"
@@ -122,6 +122,8 @@ def read_labelled_csv(path, path_column="file", mos_column="mos", scale=DEFAULT_
     scale = scale if isinstance(scale, Scale) else parse_scale(scale)
     try:
         table = pd.read_csv(path)
+    except FileNotFoundError as err:
+        raise LabelsNotFoundError(f"label file not found: {path}", path=str(path)) from err
     except (OSError, ValueError, pd.errors.ParserError) as err:
         raise DataError(f"cannot read label file {path}: {err}") from err
     from kiqa.data.koniq import record_lines

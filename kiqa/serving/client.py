@@ -507,7 +507,8 @@ class ServingClient:
 _ERROR_MESSAGES = {
     "QUEUE_FULL": "TF Serving at {server} is overloaded: its batching queue is full ({details}); retry "
     "later, send fewer requests at once, or raise max_enqueued_batches",
-    grpc.StatusCode.UNAVAILABLE: "no TF Serving at {server} ({details}). Start it (serving/README.md) or "
+    grpc.StatusCode.UNAVAILABLE: "no TF Serving at {server} ({details}). Start TF Serving (serving/README.md), or "
+    "kiqa's loopback stand-in for a local test (`kiqa.serving.devserver`, not for production); or "
     "check the address: TF Serving's gRPC port is 8500 by default (8501 is REST)",
     grpc.StatusCode.DEADLINE_EXCEEDED: "TF Serving at {server} did not answer {action} within {timeout:g} s; "
     "allow more time (a version's first requests can be slow) or check the server's load",

@@ -58,6 +58,7 @@ from kiqa.contract import (
     LENIENT_SIGNATURE,
     MAX_BATCH,
     METADATA_FILE,
+    WEIGHTS_KEY,
     MOS_OUTPUT,
     PARITY_BATCH,
     PIXELS_INPUT,
@@ -242,6 +243,9 @@ def common_metadata(resolved, model_name, version):
         "image_size": list(resolved.image_size),
         "max_pixels": int(resolved.max_pixels),
         "parameters": int(resolved.model.count_params()),
+        # Which weights these are, whatever the path: a scores CSV resumed with this
+        # export must come from the same weights (kiqa.score).
+        WEIGHTS_KEY: provenance.weights_fingerprint(np.asarray(w) for w in resolved.model.weights),
         "source": resolved.source,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tf_version": tf.__version__,
