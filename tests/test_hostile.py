@@ -150,7 +150,7 @@ def test_the_corpus_is_the_issue_list(corpus):
                  "greyscale", "animated gif", "webp", "announcing 30000x30000", "20000x20000",
                  "/dev/zero", "outside the folder", "'../'", "absolute path", "exif orientation",
                  "frame bomb", "local colour tables", "last frame truncated", "zero frames", "animated webp",
-                 "animated png", "header claims 7999x7999"):
+                 "animated png", "header claims 7999x7999", "text bomb", "scan bomb", "comment segments"):
         assert word in kinds, f"the corpus has no {word!r} case:\n{corpus.table()}"
     assert (corpus.images / "zero.jpg").resolve() == Path("/dev/zero")
     assert not (corpus.images / "link-out.png").resolve().is_relative_to(corpus.images.resolve())
@@ -282,6 +282,19 @@ def test_kiqa_score_decodes_like_training(corpus, exported, scored):
             assert rows[case.name][0] == pytest.approx(float(scorer.predict_pixels(pixels)[0]), abs=1e-3)
 
 
+def test_score_many_decides_every_file_like_kiqa_score(corpus, exported, scored):
+    # The Python API: a row per file, the same score or the same reason.
+    _, rows = scored
+    files = [c for c in corpus.files() if c.sends_bytes]
+    table = bounded(load_scorer(exported[0]).score_many, [corpus.images / c.name for c in files], batch_size=4)
+    for case, (_, row) in zip(files, table.iterrows()):
+        if case.score.decoded:
+            assert row["error"] is None and row["mos"] == pytest.approx(rows[case.name][0], abs=1e-3), case.name
+        else:
+            assert np.isnan(row["mos"]) and row["error"].startswith(str(corpus.images / case.name))
+            assert_message(row["error"], case, "score")
+
+
 def test_a_link_to_dev_zero_named_directly_is_refused_before_reading(corpus, exported, tmp_path):
     # A path given on the command line is taken as given, link or not; /dev/zero is then
     # refused because it is not a regular file (tf.io.read_file would read it forever).
@@ -347,6 +360,25 @@ def test_serving_default_called_directly_decides_like_kiqa_score(corpus, exporte
         else:
             assert case.serving.decoded, f"{case.name} was scored by serving_default: {mos}"
             assert mos[1] == pytest.approx(rows[case.name][0], abs=1e-3)
+
+
+def test_lenient_signature_isolates_each_refused_file(corpus, exported, scored):
+    # score_bytes_lenient, as TF Serving runs it: a bad item gets NaN and its reason,
+    # the good item beside it is still scored.
+    _, rows = scored
+    lenient = tf.saved_model.load(str(exported[1] / "1")).signatures["score_bytes_lenient"]
+    good = read_image_bytes(corpus.images / "good.jpg")
+    for case in corpus.files():
+        if not case.sends_bytes:
+            continue
+        result = bounded(lenient, image_bytes=tf.constant([good, read_image_bytes(corpus.images / case.name)]))
+        mos, errors = result["mos"].numpy(), [e.decode() for e in result["error"].numpy()]
+        assert errors[0] == "" and mos[0] == pytest.approx(rows["good.jpg"][0], abs=1e-3)
+        if case.serving.decoded:
+            assert errors[1] == "" and mos[1] == pytest.approx(rows[case.name][0], abs=1e-3), case.name
+        else:
+            assert np.isnan(mos[1])
+            assert_message(errors[1], case, "serving")
 
 
 def test_kiqa_predict_names_each_rejected_file(corpus, server, scored, tmp_path):
