@@ -422,3 +422,49 @@ def test_no_hostile_file_crashes_hangs_or_grows_memory(exported, tmp_path):
     assert result["control_mb"] > 50  # the measure sees a real 60 MB decode
     assert result["overall_growth_mb"] < MAX_GROWTH_MB
     assert all(growth < MAX_GROWTH_MB for key, growth in result["per_file"].items() if not key.startswith("control"))
+
+
+_BOUNDED_DECODE = """
+import json, resource, re, sys, time
+import tensorflow as tf
+from kiqa.image import decode_image
+size = int(re.search(r"^VmSize:\\s+(\\d+) kB", open("/proc/self/status").read(), re.M).group(1)) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + 1024**3, size + 1024**3))  # 1 GiB more than now
+results = {}
+for path in sys.argv[1:]:
+    start = time.monotonic()
+    try:
+        decode_image(open(path, "rb").read(), (32, 48), name=path)
+        outcome = "decoded"
+    except tf.errors.InvalidArgumentError as err:
+        outcome = err.message
+    results[path] = (outcome, time.monotonic() - start)
+print(json.dumps(results))
+"""
+
+
+def test_decode_cost_bombs_are_refused_within_a_memory_limit(tmp_path):
+    # Out of process, under RLIMIT_AS of 1 GiB above the process's size after importing
+    # TF: a PNG of 200 zTXt chunks would make libpng inflate 1.6 GB (and take ~10 s), the
+    # scan bomb (a 47 KB file) takes ~30 s to decode; both must be refused at once.
+    from PIL import Image
+
+    png = hostile_corpus._encode(Image.new("RGB", (64, 48), (10, 20, 30)), "PNG")
+    flat = hostile_corpus._encode(Image.new("RGB", (2048, 1536), (90, 140, 60)), "JPEG", progressive=True)
+    files = {"text.png": hostile_corpus.png_with_text_chunks(png, 200, hostile_corpus.TEXT_BOMB_INFLATED),
+             "scans.jpg": hostile_corpus.scan_bomb(flat, hostile_corpus.SCAN_BOMB_REPEATS)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    process = subprocess.run(
+        [sys.executable, "-c", _BOUNDED_DECODE, *(str(tmp_path / name) for name in files)],
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]),
+                 TF_CPP_MIN_LOG_LEVEL="2"),
+        capture_output=True, text=True, timeout=CALL_TIMEOUT,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    results = json.loads(process.stdout.strip().splitlines()[-1])
+    text, text_seconds = results[str(tmp_path / "text.png")]
+    scans, scan_seconds = results[str(tmp_path / "scans.jpg")]
+    assert re.search(hostile_corpus.TOO_MANY_TEXT_CHUNKS, text), text
+    assert re.search(hostile_corpus.TOO_MANY_SCANS, scans), scans
+    assert scan_seconds < 10  # the first call traces the image function; no decode runs
