@@ -159,8 +159,8 @@ BAD_BMP = r"Input size should match"
 BAD_WEBP = r"Failed to decode WebP"
 DECODER_REASONS = (UNDECODABLE_JPEG, BAD_PNG, BAD_GIF, BAD_BMP, BAD_WEBP)
 # Files that would cost the decoder far more than their size (issue 24).
-TOO_MANY_SCANS = r"JPEG has \d+ scans, over kiqa's limit of \d+ .*re-encode it"
-TOO_MANY_TEXT_CHUNKS = r"PNG has \d+ zTXt/iTXt text chunks, over kiqa's limit of \d+.*strip its metadata"
+TOO_MANY_SCANS = r"JPEG has \d+ scans, over the limit of \d+ .*re-encode it"
+TOO_MANY_TEXT_CHUNKS = r"PNG has \d+ zTXt/iTXt text chunks, over the limit of \d+.*strip its metadata"
 # The PNG text bomb: chunks of zlib-compressed zeros, each inflating to 8 MB (libpng's cap
 # for one chunk): 40 x 8 MB = 320 MB and ~2 s of inflating in a 0.3 MB file.
 TEXT_BOMB_CHUNKS, TEXT_BOMB_INFLATED = 40, 8_000_000

@@ -504,7 +504,7 @@ def test_jpeg_with_too_many_scans_is_refused_by_name_and_count():
     at_limit = scan_bomb(_progressive(), limit - 10)
     assert tuple(imageinfo.check_header(at_limit, 64_000_000).numpy()) == (48, 64)
     message = _check_error(scan_bomb(_progressive(), limit - 9), name="bomb.jpg")
-    assert message.startswith(f"bomb.jpg: JPEG has {limit + 1} scans, over kiqa's limit of {limit} ")
+    assert message.startswith(f"bomb.jpg: JPEG has {limit + 1} scans, over the limit of {limit} ")
     assert "re-encode it" in message
 
 
@@ -525,7 +525,7 @@ def test_png_with_too_many_text_chunks_is_refused_by_name_and_count():
     assert tuple(imageinfo.check_header(at_limit, 64_000_000).numpy()) == (HEIGHT, WIDTH)
     np.testing.assert_array_equal(_decode(at_limit).numpy(), _decode(png).numpy())
     message = _check_error(png_with_text_chunks(png, limit + 1, after_image=True), name="notes.png")
-    assert message.startswith(f"notes.png: PNG has {limit + 1} zTXt/iTXt text chunks, over kiqa's limit of {limit}")
+    assert message.startswith(f"notes.png: PNG has {limit + 1} zTXt/iTXt text chunks, over the limit of {limit}")
     assert "strip its metadata" in message
 
 

@@ -791,7 +791,7 @@ def _header_problem(n, format_index, shape, max_pixels, facts):
         (
             scans > MAX_JPEG_SCANS,
             tf.strings.join([
-                "JPEG has ", as_text(scans), " scans, over kiqa's limit of ",
+                "JPEG has ", as_text(scans), " scans, over the limit of ",
                 str(MAX_JPEG_SCANS), " (a progressive JPEG has about 10): the decoder reads "
                 "every scan over the whole image, so this file could cost minutes; "
                 "re-encode it, e.g. as a baseline JPEG or PNG",
@@ -800,7 +800,7 @@ def _header_problem(n, format_index, shape, max_pixels, facts):
         (
             text_chunks > MAX_PNG_TEXT_CHUNKS,
             tf.strings.join([
-                "PNG has ", as_text(text_chunks), " zTXt/iTXt text chunks, over kiqa's limit of ",
+                "PNG has ", as_text(text_chunks), " zTXt/iTXt text chunks, over the limit of ",
                 str(MAX_PNG_TEXT_CHUNKS), ": the decoder inflates every compressed one (up "
                 "to 8 MB each), so this file could cost seconds and gigabytes; strip its "
                 "metadata or re-encode it, e.g. with Pillow or `optipng -strip all`",
