@@ -104,6 +104,24 @@ class LambdaLayerError(ModelError):
     refuses; `path` names the file."""
 
 
+class ModelMetadataError(UntrustedModelError):
+    """A model's metadata (an export's kiqa.json) disagrees with the model itself or with
+    kiqa's own limits; `path` names the file, `field` the key (e.g. "image_size")."""
+
+    def __init__(self, message, path=None, field=None):
+        super().__init__(message, path=path)
+        self.field = field
+
+
+class ModelTooLargeError(UntrustedModelError):
+    """A model file would inflate past kiqa's bound when loaded; `path` names it,
+    `inflated` is what it would inflate to (bytes) and `limit` the bound."""
+
+    def __init__(self, message, path=None, inflated=None, limit=None):
+        super().__init__(message, path=path)
+        self.inflated, self.limit = inflated, limit
+
+
 class ExportError(KiqaError):
     """A SavedModel export failed its checks; nothing was made visible to TF Serving."""
 

@@ -30,13 +30,14 @@ functional model given a dict warns that the input structure does not match.
 """
 
 import warnings
+import zipfile
 from pathlib import Path
 
 import keras
 from keras import ops
 
 from kiqa.contract import MOS_OUTPUT as OUTPUT_NAME, MOS_SCALE, PIXELS_INPUT as INPUT_NAME
-from kiqa.errors import LambdaLayerError, ModelError, WeightsError
+from kiqa.errors import LambdaLayerError, ModelError, ModelTooLargeError, WeightsError
 
 # A model variant is data: one builder (`build_model`) reads this table.
 CONVNEXT_VARIANTS = {
@@ -413,6 +414,56 @@ def set_backbone_trainable(model, trainable):
     backbone.trainable = bool(trainable)
 
 
+# A .keras file is a zip (config.json, metadata.json, model.weights.h5) that Keras inflates
+# into memory: a small file of compressed zeros can inflate to gigabytes (3 GB killed
+# `kiqa score` by memory, issue 24). Its entries' sizes are checked before Keras reads it.
+# ConvNeXt-XLarge's ~350M float32 weights are 1.4 GB, under the bound.
+MAX_KERAS_INFLATED_BYTES = 2 * 1024**3
+# Float weights barely compress (a few percent); a zip bomb of zeros inflates ~1000x. An
+# entry of more than _RATIO_FLOOR bytes may inflate at most this many times its stored size.
+MAX_KERAS_COMPRESSION_RATIO = 20
+_RATIO_FLOOR = 64 * 1024**2
+
+
+def check_keras_archive(path, max_inflated=None):
+    """Refuses a `.keras` archive whose entries would inflate past kiqa's bounds.
+
+    Only the zip's central directory is read; Python's zipfile never inflates an entry
+    past the size recorded there, so the recorded sizes bound what loading can inflate.
+
+    Args:
+        path: the `.keras` file.
+        max_inflated: largest total inflated size, in bytes (None: MAX_KERAS_INFLATED_BYTES).
+
+    Raises:
+        ModelTooLargeError: (a ModelError) the entries inflate to more than
+            `max_inflated` bytes in all, or one large entry to more than
+            MAX_KERAS_COMPRESSION_RATIO times its stored size.
+    """
+    max_inflated = MAX_KERAS_INFLATED_BYTES if max_inflated is None else max_inflated
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError):
+        return  # not a zip: Keras says why when it tries to load it
+    total = sum(entry.file_size for entry in entries)
+    if total > max_inflated:
+        raise ModelTooLargeError(
+            f"model file {path} would inflate to {total} bytes when loaded, over kiqa's bound of "
+            f"{max_inflated} bytes (ConvNeXt-XLarge's weights are 1.4 GB); it is not a kiqa model",
+            path=str(path), inflated=total, limit=max_inflated,
+        )
+    for entry in entries:
+        stored = max(entry.compress_size, 1)
+        if entry.file_size > _RATIO_FLOOR and entry.file_size > MAX_KERAS_COMPRESSION_RATIO * stored:
+            raise ModelTooLargeError(
+                f"model file {path}: its entry {entry.filename!r} inflates from {entry.compress_size} "
+                f"to {entry.file_size} bytes, over {MAX_KERAS_COMPRESSION_RATIO}x (model weights "
+                f"barely compress): a zip bomb, not a kiqa model",
+                path=str(path), inflated=entry.file_size, limit=MAX_KERAS_COMPRESSION_RATIO * stored,
+            )
+
+
 def load_model(path, safe_mode=True):
     """Loads a `.keras` model file saved by kiqa.
 
@@ -427,6 +478,8 @@ def load_model(path, safe_mode=True):
     Raises:
         ModelError: missing file, or not a Keras `.keras` file.
         LambdaLayerError: a Lambda layer refused by safe mode.
+        ModelTooLargeError: (a ModelError) the archive would inflate past kiqa's bounds
+            (`check_keras_archive`).
     """
     path = Path(path)
     if not path.is_file():
@@ -436,6 +489,7 @@ def load_model(path, safe_mode=True):
             f"model file {path} is not a .keras file; pass the .keras file a training run "
             f"saved (SavedModel directories are for TF Serving, not for loading here)"
         )
+    check_keras_archive(path)
     try:
         return keras.saving.load_model(path, custom_objects=custom_objects(), safe_mode=safe_mode)
     except Exception as err:

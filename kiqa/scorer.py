@@ -48,7 +48,9 @@ from kiqa.contract import (
     PIXELS_SIGNATURE,
     WEIGHTS_KEY,
 )
-from kiqa.errors import BatchMemoryError, ExportError, ImageError, ImageSizeError, ModelError, UntrustedModelError
+from kiqa.errors import (
+    BatchMemoryError, ExportError, ImageError, ImageSizeError, ModelError, ModelMetadataError, UntrustedModelError,
+)
 from kiqa.run import ModelPath, resolve_model
 
 EXPORT_INFO = Path(ASSETS_EXTRA) / METADATA_FILE
@@ -58,6 +60,10 @@ EXPORT_INFO = Path(ASSETS_EXTRA) / METADATA_FILE
 ENGINES = ("tf", "onnxruntime", "openvino")
 DEFAULT_ENGINE = "tf"
 ImageInput = Union[str, os.PathLike, bytes]
+# An export's kiqa.json is a file beside the model, not the model: its image_size must be
+# the size the model's input takes, and at most this on either side when the input does
+# not fix one (a 20000x20000 claim beside a 48x64 model got `kiqa score` killed by memory).
+MAX_MODEL_IMAGE_SIDE = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,7 +283,7 @@ def keras_forward(model, image_size):
 
 def load_scorer(
     model_ref: Union[str, os.PathLike], image_size: Optional[Sequence[int]] = None,
-    safe_mode: bool = True, engine: str = DEFAULT_ENGINE,
+    safe_mode: bool = True, engine: str = DEFAULT_ENGINE, max_pixels: Optional[int] = None,
 ) -> Scorer:
     """Loads a model for local scoring.
 
@@ -291,6 +297,9 @@ def load_scorer(
         safe_mode: refuse `.keras` files with Lambda layers (arbitrary code) and
             SavedModels using ops outside kiqa's allow list (`kiqa.serving.ops`).
         engine: "tf", "onnxruntime" or "openvino" (see the module docstring).
+        max_pixels: header pixel cap to decode images with. None takes the model's own
+            (its run's config.json or its export's kiqa.json), but never above kiqa's
+            DEFAULT_MAX_PIXELS: a model file cannot raise the cap, only this argument can.
 
     Returns:
         A `Scorer`.
@@ -302,13 +311,26 @@ def load_scorer(
             loaded; the message names the path.
         UntrustedModelError: (a ModelError) a SavedModel's graph uses ops outside the
             allow list (it is scanned before anything runs); they are named.
+        ModelMetadataError: (an UntrustedModelError) an export's kiqa.json disagrees
+            with the model's input shape or kiqa's limits; the file and field are named.
+        ModelTooLargeError: (an UntrustedModelError) a `.keras` file would inflate past
+            kiqa's bound (`kiqa.model.check_keras_archive`).
     """
     path = Path(model_ref)
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
+        raise ModelError(f"max_pixels must be a positive pixel count, got {max_pixels!r}")
     if image_size is not None:
         image_size = _check_size(image_size, path)
     if engine not in ENGINES:
         raise ModelError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     resolved = resolve_model(path)
+    scorer = _load(resolved, path, image_size, safe_mode, engine)
+    if max_pixels is not None:
+        scorer = dataclasses.replace(scorer, max_pixels=max_pixels)
+    return scorer
+
+
+def _load(resolved, path, image_size, safe_mode, engine):
     if engine != "tf":
         return _onnx_scorer(resolved, image_size, safe_mode, engine)
     if resolved.kind == "onnx":
@@ -353,6 +375,7 @@ def _onnx_scorer(resolved, image_size, safe_mode, engine):
             f"({err}); kiqa's ONNX export writes one",
             path=str(onnx_file),
         ) from err
+    export_size, max_pixels = _within_limits(export_size, max_pixels, info_path)
     if image_size is not None and image_size != export_size:
         raise ImageSizeError(
             f"ONNX model {onnx_file} takes {export_size[0]}x{export_size[1]} images, not "
@@ -360,6 +383,7 @@ def _onnx_scorer(resolved, image_size, safe_mode, engine):
             path=str(onnx_file), requested=image_size, expected=export_size,
         )
     predict, owner = engines.onnx_predictor(onnx_file, engine)
+    _agrees_with_model(export_size, engines.input_size(owner), info_path, f"ONNX model {onnx_file}")
     return Scorer(
         image_size=export_size, max_pixels=max_pixels, source=str(onnx_file), kind="onnx",
         _predict=predict, _owner=owner, engine=engine, weights_sha256=fingerprint,
@@ -384,10 +408,16 @@ def _keras_scorer(resolved: ModelPath, image_size: Optional[Sequence[int]], safe
 
     model_file = resolved.model
     config = resolved.config()
-    max_pixels = config.max_pixels if config else DEFAULT_MAX_PIXELS
+    max_pixels = min(int(config.max_pixels), DEFAULT_MAX_PIXELS) if config else DEFAULT_MAX_PIXELS
     if image_size is None:
         if config is not None:
             image_size = tuple(config.image_size)
+            if not all(1 <= int(side) <= MAX_MODEL_IMAGE_SIDE for side in image_size):
+                raise ModelMetadataError(
+                    f"{resolved.run.config_path}: image_size {list(image_size)} is outside "
+                    f"1..{MAX_MODEL_IMAGE_SIDE} pixels a side; pass the image size to score at",
+                    path=str(resolved.run.config_path), field="image_size",
+                )
         else:
             image_size = DEFAULT_IMAGE_SIZE
             warnings.warn(
@@ -423,7 +453,60 @@ def _read_export_info(version_dir):
         ) from err
     if len(size) != 2:
         raise ModelError(f"{info_path}: image_size must be [height, width], got {list(size)}")
+    size, max_pixels = _within_limits(size, max_pixels, info_path)
     return size, max_pixels, fingerprint
+
+
+def _within_limits(size, max_pixels, info_path):
+    """An export's (image_size, max_pixels) from its kiqa.json, held to kiqa's own limits.
+
+    Raises:
+        ModelMetadataError: a side outside 1..MAX_MODEL_IMAGE_SIDE, or max_pixels below 1.
+    """
+    if len(size) != 2 or not all(1 <= side <= MAX_MODEL_IMAGE_SIDE for side in size):
+        raise ModelMetadataError(
+            f"{info_path}: image_size {list(size)} is outside 1..{MAX_MODEL_IMAGE_SIDE} pixels a "
+            f"side; the file does not describe a kiqa model: re-export it with `kiqa export`",
+            path=str(info_path), field="image_size",
+        )
+    if max_pixels < 1:
+        raise ModelMetadataError(
+            f"{info_path}: max_pixels {max_pixels} is not a positive pixel count; re-export it "
+            f"with `kiqa export`",
+            path=str(info_path), field="max_pixels",
+        )
+    if max_pixels > DEFAULT_MAX_PIXELS:
+        # The export's own graph keeps its cap; scoring here decodes with kiqa's, unless
+        # the caller raises it (load_scorer's max_pixels).
+        warnings.warn(
+            f"{info_path}: max_pixels {max_pixels} is over kiqa's cap of {DEFAULT_MAX_PIXELS}; "
+            f"decoding with {DEFAULT_MAX_PIXELS} (a model's metadata cannot raise the cap)",
+            stacklevel=4,
+        )
+        max_pixels = DEFAULT_MAX_PIXELS
+    return tuple(size), max_pixels
+
+
+def _agrees_with_model(size, model_size, info_path, what):
+    """Refuses metadata whose image_size is not the one the model's input fixes.
+
+    Args:
+        size: (height, width) from the metadata.
+        model_size: (height, width) of the model's input; None or None sides when not fixed.
+        info_path: the metadata file, named in the error.
+        what: the model, as named in the error.
+
+    Raises:
+        ModelMetadataError: the model's input fixes another size.
+    """
+    if model_size is None or None in model_size or tuple(model_size) == tuple(size):
+        return
+    raise ModelMetadataError(
+        f"{info_path}: image_size {list(size)} disagrees with {what}, whose input takes "
+        f"{model_size[0]}x{model_size[1]} images; the metadata was altered or belongs to "
+        f"another model: re-export it with `kiqa export`",
+        path=str(info_path), field="image_size",
+    )
 
 
 def _refuse_unknown_ops(version_dir):
@@ -476,6 +559,7 @@ def _saved_model_scorer(version_dir, image_size, safe_mode=True):
             f"not {PIXELS_INPUT!r}; re-export it with `kiqa export`"
         )
     fixed = tuple(spec[PIXELS_INPUT].shape.as_list()[1:3])
+    _agrees_with_model(export_size, fixed, version_dir / EXPORT_INFO, f"SavedModel {version_dir}")
     if image_size is None:
         image_size = export_size
     elif image_size != export_size and None not in fixed:

@@ -158,6 +158,14 @@ BAD_GIF = r"Invalid GIF data .*image EOF detected before image complete"
 BAD_BMP = r"Input size should match"
 BAD_WEBP = r"Failed to decode WebP"
 DECODER_REASONS = (UNDECODABLE_JPEG, BAD_PNG, BAD_GIF, BAD_BMP, BAD_WEBP)
+# Files that would cost the decoder far more than their size (issue 24).
+TOO_MANY_SCANS = r"JPEG has \d+ scans, over the limit of \d+ .*re-encode it"
+TOO_MANY_TEXT_CHUNKS = r"PNG has \d+ zTXt/iTXt text chunks, over the limit of \d+.*strip its metadata"
+# The PNG text bomb: chunks of zlib-compressed zeros, each inflating to 8 MB (libpng's cap
+# for one chunk): 40 x 8 MB = 320 MB and ~2 s of inflating in a 0.3 MB file.
+TEXT_BOMB_CHUNKS, TEXT_BOMB_INFLATED = 40, 8_000_000
+# The scan bomb: one scan of a progressive JPEG repeated this many times.
+SCAN_BOMB_REPEATS = 2000
 # Frames of the GIF frame bombs: 60 x 2400 x 2400 = 346 MP in one 290 KB file. Before
 # kiqa cut GIFs after their first image, giflib held every frame (346 MB) at once.
 BOMB_FRAMES, BOMB_SIZE = 60, 2400
@@ -180,6 +188,46 @@ def _encode(image, fmt, **options):
 
 def _png_chunk(kind, data):
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_with_text_chunks(png, count, inflated=64, after_image=False, kind=b"zTXt"):
+    """`png` with `count` compressed text chunks ("Comment", zlib-compressed zeros that
+    inflate to `inflated` bytes each) before its first IDAT, or after its image data."""
+    text = zlib.compress(bytes(inflated), 9)
+    if kind == b"zTXt":
+        data = b"Comment\x00\x00" + text
+    elif kind == b"iTXt":  # keyword, NUL, compressed, method 0, no language, no translation
+        data = b"Comment\x00\x01\x00\x00\x00" + text
+    else:  # tEXt: plain text, nothing to inflate
+        data = b"Comment\x00" + bytes(inflated)
+    chunks = _png_chunk(kind, data) * count
+    at = png.index(b"IEND" if after_image else b"IDAT") - 4
+    return png[:at] + chunks + png[at:]
+
+
+def jpeg_markers(jpeg):
+    """Offsets of every marker from the first scan on (FF xx; not stuffing, fill or RSTn)."""
+    offsets = []
+    for i in range(jpeg.index(b"\xff\xda"), len(jpeg) - 1):
+        if jpeg[i] == 0xFF and jpeg[i + 1] not in (0x00, 0xFF) and not 0xD0 <= jpeg[i + 1] <= 0xD7:
+            offsets.append(i)
+    return offsets
+
+
+def scan_bomb(progressive_jpeg, repeats):
+    """The progressive JPEG with its last scan (header and coded data, under the Huffman
+    tables in force there) repeated `repeats` times more: libjpeg warns about the odd
+    progression but decodes every copy over the whole image, so such files cost time
+    in proportion to repeats x pixels (2.5 MB took 89 s in issue 24)."""
+    *_, last_scan, end = jpeg_markers(progressive_jpeg)
+    scan = progressive_jpeg[last_scan:end]
+    return progressive_jpeg[:end] + scan * repeats + progressive_jpeg[end:]
+
+
+def jpeg_with_segments(jpeg, comments=0, fill=0):
+    """`jpeg` with `comments` empty COM segments and `fill` 0xFF fill bytes after SOI, all
+    before the frame header: valid JPEG, which libjpeg (and so TF) decodes as the original."""
+    return jpeg[:2] + b"\xff\xfe\x00\x02" * comments + b"\xff" * fill + jpeg[2:]
 
 
 def huge_png(width, height):
@@ -493,6 +541,31 @@ def write_corpus(folder):
         write(name, data)
         fmt = name.split(".")[1].upper()
         cases.append(Case(name, f"{fmt} of 128x96 whose header claims {size} pixels wide", *[rejected(reason)] * 3))
+
+    # Files that cost the decoder far more than their size (issue 24), and valid files
+    # the header walk once gave up on (issue 24, 7a).
+    good_png = _encode(Image.fromarray(photo), "PNG")
+    write("text-bomb.png", png_with_text_chunks(good_png, TEXT_BOMB_CHUNKS, TEXT_BOMB_INFLATED))
+    cases.append(Case("text-bomb.png", f"PNG text bomb: {TEXT_BOMB_CHUNKS} zTXt chunks inflating to 8 MB each",
+                      *[rejected(TOO_MANY_TEXT_CHUNKS)] * 3))
+    write("text-after-image.png", png_with_text_chunks(good_png, 20, after_image=True, kind=b"iTXt"))
+    cases.append(Case("text-after-image.png", "PNG with 20 compressed iTXt chunks after its image data",
+                      *[rejected(TOO_MANY_TEXT_CHUNKS)] * 3))
+    write("some-text.png", png_with_text_chunks(png_with_text_chunks(good_png, 8), 100, kind=b"tEXt"))
+    cases.append(Case("some-text.png", "PNG with 8 zTXt and (control) 100 tEXt chunks", DECODED, DECODED, DECODED,
+                      ref_photo, 0.0))
+    progressive_photo = _encode(Image.fromarray(photo), "JPEG", quality=92, progressive=True)
+    # A flat 2048x1536 image: its scans are a few bytes each, as in the issue's bomb.
+    flat = _encode(Image.new("RGB", (2048, 1536), (90, 140, 60)), "JPEG", quality=90, progressive=True)
+    write("scan-bomb.jpg", scan_bomb(flat, SCAN_BOMB_REPEATS))
+    cases.append(Case("scan-bomb.jpg", f"progressive JPEG scan bomb: 2048x1536, its last scan repeated "
+                      f"{SCAN_BOMB_REPEATS} times", *[rejected(TOO_MANY_SCANS)] * 3))
+    write("progressive.jpg", progressive_photo)
+    cases.append(Case("progressive.jpg", "control: plain progressive JPEG (10 scans)", DECODED, DECODED, DECODED,
+                      ref_photo, 3.0))
+    write("comments.jpg", jpeg_with_segments(good_jpeg, comments=3000, fill=20000))
+    cases.append(Case("comments.jpg", "valid JPEG with 3000 comment segments and 20000 fill bytes before its frame",
+                      DECODED, DECODED, DECODED, ref_photo, 3.0))
 
     write("photo.webp", _encode(Image.fromarray(photo), "WEBP", lossless=True))
     cases.append(Case("photo.webp", "lossless WebP", DECODED, DECODED, DECODED, ref_photo, 0.0))

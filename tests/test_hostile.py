@@ -150,7 +150,7 @@ def test_the_corpus_is_the_issue_list(corpus):
                  "greyscale", "animated gif", "webp", "announcing 30000x30000", "20000x20000",
                  "/dev/zero", "outside the folder", "'../'", "absolute path", "exif orientation",
                  "frame bomb", "local colour tables", "last frame truncated", "zero frames", "animated webp",
-                 "animated png", "header claims 7999x7999"):
+                 "animated png", "header claims 7999x7999", "text bomb", "scan bomb", "comment segments"):
         assert word in kinds, f"the corpus has no {word!r} case:\n{corpus.table()}"
     assert (corpus.images / "zero.jpg").resolve() == Path("/dev/zero")
     assert not (corpus.images / "link-out.png").resolve().is_relative_to(corpus.images.resolve())
@@ -282,6 +282,19 @@ def test_kiqa_score_decodes_like_training(corpus, exported, scored):
             assert rows[case.name][0] == pytest.approx(float(scorer.predict_pixels(pixels)[0]), abs=1e-3)
 
 
+def test_score_many_decides_every_file_like_kiqa_score(corpus, exported, scored):
+    # The Python API: a row per file, the same score or the same reason.
+    _, rows = scored
+    files = [c for c in corpus.files() if c.sends_bytes]
+    table = bounded(load_scorer(exported[0]).score_many, [corpus.images / c.name for c in files], batch_size=4)
+    for case, (_, row) in zip(files, table.iterrows()):
+        if case.score.decoded:
+            assert row["error"] is None and row["mos"] == pytest.approx(rows[case.name][0], abs=1e-3), case.name
+        else:
+            assert np.isnan(row["mos"]) and row["error"].startswith(str(corpus.images / case.name))
+            assert_message(row["error"], case, "score")
+
+
 def test_a_link_to_dev_zero_named_directly_is_refused_before_reading(corpus, exported, tmp_path):
     # A path given on the command line is taken as given, link or not; /dev/zero is then
     # refused because it is not a regular file (tf.io.read_file would read it forever).
@@ -349,6 +362,25 @@ def test_serving_default_called_directly_decides_like_kiqa_score(corpus, exporte
             assert mos[1] == pytest.approx(rows[case.name][0], abs=1e-3)
 
 
+def test_lenient_signature_isolates_each_refused_file(corpus, exported, scored):
+    # score_bytes_lenient, as TF Serving runs it: a bad item gets NaN and its reason,
+    # the good item beside it is still scored.
+    _, rows = scored
+    lenient = tf.saved_model.load(str(exported[1] / "1")).signatures["score_bytes_lenient"]
+    good = read_image_bytes(corpus.images / "good.jpg")
+    for case in corpus.files():
+        if not case.sends_bytes:
+            continue
+        result = bounded(lenient, image_bytes=tf.constant([good, read_image_bytes(corpus.images / case.name)]))
+        mos, errors = result["mos"].numpy(), [e.decode() for e in result["error"].numpy()]
+        assert errors[0] == "" and mos[0] == pytest.approx(rows["good.jpg"][0], abs=1e-3)
+        if case.serving.decoded:
+            assert errors[1] == "" and mos[1] == pytest.approx(rows[case.name][0], abs=1e-3), case.name
+        else:
+            assert np.isnan(mos[1])
+            assert_message(errors[1], case, "serving")
+
+
 def test_kiqa_predict_names_each_rejected_file(corpus, server, scored, tmp_path):
     _, rows = scored
     out = tmp_path / "predicted.csv"
@@ -390,3 +422,49 @@ def test_no_hostile_file_crashes_hangs_or_grows_memory(exported, tmp_path):
     assert result["control_mb"] > 50  # the measure sees a real 60 MB decode
     assert result["overall_growth_mb"] < MAX_GROWTH_MB
     assert all(growth < MAX_GROWTH_MB for key, growth in result["per_file"].items() if not key.startswith("control"))
+
+
+_BOUNDED_DECODE = """
+import json, resource, re, sys, time
+import tensorflow as tf
+from kiqa.image import decode_image
+size = int(re.search(r"^VmSize:\\s+(\\d+) kB", open("/proc/self/status").read(), re.M).group(1)) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + 1024**3, size + 1024**3))  # 1 GiB more than now
+results = {}
+for path in sys.argv[1:]:
+    start = time.monotonic()
+    try:
+        decode_image(open(path, "rb").read(), (32, 48), name=path)
+        outcome = "decoded"
+    except tf.errors.InvalidArgumentError as err:
+        outcome = err.message
+    results[path] = (outcome, time.monotonic() - start)
+print(json.dumps(results))
+"""
+
+
+def test_decode_cost_bombs_are_refused_within_a_memory_limit(tmp_path):
+    # Out of process, under RLIMIT_AS of 1 GiB above the process's size after importing
+    # TF: a PNG of 200 zTXt chunks would make libpng inflate 1.6 GB (and take ~10 s), the
+    # scan bomb (a 47 KB file) takes ~30 s to decode; both must be refused at once.
+    from PIL import Image
+
+    png = hostile_corpus._encode(Image.new("RGB", (64, 48), (10, 20, 30)), "PNG")
+    flat = hostile_corpus._encode(Image.new("RGB", (2048, 1536), (90, 140, 60)), "JPEG", progressive=True)
+    files = {"text.png": hostile_corpus.png_with_text_chunks(png, 200, hostile_corpus.TEXT_BOMB_INFLATED),
+             "scans.jpg": hostile_corpus.scan_bomb(flat, hostile_corpus.SCAN_BOMB_REPEATS)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    process = subprocess.run(
+        [sys.executable, "-c", _BOUNDED_DECODE, *(str(tmp_path / name) for name in files)],
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]),
+                 TF_CPP_MIN_LOG_LEVEL="2"),
+        capture_output=True, text=True, timeout=CALL_TIMEOUT,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    results = json.loads(process.stdout.strip().splitlines()[-1])
+    text, text_seconds = results[str(tmp_path / "text.png")]
+    scans, scan_seconds = results[str(tmp_path / "scans.jpg")]
+    assert re.search(hostile_corpus.TOO_MANY_TEXT_CHUNKS, text), text
+    assert re.search(hostile_corpus.TOO_MANY_SCANS, scans), scans
+    assert scan_seconds < 10  # the first call traces the image function; no decode runs

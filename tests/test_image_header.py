@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 
 from hostile_corpus import (
     animated, claiming, gif_blocks, gif_comment, gif_delay, gif_file, gif_frame_bomb, gif_image_block,
+    jpeg_with_segments, png_with_text_chunks, scan_bomb,
 )
 from kiqa.image import header as imageinfo
 from kiqa.errors import ConfigError
@@ -447,8 +448,93 @@ def test_empty_and_garbage_bytes():
 
 
 def test_jpeg_with_endless_fill_bytes_gives_up_and_stays_unknown():
-    data = b"\xff\xd8" + b"\xff" * 20000 + _hostile_jpeg()[2:]
+    # The walk is bounded by bytes: _MAX_JPEG_STEPS windows of fill bytes, then it stops.
+    fill = imageinfo._MAX_JPEG_STEPS * imageinfo._JPEG_WINDOW
+    data = jpeg_with_segments(_hostile_jpeg(), fill=fill)
     assert list(imageinfo.header_shape(data).numpy()) == [-1, -1]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="JPEG header is unreadable"):
+        imageinfo.check_header(data, 64_000_000)
+
+
+@pytest.mark.parametrize("comments, fill", [(1100, 0), (20000, 0), (0, 60000), (3000, 20000)])
+def test_valid_jpegs_with_many_segments_or_fill_bytes_are_read(comments, fill):
+    # Issue 24, 7a: more than 1,024 segments before the frame header was "unreadable".
+    original = _encode(Image.fromarray(_pattern()), "JPEG", quality=95, exif=_exif(6).tobytes())
+    data = jpeg_with_segments(original, comments=comments, fill=fill)
+    assert tuple(imageinfo.check_header(data, 64_000_000).numpy()) == (HEIGHT, WIDTH)
+    assert int(imageinfo.exif_orientation(data)) == 6
+    np.testing.assert_array_equal(_decode(data).numpy(), _decode(original).numpy())  # TF agrees
+
+
+def test_jpeg_walk_still_refuses_garbage_between_segments():
+    # Stray bytes are stepped over as libjpeg does, but a segment length that runs past
+    # the end, or a file that is all junk after SOI, finds no frame header.
+    jpeg = _hostile_jpeg()
+    lying_length = jpeg[:2] + b"\xff\xfe\xff\xf0" + jpeg[2:]  # a comment longer than the file
+    for data in (lying_length, b"\xff\xd8" + _garbage(50_000, seed=5).replace(b"\xff", b"\x00")):
+        assert list(imageinfo.header_shape(data).numpy()) == [-1, -1]
+
+
+# ----------------------------------------------------------------------------- decode cost
+
+
+def _progressive(size=(64, 48)):
+    return _encode(Image.new("RGB", size, (90, 140, 60)), "JPEG", quality=90, progressive=True)
+
+
+def test_progressive_jpeg_scans_are_counted():
+    data = _progressive()
+    assert imageinfo.data_facts(data).numpy()[3] == 10  # libjpeg's progressive script
+    assert imageinfo.data_facts(scan_bomb(data, 5)).numpy()[3] == 15
+    grey = _encode(Image.new("L", (64, 48), 90), "JPEG", progressive=True)
+    assert imageinfo.data_facts(grey).numpy()[3] == 6
+
+
+def test_scans_of_a_single_scan_baseline_jpeg_are_not_searched():
+    # libjpeg stops at the second SOS of a single-scan sequential JPEG with an error, at
+    # no cost: its coded data need not be searched, and it is left to the decoder.
+    baseline = _encode(Image.new("RGB", (64, 48), (90, 140, 60)), "JPEG")
+    assert imageinfo.data_facts(scan_bomb(baseline, 500)).numpy()[3] == 1
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        _decode(scan_bomb(baseline, 500))
+
+
+def test_jpeg_with_too_many_scans_is_refused_by_name_and_count():
+    limit = imageinfo.MAX_JPEG_SCANS
+    at_limit = scan_bomb(_progressive(), limit - 10)
+    assert tuple(imageinfo.check_header(at_limit, 64_000_000).numpy()) == (48, 64)
+    message = _check_error(scan_bomb(_progressive(), limit - 9), name="bomb.jpg")
+    assert message.startswith(f"bomb.jpg: JPEG has {limit + 1} scans, over the limit of {limit} ")
+    assert "re-encode it" in message
+
+
+def test_png_text_chunks_are_counted_before_and_after_the_image_data():
+    png = _encode(Image.fromarray(_pattern()), "PNG")
+    assert imageinfo.data_facts(png).numpy()[4] == 0
+    for kind in (b"zTXt", b"iTXt"):
+        for after in (False, True):
+            assert imageinfo.data_facts(png_with_text_chunks(png, 7, kind=kind, after_image=after)).numpy()[4] == 7
+    # Plain tEXt is not inflated (its cost is its size): not counted.
+    assert imageinfo.data_facts(png_with_text_chunks(png, 300, kind=b"tEXt")).numpy()[4] == 0
+
+
+def test_png_with_too_many_text_chunks_is_refused_by_name_and_count():
+    limit = imageinfo.MAX_PNG_TEXT_CHUNKS
+    png = _encode(Image.fromarray(_pattern()), "PNG")
+    at_limit = png_with_text_chunks(png, limit)
+    assert tuple(imageinfo.check_header(at_limit, 64_000_000).numpy()) == (HEIGHT, WIDTH)
+    np.testing.assert_array_equal(_decode(at_limit).numpy(), _decode(png).numpy())
+    message = _check_error(png_with_text_chunks(png, limit + 1, after_image=True), name="notes.png")
+    assert message.startswith(f"notes.png: PNG has {limit + 1} zTXt/iTXt text chunks, over the limit of {limit}")
+    assert "strip its metadata" in message
+
+
+def test_decode_cost_refusals_hold_in_tf_data():
+    bombs = [scan_bomb(_progressive(), 200), png_with_text_chunks(_encode(Image.fromarray(_pattern()), "PNG"), 30)]
+    for data, reason in zip(bombs, ["JPEG has 210 scans", "PNG has 30 zTXt/iTXt"]):
+        dataset = tf.data.Dataset.from_tensors(data).map(lambda d: imageinfo.check_header(d, 64_000_000))
+        with pytest.raises(tf.errors.InvalidArgumentError, match=reason):
+            list(dataset)
 
 
 # ----------------------------------------------------------------------------- GIF frames
@@ -583,7 +669,7 @@ def test_jpeg_data_bound_holds_for_the_most_compressible_jpegs(options):
     # fewest a baseline JPEG can use. The bound must hold for it, and be close.
     size = options.pop("size", (1024, 768))
     data = _flat_jpeg(size, **options)
-    _, needed, available = imageinfo.data_facts(data).numpy()
+    _, needed, available, _, _ = imageinfo.data_facts(data).numpy()
     assert 0 < needed <= available
     if options == dict(optimize=True):
         assert needed > 0.95 * available  # tight: within 5% of the real data
@@ -594,7 +680,7 @@ def test_jpeg_data_bound_holds_for_real_photos(realset):
     photos = sorted((realset / "images").glob("*.jpg"))
     assert photos
     for path in photos:
-        _, needed, available = imageinfo.data_facts(path.read_bytes()).numpy()
+        _, needed, available, _, _ = imageinfo.data_facts(path.read_bytes()).numpy()
         assert 0 < needed < available / 4, path.name  # real photos are far from the bound
 
 

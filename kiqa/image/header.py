@@ -32,16 +32,35 @@ CHECKED_FORMATS = ("jpeg", "png", "gif", "bmp", "webp")
 _DISPLAY_NAMES = ("unknown", "JPEG", "PNG", "GIF", "BMP", "WebP", "TIFF", "JPEG XL")
 _UNKNOWN, _JPEG, _PNG, _GIF, _BMP, _WEBP, _TIFF, _JXL = range(len(FORMATS))
 
-# Segments walked in a JPEG before giving up. Phone and camera JPEGs have 5-20 segments
-# before the frame header (APP0/APP1 Exif/XMP, a few APP2 ICC chunks, DQT, DHT); each stray
-# byte between segments also costs one step, as libjpeg skips them one by one.
-_MAX_JPEG_STEPS = 1024
+# The walk over a JPEG's marker segments reads _JPEG_WINDOW bytes per loop step and
+# follows every segment, fill byte and stray byte inside them at once, so a step costs the
+# same for one segment or a thousand. Phone and camera JPEGs have 5-20 segments before the
+# frame header (APP0/APP1 Exif/XMP, a few APP2 ICC chunks, DQT, DHT), but a valid file may
+# also hold thousands of comment segments or any number of 0xFF fill bytes (libjpeg
+# accepts both, and skips stray bytes between segments). So the walk is bounded by bytes,
+# not segments: it gives up after _MAX_JPEG_STEPS windows, each either _JPEG_WINDOW bytes
+# of small segments or one larger segment (~1 ms a step on 2 busy cores).
+_JPEG_WINDOW = 4096
+_MAX_JPEG_STEPS = 256
 # GIF data comes in sub-blocks of at most 255 bytes that can only be found one after the
 # other. _GIF_HOPS of them per loop step, _MAX_GIF_STEPS steps: GIFs of 16 MB and more.
 _GIF_HOPS = 16
 _MAX_GIF_STEPS = 4096
 # Chunks walked in a PNG (before its first IDAT) or a WebP (animation frames included).
 _MAX_CHUNKS = 256
+
+# Decode cost the pixel cap does not see (issue 24). libjpeg decodes every scan of a
+# progressive JPEG over the whole image, so a small file repeating one scan thousands of
+# times costs minutes (2.5 MB took 89 s). libjpeg's own progressive script writes 10 scans
+# (6 for grey), other encoders about as many; NVIDIA's nvImageCodec refuses more than 256.
+MAX_JPEG_SCANS = 100
+# TF's PNG decoder (libpng, png_read_info and png_read_end) inflates every compressed text
+# chunk, before and after the image data, up to 8 MB each, and keeps the text until the
+# decode ends: 1,000 of them in a 7.7 MB file cost ~8 GB. Real files hold a handful
+# (ImageMagick and exiftool write 2-4 profiles as zTXt; XMP is one iTXt).
+MAX_PNG_TEXT_CHUNKS = 16
+# The progressive SOF markers: a frame decoded scan by scan over the whole image.
+_PROGRESSIVE_SOF_MARKERS = (0xC2, 0xC6, 0xCA, 0xCE)
 
 # JPEG SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range
 # but are tables.
@@ -93,9 +112,9 @@ def _endian(b, little):
 
 
 def _matches(b, offset, signature):
-    """True where bytes `b[offset:offset+len(signature)]` equal `signature`."""
-    expected = tf.constant(list(signature), tf.int64)
-    return tf.reduce_all(b[offset : offset + len(signature)] == expected)
+    """True where bytes `b[..., offset:offset+len(signature)]` equal `signature`."""
+    expected = tf.constant(list(signature), b.dtype)
+    return tf.reduce_all(b[..., offset : offset + len(signature)] == expected, axis=-1)
 
 
 def _as_signed32(value):
@@ -153,39 +172,54 @@ def _walk_jpeg(contents, n, is_target):
     stuffed 0xFF00 and stray bytes are stepped over; RSTn and TEM have no length; every
     other segment is skipped by its 16-bit big-endian length. The walk stops at SOS (image
     data follows, and every header segment comes before it), EOI, the end of the bytes, or
-    after _MAX_JPEG_STEPS steps.
+    after _MAX_JPEG_STEPS loop steps.
+
+    One loop step reads a window of _JPEG_WINDOW bytes and computes, for every offset in
+    it at once, where the walk would go next from there; the walk's path through the
+    window is then followed by pointer doubling (log2 of the window's size gathers), to
+    the first offset that is the target, a stop, or whose next position leaves the window.
+    A loop step costs ~40 graph ops however many segments it crosses.
 
     Args:
         contents: scalar `tf.string`, already known to start with FF D8.
         n: int64 length of `contents`.
-        is_target: `(b, pos) -> bool tensor`, where b is int64 [10], the bytes at `pos`.
+        is_target: `(b, pos) -> bool tensor`, where b is int64 [..., 10], the bytes at
+            each `pos` (int64 [...]).
     """
     not_found, gave_up = tf.constant(-1, tf.int64), tf.constant(-2, tf.int64)
+    # int32 inside the window: its offsets, bytes and segment lengths all fit.
+    offsets = tf.range(_JPEG_WINDOW, dtype=tf.int32)
 
     def searching(step, pos, found):
         return (step < _MAX_JPEG_STEPS) & (found == not_found)
 
     def step_once(step, pos, found):
-        b = _read(contents, n, pos, 10)
-        code = b[1]
-        at_marker = b[0] == 0xFF
+        window = tf.cast(_read(contents, n, pos, _JPEG_WINDOW + 9), tf.int32)
+        b = tf.stack([window[j : j + _JPEG_WINDOW] for j in range(10)], axis=-1)
+        here = pos + tf.cast(offsets, tf.int64)
+        code = b[:, 1]
+        at_marker = b[:, 0] == 0xFF
         # 0xFF 0xFF is fill before a marker; 0xFF 0x00 is a stuffed byte, not a marker.
         not_a_marker = ~at_marker | (code == 0xFF) | (code == 0x00)
         no_length = ((code >= 0xD0) & (code <= 0xD7)) | (code == 0x01)
-        segment_length = b[2] * 256 + b[3]
-        hit = at_marker & ~not_a_marker & is_target(b, pos)
+        segment_length = b[:, 2] * 256 + b[:, 3]
+        hit = at_marker & ~not_a_marker & is_target(b, here)
         end = (
-            (pos + 2 > n)
+            (here + 2 > n)
             | (at_marker & ((code == 0xDA) | (code == 0xD9) | (code == 0xD8)))
             | (at_marker & ~not_a_marker & ~no_length & (segment_length < 2))
         )
-        advance = tf.where(
-            not_a_marker,
-            tf.constant(1, tf.int64),
-            tf.where(no_length, tf.constant(2, tf.int64), 2 + segment_length),
-        )
-        found = tf.where(hit, pos, tf.where(end, gave_up, not_found))
-        return step + 1, pos + advance, found
+        advance = tf.where(not_a_marker, 1, tf.where(no_length, 2, 2 + segment_length))
+        following = offsets + advance
+        # `jump[i]`: i itself where the walk ends or leaves the window at i, else the next
+        # offset. Squaring it (jump = jump[jump]) doubles the steps it takes; a path has
+        # fewer steps than the window has bytes, so log2(window) squarings reach its end.
+        jump = tf.where(hit | end | (following >= _JPEG_WINDOW), offsets, following)
+        for _ in range((_JPEG_WINDOW - 1).bit_length()):
+            jump = tf.gather(jump, jump)
+        last = jump[0]
+        found = tf.where(hit[last], here[last], tf.where(end[last], gave_up, not_found))
+        return step + 1, pos + tf.cast(following[last], tf.int64), found
 
     _, _, found = tf.while_loop(
         searching,
@@ -200,9 +234,9 @@ def _jpeg_frame_header(contents, n):
     """Position of the JPEG frame header (SOF0..SOF15) whose size libjpeg decodes, else -1."""
 
     def is_frame_header(b, pos):
-        is_sof = tf.reduce_any(b[1] == tf.constant(_SOF_MARKERS, tf.int64))
+        is_sof = tf.reduce_any(b[..., 1:2] == tf.constant(_SOF_MARKERS, b.dtype), axis=-1)
         # Length, precision, height, width: 9 bytes must be there to read the size.
-        return is_sof & (b[2] * 256 + b[3] >= 8) & (pos + 9 <= n)
+        return is_sof & (b[..., 2] * 256 + b[..., 3] >= 8) & (pos + 9 <= n)
 
     return _walk_jpeg(contents, n, is_frame_header)
 
@@ -231,8 +265,9 @@ def _jpeg_data(contents, n):
     catches a header that claims far more than the data holds, not every altered one.
 
     Returns:
-        int64 (needed, available): needed is 0 when not checked; available counts the
-        bytes from the first SOS marker (or, without one, the frame header) to the end.
+        int64 (needed, available, scans): needed is 0 when not checked; available counts
+        the bytes from the first SOS marker (or, without one, the frame header) to the
+        end; scans is what `_jpeg_scans` counts.
     """
     sof = _jpeg_frame_header(contents, n)
     b = _read(contents, n, sof, 22)
@@ -253,15 +288,64 @@ def _jpeg_data(contents, n):
         (marker == 0xC0) | (marker == 0xC1), _int64(2), tf.where(marker == 0xC2, _int64(1), _int64(0))
     )
     needed = tf.where(sof >= 0, (blocks * bits + 7) // 8, _int64(0))
-    scan = _walk_jpeg(contents, n, lambda b, pos: b[1] == 0xDA)
+    scan = _walk_jpeg(contents, n, lambda b, pos: b[..., 1] == 0xDA)
     available = n - tf.maximum(tf.where(scan >= 0, scan, sof), 0)
-    return needed, available
+    return needed, available, _jpeg_scans(contents, n, sof, scan, marker, count)
+
+
+def _jpeg_scans(contents, n, sof, scan, marker, count):
+    """How many scans (SOS markers) libjpeg would decode, from the first scan on.
+
+    Only a frame that is progressive or whose first scan leaves out a component is
+    decoded scan by scan; a single-scan sequential JPEG (what cameras write) stops
+    libjpeg at its second SOS with an error, at no cost, so its bytes are not searched.
+    In coded data every 0xFF byte is followed by 0x00 or a marker, so FF DA there is a
+    scan; one in a segment between scans (a comment) would be counted too, which only
+    errs towards refusing a crafted file.
+    """
+    components_in_scan = _read(contents, n, scan, 5)[4]
+    progressive = tf.reduce_any(marker == tf.constant(_PROGRESSIVE_SOF_MARKERS, tf.int64))
+    scan_by_scan = (sof >= 0) & (scan >= 0) & (progressive | (components_in_scan < count))
+    return tf.cond(
+        scan_by_scan,
+        lambda: _occurrences(contents, n, scan, b"\xff\xda"),
+        lambda: tf.where(scan >= 0, _int64(1), _int64(0)),
+    )
+
+
+def _occurrences(contents, n, start, needle, after=None):
+    """How often `needle` occurs in contents[start:] (preceded by a byte in `after`).
+
+    One StringSplitV2 finds them in one pass (memory: one copy of the bytes); a walk in
+    graph ops would cost a loop step each. The raw op, not `tf.strings.split`, whose
+    ragged result adds ops that kiqa's SavedModel allow list has no need for.
+    """
+    start = tf.clip_by_value(start, 0, n)
+    tail = tf.strings.substr(contents, start, n - start)
+    _, pieces, _ = tf.raw_ops.StringSplitV2(input=tf.reshape(tail, [1]), sep=needle, maxsplit=-1)
+    if after is None:
+        return tf.cast(tf.size(pieces), tf.int64) - 1
+    before = pieces[:-1]  # each is followed by the needle
+    lengths = tf.strings.length(before)
+    last = tf.strings.substr(before, tf.maximum(lengths - 1, 0), tf.ones_like(lengths))
+    hits = tf.zeros_like(last, tf.bool)
+    for byte in after:
+        hits = hits | tf.equal(last, bytes([byte]))
+    return tf.reduce_sum(tf.cast(hits, tf.int64))
+
+
+def _png_text_chunks(contents, n):
+    """zTXt and iTXt chunks anywhere in a PNG (libpng inflates them before and after the
+    image data). The type is searched for, not walked to: a walk over every IDAT chunk
+    of a large PNG costs a loop step each. In compressed image data a false match has a
+    chance of 2**-32 per byte, which only errs towards refusing."""
+    return _occurrences(contents, n, _int64(8), b"TXt", after=b"zi")
 
 
 def _jpeg_orientation(contents, n):
     def is_exif(b, pos):
         # APP1 whose payload starts with the Exif identifier (XMP also lives in APP1).
-        return (b[1] == 0xE1) & (b[2] * 256 + b[3] >= 8) & _matches(b, 4, b"Exif\x00\x00")
+        return (b[..., 1] == 0xE1) & (b[..., 2] * 256 + b[..., 3] >= 8) & _matches(b, 4, b"Exif\x00\x00")
 
     pos = _walk_jpeg(contents, n, is_exif)
 
@@ -575,19 +659,22 @@ def data_facts(contents):
         contents: scalar `tf.string`, the encoded file.
 
     Returns:
-        int64 [3]: (1 if an animated WebP else 0, the fewest bytes of coded image data a
+        int64 [5]: (1 if an animated WebP else 0, the fewest bytes of coded image data a
         JPEG's frame header needs (0 for other formats, see `_jpeg_data`), the bytes the
-        file holds from its first scan on). Never raises.
+        file holds from its first scan on, the scans libjpeg would decode one by one
+        (`_jpeg_scans`; 0 for other formats), a PNG's zTXt and iTXt chunks). Never raises.
     """
     n = _length(contents)
-    none = lambda: tf.zeros([3], tf.int64)  # noqa: E731
+    zero = _int64(0)
+    none = lambda: tf.zeros([5], tf.int64)  # noqa: E731
     branches = [none] * len(FORMATS)
-    branches[_JPEG] = lambda: tf.stack([_int64(0), *_jpeg_data(contents, n)])
+    branches[_JPEG] = lambda: tf.stack([zero, *_jpeg_data(contents, n), zero])
+    branches[_PNG] = lambda: tf.stack([zero, zero, zero, zero, _png_text_chunks(contents, n)])
     branches[_WEBP] = lambda: tf.stack(
-        [tf.cast(_webp_animated(contents, n), tf.int64), _int64(0), _int64(0)]
+        [tf.cast(_webp_animated(contents, n), tf.int64), zero, zero, zero, zero]
     )
     facts = tf.switch_case(_format_index(contents, n), branches)
-    facts.set_shape([3])
+    facts.set_shape([5])
     return facts
 
 
@@ -640,6 +727,7 @@ def _header_problem(n, format_index, shape, max_pixels, facts):
     animated = facts[0] > 0
     needed, available = facts[1], facts[2]
     short = available < needed
+    scans, text_chunks = facts[3], facts[4]
     problems = [  # in order: the first that applies is reported
         (
             n == 0,
@@ -700,11 +788,30 @@ def _header_problem(n, format_index, shape, max_pixels, facts):
                 "is cut short; re-encode the file from its source",
             ]),
         ),
+        (
+            scans > MAX_JPEG_SCANS,
+            tf.strings.join([
+                "JPEG has ", as_text(scans), " scans, over the limit of ",
+                str(MAX_JPEG_SCANS), " (a progressive JPEG has about 10): the decoder reads "
+                "every scan over the whole image, so this file could cost minutes; "
+                "re-encode it, e.g. as a baseline JPEG or PNG",
+            ]),
+        ),
+        (
+            text_chunks > MAX_PNG_TEXT_CHUNKS,
+            tf.strings.join([
+                "PNG has ", as_text(text_chunks), " zTXt/iTXt text chunks, over the limit of ",
+                str(MAX_PNG_TEXT_CHUNKS), ": the decoder inflates every compressed one (up "
+                "to 8 MB each), so this file could cost seconds and gigabytes; strip its "
+                "metadata or re-encode it, e.g. with Pillow or `optipng -strip all`",
+            ]),
+        ),
     ]
     message = tf.constant("")
     for condition, text in reversed(problems):
         message = tf.where(condition, text, message)
-    return checked & readable & within & ~animated & ~short, message
+    costly = (scans > MAX_JPEG_SCANS) | (text_chunks > MAX_PNG_TEXT_CHUNKS)
+    return checked & readable & within & ~animated & ~short & ~costly, message
 
 
 def header_problem(contents, max_pixels):
@@ -748,8 +855,10 @@ def check_header(contents, max_pixels, name=None):
     Raises:
         tf.errors.InvalidArgumentError: the bytes are empty, TIFF (TF has no TIFF decoder:
             convert it), JPEG XL (size unreadable here), of no known format, an animated
-            WebP, have an unreadable header, announce more than `max_pixels` pixels, or
-            (JPEG) announce a size their coded data is too short to hold. In a graph it
+            WebP, have an unreadable header, announce more than `max_pixels` pixels,
+            (JPEG) announce a size their coded data is too short to hold, would cost
+            the decoder far more than their size (a JPEG of over MAX_JPEG_SCANS scans
+            decoded one by one, a PNG of over MAX_PNG_TEXT_CHUNKS text chunks). In a graph it
             is raised when the graph runs.
         ConfigError: `max_pixels` is a Python number below 1.
     """

@@ -93,6 +93,29 @@ def _openvino(onnx_file, threads, precision="f32"):
     return predict, compiled
 
 
+def input_size(owner):
+    """(height, width) an ONNX model's input takes, as its engine reports it.
+
+    Args:
+        owner: the second item `onnx_predictor` returns (an ONNX Runtime session or an
+            OpenVINO compiled model).
+
+    Returns:
+        (height, width), with None for a dimension the model leaves open; None when the
+        engine does not say.
+    """
+    try:
+        if hasattr(owner, "get_inputs"):  # ONNX Runtime: ints, or names/None for open dims
+            shape = list(owner.get_inputs()[0].shape)
+        else:  # OpenVINO: a partial shape of dimensions
+            shape = [d.get_length() if d.is_static else None for d in owner.input(0).get_partial_shape()]
+    except (AttributeError, IndexError, RuntimeError):
+        return None
+    if len(shape) != 4:
+        return None
+    return tuple(v if isinstance(v, int) and v > 0 else None for v in shape[1:3])
+
+
 def _import(module, extra):
     try:
         return __import__(module)

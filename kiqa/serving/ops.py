@@ -38,6 +38,8 @@ _TRACED = {
     # Strings in memory: the header parsers read bytes with Substr and DecodeRaw, error
     # messages are joined.
     "DecodePaddedRaw", "DecodeRaw", "ReduceJoin", "StringJoin", "StringLength", "Substr",
+    # Counting a JPEG's scans and a PNG's text chunks (kiqa.image.header._occurrences).
+    "StringSplitV2",
     # Control flow and function calls (the called bodies are checked too).
     "Case", "If", "PartitionedCall", "StatefulPartitionedCall", "StatelessCase",
     "StatelessIf", "StatelessWhile",
