@@ -14,7 +14,7 @@ Models predict KonIQ-10k's 0-100 mean opinion score (MOS, higher is better)::
     kiqa.export_model("runs/demo", base_path="export/kiqa")
 
 Importing the package is cheap: every name above is loaded on first use, and
-TensorFlow only with the modules that need it (`kiqa --help` starts without it).
+TensorFlow only with the modules that need it (the `kiqa` command's help starts without it).
 TensorFlow's start-up noise is hidden as on the command line (`kiqa.console`);
 `KIQA_VERBOSE=1` shows everything.
 """

@@ -3,8 +3,8 @@
 The commands (`kiqa.cli`), `import kiqa` in a script, and the notebooks follow one rule:
 TF's C++ log lines below ERROR and the lines its shared libraries print while they load
 (absl's preamble, "oneDNN custom operations are on", "Could not find cuda drivers",
-`cuInit` errors on machines without a GPU) are not shown; `KIQA_VERBOSE=1` (or
-`kiqa-train --verbose`) shows everything. Imported by `kiqa/__init__.py`, so it stays
+`cuInit` errors on machines without a GPU) are not shown; `KIQA_VERBOSE=1` (or the
+commands' verbose switch, see `kiqa.cli`) shows everything. Imported by `kiqa/__init__.py`, so it stays
 standard library only.
 """
 
@@ -16,7 +16,7 @@ import re
 import sys
 import tempfile
 
-# KIQA_VERBOSE=1 (or `kiqa-train --verbose`) shows TF's own console output untouched.
+# KIQA_VERBOSE=1 shows TF's own console output untouched (the commands add a switch for it).
 VERBOSE_ENV = "KIQA_VERBOSE"
 # TF's C++ log levels: 0 all, 1 no INFO, 2 no WARNING, 3 no ERROR. 3 by default: on a
 # machine without a GPU, TF logs "failed call to cuInit" and "oneDNN supports DT_UINT8 only
@@ -31,9 +31,9 @@ _PYTHON_WARNING = re.compile(r"^\S.*:\d+: \w*(Warning|Error)\b")
 _ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 
 
-def verbose_requested(argv=()):
-    """Whether the user asked to see TF's own output (`--verbose` or KIQA_VERBOSE=1)."""
-    return "--verbose" in argv or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+def verbose_requested() -> bool:
+    """Whether the user asked to see TF's own output (KIQA_VERBOSE set, and not to 0)."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
 def quiet_tensorflow(verbose=False):

@@ -262,7 +262,7 @@ def check_output(out_csv, files, replace=False):
     Args:
         out_csv: the CSV to write.
         files: (path, error) pairs of the job's inputs.
-        replace: the output is to be replaced (`--no-skip`): still only a kiqa CSV is.
+        replace: the output is to be replaced (`skip_existing=False`): still only a kiqa CSV is.
 
     Raises:
         OutputIsInputError: `out_csv` is one of the input files (also through a hard link).

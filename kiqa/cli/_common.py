@@ -18,9 +18,15 @@ from kiqa.console import (  # noqa: F401  (the CLI's names for the console rules
     VERBOSE_ENV,
     filter_tf_output,
     quiet_tensorflow,
-    verbose_requested,
 )
+from kiqa.console import verbose_requested as _verbose_env
 from kiqa.errors import KiqaError
+
+
+def verbose_requested(argv=()):
+    """Whether the user asked to see TF's own output: `--verbose` (kiqa-train) or KIQA_VERBOSE=1."""
+    return "--verbose" in argv or _verbose_env()
+
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # kiqa refused: bad input, bad config (message says what to fix)
