@@ -25,7 +25,7 @@ import os
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -55,6 +55,8 @@ ONNX_INFO = "kiqa.json"
 ENGINES = ("tf", "onnxruntime", "openvino")
 DEFAULT_ENGINE = "tf"
 ImageInput = Union[str, os.PathLike, bytes]
+if TYPE_CHECKING:
+    from kiqa.maps import QualityMap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +163,25 @@ class Scorer:
             label = "image bytes" if isinstance(image, (bytes, bytearray, memoryview)) else os.fspath(image)
             raise ImageError(f"{label}: {row['error']}", path=None if label == "image bytes" else label)
         return float(row["mos"])
+
+    def quality_map(self, image: ImageInput) -> "QualityMap":
+        """Where the image's quality is good or bad: local MOS on a grid (`kiqa.maps`).
+
+        Args:
+            image: an image file's path, or its encoded bytes.
+
+        Returns:
+            A `kiqa.maps.QualityMap`: `values` [rows, cols] of local MOS (0-100, higher
+            is better) whose mean is the image's score, `mos`, `grid`, `cell_size`.
+
+        Raises:
+            ImageError: the image cannot be read or decoded.
+            QualityMapError: (a ModelError) this model has no map (an ONNX engine, an
+                export without the `quality_map` signature, or a non-affine head).
+        """
+        from kiqa import maps
+
+        return maps.map_image(self, image)[0]
 
     def score_many(
         self, images: Iterable[ImageInput], batch_size: int = score_lib.DEFAULT_BATCH_SIZE,
