@@ -202,7 +202,8 @@ def _affine(layer) -> bool:
         return getattr(layer.activation, "__name__", "") == "linear"
     if isinstance(layer, keras.layers.LayerNormalization):
         axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-        return list(axis) in ([-1], [1])  # the pooled vector's only axis
+        # RMS scaling divides by a statistic of each position's own values: not affine.
+        return list(axis) in ([-1], [1]) and not getattr(layer, "rms_scaling", False)
     return isinstance(layer, (keras.layers.Rescaling, keras.layers.Reshape, keras.layers.Dropout))
 
 

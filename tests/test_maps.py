@@ -75,7 +75,7 @@ def mapped_run(tmp_path_factory):
     from kiqa.serving import export
 
     root = tmp_path_factory.mktemp("maps")
-    _scaled_head(make_tiny_run(root / "run", head_scale=300.0), 1.0)
+    make_tiny_run(root / "run", head_scale=300.0)
     base = root / "kiqa"
     export.export_model(root / "run", base_path=base)
     return root / "run", base
@@ -126,8 +126,6 @@ def test_export_records_map_parity(mapped_run):
 
 
 def test_an_export_without_the_signature_says_so(tmp_path_factory, tmp_path):
-    from kiqa.cli import main
-
     _, base = shared_export(tmp_path_factory)
     scorer = load_scorer(base)
     signatures = dict(scorer._owner.signatures)
