@@ -13,7 +13,7 @@ from PIL import Image, ImageFilter
 from helpers import EXPORT_SIZE, make_tiny_run, shared_export, write_generated_images
 from kiqa import maps
 from kiqa.config import TrainConfig
-from kiqa.contract import QUALITY_MAP_SIGNATURE
+from kiqa.contract import MAX_BATCH, QUALITY_MAP_SIGNATURE
 from kiqa.errors import QualityMapError
 from kiqa.model import build_model, small_cnn
 from kiqa.scorer import load_scorer
@@ -123,6 +123,11 @@ def test_export_records_map_parity(mapped_run):
     info = json.loads((base / "1" / "assets.extra" / "kiqa.json").read_text())
     assert QUALITY_MAP_SIGNATURE in info["signatures"]
     assert info["parity"]["quality_map"]["max_abs_diff"] < 1e-3
+    signature = tf.saved_model.load(str(base / "1")).signatures[QUALITY_MAP_SIGNATURE]
+    empty = signature(image_bytes=tf.zeros([0], tf.string))
+    assert empty["quality_map"].shape[0] == 0 and empty["mos"].shape == (0,)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"at most {MAX_BATCH} images"):
+        signature(image_bytes=tf.constant([b"x"] * (MAX_BATCH + 1)))
 
 
 def test_an_export_without_the_signature_says_so(tmp_path_factory, tmp_path):

@@ -177,7 +177,7 @@ def plot_quality_maps(model, image_size, paths, columns=4, title=None):
         found.append(maps.QualityMap(values=np.asarray(out["quality_map"][0], np.float32),
                                      mos=float(out["mos"][0]), image_size=tuple(image_size)))
     low = min(float(q.values.min()) for q in found)
-    high = max(float(q.values.max()), low + 1.0)
+    high = max(max(float(q.values.max()) for q in found), low + 1.0)
     columns = min(columns, len(paths))
     rows = -(-len(paths) // columns)
     height, width = image_size
