@@ -46,6 +46,12 @@ ERROR_OUTPUT = "error"
 PROVENANCE_SIGNATURE = "provenance"
 PROVENANCE_INPUT = "request"
 PROVENANCE_OUTPUT = "provenance"
+# Quality maps (`kiqa.maps`): same `image_bytes` input and decoding as serving_default,
+# returns `mos` float[-1] and `quality_map` float[-1, rows, cols] (local MOS, 0-100; its
+# mean is `mos`). Exports made before it existed, or of a model whose head is not affine
+# after the pooling, lack it.
+QUALITY_MAP_SIGNATURE = "quality_map"
+QUALITY_MAP_OUTPUT = "quality_map"
 # Most images one request may hold, in every signature, checked in the graph (a larger
 # request fails with INVALID_ARGUMENT on TF Serving too, before anything is decoded).
 # 32 images at 384x512 are 75 MB of float32 pixels in one score_pixels request and a

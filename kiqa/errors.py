@@ -122,6 +122,16 @@ class ModelTooLargeError(UntrustedModelError):
         self.inflated, self.limit = inflated, limit
 
 
+class QualityMapError(ModelError):
+    """A quality map cannot be made: the model's head is not affine after its global pooling
+    (`layer` names the layer), an export has no `quality_map` signature, or two maps differ
+    in grid."""
+
+    def __init__(self, message, path=None, layer=None):
+        super().__init__(message, path=path)
+        self.layer = layer
+
+
 class ExportError(KiqaError):
     """A SavedModel export failed its checks; nothing was made visible to TF Serving."""
 

@@ -64,6 +64,8 @@ ImageInput = Union[str, os.PathLike, bytes]
 # the size the model's input takes, and at most this on either side when the input does
 # not fix one (a 20000x20000 claim beside a 48x64 model got `kiqa score` killed by memory).
 MAX_MODEL_IMAGE_SIDE = 4096
+if TYPE_CHECKING:
+    from kiqa.maps import QualityMap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +193,25 @@ class Scorer:
             label = "image bytes" if isinstance(image, (bytes, bytearray, memoryview)) else os.fspath(image)
             raise ImageError(f"{label}: {row['error']}", path=None if label == "image bytes" else label)
         return float(row["mos"])
+
+    def quality_map(self, image: ImageInput) -> "QualityMap":
+        """Where the image's quality is good or bad: local MOS on a grid (`kiqa.maps`).
+
+        Args:
+            image: an image file's path, or its encoded bytes.
+
+        Returns:
+            A `kiqa.maps.QualityMap`: `values` [rows, cols] of local MOS (0-100, higher
+            is better) whose mean is the image's score, `mos`, `grid`, `cell_size`.
+
+        Raises:
+            ImageError: the image cannot be read or decoded.
+            QualityMapError: (a ModelError) this model has no map (an ONNX engine, an
+                export without the `quality_map` signature, or a non-affine head).
+        """
+        from kiqa import maps
+
+        return maps.map_image(self, image)[0]
 
     def score_many(
         self, images: Iterable[ImageInput], batch_size: int = score_lib.DEFAULT_BATCH_SIZE,

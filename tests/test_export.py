@@ -80,7 +80,13 @@ def test_export_layout_and_metadata(exported):
 
 def test_signatures_are_batch_first_and_named(exported):
     meta_graph = savedmodel.read_meta_graph(exported[1] / "1")
-    assert savedmodel.describe_signatures(meta_graph) == {
+    described = savedmodel.describe_signatures(meta_graph)
+    # The quality map (kiqa.maps): local MOS per cell of the last feature map, tests/test_maps.py.
+    quality_map = described.pop("quality_map")
+    assert quality_map["inputs"] == {"image_bytes": ["DT_STRING", [-1]]}
+    assert quality_map["outputs"]["mos"] == ["DT_FLOAT", [-1]]
+    assert quality_map["outputs"]["quality_map"][0] == "DT_FLOAT" and quality_map["outputs"]["quality_map"][1][0] == -1
+    assert described == {
         "serving_default": {"inputs": {"image_bytes": ["DT_STRING", [-1]]}, "outputs": {"mos": ["DT_FLOAT", [-1]]}},
         "score_pixels": {"inputs": {"image": ["DT_FLOAT", [-1, *SIZE, 3]]}, "outputs": {"mos": ["DT_FLOAT", [-1]]}},
         "score_bytes_lenient": {

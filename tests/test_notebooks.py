@@ -294,9 +294,11 @@ def test_what_the_model_sees_notebook(trained_run, tmp_path):
 
     width, height = png(tmp_path / "seen" / "kernels.png")
     assert width > 2 * height  # 6 rows of 16 kernels
-    for name in ("gallery", "best", "worst"):
+    for name in ("gallery", "best", "worst", "maps"):
         png(tmp_path / "seen" / f"{name}.png")
-    assert len(figures(nb)) == 4
+    assert len(summary["maps"]) == 4  # quality maps of the gallery: the mean is the score
+    assert all(m["map_mean"] == pytest.approx(m["mos"], abs=1e-3) for m in summary["maps"])
+    assert len(figures(nb)) == 5
 
 
 # ----------------------------------------------------------------------------- 04

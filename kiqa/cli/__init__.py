@@ -18,6 +18,7 @@ COMMANDS = {
     "serve-dev": ("kiqa.cli.serve_dev", "local development gRPC server speaking TF Serving's API (not TF Serving)"),
     "score": ("kiqa.cli.score", "score files and folders of images with a local model"),
     "score-beam": ("kiqa.cli.score_beam", "score images on Apache Beam (Dataflow, Flink, Spark, local)"),
+    "map": ("kiqa.cli.map", "quality maps: where in each image the model finds damage (PNG, .npy, JSON)"),
     "compare": ("kiqa.cli.compare", "compare two or more folders of images (e.g. SR outputs) without references"),
     "fetch-koniq": ("kiqa.cli.fetch", "download and verify KonIQ-10k"),
     "prepare": ("kiqa.cli.prepare", "decode and resize a KonIQ-format set once into TFRecord shards"),

@@ -36,6 +36,10 @@ def build_parser(prog=None):
     job.add_argument("--follow-links", action="store_true",
                      help="follow symbolic links that point outside the folders")
     job.add_argument("--quiet", action="store_true", help="no progress bars")
+    job.add_argument("--maps", action="store_true",
+                     help="also write, per paired image, where the first folder is better than the "
+                     "second: the A - B quality map in MOS points (maps/A-vs-B/NAME.diff.png and "
+                     ".diff.npy) and, in maps.json, the share of map cells where A is better")
     stats = parser.add_argument_group("statistics")
     stats.add_argument("--bootstrap", type=int, default=10_000, help="bootstrap resamples (default 10000)")
     stats.add_argument("--confidence", type=float, default=0.95, help="confidence level (default 0.95)")
@@ -91,6 +95,8 @@ def main(argv=None, prog=None):
                   f"{row['mean_win_rate']:13.2f}  {row['label']} ({row['folder']})")
     print(f"written to {result.out_dir}: per_image.csv, compare.json, compare.png"
           + (", ranking.csv" if result.ranking is not None else ""))
+    if args.maps:
+        _write_maps(scorer, result, args)
     print_model_warning(scorer.provenance)
     if result.n_failed:
         failures = [item for summary in result.summaries for item in summary.failures]
@@ -98,6 +104,24 @@ def main(argv=None, prog=None):
         print_failures(failures, result.out_dir)
         return EXIT_PARTIAL
     return EXIT_OK
+
+
+def _write_maps(scorer, result, args):
+    """`--maps`: the A - B maps of the paired images and the share of cells A wins."""
+    import pandas as pd
+
+    from kiqa.map_report import compare_maps
+
+    keys = pd.read_csv(result.files["per_image"], keep_default_na=False)["path"].tolist()
+    summary = compare_maps(scorer, result.folders, result.labels, keys, result.out_dir,
+                           ignore_extension=args.ignore_extension)
+    for pair in summary["pairs"]:
+        if pair["cells"]:
+            print(f"maps: {pair['a']} better on {pair['a_better_share']:.0%} of map cells, {pair['b']} on "
+                  f"{pair['b_better_share']:.0%} ({pair['n_images']} images, {pair['cells']} cells)")
+        if pair["errors"]:
+            print(f"maps: {len(pair['errors'])} paired image(s) could not be mapped (see maps.json)", file=sys.stderr)
+    print(f"difference maps written to {result.out_dir}/maps/, summary in {result.out_dir}/maps.json")
 
 
 if __name__ == "__main__":

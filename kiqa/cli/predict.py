@@ -49,6 +49,12 @@ def build_parser(prog=None):
     parser.add_argument("--status", action="store_true",
                         help="print the model's versions, their states and the signature, then exit")
     parser.add_argument("--out", help="write the CSV here instead of standard output")
+    parser.add_argument("--maps", metavar="DIR",
+                        help="also write a quality map per image into DIR (NAME.map.png, .map.npy, "
+                        ".map.json, as kiqa map writes them) from the export's quality_map signature; "
+                        "one request per image, and the CSV's scores come from the same requests")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --maps: replace maps of the same name from an earlier run")
     return parser
 
 
@@ -81,7 +87,8 @@ def main(argv=None, prog=None):
         client.check()
         record = client.provenance()
         readable = [path for path, error in found if error is None]
-        scored = iter(client.score_files(readable, batch_size=args.batch_size))
+        scored = iter(_map_files(client, readable, args, record) if args.maps
+                      else client.score_files(readable, batch_size=args.batch_size))
         results = [
             next(scored) if error is None else ScoreResult(str(path), error=f"{path}: {error}")
             for path, error in found
@@ -100,6 +107,18 @@ def main(argv=None, prog=None):
         print("  files over the message limit were not sent: raise --max-message-mb", file=sys.stderr)
     print_model_warning(record)
     return EXIT_PARTIAL if failures else EXIT_OK
+
+
+def _map_files(client, paths, args, record):
+    """`--maps`: maps through the quality_map signature, as `ScoreResult`s for the CSV."""
+    from kiqa.map_report import served_maps
+    from kiqa.serving.client import ScoreResult
+
+    results = served_maps(client, paths, args.maps, record, overwrite=args.overwrite)
+    if any(r.error and "earlier run" in r.error for r in results):
+        print(f"maps of the same name exist in {args.maps}: pass --overwrite to replace them", file=sys.stderr)
+    return [ScoreResult(r.path, error=r.error) if r.error else ScoreResult(r.path, mos=r.summary["mos"])
+            for r in results]
 
 
 def _print_status(client):

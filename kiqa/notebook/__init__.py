@@ -15,7 +15,7 @@ Importing this package loads pandas, SciPy and matplotlib, not TensorFlow.
 from kiqa import load_lazy
 from kiqa.data.koniq import default_image_root, official_split, random_split, read_labels, resolve_image_path
 from kiqa.data.synthetic import demo_dataset
-from kiqa.notebook.figures import first_conv_kernels, kernel_grid, plot_image_grid, plot_kernels
+from kiqa.notebook.figures import first_conv_kernels, kernel_grid, plot_image_grid, plot_kernels, plot_quality_maps
 from kiqa.notebook.labels import (
     BAND_EDGES,
     BAND_NAMES,
@@ -83,6 +83,7 @@ __all__ = [
     "plot_image_grid",
     "plot_kernels",
     "plot_mos_histogram",
+    "plot_quality_maps",
     "plot_residuals_by_band",
     "plot_sd_vs_mos",
     "plot_split_distributions",

@@ -143,3 +143,55 @@ def plot_kernels(kernels, columns=16, title=None):
     h, w, c, n = kernels.shape
     ax.set_title(title or f"first-layer kernels: {n} filters of {h}x{w}x{c}")
     return fig
+
+
+def plot_quality_maps(model, image_size, paths, columns=4, title=None):
+    """Images with their quality maps over them (`kiqa.maps`), a colour bar in MOS points.
+
+    Args:
+        model: a kiqa Keras model.
+        image_size: (height, width) it scores at (the run's `config.image_size`).
+        paths: image files.
+        columns: images per row.
+        title: figure title.
+
+    Returns:
+        (`matplotlib.figure.Figure`, list of `kiqa.maps.QualityMap`, one per image).
+
+    Raises:
+        ValueError: `paths` is empty.
+        ImageError: an image cannot be read or decoded (named).
+        QualityMapError: the model's head is not affine after its pooling.
+    """
+    from kiqa import maps  # TensorFlow: only when maps are made
+    from kiqa.image import load_image
+
+    paths = list(paths)
+    if not paths:
+        raise ValueError("need at least one image")
+    function = maps.map_function(model, image_size)
+    pixels = [np.asarray(load_image(path, image_size), np.float32) for path in paths]
+    found = []
+    for image in pixels:
+        out = function(image[None])
+        found.append(maps.QualityMap(values=np.asarray(out["quality_map"][0], np.float32),
+                                     mos=float(out["mos"][0]), image_size=tuple(image_size)))
+    low = min(float(q.values.min()) for q in found)
+    high = max(max(float(q.values.max()) for q in found), low + 1.0)
+    columns = min(columns, len(paths))
+    rows = -(-len(paths) // columns)
+    height, width = image_size
+    fig = Figure(figsize=(3.2 * columns + 0.8, 3.2 * height / width * rows + 0.5 * rows + 0.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    overlay = None
+    for ax, image, quality in zip(axes, pixels, found):
+        ax.imshow(image.astype(np.uint8), extent=(0, width, height, 0))
+        overlay = ax.imshow(quality.values, extent=(0, width, height, 0), alpha=0.5, cmap="RdYlGn",
+                            vmin=low, vmax=high, interpolation="nearest")
+        ax.set_title(f"MOS {quality.mos:.1f} (map {quality.values.min():.0f}-{quality.values.max():.0f})", fontsize=9)
+    fig.colorbar(overlay, ax=list(axes), fraction=0.03, label="local MOS (0-100, higher is better)")
+    if title:
+        fig.suptitle(title)
+    return fig, found

@@ -58,6 +58,8 @@ from kiqa.contract import (
     PROVENANCE_INPUT,
     PROVENANCE_OUTPUT,
     PROVENANCE_SIGNATURE,
+    QUALITY_MAP_OUTPUT,
+    QUALITY_MAP_SIGNATURE,
 )
 from kiqa.errors import ImageError, KiqaError, MessageTooLargeError, ServingError, ServingStatusError, SignatureError
 from kiqa.tferrors import clean_tf_message
@@ -300,6 +302,48 @@ class ServingClient:
             return Provenance.from_json(text, source=f"the provenance of model {self.model_name!r} at {self.server}")
         except KiqaError as err:
             raise ServingError(str(err)) from err
+
+    def quality_map(self, contents, name="image"):
+        """The served model's quality map of one encoded image (its `quality_map` signature).
+
+        One image per request: a map request costs what a score request costs, and a bad
+        image fails only its own request.
+
+        Args:
+            contents: encoded image bytes.
+            name: what to call the image in error messages.
+
+        Returns:
+            (mos, float32 map [rows, cols] of local MOS on 0-100; its mean is `mos`).
+
+        Raises:
+            ImageError: the server rejected the image (INVALID_ARGUMENT), naming why.
+            ServingError: no server, model or version, a timeout, or an export without
+                the `quality_map` signature (FAILED_PRECONDITION).
+        """
+        spec = self._model_spec()
+        spec.signature_name = QUALITY_MAP_SIGNATURE
+        request = predict_pb2.PredictRequest(model_spec=spec, output_filter=[MOS_OUTPUT, QUALITY_MAP_OUTPUT])
+        request.inputs[BYTES_INPUT].CopyFrom(tf.make_tensor_proto([contents], dtype=tf.string, shape=[1]))
+        try:
+            response = self._predict.Predict(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ImageError(self._rejection(name, err.details() or "")) from err
+            if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                raise ServingError(
+                    f"model {self.model_name!r} at {self.server} has no {QUALITY_MAP_SIGNATURE!r} "
+                    f"signature (exported before kiqa had maps, or its head is not affine); export it again"
+                ) from err
+            raise self._error(err, "Predict (quality_map)") from err
+        mos = tf.make_ndarray(response.outputs[MOS_OUTPUT]).reshape(-1)
+        values = tf.make_ndarray(response.outputs[QUALITY_MAP_OUTPUT])
+        if mos.shape[0] != 1 or values.ndim != 3 or values.shape[0] != 1:
+            raise ServingError(
+                f"model {self.model_name!r} at {self.server} answered {QUALITY_MAP_SIGNATURE!r} with "
+                f"mos {list(mos.shape)} and map {list(values.shape)} for one image"
+            )
+        return float(mos[0]), values[0].astype(np.float32)
 
     # ------------------------------------------------------------------------- scoring
 

@@ -65,6 +65,8 @@ from kiqa.contract import (
     PIXELS_SIGNATURE,
     PROVENANCE_OUTPUT,
     PROVENANCE_SIGNATURE,
+    QUALITY_MAP_OUTPUT,
+    QUALITY_MAP_SIGNATURE,
     WARMUP_FILE,
 )
 from kiqa.errors import ConfigError, DefaultImageSizeWarning, ExportError, ImageError, ModelError
@@ -197,6 +199,7 @@ def export_model(
         report = savedmodel.check_saved_model(temp, resolved.image_size, check_ops=options.safe_mode)
         _check_stored_once(temp, resolved.model)
         parity = _check_parity(resolved.model, temp, parity_images, resolved.image_size, resolved.max_pixels)
+        parity["quality_map"] = _check_map_parity(resolved.model, temp, parity_images, resolved.image_size)
         write_warmup_file(temp / ASSETS_EXTRA / WARMUP_FILE, warmup_requests(base.resolve().name, WARMUP_BATCH_SIZES))
         metadata = common_metadata(resolved, base.resolve().name, version) | {
             "signatures": report["signatures"],
@@ -358,6 +361,36 @@ class _ServingModule(tf.Module):
         self.score_bytes = score_bytes
         self.score_bytes_lenient = score_bytes_lenient
         self.provenance_record = provenance_record
+        self.quality_map = _quality_map_function(model, decode, size)
+
+
+def _quality_map_function(model, decode, size):
+    """The `quality_map` signature's function (`kiqa.maps`), or None for a model whose head
+    is not affine after its pooling (the export then has no such signature).
+
+    Same input, decoding, batch cap and all-or-nothing rule as serving_default, and one
+    backbone pass: the map and `mos` come from the same feature map.
+    """
+    from kiqa import maps
+
+    head = maps.maybe_map_head(model)
+    if head is None:
+        return None
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def quality_map(image_bytes):
+        _, _, images, errors = decode(image_bytes)
+        with tf.control_dependencies([_check_no_errors(errors)]):
+            images = tf.identity(images)
+        # An empty batch would reach Conv2D, which fails on zero images in TF 2.21; the
+        # one-image branch only runs for an empty request, to give the grid its shape.
+        return tf.cond(
+            tf.shape(images)[0] > 0,
+            lambda: head(images),
+            lambda: {key: value[:0] for key, value in head(tf.zeros([1, *size, 3])).items()},
+        )
+
+    return quality_map
 
 
 def _check_batch(tensor, key):
@@ -499,6 +532,8 @@ def _write_saved_model(model, directory, image_size, max_pixels, record=None):
                 LENIENT_SIGNATURE: module.score_bytes_lenient.get_concrete_function(),
                 PIXELS_SIGNATURE: module.score_pixels.get_concrete_function(),
                 PROVENANCE_SIGNATURE: module.provenance_record.get_concrete_function(),
+                **({QUALITY_MAP_SIGNATURE: module.quality_map.get_concrete_function()}
+                   if module.quality_map is not None else {}),
             },
         )
     except (ValueError, TypeError, AssertionError, tf.errors.OpError) as err:
@@ -594,6 +629,38 @@ def _check_parity(model, directory, parity, image_size, max_pixels):
         "max_abs_diff_lenient": float(diffs["lenient"].max()),
         "tolerance": PARITY_TOLERANCE,
     }
+
+
+def _check_map_parity(model, directory, parity, image_size):
+    """The `quality_map` signature against the Keras model's map on the parity images.
+
+    Returns:
+        {"max_abs_diff": float} in MOS points, or None when the export has no map signature.
+
+    Raises:
+        ExportError: they differ by more than PARITY_TOLERANCE.
+    """
+    from kiqa import maps
+
+    loaded = tf.saved_model.load(str(directory))
+    if QUALITY_MAP_SIGNATURE not in loaded.signatures:
+        return None
+    inputs, _ = parity
+    keras_maps = maps.map_function(model, image_size)
+    worst = 0.0
+    for start in range(0, len(inputs), _PARITY_BATCH):
+        chunk = inputs[start : start + _PARITY_BATCH]
+        pixels = tf.stack([decode_image(contents, image_size) for _, contents in chunk])
+        served = loaded.signatures[QUALITY_MAP_SIGNATURE](**{BYTES_INPUT: tf.constant([c for _, c in chunk])})
+        diff = np.abs(served[QUALITY_MAP_OUTPUT].numpy() - keras_maps(pixels)[QUALITY_MAP_OUTPUT].numpy())
+        worst = max(worst, float(diff.max()))
+    if worst > PARITY_TOLERANCE:
+        raise ExportError(
+            f"parity check failed: the {QUALITY_MAP_SIGNATURE} signature's maps differ from the "
+            f"Keras model's by up to {worst:.4f} MOS, over the {PARITY_TOLERANCE} tolerance; "
+            f"nothing was published"
+        )
+    return {"max_abs_diff": worst}
 
 
 # Put among each parity batch of the lenient signature: it must come back NaN with an
