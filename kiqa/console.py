@@ -50,7 +50,7 @@ def quiet_tensorflow(verbose=False):
 
     Args:
         verbose: show everything: also undoes an earlier quiet call of this process (e.g.
-            `import kiqa` before `kiqa-train --verbose` parsed its flags), as long as TF is
+            `import kiqa` before a command parsed its verbose switch), as long as TF is
             not loaded yet.
     """
     if verbose:

@@ -1,4 +1,4 @@
-"""Quality-map outputs on disk: `kiqa map`'s per-image files and `kiqa compare --maps`.
+"""Quality-map outputs on disk: `kiqa map`'s per-image files and `kiqa compare`'s difference maps.
 
 Per image (`write_image_map`): `<name>.map.png` (the photo as the model saw it with the
 map over it, a colour bar in MOS points, the model and its provenance warning),
@@ -146,7 +146,7 @@ def write_map_files(image: str, quality: "maps.QualityMap", pixels: np.ndarray, 
 
 def served_maps(client, paths: Sequence[str], out_dir, record, overwrite: bool = False,
                 max_bytes: int = DEFAULT_MAX_BYTES) -> List[MapResult]:
-    """`write_maps` through a TF Serving endpoint (`kiqa predict --maps`).
+    """`write_maps` through a TF Serving endpoint (what `kiqa predict` writes when asked for maps).
 
     The server decodes each file; the photo under the map is decoded here by the same
     function at the map's grid times `_SERVED_CELL_PIXELS` (the export's own size is not
