@@ -33,7 +33,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from kiqa import provenance
-from kiqa.contract import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS
+from kiqa.contract import DEFAULT_MAX_BYTES, DISTRIBUTION_COLUMNS, IMAGE_EXTENSIONS, SD_OUTPUT
 from kiqa.errors import ConfigError, DataError, ImageError, NotScoresCsvError
 from kiqa.fsutil import CSV_TEXT, printable
 from kiqa.image import (
@@ -44,6 +44,9 @@ from kiqa.image import (
 )
 
 CSV_COLUMNS = ("path", "mos", "error")
+# A distribution model's CSV: the spread (0-100 points) and the shares of the five rating
+# levels between `mos` and `error` (kiqa.contract.DISTRIBUTION_COLUMNS).
+DISTRIBUTION_CSV_COLUMNS = ("path", "mos") + DISTRIBUTION_COLUMNS + ("error",)
 # 16 images at 384x512 hold 38 MB of float32 pixels; ConvNeXt-Tiny's activations for
 # such a batch stay well under 2 GB on CPU.
 DEFAULT_BATCH_SIZE = 16
@@ -213,11 +216,17 @@ def is_link_outside(error):
     return bool(error) and any(error.startswith(LINK_OUTSIDE.format(kind=k)) for k in ("file", "folder"))
 
 
+def csv_columns(scorer):
+    """The scores CSV header for `scorer`: `CSV_COLUMNS`, or `DISTRIBUTION_CSV_COLUMNS`
+    for a distribution model."""
+    return DISTRIBUTION_CSV_COLUMNS if getattr(scorer, "distribution", False) else CSV_COLUMNS
+
+
 def _parse_row(row):
     """(path, mos or None, error) from a CSV row, or None for a malformed row."""
-    if len(row) != len(CSV_COLUMNS):
+    if len(row) not in (len(CSV_COLUMNS), len(DISTRIBUTION_CSV_COLUMNS)):
         return None
-    path, mos, error = row
+    path, mos, error = row[0], row[1], row[-1]
     if mos:
         try:
             value = float(mos)
@@ -258,7 +267,7 @@ def _read_rows(path):
         header = next(reader, None)
         if header is None:
             return
-        if tuple(header) != CSV_COLUMNS:
+        if tuple(header) not in (CSV_COLUMNS, DISTRIBUTION_CSV_COLUMNS):
             raise NotScoresCsvError(
                 f"{path} exists but is not a kiqa scores CSV (header {header}, expected "
                 f"{list(CSV_COLUMNS)}); it is left untouched",
@@ -297,7 +306,20 @@ def read_scores(out_csv, paths=None):
     return results
 
 
-def _start_csv(out_csv, skip_existing):
+def _check_same_layout(out_csv, columns):
+    """Refuses to resume a scores CSV whose columns are another head's (regression vs distribution)."""
+    with open(out_csv, "r", **_CSV_ENCODING) as handle:
+        header = tuple(next(csv.reader(handle), ()))
+    if header != tuple(columns):
+        raise NotScoresCsvError(
+            f"{out_csv} holds scores in columns {list(header)}, and this model writes {list(columns)} "
+            f"(a {'distribution' if columns == DISTRIBUTION_CSV_COLUMNS else 'regression'} model); "
+            f"it is left untouched: write these scores to another file",
+            path=str(out_csv),
+        )
+
+
+def _start_csv(out_csv, skip_existing, columns=CSV_COLUMNS):
     """Prepares the output: keeps earlier rows (resume) or starts a fresh file.
 
     Returns:
@@ -307,9 +329,11 @@ def _start_csv(out_csv, skip_existing):
     if skip_existing and out_csv.is_file():
         _drop_partial_line(out_csv)
         if out_csv.stat().st_size > 0:
-            return read_scores(out_csv)
+            previous = read_scores(out_csv)
+            _check_same_layout(out_csv, columns)
+            return previous
     with open(out_csv, "w", **_CSV_ENCODING) as handle:
-        csv.writer(handle).writerow(CSV_COLUMNS)
+        csv.writer(handle).writerow(columns)
     return {}
 
 
@@ -442,9 +466,22 @@ def model_score(value):
     return None, "the model returned a non-finite score"
 
 
-def csv_row(path, mos, error):
-    """The CSV cells (path, mos, error) of one file, as `kiqa score` writes them."""
-    return (path, "" if mos is None else _format_mos(mos), error or "")
+def csv_row(path, mos, error, extras=None):
+    """The CSV cells (path, mos, error) of one file, as `kiqa score` writes them.
+
+    `extras`, for a distribution model's CSV: the row's values of `DISTRIBUTION_COLUMNS`
+    (mos_sd, p1..p5), or [] for a failed file; None writes the regression layout.
+    """
+    if extras is None:
+        return (path, "" if mos is None else _format_mos(mos), error or "")
+    cells = [_format_mos(v) for v in extras] if mos is not None else [""] * len(DISTRIBUTION_COLUMNS)
+    return (path, "" if mos is None else _format_mos(mos), *cells, error or "")
+
+
+def distribution_extras(outputs, i):
+    """The values of `DISTRIBUTION_COLUMNS` (mos_sd, p1..p5) of item `i` of a distribution
+    model's outputs (`Scorer.predict_outputs`)."""
+    return [float(outputs[SD_OUTPUT][i])] + [float(v) for v in outputs["dist"][i]]
 
 
 def encode_csv_line(cells):
@@ -470,7 +507,8 @@ def scored_batches(files, scorer, batch_size=DEFAULT_BATCH_SIZE, max_bytes=DEFAU
 
     Yields:
         lists of [path, mos or None, error or None], in input order; `mos` is rounded as
-        the CSV holds it (`model_score`).
+        the CSV holds it (`model_score`). For a distribution model (`scorer.distribution`)
+        each item has a fourth element: its `DISTRIBUTION_COLUMNS` values, [] when failed.
 
     Raises:
         ConfigError: batch_size below 1.
@@ -486,10 +524,16 @@ def scored_batches(files, scorer, batch_size=DEFAULT_BATCH_SIZE, max_bytes=DEFAU
     with tqdm(total=len(files), disable=not progress, unit="img", desc="scoring", dynamic_ncols=True) as bar:
         for batch in _prefetched_batches(files, batch_size, load):
             with_pixels = [item for item in batch if item[1] is not None]
+            distribution = getattr(scorer, "distribution", False)
+            if distribution:
+                for item in batch:
+                    item.append([])
             if with_pixels:
-                scores = scorer.predict_pixels(np.stack([item[1] for item in with_pixels]))
-                for item, value in zip(with_pixels, scores):
+                outputs = scorer.predict_outputs(np.stack([item[1] for item in with_pixels]))
+                for i, (item, value) in enumerate(zip(with_pixels, outputs["mos"])):
                     item[1], item[2] = model_score(value)
+                    if distribution and item[1] is not None:
+                        item[3] = distribution_extras(outputs, i)
             yield batch
             bar.update(len(batch))
 
@@ -566,7 +610,8 @@ def score_files(
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     out_csv = Path(out_csv)
-    previous = _start_csv(out_csv, skip_existing)
+    columns = csv_columns(scorer)
+    previous = _start_csv(out_csv, skip_existing, columns)
     # <out>.provenance.json: which model these scores come from, and whether they mean anything.
     provenance.write_sidecar(out_csv, getattr(scorer, "provenance", None), getattr(scorer, "source", "unknown"))
     todo = [(path, error) for path, error in files if path not in previous]
@@ -577,9 +622,9 @@ def score_files(
         writer = csv.writer(handle)
         for batch in scored_batches(todo, scorer, batch_size, max_bytes, progress=progress):
             rows = []
-            for path, mos, error in batch:
+            for path, mos, error, *extras in batch:
                 results[path] = (mos, error or "")
-                rows.append(csv_row(path, mos, error))
+                rows.append(csv_row(path, mos, error, extras[0] if extras else None))
             writer.writerows(rows)
             # Flushed to the OS per batch: a killed process loses at most this batch.
             handle.flush()

@@ -25,7 +25,7 @@ import os
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pandas as pd
@@ -38,11 +38,14 @@ from kiqa.contract import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
+    DIST_OUTPUT,
+    DISTRIBUTION_COLUMNS,
     MAX_BATCH as SAVED_MODEL_MAX_BATCH,
     METADATA_FILE,
     MOS_OUTPUT,
     PIXELS_INPUT,
     PIXELS_SIGNATURE,
+    SD_OUTPUT,
 )
 from kiqa.errors import BatchMemoryError, ExportError, ImageError, ImageSizeError, ModelError, UntrustedModelError
 from kiqa.run import ModelPath, resolve_model
@@ -71,6 +74,9 @@ class Scorer:
         provenance: the model's `kiqa.provenance.Provenance` (from the run directory
             or the SavedModel's `assets.extra/provenance.json`), or None when it has
             none: then its origin is unknown, and commands say so.
+        distribution: True for a distribution model (`kiqa-train --head distribution`):
+            besides `mos` it predicts `mos_sd` and the shares `p1..p5`
+            (`predict_outputs`, and extra columns in `score_many`).
     """
 
     image_size: Tuple[int, int]
@@ -83,6 +89,7 @@ class Scorer:
     _owner: Any = dataclasses.field(repr=False, default=None)
     engine: str = DEFAULT_ENGINE
     provenance: Optional[provenance_lib.Provenance] = None
+    distribution: bool = False
 
     @classmethod
     def from_keras_model(
@@ -101,9 +108,18 @@ class Scorer:
         return cls(
             image_size=tuple(int(v) for v in image_size), max_pixels=int(max_pixels), source=source,
             kind="keras", _predict=keras_forward(model, image_size), _owner=model, provenance=provenance,
+            distribution=is_distribution_model(model),
         )
 
     def predict_pixels(self, batch) -> np.ndarray:
+        """Scores a batch of decoded images (see `predict_outputs` for the arguments).
+
+        Returns:
+            float32 numpy array [batch] of MOS on KonIQ's 0-100 scale (higher is better).
+        """
+        return self.predict_outputs(batch)[MOS_OUTPUT]
+
+    def predict_outputs(self, batch) -> Dict[str, np.ndarray]:
         """Scores a batch of decoded images.
 
         Args:
@@ -111,7 +127,9 @@ class Scorer:
                 `image_size`, as `kiqa.image.decode_image` returns them.
 
         Returns:
-            float32 numpy array [batch] of MOS on KonIQ's 0-100 scale (higher is better).
+            dict of float32 numpy arrays: `mos` [batch] on KonIQ's 0-100 scale (higher is
+            better), and for a distribution model `mos_sd` [batch] (0-100 points) and
+            `dist` [batch, 5] (shares of the rating levels 1..5).
 
         Raises:
             ModelError: the batch has the wrong shape for this model.
@@ -130,17 +148,20 @@ class Scorer:
                 path=self.source,
             )
         if batch.shape[0] == 0:
-            return np.zeros([0], np.float32)
+            empty = {MOS_OUTPUT: np.zeros([0], np.float32)}
+            if self.distribution:
+                empty.update({SD_OUTPUT: np.zeros([0], np.float32), DIST_OUTPUT: np.zeros([0, 5], np.float32)})
+            return empty
         try:
             inputs = tf.constant(batch) if self.engine == "tf" and not isinstance(batch, tf.Tensor) else batch
-            mos = self._predict(inputs)
+            outputs = self._predict(inputs)
         except tf.errors.ResourceExhaustedError as err:
             raise BatchMemoryError(
                 f"{self.source}: out of memory scoring a batch of {batch.shape[0]} images at "
                 f"{expected[0]}x{expected[1]}",
                 path=self.source, batch_size=int(batch.shape[0]),
             ) from err
-        return np.asarray(mos, dtype=np.float32).reshape(-1)
+        return _as_outputs(outputs)
 
     def score(self, image: ImageInput) -> float:
         """The MOS of one image.
@@ -179,8 +200,9 @@ class Scorer:
 
         Returns:
             DataFrame with one row per image, in input order: `path` (the path as given,
-            `<bytes N>` for the N-th bytes item), `mos` (float; NaN when it failed) and
-            `error` (None when scored, else why not).
+            `<bytes N>` for the N-th bytes item), `mos` (float; NaN when it failed), for a
+            distribution model `mos_sd` and `p1`..`p5` (NaN when it failed), and `error`
+            (None when scored, else why not).
 
         Raises:
             ModelError: the model failed on a batch.
@@ -198,11 +220,16 @@ class Scorer:
                 files, self, batch_size, max_bytes, progress=progress, read_bytes=_bytes_reader(blobs),
             ) for row in batch
         ]
-        return pd.DataFrame({
-            "path": [path for path, _, _ in rows],
-            "mos": np.array([np.nan if mos is None else mos for _, mos, _ in rows], dtype=np.float64),
-            "error": pd.Series([error or None for _, _, error in rows], dtype=object),
-        })
+        table = {
+            "path": [row[0] for row in rows],
+            "mos": np.array([np.nan if row[1] is None else row[1] for row in rows], dtype=np.float64),
+        }
+        if self.distribution:
+            extras = np.array([row[3] if row[1] is not None else [np.nan] * len(DISTRIBUTION_COLUMNS)
+                               for row in rows], dtype=np.float64).reshape(-1, len(DISTRIBUTION_COLUMNS))
+            table.update({name: extras[:, k] for k, name in enumerate(DISTRIBUTION_COLUMNS)})
+        table["error"] = pd.Series([row[2] or None for row in rows], dtype=object)
+        return pd.DataFrame(table)
 
 
 def _bytes_reader(blobs):
@@ -225,8 +252,25 @@ def _bytes_reader(blobs):
 _FORWARD = weakref.WeakKeyDictionary()
 
 
+def is_distribution_model(model) -> bool:
+    """True for a Keras model with the distribution head's `dist` output."""
+    return DIST_OUTPUT in (getattr(model, "output_names", None) or [])
+
+
+def _as_outputs(outputs) -> Dict[str, np.ndarray]:
+    """A forward pass's result (a MOS tensor, or a dict of outputs) as float32 numpy arrays."""
+    if not isinstance(outputs, dict):
+        return {MOS_OUTPUT: np.asarray(outputs, dtype=np.float32).reshape(-1)}
+    result = {MOS_OUTPUT: np.asarray(outputs[MOS_OUTPUT], dtype=np.float32).reshape(-1)}
+    if DIST_OUTPUT in outputs:
+        result[SD_OUTPUT] = np.asarray(outputs[SD_OUTPUT], dtype=np.float32).reshape(-1)
+        result[DIST_OUTPUT] = np.asarray(outputs[DIST_OUTPUT], dtype=np.float32).reshape(-1, 5)
+    return result
+
+
 def keras_forward(model, image_size):
-    """The one traced forward pass of a Keras model: float32 [batch, h, w, 3] -> MOS [batch].
+    """The one traced forward pass of a Keras model: float32 [batch, h, w, 3] -> MOS [batch]
+    (a dict of `mos`, `mos_sd` and `dist` for a distribution model).
 
     A plain tf.function, not model.predict: measured ~9% faster on CPU, and one trace
     serves every batch size (the batch dimension is None).
@@ -238,6 +282,8 @@ def keras_forward(model, image_size):
         @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32)])
         def predict(images):
             outputs = model(images, training=False)
+            if isinstance(outputs, dict) and DIST_OUTPUT in outputs:
+                return {key: tf.cast(value, tf.float32) for key, value in outputs.items()}
             if isinstance(outputs, dict):
                 outputs = outputs[MOS_OUTPUT]
             return tf.reshape(tf.cast(outputs, tf.float32), [-1])
@@ -453,16 +499,20 @@ def _saved_model_scorer(version_dir, image_size, safe_mode=True):
             path=str(version_dir), requested=image_size, expected=export_size,
         )
 
+    distribution = DIST_OUTPUT in signature.structured_outputs
+    keys = (MOS_OUTPUT, SD_OUTPUT, DIST_OUTPUT) if distribution else (MOS_OUTPUT,)
+
     def predict(images):
         # kiqa exports refuse more than MAX_BATCH images per call (kiqa.serving.export): a
         # larger batch is split here rather than refused.
-        return tf.concat([
-            signature(**{PIXELS_INPUT: images[start : start + SAVED_MODEL_MAX_BATCH]})[MOS_OUTPUT]
+        parts = [
+            signature(**{PIXELS_INPUT: images[start : start + SAVED_MODEL_MAX_BATCH]})
             for start in range(0, int(images.shape[0]), SAVED_MODEL_MAX_BATCH)
-        ], axis=0)
+        ]
+        return {key: tf.concat([part[key] for part in parts], axis=0) for key in keys}
 
     return Scorer(
         image_size=tuple(image_size), max_pixels=max_pixels, source=str(version_dir),
         kind="savedmodel", _predict=predict, _owner=loaded,
-        provenance=provenance_lib.find_for_model(version_dir),
+        provenance=provenance_lib.find_for_model(version_dir), distribution=distribution,
     )
