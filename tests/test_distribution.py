@@ -255,3 +255,91 @@ def test_scorer_gives_every_output_of_a_distribution_model(distribution_run):
     np.testing.assert_allclose(table["mos"][:3], distribution.mean_to_mos(mean), atol=2e-3)
     np.testing.assert_allclose(table["mos_sd"][:3], contract.KONIQ_MOS_SLOPE * sd, atol=2e-3)
     assert scorer.score(images[0]) == table["mos"][0]
+
+
+def test_kiqa_score_csv_has_the_distribution_columns_and_resumes(distribution_run, tmp_path, capsys):
+    import csv
+
+    from kiqa.cli import score as score_cli
+    from kiqa.score import DISTRIBUTION_CSV_COLUMNS, read_scores
+
+    result, labels = distribution_run
+    images = sorted((labels.parent / "images").glob("*.jpg"))[:4]
+    out = tmp_path / "scores.csv"
+    assert score_cli.main([*map(str, images[:2]), "--model", str(result.run_dir), "--out", str(out)]) == 0
+    assert score_cli.main([*map(str, images), "--model", str(result.run_dir), "--out", str(out)]) == 0
+    rows = list(csv.reader(out.open()))
+    assert tuple(rows[0]) == DISTRIBUTION_CSV_COLUMNS == ("path", "mos", "mos_sd", "p1", "p2", "p3", "p4", "p5", "error")
+    assert len(rows) == 5 and "2 from an earlier run" in capsys.readouterr().out
+    assert all(float(row[2]) >= 0 and abs(sum(map(float, row[3:8])) - 1) < 1e-3 for row in rows[1:])
+    assert set(read_scores(out)) == {str(p) for p in images}
+
+
+def test_a_regression_csv_is_not_resumed_by_a_distribution_model(distribution_run, tmp_path):
+    from kiqa.errors import NotScoresCsvError
+    from kiqa.scorer import load_scorer
+    from kiqa.score import score_paths
+
+    result, labels = distribution_run
+    image = sorted((labels.parent / "images").glob("*.jpg"))[0]
+    out = tmp_path / "scores.csv"
+    out.write_text(f"path,mos,error\n{image},50.0000,\n")
+    with pytest.raises(NotScoresCsvError, match="this model writes .*'mos_sd'"):
+        score_paths([image], load_scorer(result.run_dir), out, progress=False)
+    assert out.read_text() == f"path,mos,error\n{image},50.0000,\n"
+
+
+@pytest.fixture(scope="session")
+def distribution_export(distribution_run, tmp_path_factory):
+    from kiqa.serving.export import export_model
+
+    result, _ = distribution_run
+    return export_model(result.run_dir, base_path=tmp_path_factory.mktemp("dist-export") / "kiqa")
+
+
+def test_savedmodel_signatures_carry_every_output_within_parity(distribution_run, distribution_export):
+    import json
+
+    import tensorflow as tf
+
+    from kiqa.scorer import load_scorer
+
+    result, labels = distribution_run
+    info = json.loads((distribution_export / "assets.extra" / "kiqa.json").read_text())
+    parity = info["parity"] if "parity" in info else info
+    text = json.dumps(parity)
+    assert "max_abs_diff_mos_sd" in text and "max_abs_diff_dist" in text
+    loaded = tf.saved_model.load(str(distribution_export))
+    for name in (contract.BYTES_SIGNATURE, contract.LENIENT_SIGNATURE, contract.PIXELS_SIGNATURE):
+        assert {"mos", "mos_sd", "dist"} <= set(loaded.signatures[name].structured_outputs), name
+    images = sorted((labels.parent / "images").glob("*.jpg"))[:3]
+    lenient = loaded.signatures[contract.LENIENT_SIGNATURE](
+        image_bytes=tf.constant([images[0].read_bytes(), b"not an image"]))
+    assert np.isnan(lenient["dist"].numpy()[1]).all() and np.isfinite(lenient["dist"].numpy()[0]).all()
+    exported = load_scorer(distribution_export).score_many(images)
+    local = load_scorer(result.run_dir).score_many(images)
+    for column in ("mos", *contract.DISTRIBUTION_COLUMNS):
+        np.testing.assert_allclose(exported[column], local[column], atol=2e-3, err_msg=column)
+
+
+def test_compare_judges_differences_against_the_predicted_spread(distribution_run, tmp_path):
+    import shutil
+
+    from kiqa.compare import compare_folders
+    from kiqa.scorer import load_scorer
+
+    result, labels = distribution_run
+    images = sorted((labels.parent / "images").glob("*.jpg"))
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, chosen in ((a, images[:3]), (b, images[3:6])):
+        folder.mkdir()
+        for i, image in enumerate(chosen):
+            shutil.copy(image, folder / f"{i}.jpg")
+    compared = compare_folders([a, b], load_scorer(result.run_dir), tmp_path / "cmp", progress=False,
+                               n_resamples=200)
+    spread = compared.pairs[0]["spread"]
+    per_image = pd.read_csv(tmp_path / "cmp" / "per_image.csv")
+    pooled = np.sqrt((per_image["mos_sd_a"] ** 2 + per_image["mos_sd_b"] ** 2) / 2)
+    np.testing.assert_allclose(per_image["diff_in_spreads"], per_image["diff"] / pooled, atol=1e-3)
+    assert spread["beyond_spread_fraction"] == pytest.approx(np.mean(per_image["diff"].abs() > pooled))
+    assert spread["mean_spread"] == pytest.approx(pooled.mean(), abs=1e-3)

@@ -290,6 +290,10 @@ def _print_metrics(result):
 
         print(f"test ({metrics['n']} images):")
         print(format_report(metrics, indent="  "))
+        if "distribution" in metrics:
+            from kiqa.distribution import format_distribution_report
+
+            print(format_distribution_report(metrics["distribution"], indent="  "))
     else:
         print("test metrics over the repeated splits (median [min, max]):")
         for name, stats in metrics.items():
