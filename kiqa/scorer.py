@@ -355,6 +355,7 @@ def _onnx_scorer(resolved, image_size, safe_mode, engine):
         return Scorer(
             image_size=keras_scorer.image_size, max_pixels=keras_scorer.max_pixels,
             source=keras_scorer.source, kind="keras", _predict=predict, _owner=owner, engine=engine,
+            distribution=engines.predicts_distribution(owner),
         )
     onnx_file = resolved.model
     info_path = onnx_file.parent / ONNX_INFO
@@ -377,7 +378,7 @@ def _onnx_scorer(resolved, image_size, safe_mode, engine):
     predict, owner = engines.onnx_predictor(onnx_file, engine)
     return Scorer(
         image_size=export_size, max_pixels=max_pixels, source=str(onnx_file), kind="onnx",
-        _predict=predict, _owner=owner, engine=engine,
+        _predict=predict, _owner=owner, engine=engine, distribution=engines.predicts_distribution(owner),
     )
 
 

@@ -343,3 +343,42 @@ def test_compare_judges_differences_against_the_predicted_spread(distribution_ru
     np.testing.assert_allclose(per_image["diff_in_spreads"], per_image["diff"] / pooled, atol=1e-3)
     assert spread["beyond_spread_fraction"] == pytest.approx(np.mean(per_image["diff"].abs() > pooled))
     assert spread["mean_spread"] == pytest.approx(pooled.mean(), abs=1e-3)
+
+
+def test_kiqa_predict_through_serve_dev_returns_every_output(distribution_run, distribution_export, tmp_path):
+    from kiqa.cli import predict as predict_cli
+    from kiqa.scorer import load_scorer
+    from kiqa.serving.devserver import DevServer
+
+    result, labels = distribution_run
+    images = sorted((labels.parent / "images").glob("*.jpg"))[:3]
+    out = tmp_path / "served.csv"
+    with DevServer(distribution_export.parent, port=0, warmup=False) as server:
+        code = predict_cli.main([*map(str, images), str(labels), "--server", server.address, "--out", str(out)])
+    assert code != 0  # the label file is no image: a failed row, the others scored
+    served = pd.read_csv(out)
+    assert list(served.columns) == ["path", "mos", *contract.DISTRIBUTION_COLUMNS, "error"]
+    assert served.loc[3, ["mos", "mos_sd", "p1"]].isna().all() and isinstance(served.loc[3, "error"], str)
+    local = load_scorer(result.run_dir).score_many(images)
+    for column in ("mos", *contract.DISTRIBUTION_COLUMNS):
+        np.testing.assert_allclose(served[column][:3], local[column], atol=2e-3, err_msg=column)
+
+
+def test_onnx_export_carries_every_output_within_parity(distribution_run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("tf2onnx")
+    from kiqa.scorer import load_scorer
+    from kiqa.serving import artifact
+    from kiqa.serving.onnx import export_onnx
+
+    result, labels = distribution_run
+    version = export_onnx(result.run_dir, base_path=tmp_path / "kiqa-onnx")
+    parity = artifact.read_metadata(version)["parity"]
+    assert {"onnxruntime_vs_keras", "onnxruntime_vs_keras_mos_sd", "onnxruntime_vs_keras_dist"} <= set(parity)
+    assert parity["onnxruntime_vs_keras_dist"]["images"] == 5 * parity["onnxruntime_vs_keras"]["images"]
+    images = sorted((labels.parent / "images").glob("*.jpg"))[:3]
+    onnx = load_scorer(version, engine="onnxruntime")
+    assert onnx.distribution
+    exported, local = onnx.score_many(images), load_scorer(result.run_dir).score_many(images)
+    for column in ("mos", *contract.DISTRIBUTION_COLUMNS):
+        np.testing.assert_allclose(exported[column], local[column], atol=2e-3, err_msg=column)

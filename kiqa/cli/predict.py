@@ -125,7 +125,7 @@ def _write_csv(results, out):
     are not valid UTF-8 written back as their original bytes (surrogateescape), so every
     path round-trips (`os.fsencode` of the field read back with the same rule)."""
     from kiqa.fsutil import CSV_TEXT as CSV_OPEN_OPTIONS
-    from kiqa.score import CSV_COLUMNS
+    from kiqa.score import CSV_COLUMNS, DISTRIBUTION_CSV_COLUMNS
 
     if out:
         handle = open(out, "w", **CSV_OPEN_OPTIONS)
@@ -135,10 +135,16 @@ def _write_csv(results, out):
             handle.reconfigure(errors="surrogateescape")
     try:
         writer = csv.writer(handle)
-        writer.writerow(CSV_COLUMNS)
+        # A distribution model's export answers mos_sd and p1..p5 too: `kiqa score`'s columns.
+        distribution = any(result.mos_sd is not None for result in results)
+        writer.writerow(DISTRIBUTION_CSV_COLUMNS if distribution else CSV_COLUMNS)
         for result in results:
             mos = "" if result.mos is None else f"{result.mos:.4f}"
-            writer.writerow([result.name, mos, result.error or ""])
+            extras = []
+            if distribution:
+                values = [result.mos_sd, *result.shares] if result.mos_sd is not None else [None] * 6
+                extras = ["" if v is None else f"{v:.4f}" for v in values]
+            writer.writerow([result.name, mos, *extras, result.error or ""])
     finally:
         if out:
             handle.close()
