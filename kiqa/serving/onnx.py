@@ -98,14 +98,14 @@ def export_onnx(model_or_path, options: Optional[ExportOptions] = None, *, toler
             tolerance, "the ONNX model (ONNX Runtime)",
         )
         parity["caller_images"] = caller_images
-        parity.update(_distribution_parity(resolved.model, session, pixels, names, tolerance))
         metadata = artifact.base_metadata(resolved, base.resolve().name, version) | dict(
             format="onnx",
             file=MODEL_FILE,
             file_bytes=(temp / MODEL_FILE).stat().st_size,
             opset=OPSET,
             converter=_converter_versions(onnxruntime),
-            parity={"onnxruntime_vs_keras": parity},
+            parity={"onnxruntime_vs_keras": parity,
+                    **_distribution_parity(resolved.model, session, pixels, names, tolerance)},
         )
         artifact.write_metadata(temp, metadata)
     return target
