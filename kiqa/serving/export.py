@@ -320,8 +320,9 @@ class _ServingModule(tf.Module):
                 return (tf.zeros([0], tf.float32), *(tf.zeros([0, *shape], tf.float32) for shape in extra_shapes.values()))
 
             # An empty batch would reach Conv2D, which fails on zero images in TF 2.21.
-            scored = tf.cond(tf.shape(images)[0] > 0, run, empty)
-            return dict(zip((MOS_OUTPUT, *extra_shapes), scored if extra_shapes else (scored,)))
+            # flatten: tf.cond may hand a one-element tuple back as the tensor itself.
+            scored = tf.nest.flatten(tf.cond(tf.shape(images)[0] > 0, run, empty))
+            return dict(zip((MOS_OUTPUT, *extra_shapes), scored))
 
         @tf.function(input_signature=[tf.TensorSpec([None, *size, 3], tf.float32)])
         def score_pixels(image):
