@@ -178,7 +178,7 @@ def _held_out_scores(run_dir, labels):
     return test, table
 
 
-@pytest.mark.large  # ~2 x 5 min on 2 busy cores: run with --run-large
+@pytest.mark.large  # ~2 x 20 min at load 16 on 2 cores: run with --run-large
 def test_small_cnn_distribution_head_learns_the_spread_and_keeps_the_mos(tmp_path):
     """On held-out demo photos the distribution head ranks the raters' spread (SRCC of
     mos_sd against the true SD well above 0) and its MOS SRCC stays within 0.05 of the
