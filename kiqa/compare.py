@@ -320,6 +320,8 @@ def compare_folders(
         pair["context"] = effect_context(pair["mean_diff"], record)
     ranking = _ranking(labels, folders, matrix) if len(folders) > 2 else None
     _write_tables(out, files, labels, common, matrix, pairs, ranking, provenance.warning_for(record))
+    if getattr(scorer, "distribution", False):
+        pairs = _judge_against_spread(out, files, folders, labels, common, matrix, pairs, ignore_extension)
     result = CompareResult(
         out_dir=str(out),
         labels=tuple(labels),
@@ -451,6 +453,55 @@ def _is_compare_folder(out):
     except (OSError, ValueError):
         return False
     return isinstance(mark, dict) and {"source", "kind", "image_size"} <= set(mark)
+
+
+def spread_stats(a, b, sd_a, sd_b):
+    """Paired differences judged against the predicted spread of people's ratings.
+
+    The spread of one image is the root mean square of its two predicted `mos_sd`s
+    (0-100 points): how far apart two raters of the pair typically are. A difference
+    smaller than that is one raters would disagree about.
+
+    Args:
+        a, b: MOS of the two systems per image.
+        sd_a, sd_b: their predicted mos_sd per image.
+
+    Returns:
+        dict `mean_spread` (mean per-image spread), `mean_diff_in_spreads` (mean of
+        (a - b) / spread) and `beyond_spread_fraction` (share of images whose |a - b|
+        exceeds their spread).
+    """
+    a, b, sd_a, sd_b = (np.asarray(v, np.float64) for v in (a, b, sd_a, sd_b))
+    spread = np.sqrt((sd_a ** 2 + sd_b ** 2) / 2)
+    in_spreads = (a - b) / np.maximum(spread, 1e-9)
+    return dict(
+        mean_spread=float(spread.mean()) if spread.size else None,
+        mean_diff_in_spreads=float(in_spreads.mean()) if spread.size else None,
+        beyond_spread_fraction=float(np.mean(np.abs(a - b) > spread)) if spread.size else None,
+    )
+
+
+def _judge_against_spread(out, files, folders, labels, common, matrix, pairs, ignore_extension):
+    """Adds `spread_stats` to every pair and mos_sd columns to per_image.csv (distribution models)."""
+    spreads = []
+    for folder, label in zip(folders, labels):
+        table = pd.read_csv(files[f"scores-{label}"], encoding="utf-8", encoding_errors="surrogateescape",
+                            keep_default_na=False, na_values=[""], dtype={"path": object})
+        by_key = {_pairing_key(os.path.relpath(p, folder), ignore_extension): sd
+                  for p, sd in zip(table["path"], table["mos_sd"])}
+        spreads.append([float(by_key[key]) for key in common])
+    spreads = np.array(spreads)
+    judged = []
+    for pair in pairs:
+        i, j = labels.index(pair["a"]), labels.index(pair["b"])
+        judged.append(dict(pair, spread=spread_stats(matrix[i], matrix[j], spreads[i], spreads[j])))
+    per_image = pd.read_csv(files["per_image"], encoding="utf-8", encoding_errors="surrogateescape", dtype={"path": object})
+    for label, row in zip(labels, spreads):
+        per_image[f"mos_sd_{label}"] = row
+    if len(labels) == 2:
+        per_image["diff_in_spreads"] = (matrix[0] - matrix[1]) / np.maximum(np.sqrt((spreads[0] ** 2 + spreads[1] ** 2) / 2), 1e-9)
+    per_image.to_csv(files["per_image"], index=False, float_format="%.4f", errors="surrogateescape")
+    return tuple(judged)
 
 
 def _check_same_model(path, scorer, skip_existing):

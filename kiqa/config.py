@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from kiqa.contract import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_PIXELS
+from kiqa.contract import DEFAULT_IMAGE_SIZE, DEFAULT_MAX_PIXELS, HEADS
 from kiqa.errors import ConfigError
 
 VARIANTS = ("tiny", "small", "base", "large", "xlarge")
@@ -89,6 +89,12 @@ class TrainConfig:
         fast_depthwise: run ConvNeXt's 7x7 depthwise convolutions as DepthwiseConv2D
             (4-5x faster on CPU, same weights and outputs).
         dropout: dropout rate before the regression head.
+        head: "regression" (one Dense unit: the MOS) or "distribution" (the shares of
+            the five rating levels, from which the model derives `mos` and `mos_sd`;
+            needs label files with c1..c5, see `kiqa.distribution`).
+        mos_loss_weight: distribution head only: weight of the MSE on MOS/100 added to
+            the squared EMD of the distributions, so the MOS stays as good as the
+            regression head's.
         warmup_epochs: head-only epochs with the backbone frozen before fine-tuning.
         epochs: maximum fine-tuning epochs (early stopping usually ends sooner).
         batch_size: global batch size.
@@ -127,6 +133,8 @@ class TrainConfig:
     weights: str = "imagenet"
     fast_depthwise: bool = True
     dropout: float = 0.0
+    head: str = "regression"
+    mos_loss_weight: float = 1.0
     warmup_epochs: int = 0
     epochs: int = 40
     batch_size: int = 16
@@ -194,6 +202,9 @@ class TrainConfig:
                 f"weights); weights must be 'none', got {self.weights!r}"
             )
         _choice("monitor", self.monitor, MONITORS)
+        _choice("head", self.head, HEADS)
+        if not self.mos_loss_weight >= 0:
+            raise ConfigError(f"mos_loss_weight must be 0 or more, got {self.mos_loss_weight}")
         _choice("on_bad_images", self.on_bad_images, ON_BAD_IMAGES)
         _choice("strategy", self.strategy, STRATEGIES)
         if not 0.0 < self.test_fraction < 1.0:

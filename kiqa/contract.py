@@ -86,3 +86,24 @@ CLIENT_TIMEOUT = 30.0  # seconds per request
 CLIENT_BATCH_SIZE = 16  # images per request; keep it at or below the server's max_batch_size
 # gRPC's default is 4 MB, less than one 12 MP JPEG and its neighbours in a batch.
 CLIENT_MAX_MESSAGE_BYTES = MAX_REQUEST_BYTES
+
+# A distribution model (`kiqa-train --head distribution`) adds two outputs beside `mos`:
+# `mos_sd`, the predicted spread of people's ratings in 0-100 points, and `dist`, the
+# predicted share of raters choosing each of KonIQ's five rating levels (1 = bad ...
+# 5 = excellent; [batch, 5], each row sums to 1). A regression model has only `mos`.
+# CSVs, Beam rows and client results spell the shares `p1` .. `p5` (KonIQ's label files
+# call the true shares `c1` .. `c5`).
+RATING_LEVELS = 5
+SD_OUTPUT = "mos_sd"
+DIST_OUTPUT = "dist"
+SHARE_COLUMNS = tuple(f"p{k}" for k in range(1, RATING_LEVELS + 1))
+DISTRIBUTION_COLUMNS = (SD_OUTPUT,) + SHARE_COLUMNS
+# KonIQ's line from the raw 1-5 mean rating to the 0-100 MOS: a least-squares fit of `MOS`
+# on the mean of c1..c5 over all 10,073 images of koniq10k_distributions_sets.csv, slope
+# 27.8174, intercept -29.2287, r 0.99536, residual SD 1.485, largest residual 5.50 points
+# (tests/test_distribution.py recomputes them from the file). `kiqa.distribution` states
+# how mos and mos_sd follow from it.
+KONIQ_MOS_SLOPE = 27.8174
+KONIQ_MOS_INTERCEPT = -29.2287
+# The training heads (`TrainConfig.head`): one score, or the rating distribution.
+HEADS = ("regression", "distribution")

@@ -12,6 +12,7 @@ import pandas as pd
 
 from kiqa import CallableModule
 from kiqa.config import TrainConfig
+from kiqa.contract import DIST_OUTPUT, RATING_LEVELS, SD_OUTPUT, SHARE_COLUMNS
 from kiqa.data.pipeline import make_dataset
 from kiqa.errors import ConfigError, EvaluationExistsError
 from kiqa.fsutil import refuse_foreign_outputs, sha256_of, write_csv_atomically, write_json_atomically
@@ -35,13 +36,26 @@ def predict_paths(model, paths, config, part="test"):
     Returns:
         float64 array aligned with `paths`; NaN where a file failed to decode.
     """
-    predictions = np.full(len(paths), np.nan)
+    return predict_path_outputs(model, paths, config, part)["mos"]
+
+
+def predict_path_outputs(model, paths, config, part="test"):
+    """Every output of the model for image files, aligned with `paths` (see `predict_paths`).
+
+    Returns:
+        dict `mos` [n] and, for a distribution model, `mos_sd` [n] and `dist` [n, 5];
+        NaN rows where a file failed to decode.
+    """
+    scorer = as_scorer(model, config)
+    shapes = {"mos": (), SD_OUTPUT: (), DIST_OUTPUT: (RATING_LEVELS,)} if scorer.distribution else {"mos": ()}
+    predictions = {key: np.full((len(paths), *shape), np.nan) for key, shape in shapes.items()}
     if not len(paths):
         return predictions
-    scorer = as_scorer(model, config)
     dataset = make_dataset(paths, np.zeros(len(paths)), config, training=False, with_index=True, part=part)
     for features, _ in dataset:
-        predictions[features["index"].numpy()] = scorer.predict_pixels(features["image"])
+        outputs = scorer.predict_outputs(features["image"])
+        for key in predictions:
+            predictions[key][features["index"].numpy()] = outputs[key]
     return predictions
 
 
@@ -87,13 +101,20 @@ def evaluate_frame(model, frame, config, out_dir=None, title="test set", part="t
         intervals seeded with `config.seed`, failed) and a DataFrame image_name, mos,
         predicted_mos.
     """
-    predicted = predict_paths(model, frame["path"].tolist(), config, part=part)
+    outputs = predict_path_outputs(model, frame["path"].tolist(), config, part=part)
     table = pd.DataFrame(
-        {"image_name": frame["image_name"], "mos": frame["mos"], "predicted_mos": predicted}
+        {"image_name": frame["image_name"], "mos": frame["mos"], "predicted_mos": outputs["mos"]}
     )
+    if DIST_OUTPUT in outputs:
+        table[f"predicted_{SD_OUTPUT}"] = outputs[SD_OUTPUT]
+        for k, name in enumerate(SHARE_COLUMNS):
+            table[f"predicted_{name}"] = outputs[DIST_OUTPUT][:, k]
     scored = table.dropna(subset=["predicted_mos"])
     metrics = evaluate_with_confidence(scored["mos"].to_numpy(), scored["predicted_mos"].to_numpy(), seed=config.seed)
     metrics["failed"] = int(len(table) - len(scored))
+    judged = _judge_distributions(frame, outputs)
+    if judged is not None:
+        metrics["distribution"] = judged
     if out_dir is not None:
         out_dir = Path(out_dir)
         # A folder the user names: kiqa's mark is its own predictions.csv header.
@@ -103,7 +124,25 @@ def evaluate_frame(model, frame, config, out_dir=None, title="test set", part="t
         write_json(out_dir / "metrics.json", metrics)
         plot_scatter(scored["mos"], scored["predicted_mos"], metrics, out_dir / "scatter.png", title=title,
                      warning=warning)
+        if judged is not None and judged["n"]:
+            from kiqa.distribution import plot_reliability
+
+            plot_reliability(judged, out_dir / "reliability.png", title=f"{title}: interval calibration",
+                             warning=warning)
     return metrics, table
+
+
+def _judge_distributions(frame, outputs):
+    """`kiqa.distribution.evaluate_distributions` on the scored rows, when the model
+    predicts distributions and the labels have c1..c5; else None."""
+    from kiqa.distribution import evaluate_distributions, label_shares
+
+    true_shares = label_shares(frame)
+    if DIST_OUTPUT not in outputs or true_shares is None:
+        return None
+    ok = np.isfinite(outputs["mos"]) & np.isfinite(true_shares).all(1)
+    return evaluate_distributions(true_shares[ok], frame["mos"].to_numpy()[ok], outputs[DIST_OUTPUT][ok],
+                                  outputs[SD_OUTPUT][ok])
 
 
 def write_json(path, data):
@@ -221,7 +260,7 @@ def evaluate_saved_model(model_path, config, part="test", out_dir=None, progress
                                     warning=warning_for(scorer.provenance))
     metrics["rejected"] = int(len(rejects))
     metrics["labels"] = labels
-    metrics["cautions"] = cautions(metrics)
+    metrics["cautions"] = cautions(metrics) + metrics.get("distribution", {}).get("cautions", [])
     _report_overlap(metrics, frame, table, resolved, config.seed)
     metrics["model"] = report_entry(scorer.provenance, scorer.source,
                                     **{k: v for k, v in identity.items() if k != "source"})

@@ -20,7 +20,7 @@ import numpy as np
 from kiqa import maps, provenance as provenance_lib
 from kiqa.compare import _pairing_key
 from kiqa.contract import DEFAULT_MAX_BYTES
-from kiqa.errors import ConfigError, ImageError, QualityMapError
+from kiqa.errors import ConfigError, ImageError
 from kiqa.fsutil import write_atomically, write_json_atomically
 from kiqa.score import find_images
 

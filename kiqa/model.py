@@ -90,8 +90,11 @@ def mos_loss(y_true, y_pred):
 
 
 def custom_objects():
-    """Returns the objects a kiqa `.keras` file needs to load (the loss)."""
-    return {"mos_loss": mos_loss, "kiqa>mos_loss": mos_loss}
+    """Returns the objects a kiqa `.keras` file needs to load (the losses, the distribution layer)."""
+    from kiqa.distribution import RatingMoments, emd_loss
+
+    return {"mos_loss": mos_loss, "kiqa>mos_loss": mos_loss, "emd_loss": emd_loss, "kiqa>emd_loss": emd_loss,
+            "RatingMoments": RatingMoments, "kiqa>RatingMoments": RatingMoments}
 
 
 def variant_display_name(variant):
@@ -343,10 +346,15 @@ def build_model(config, backbone=None):
             a small CNN. None builds what the config names: ConvNeXt
             `config.variant` with `config.weights`, or the small CNN (random init).
 
+    With `config.head == "distribution"` the head is `kiqa.distribution.distribution_head`
+    instead: Dense(5) + softmax gives the output "dist" [batch, 5] (shares of the five
+    rating levels), and "mos" and "mos_sd" ([batch], 0-100) are derived from it.
+
     Returns:
         An uncompiled functional `keras.Model`: input "image"
         [batch, None, None, 3] float32, output dict `{"mos": [batch]}` float32
-        on the 0-100 scale. Compile with `loss={"mos": mos_loss}`.
+        on the 0-100 scale (plus "mos_sd" and "dist" for the distribution head).
+        Compile with `loss={"mos": mos_loss}`.
 
     Raises:
         ModelError: the ConvNeXt cannot get its weights, or the backbone's
@@ -376,6 +384,10 @@ def build_model(config, backbone=None):
         )
     if config.dropout > 0:
         features = keras.layers.Dropout(config.dropout, dtype=head_dtype, name="head_dropout")(features)
+    if getattr(config, "head", "regression") == "distribution":
+        from kiqa.distribution import distribution_head
+
+        return keras.Model(image, distribution_head(features, head_dtype), name=model_name)
     normalised = keras.layers.Dense(
         1,
         # Small weights: glorot on 768 LayerNorm'd features would start predictions

@@ -35,7 +35,7 @@ import tensorflow as tf
 from tqdm.auto import tqdm
 
 from kiqa import provenance
-from kiqa.contract import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS
+from kiqa.contract import DEFAULT_MAX_BYTES, DISTRIBUTION_COLUMNS, IMAGE_EXTENSIONS, SD_OUTPUT
 from kiqa.errors import (
     ConfigError, DataError, ImageError, NotScoresCsvError, OutputError, OutputIsInputError,
     ScoresFromAnotherModelError,
@@ -49,6 +49,9 @@ from kiqa.image import (
 )
 
 CSV_COLUMNS = ("path", "mos", "error")
+# A distribution model's CSV: the spread (0-100 points) and the shares of the five rating
+# levels between `mos` and `error` (kiqa.contract.DISTRIBUTION_COLUMNS).
+DISTRIBUTION_CSV_COLUMNS = ("path", "mos") + DISTRIBUTION_COLUMNS + ("error",)
 # 16 images at 384x512 hold 38 MB of float32 pixels; ConvNeXt-Tiny's activations for
 # such a batch stay well under 2 GB on CPU.
 DEFAULT_BATCH_SIZE = 16
@@ -217,11 +220,17 @@ def is_link_outside(error):
     return bool(error) and any(error.startswith(LINK_OUTSIDE.format(kind=k)) for k in ("file", "folder"))
 
 
+def csv_columns(scorer):
+    """The scores CSV header for `scorer`: `CSV_COLUMNS`, or `DISTRIBUTION_CSV_COLUMNS`
+    for a distribution model."""
+    return DISTRIBUTION_CSV_COLUMNS if getattr(scorer, "distribution", False) else CSV_COLUMNS
+
+
 def _parse_row(row):
     """(path, mos or None, error) from a CSV row, or None for a malformed row."""
-    if len(row) != len(CSV_COLUMNS):
+    if len(row) not in (len(CSV_COLUMNS), len(DISTRIBUTION_CSV_COLUMNS)):
         return None
-    path, mos, error = csv_value(row[0]), row[1], csv_value(row[2])
+    path, mos, error = csv_value(row[0]), row[1], csv_value(row[-1])
     if mos:
         try:
             value = float(mos)
@@ -231,29 +240,34 @@ def _parse_row(row):
     return (path, None, error) if error else None
 
 
-def _header_line():
-    return encode_csv_line(CSV_COLUMNS)
+def _header_lines():
+    """The header lines of a scores CSV, of a regression and of a distribution model."""
+    return [encode_csv_line(columns) for columns in (CSV_COLUMNS, DISTRIBUTION_CSV_COLUMNS)]
 
 
 def is_scores_csv(path):
-    """True if `path` is a regular file whose first line is exactly the scores CSV header.
+    """True if `path` is a regular file whose first line is exactly a scores CSV header.
 
     Read before anything is changed: only a file that passes is ever cut or replaced.
     """
-    header = _header_line()  # ends in "\n"; earlier kiqa versions wrote "\r\n"
+    headers = _header_lines()  # each ends in "\n"; earlier kiqa versions wrote "\r\n"
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return False
         with open(path, "rb") as handle:
-            start = handle.read(len(header) + 1)
+            start = handle.read(max(map(len, headers)) + 1)
     except OSError:
         return False
-    return start.startswith(header) or start.startswith(header[:-1] + b"\r\n")
+    return any(start.startswith(header) or start.startswith(header[:-1] + b"\r\n") for header in headers)
 
 
 def _has_rows(path):
-    """True if `path` is a scores CSV with at least one byte after its header line."""
-    return is_scores_csv(path) and os.stat(path).st_size > len(_header_line()) + 1
+    """True if `path` is a scores CSV with anything after its header line."""
+    if not is_scores_csv(path):
+        return False
+    with open(path, "rb") as handle:
+        handle.readline()
+        return bool(handle.read(1))
 
 
 def check_output(out_csv, files, replace=False):
@@ -334,7 +348,7 @@ def _read_rows(path):
         header = next(reader, None)
         if header is None:
             return
-        if tuple(header) != CSV_COLUMNS:
+        if tuple(header) not in (CSV_COLUMNS, DISTRIBUTION_CSV_COLUMNS):
             raise NotScoresCsvError(
                 f"{path} exists but is not a kiqa scores CSV (header {header}, expected "
                 f"{list(CSV_COLUMNS)}); it is left untouched",
@@ -373,7 +387,20 @@ def read_scores(out_csv, paths=None):
     return results
 
 
-def _start_csv(out_csv, skip_existing):
+def _check_same_layout(out_csv, columns):
+    """Refuses to resume a scores CSV whose columns are another head's (regression vs distribution)."""
+    with open(out_csv, "r", **_CSV_ENCODING) as handle:
+        header = tuple(next(csv.reader(handle), ()))
+    if header != tuple(columns):
+        raise NotScoresCsvError(
+            f"{out_csv} holds scores in columns {list(header)}, and this model writes {list(columns)} "
+            f"(a {'distribution' if columns == DISTRIBUTION_CSV_COLUMNS else 'regression'} model); "
+            f"it is left untouched: write these scores to another file",
+            path=str(out_csv),
+        )
+
+
+def _start_csv(out_csv, skip_existing, columns=CSV_COLUMNS):
     """Prepares the output: keeps earlier rows (resume) or starts a fresh file.
 
     Returns:
@@ -386,9 +413,11 @@ def _start_csv(out_csv, skip_existing):
         with writing(out_csv):
             _drop_partial_line(out_csv)
         if out_csv.stat().st_size > 0:
-            return read_scores(out_csv)
+            previous = read_scores(out_csv)
+            _check_same_layout(out_csv, columns)
+            return previous
     with writing(out_csv), open(out_csv, "w", **_CSV_ENCODING) as handle:
-        csv.writer(handle, lineterminator="\n").writerow(CSV_COLUMNS)
+        csv.writer(handle, lineterminator="\n").writerow(columns)
     return {}
 
 
@@ -521,10 +550,25 @@ def model_score(value):
     return None, "the model returned a non-finite score"
 
 
-def csv_row(path, mos, error):
-    """The CSV cells (path, mos, error) of one file, as `kiqa score` writes them (text
-    cells under `kiqa.fsutil.csv_cell`'s rule against formula injection)."""
-    return (csv_cell(path), "" if mos is None else _format_mos(mos), csv_cell(error or ""))
+def csv_row(path, mos, error, extras=None):
+    """The CSV cells of one file, as `kiqa score` writes them (text cells under
+    `kiqa.fsutil.csv_cell`'s rule against formula injection).
+
+    `extras`, for a distribution model's CSV: the row's values of `DISTRIBUTION_COLUMNS`
+    (mos_sd, p1..p5), or [] for a failed file; None writes the regression layout
+    (path, mos, error).
+    """
+    head = (csv_cell(path), "" if mos is None else _format_mos(mos))
+    if extras is None:
+        return (*head, csv_cell(error or ""))
+    cells = [_format_mos(v) for v in extras] if mos is not None and extras else [""] * len(DISTRIBUTION_COLUMNS)
+    return (*head, *cells, csv_cell(error or ""))
+
+
+def distribution_extras(outputs, i):
+    """The values of `DISTRIBUTION_COLUMNS` (mos_sd, p1..p5) of item `i` of a distribution
+    model's outputs (`Scorer.predict_outputs`)."""
+    return [float(outputs[SD_OUTPUT][i])] + [float(v) for v in outputs["dist"][i]]
 
 
 def encode_csv_line(cells):
@@ -550,7 +594,8 @@ def scored_batches(files, scorer, batch_size=DEFAULT_BATCH_SIZE, max_bytes=DEFAU
 
     Yields:
         lists of [path, mos or None, error or None], in input order; `mos` is rounded as
-        the CSV holds it (`model_score`).
+        the CSV holds it (`model_score`). For a distribution model (`scorer.distribution`)
+        each item has a fourth element: its `DISTRIBUTION_COLUMNS` values, [] when failed.
 
     Raises:
         ConfigError: batch_size below 1.
@@ -566,10 +611,16 @@ def scored_batches(files, scorer, batch_size=DEFAULT_BATCH_SIZE, max_bytes=DEFAU
     with tqdm(total=len(files), disable=not progress, unit="img", desc="scoring", dynamic_ncols=True) as bar:
         for batch in _prefetched_batches(files, batch_size, load):
             with_pixels = [item for item in batch if item[1] is not None]
+            distribution = getattr(scorer, "distribution", False)
+            if distribution:
+                for item in batch:
+                    item.append([])
             if with_pixels:
-                scores = scorer.predict_pixels(np.stack([item[1] for item in with_pixels]))
-                for item, value in zip(with_pixels, scores):
+                outputs = scorer.predict_outputs(np.stack([item[1] for item in with_pixels]))
+                for i, (item, value) in enumerate(zip(with_pixels, outputs["mos"])):
                     item[1], item[2] = model_score(value)
+                    if distribution and item[1] is not None:
+                        item[3] = distribution_extras(outputs, i)
             yield batch
             bar.update(len(batch))
 
@@ -691,7 +742,8 @@ def _score_locked(files, scorer, out_csv, batch_size, skip_existing, progress, m
     if skip_existing and _has_rows(out_csv):
         # Before anything is cut or appended: two models' rows in one CSV would read as one's.
         _check_same_model(out_csv, identity)
-    previous = _start_csv(out_csv, skip_existing)
+    columns = csv_columns(scorer)
+    previous = _start_csv(out_csv, skip_existing, columns)
     # <out>.provenance.json: which model these scores come from, and whether they mean anything.
     with writing(provenance.sidecar_path(out_csv)):
         provenance.write_sidecar(out_csv, getattr(scorer, "provenance", None), identity["source"],
@@ -707,12 +759,11 @@ def _score_locked(files, scorer, out_csv, batch_size, skip_existing, progress, m
 
     with writing(out_csv, kept), open(out_csv, "a", **_CSV_ENCODING) as handle:
         writer = csv.writer(handle, lineterminator="\n")  # csv.writer defaults to CRLF
-
         for batch in scored_batches(todo, scorer, batch_size, max_bytes, progress=progress):
             rows = []
-            for path, mos, error in batch:
+            for path, mos, error, *extras in batch:
                 results[path] = (mos, error or "")
-                rows.append(csv_row(path, mos, error))
+                rows.append(csv_row(path, mos, error, extras[0] if extras else None))
             writer.writerows(rows)
             # Flushed to the OS per batch: a killed process loses at most this batch.
             handle.flush()

@@ -41,11 +41,14 @@ from kiqa.contract import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
+    DIST_OUTPUT,
+    DISTRIBUTION_COLUMNS,
     MAX_BATCH as SAVED_MODEL_MAX_BATCH,
     METADATA_FILE,
     MOS_OUTPUT,
     PIXELS_INPUT,
     PIXELS_SIGNATURE,
+    SD_OUTPUT,
     WEIGHTS_KEY,
 )
 from kiqa.errors import (
@@ -85,6 +88,9 @@ class Scorer:
         weights_sha256: the weights' `kiqa.provenance.weights_fingerprint` as an export
             recorded it; None for a Keras model (computed from its weights when asked)
             or an export made before kiqa recorded it (unknown).
+        distribution: True for a distribution model (`kiqa-train --head distribution`):
+            besides `mos` it predicts `mos_sd` and the shares `p1..p5`
+            (`predict_outputs`, and extra columns in `score_many`).
     """
 
     image_size: Tuple[int, int]
@@ -98,6 +104,7 @@ class Scorer:
     engine: str = DEFAULT_ENGINE
     provenance: Optional[provenance_lib.Provenance] = None
     weights_sha256: Optional[str] = None
+    distribution: bool = False
 
     def identity(self) -> dict:
         """The model's `kiqa.provenance.model_identity`: what a resumed scores file must match.
@@ -131,9 +138,18 @@ class Scorer:
         return cls(
             image_size=(int(image_size[0]), int(image_size[1])), max_pixels=int(max_pixels), source=source,
             kind="keras", _predict=keras_forward(model, image_size), _owner=model, provenance=provenance,
+            distribution=is_distribution_model(model),
         )
 
     def predict_pixels(self, batch: Union[np.ndarray, tf.Tensor]) -> np.ndarray:
+        """Scores a batch of decoded images (see `predict_outputs` for the arguments).
+
+        Returns:
+            float32 numpy array [batch] of MOS on KonIQ's 0-100 scale (higher is better).
+        """
+        return self.predict_outputs(batch)[MOS_OUTPUT]
+
+    def predict_outputs(self, batch: Union[np.ndarray, tf.Tensor]) -> Dict[str, np.ndarray]:
         """Scores a batch of decoded images.
 
         Args:
@@ -141,7 +157,9 @@ class Scorer:
                 `image_size`, as `kiqa.image.decode_image` returns them.
 
         Returns:
-            float32 numpy array [batch] of MOS on KonIQ's 0-100 scale (higher is better).
+            dict of float32 numpy arrays: `mos` [batch] on KonIQ's 0-100 scale (higher is
+            better), and for a distribution model `mos_sd` [batch] (0-100 points) and
+            `dist` [batch, 5] (shares of the rating levels 1..5).
 
         Raises:
             ModelError: the batch has the wrong shape for this model.
@@ -160,17 +178,20 @@ class Scorer:
                 path=self.source,
             )
         if batch.shape[0] == 0:
-            return np.zeros([0], np.float32)
+            empty = {MOS_OUTPUT: np.zeros([0], np.float32)}
+            if self.distribution:
+                empty.update({SD_OUTPUT: np.zeros([0], np.float32), DIST_OUTPUT: np.zeros([0, 5], np.float32)})
+            return empty
         try:
             inputs = tf.constant(batch) if self.engine == "tf" and not isinstance(batch, tf.Tensor) else batch
-            mos = self._predict(inputs)
+            outputs = self._predict(inputs)
         except tf.errors.ResourceExhaustedError as err:
             raise BatchMemoryError(
                 f"{self.source}: out of memory scoring a batch of {batch.shape[0]} images at "
                 f"{expected[0]}x{expected[1]}",
                 path=self.source, batch_size=int(batch.shape[0]),
             ) from err
-        return np.asarray(mos, dtype=np.float32).reshape(-1)
+        return _as_outputs(outputs)
 
     def score(self, image: ImageInput) -> float:
         """The MOS of one image.
@@ -230,8 +251,9 @@ class Scorer:
 
         Returns:
             DataFrame with one row per image, in input order: `path` (the path as given,
-            `<bytes N>` for the N-th bytes item), `mos` (float; NaN when it failed) and
-            `error` (None when scored, else why not).
+            `<bytes N>` for the N-th bytes item), `mos` (float; NaN when it failed), for a
+            distribution model `mos_sd` and `p1`..`p5` (NaN when it failed), and `error`
+            (None when scored, else why not).
 
         Raises:
             ModelError: the model failed on a batch.
@@ -250,11 +272,16 @@ class Scorer:
                 files, self, batch_size, max_bytes, progress=progress, read_bytes=_bytes_reader(blobs),
             ) for row in batch
         ]
-        return pd.DataFrame({
-            "path": [path for path, _, _ in rows],
-            "mos": np.array([np.nan if mos is None else mos for _, mos, _ in rows], dtype=np.float64),
-            "error": pd.Series([error or None for _, _, error in rows], dtype=object),
-        })
+        table = {
+            "path": [row[0] for row in rows],
+            "mos": np.array([np.nan if row[1] is None else row[1] for row in rows], dtype=np.float64),
+        }
+        if self.distribution:
+            extras = np.array([row[3] if row[1] is not None else [np.nan] * len(DISTRIBUTION_COLUMNS)
+                               for row in rows], dtype=np.float64).reshape(-1, len(DISTRIBUTION_COLUMNS))
+            table.update({name: extras[:, k] for k, name in enumerate(DISTRIBUTION_COLUMNS)})
+        table["error"] = pd.Series([row[2] or None for row in rows], dtype=object)
+        return pd.DataFrame(table)
 
 
 # The error text of an empty path ("" given as an image), in `score` and `score_many` rows.
@@ -281,8 +308,25 @@ def _bytes_reader(blobs):
 _FORWARD: "weakref.WeakKeyDictionary[Any, Dict[Tuple[int, int], Callable]]" = weakref.WeakKeyDictionary()
 
 
+def is_distribution_model(model) -> bool:
+    """True for a Keras model with the distribution head's `dist` output."""
+    return DIST_OUTPUT in (getattr(model, "output_names", None) or [])
+
+
+def _as_outputs(outputs) -> Dict[str, np.ndarray]:
+    """A forward pass's result (a MOS tensor, or a dict of outputs) as float32 numpy arrays."""
+    if not isinstance(outputs, dict):
+        return {MOS_OUTPUT: np.asarray(outputs, dtype=np.float32).reshape(-1)}
+    result = {MOS_OUTPUT: np.asarray(outputs[MOS_OUTPUT], dtype=np.float32).reshape(-1)}
+    if DIST_OUTPUT in outputs:
+        result[SD_OUTPUT] = np.asarray(outputs[SD_OUTPUT], dtype=np.float32).reshape(-1)
+        result[DIST_OUTPUT] = np.asarray(outputs[DIST_OUTPUT], dtype=np.float32).reshape(-1, 5)
+    return result
+
+
 def keras_forward(model, image_size):
-    """The one traced forward pass of a Keras model: float32 [batch, h, w, 3] -> MOS [batch].
+    """The one traced forward pass of a Keras model: float32 [batch, h, w, 3] -> MOS [batch]
+    (a dict of `mos`, `mos_sd` and `dist` for a distribution model).
 
     A plain tf.function, not model.predict: measured ~9% faster on CPU, and one trace
     serves every batch size (the batch dimension is None).
@@ -294,6 +338,8 @@ def keras_forward(model, image_size):
         @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32)])
         def predict(images):
             outputs = model(images, training=False)
+            if isinstance(outputs, dict) and DIST_OUTPUT in outputs:
+                return {key: tf.cast(value, tf.float32) for key, value in outputs.items()}
             if isinstance(outputs, dict):
                 outputs = outputs[MOS_OUTPUT]
             return tf.reshape(tf.cast(outputs, tf.float32), [-1])
@@ -382,6 +428,7 @@ def _onnx_scorer(resolved, image_size, safe_mode, engine):
             image_size=keras_scorer.image_size, max_pixels=keras_scorer.max_pixels,
             source=keras_scorer.source, kind="keras", _predict=predict, _owner=owner, engine=engine,
             weights_sha256=keras_scorer.identity()["weights_sha256"],
+            distribution=engines.predicts_distribution(owner),
         )
     onnx_file = resolved.model
     info_path = onnx_file.parent / METADATA_FILE
@@ -408,6 +455,7 @@ def _onnx_scorer(resolved, image_size, safe_mode, engine):
     return Scorer(
         image_size=export_size, max_pixels=max_pixels, source=str(onnx_file), kind="onnx",
         _predict=predict, _owner=owner, engine=engine, weights_sha256=fingerprint,
+        distribution=engines.predicts_distribution(owner),
     )
 
 
@@ -590,16 +638,21 @@ def _saved_model_scorer(version_dir, image_size, safe_mode=True):
             path=str(version_dir), requested=image_size, expected=export_size,
         )
 
+    distribution = DIST_OUTPUT in signature.structured_outputs
+    keys = (MOS_OUTPUT, SD_OUTPUT, DIST_OUTPUT) if distribution else (MOS_OUTPUT,)
+
     def predict(images):
         # kiqa exports refuse more than MAX_BATCH images per call (kiqa.serving.export): a
         # larger batch is split here rather than refused.
-        return tf.concat([
-            signature(**{PIXELS_INPUT: images[start : start + SAVED_MODEL_MAX_BATCH]})[MOS_OUTPUT]
+        parts = [
+            signature(**{PIXELS_INPUT: images[start : start + SAVED_MODEL_MAX_BATCH]})
             for start in range(0, int(images.shape[0]), SAVED_MODEL_MAX_BATCH)
-        ], axis=0)
+        ]
+        return {key: tf.concat([part[key] for part in parts], axis=0) for key in keys}
 
     return Scorer(
         image_size=tuple(image_size), max_pixels=max_pixels, source=str(version_dir),
         kind="savedmodel", _predict=predict, _owner=loaded,
         provenance=provenance_lib.find_for_model(version_dir), weights_sha256=fingerprint,
+        distribution=distribution,
     )

@@ -395,10 +395,22 @@ def _save_model_atomically(model, path):
     write_atomically(path, inference.save, suffix=".keras")
 
 
+def _losses(config):
+    """(loss, loss_weights) for the config's head: MSE on MOS/100, or for the distribution
+    head the squared EMD of the shares plus `mos_loss_weight` times that MSE."""
+    if config.head != "distribution":
+        return {"mos": mos_loss}, None
+    from kiqa.distribution import emd_loss
+
+    return {"mos": mos_loss, "dist": emd_loss}, {"mos": config.mos_loss_weight, "dist": 1.0}
+
+
 def _compile(model, config):
+    loss, loss_weights = _losses(config)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate, epsilon=config.epsilon),
-        loss={"mos": mos_loss},
+        loss=loss,
+        loss_weights=loss_weights,
         # On JAX, XLA is the only compiled path: jit_compile=False runs every op eagerly
         # (Keras' JAX trainer then skips jax.jit), many times slower. On TF it is a GPU switch.
         jit_compile=config.jit_compile or keras_backend() == "jax",
@@ -637,15 +649,18 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
         raise DataError(unusable)
     use_prepared = prepared is not None and unusable is None
 
+    # The distribution head's targets: the shares of votes per level (checked row by row).
+    dist = koniq.require_shares(split.train) if config.head == "distribution" else None
+
     def dataset_for(first_epoch, epochs):
         # Epoch k's order and flips come from (seed, k): a resumed run sees what an
         # uninterrupted one would have seen.
         if use_prepared:
             dataset = prepared.dataset(split.train["image_name"], split.train["mos"], config, training=True,
-                                       epochs=epochs, first_epoch=first_epoch)
+                                       epochs=epochs, first_epoch=first_epoch, dist=dist)
         else:
             dataset = make_dataset(split.train["path"], split.train["mos"], config, training=True, part="train",
-                                   epochs=epochs, first_epoch=first_epoch)
+                                   epochs=epochs, first_epoch=first_epoch, dist=dist)
         if isinstance(strategy, JaxStrategy) and strategy.distribution is not None:
             # keras.distribution steps every process together on equal global batches:
             # each epoch's short last batch is dropped (see JaxStrategy.shard).

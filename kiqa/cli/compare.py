@@ -60,6 +60,18 @@ def _format_pair(pair):
         f"{pair['b_better_fraction']:.0%}, ties {pair['tie_fraction']:.0%}",
         f"  Wilcoxon signed-rank (two-sided): {p_text}",
         f"  in context: {pair['context']['text']}" if pair.get("context") else "",
+    ] + _format_spread(pair)
+
+
+def _format_spread(pair):
+    """The pair's differences against the predicted rater spread (distribution models only)."""
+    spread = pair.get("spread")
+    if not spread or spread["mean_spread"] is None:
+        return []
+    return [
+        f"  against the predicted spread of people's ratings (mean {spread['mean_spread']:.2f} points): mean "
+        f"difference {spread['mean_diff_in_spreads']:+.2f} spreads; |difference| beyond the spread on "
+        f"{spread['beyond_spread_fraction']:.0%} of images (raters would disagree about the rest)"
     ]
 
 

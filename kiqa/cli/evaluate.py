@@ -149,6 +149,11 @@ def _evaluate(args, prog):
         print(f"note: {note}")
     print(format_report(metrics, indent="  "))
     _print_overlap(metrics, prog)
+    if "distribution" in metrics:  # a distribution model on labels with c1..c5
+        from kiqa.distribution import format_distribution_report
+
+        print(format_distribution_report(metrics["distribution"], indent="  "))
+        print("  reliability diagram: reliability.png")
     print(f"written to {out_dir} (metrics.json records the model's provenance under 'model')")
     from kiqa.provenance import find_for_model
 

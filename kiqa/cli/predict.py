@@ -143,7 +143,7 @@ def _write_csv(results, out):
     are not valid UTF-8 written back as their original bytes (surrogateescape), so every
     path round-trips (`os.fsencode` of the field read back with the same rule)."""
     from kiqa.fsutil import CSV_TEXT as CSV_OPEN_OPTIONS, writing
-    from kiqa.score import CSV_COLUMNS, csv_row
+    from kiqa.score import CSV_COLUMNS, DISTRIBUTION_CSV_COLUMNS, csv_row
 
     if out:
         with writing(out):
@@ -155,9 +155,14 @@ def _write_csv(results, out):
     with writing(out or "<standard output>"):
         try:
             writer = csv.writer(handle, lineterminator="\n")  # csv.writer defaults to CRLF
-            writer.writerow(CSV_COLUMNS)
+            # A distribution model's export answers mos_sd and p1..p5 too: `kiqa score`'s columns.
+            distribution = any(result.mos_sd is not None for result in results)
+            writer.writerow(DISTRIBUTION_CSV_COLUMNS if distribution else CSV_COLUMNS)
             for result in results:
-                writer.writerow(csv_row(result.name, result.mos, result.error))
+                extras = None
+                if distribution:
+                    extras = [result.mos_sd, *result.shares] if result.mos_sd is not None else []
+                writer.writerow(csv_row(result.name, result.mos, result.error, extras))
         finally:
             if out:
                 handle.close()

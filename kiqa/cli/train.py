@@ -17,7 +17,7 @@ from kiqa.errors import ConfigError
 from kiqa.config import (
     BACKBONES, CACHES, MONITORS, ON_BAD_IMAGES, SPLITS, STRATEGIES, VARIANTS, TrainConfig,
 )
-from kiqa.contract import DEFAULT_MAX_PIXELS
+from kiqa.contract import DEFAULT_MAX_PIXELS, HEADS
 
 
 def build_parser(prog=None):
@@ -75,6 +75,12 @@ def build_parser(prog=None):
     model.add_argument("--stock-depthwise", dest="fast_depthwise", action="store_false", default=None,
                        help="keep Keras' grouped Conv2D for the 7x7 depthwise convolutions (4-5x slower on CPU)")
     model.add_argument("--dropout", type=float, help="dropout before the Dense head")
+    model.add_argument("--head", choices=HEADS,
+                       help="regression (default: one MOS) or distribution: the shares of KonIQ's five "
+                       "rating levels (needs c1..c5 in the labels, as both KonIQ files and the demo have), "
+                       "giving mos, mos_sd (spread of people's ratings, 0-100 points) and p1..p5")
+    model.add_argument("--mos-loss-weight", type=float,
+                       help="distribution head: weight of the MSE on MOS/100 beside the squared EMD (default 1)")
 
     fit = parser.add_argument_group("training")
     fit.add_argument("--epochs", type=int, help="maximum epochs (early stopping usually ends sooner)")
@@ -247,6 +253,10 @@ def _print_metrics(result):
 
         print(f"test ({metrics['n']} images):")
         print(format_report(metrics, indent="  "))
+        if "distribution" in metrics:
+            from kiqa.distribution import format_distribution_report
+
+            print(format_distribution_report(metrics["distribution"], indent="  "))
     else:
         print("test metrics over the repeated splits (median [min, max]):")
         for name, stats in metrics.items():

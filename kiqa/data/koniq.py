@@ -31,6 +31,7 @@ from kiqa.contract import MOS_SCALE
 from kiqa.errors import DataError, LabelsNotFoundError, NoOfficialSplitError
 from kiqa.fsutil import CSV_TEXT, PANDAS_READ_TEXT, has_undecodable_bytes
 
+SHARE_COLUMNS = ("c1", "c2", "c3", "c4", "c5")
 SPLIT_FILE = "split file"  # koniq10k_distributions_sets.csv
 DOWNLOAD_FILE = "download file"  # koniq10k_scores_and_distributions.csv
 OFFICIAL_SETS = {"training": "train", "validation": "val", "test": "test"}
@@ -69,7 +70,8 @@ def read_labels(path):
     Returns:
         DataFrame with `image_name`, `mos` (0-100), `line` (the row's line in the file,
         1-based, header = 1) and, where the file has them, `set` (train / val / test),
-        `mos_raw` (1-5), `sd`, `votes` and `source_image`. Bytes of `image_name` that
+        `mos_raw` (1-5), `sd`, `votes`, `c1`..`c5` (shares of votes per rating level)
+        and `source_image`. Bytes of `image_name` that
         are not UTF-8 are kept as surrogates (`kiqa.fsutil`'s file-name rule).
         `frame.attrs["format"]` names the detected layout and `attrs["path"]` the file.
 
@@ -136,6 +138,10 @@ def read_labels(path):
         out["sd"] = pd.to_numeric(frame["SD"], errors="coerce")
     if "c_total" in columns:
         out["votes"] = pd.to_numeric(frame["c_total"], errors="coerce")
+    for share in SHARE_COLUMNS:
+        # The share of votes per rating level: the same in both layouts (distribution training).
+        if share in columns:
+            out[share] = pd.to_numeric(frame[share], errors="coerce")
     if GROUP_COLUMN in columns:
         out[GROUP_COLUMN] = frame[GROUP_COLUMN].astype(str)
 
@@ -230,6 +236,38 @@ def _check_rows(frame, path, score_column):
         )
     # Names listed twice (also as ./x.jpg, sub//x.jpg or a link) are found by
     # resolved file in check_image_names: the first row is kept, the others reported.
+
+
+def require_shares(frame, path=None):
+    """The shares c1..c5 of a label table as float32 [n, 5], checked row by row.
+
+    Args:
+        frame: a table from `read_labels` (or a part of one).
+        path: the label file, for messages (default: `frame.attrs["path"]`).
+
+    Returns:
+        float32 array [n, 5]; each row is a distribution.
+
+    Raises:
+        DataError: the table has no c1..c5 columns, or rows that are not shares
+            (missing, negative, or not summing to 1 within 0.01), named by line.
+    """
+    path = path or frame.attrs.get("path", "label file")
+    missing = [c for c in SHARE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{path}: no rating distribution (columns {missing} missing); the distribution head "
+            f"needs the shares of votes per rating level c1..c5 that both KonIQ label files have"
+        )
+    shares = frame[list(SHARE_COLUMNS)].to_numpy(np.float64)
+    bad = ~np.isfinite(shares).all(1) | (shares < 0).any(1) | (np.abs(shares.sum(1) - 1) > 0.01)
+    if bad.any():
+        lines = frame["line"].to_numpy()[bad].tolist()[:10] if "line" in frame.columns else np.flatnonzero(bad)[:10].tolist()
+        raise DataError(
+            f"{path}: c1..c5 must be shares of votes (0..1, summing to 1) on every row; not so on "
+            f"line(s) {lines}"
+        )
+    return shares.astype(np.float32)
 
 
 def default_image_root(labels_path):

@@ -78,7 +78,8 @@ def steps_per_epoch(n, config):
     return -(-n // config.batch_size)
 
 
-def make_dataset(paths, mos, config, training, with_index=False, part="train", epochs=None, first_epoch=0):
+def make_dataset(paths, mos, config, training, with_index=False, part="train", epochs=None, first_epoch=0,
+                 dist=None):
     """Builds the input pipeline for one part of a split.
 
     Args:
@@ -95,6 +96,8 @@ def make_dataset(paths, mos, config, training, with_index=False, part="train", e
             default one epoch. Epoch k's order and augmentation depend only on
             (config.seed, k), so a resumed run sees exactly what an uninterrupted one does.
         first_epoch: training only: the first epoch the dataset holds.
+        dist: optional [n, 5] shares of votes per rating level (the distribution head's
+            targets); given, the targets are `{"mos": ..., "dist": [B, 5]}`.
 
     Returns:
         A batched, prefetched `tf.data.Dataset`.
@@ -103,6 +106,8 @@ def make_dataset(paths, mos, config, training, with_index=False, part="train", e
     paths = [os.fsencode(p) for p in paths]
     n = len(paths)
     elements = {"path": paths, "mos": tf.constant(mos, tf.float32), "index": tf.range(n, dtype=tf.int64)}
+    if dist is not None:
+        elements["dist"] = tf.constant(dist, tf.float32)
     cached = config.cache != "none"
     decode = _decode_file(config)
 
@@ -194,9 +199,11 @@ def by_epoch(one_epoch, first_epoch=0, epochs=None):
 
 def _model_inputs(with_index):
     def to_model_inputs(e):
+        # The distribution head's targets ride along when the elements carry them.
+        targets = {key: e[key] for key in ("mos", "dist") if key in e}
         if with_index:
-            return {"image": e["image"], "index": e["index"]}, {"mos": e["mos"]}
-        return e["image"], {"mos": e["mos"]}
+            return {"image": e["image"], "index": e["index"]}, targets
+        return e["image"], targets
 
     return to_model_inputs
 

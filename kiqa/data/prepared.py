@@ -410,7 +410,7 @@ class Prepared:
         return None
 
     def dataset(self, image_names, mos, config, training, with_index=False, part="train", epochs=None,
-                first_epoch=0):
+                first_epoch=0, dist=None):
         """The input pipeline for one part of a split, read from the shards.
 
         Same elements as `kiqa.data.pipeline.make_dataset(paths, mos, config, training,
@@ -431,6 +431,8 @@ class Prepared:
             part: accepted for the same call as `make_dataset`; unused (no file cache).
             epochs: training only: see `make_dataset` (epochs by (seed, epoch)).
             first_epoch: training only: see `make_dataset`.
+            dist: optional [n, 5] rating-level shares aligned with `image_names` (see
+                `make_dataset`).
 
         Returns:
             A batched, prefetched `tf.data.Dataset`.
@@ -459,6 +461,7 @@ class Prepared:
         positions = tf.constant(positions)
         expected_names = tf.constant(names)
         targets = tf.constant(mos, tf.float32)
+        shares = None if dist is None else tf.constant(dist, tf.float32)
 
         def locate(serialized):
             row = tf.io.parse_single_example(serialized, {"record": tf.io.FixedLenFeature([], tf.int64)})
@@ -475,7 +478,10 @@ class Prepared:
             )
             with tf.control_dependencies([same]):
                 image = tf.reshape(tf.io.decode_raw(features["image"], tf.uint8), [height, width, 3])
-            return {"image": image, "mos": targets[position], "index": position}
+            element = {"image": image, "mos": targets[position], "index": position}
+            if shares is not None:
+                element["dist"] = shares[position]
+            return element
 
         # Files are read one after another (no parallel interleave) so records keep the
         # label-file order that make_dataset's shuffle starts from.

@@ -5,7 +5,15 @@ The photographs are the colour and grey sample photos that ship inside scikit-im
 coins), so nothing is downloaded. Each photo gives a few 4:3 crops; each crop is written pristine and with
 Gaussian blur, Gaussian noise and JPEG compression at five graded severities. Its "MOS"
 is a made-up score that falls monotonically with severity (plus a little seeded rater
-noise), on KonIQ's 0-100 scale. The CSV has the columns of KonIQ's download file
+noise), on KonIQ's 0-100 scale.
+
+Rating distributions (`c1..c5`, `c_total`, raw `MOS` and `SD`) come from a stated rater
+model: each image has a latent quality on KonIQ's 1-5 scale (its 0-100 score mapped back
+through KonIQ's fitted line, `kiqa.distribution`), and each of 100-139 simulated raters
+votes round(latent + e), clipped to 1..5, with e ~ Normal(0, s) and
+s = `RATER_SD_PRISTINE` + `RATER_SD_GROWTH[distortion]` * level: people disagree more the
+more damaged an image is, and more about noise (some take grain for detail) than about
+JPEG blocks. So the spread depends on the damage and its kind, not on the score alone. The CSV has the columns of KonIQ's download file
 (`koniq10k_scores_and_distributions.csv`) plus `source_image` (the sample photo:
 random splits keep all its crops on one side, so test photos are never seen in
 training), `crop`, `distortion` and `level`, so every KonIQ code path runs on it.
@@ -23,11 +31,12 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
 
-from kiqa.contract import MOS_SCALE
+from kiqa.contract import KONIQ_MOS_INTERCEPT, KONIQ_MOS_SLOPE
 from kiqa.errors import OutputError
 from kiqa.fsutil import publish_directory, staged_directory
 
-DEMO_VERSION = 2
+# 3: rating distributions from the rater model below (the 0-100 scores are those of v2).
+DEMO_VERSION = 3
 LEVELS = 5
 # Sample photos that ship inside scikit-image (no download): real photographs only.
 # Read from the package folder by file name: skimage.data's loader functions may try
@@ -47,6 +56,10 @@ DISTORTIONS = {
 PRISTINE_MOS = 82.0
 MOS_DROP_PER_LEVEL = 13.0
 RATER_NOISE = 2.0
+# The rater model of the rating distributions (module docstring): SD of one rater's vote
+# around the image's latent 1-5 quality, growing with the damage level at a rate per kind.
+RATER_SD_PRISTINE = 0.45
+RATER_SD_GROWTH = {"pristine": 0.0, "blur": 0.10, "noise": 0.20, "jpeg": 0.14}
 
 
 def default_demo_dir():
@@ -97,11 +110,14 @@ def _distort(image, kind, level, rng):
     return buffer.getvalue()
 
 
-def _vote_columns(mos, rng):
-    """KonIQ-style vote fractions c1..c5, count, raw 1-5 MOS and SD around a 0-100 score."""
-    raw = 1.0 + 4.0 * mos / MOS_SCALE
-    votes = int(rng.integers(100, 140))  # raters per image, not the MOS scale
-    ratings = np.clip(np.round(rng.normal(raw, 0.55, votes)), 1, 5)
+def _vote_columns(mos, kind, level, rng):
+    """KonIQ-style vote fractions c1..c5, count, raw 1-5 MOS and SD from the rater model."""
+    latent = (mos - KONIQ_MOS_INTERCEPT) / KONIQ_MOS_SLOPE
+    spread = RATER_SD_PRISTINE + RATER_SD_GROWTH[kind] * level
+    votes = int(rng.integers(100, 140))
+    # standard_normal draws exactly what v2's rng.normal(raw, 0.55, votes) drew, so the
+    # random stream, and with it every image and 0-100 score, is v2's.
+    ratings = np.clip(np.round(latent + spread * rng.standard_normal(votes)), 1, 5)
     fractions = [float(np.mean(ratings == k)) for k in range(1, 6)]
     return fractions, votes, float(ratings.mean()), float(ratings.std(ddof=1))
 
@@ -134,7 +150,7 @@ def write_demo_dataset(out_dir, crops_per_photo=4, size=(96, 128), seed=0):
                     name = f"{photo_name}_{crop_index}_{kind}{level}.jpg"
                     (staging / "images" / name).write_bytes(_distort(crop, kind, level, rng))
                     mos = demo_mos(level, rng)
-                    fractions, votes, raw, sd = _vote_columns(mos, rng)
+                    fractions, votes, raw, sd = _vote_columns(mos, kind, level, rng)
                     rows.append(
                         dict(image_name=name, c1=fractions[0], c2=fractions[1], c3=fractions[2],
                              c4=fractions[3], c5=fractions[4], c_total=votes, MOS=raw, SD=sd,

@@ -126,6 +126,15 @@ def keras_scores(model, pixels):
     return np.concatenate(out).astype(np.float64)
 
 
+def keras_outputs(model, pixels):
+    """Every output of the Keras model for a pixel array, batch by batch (float64 arrays)."""
+    out = {}
+    for start in range(0, len(pixels), PARITY_BATCH):
+        for key, value in model(tf.constant(pixels[start : start + PARITY_BATCH]), training=False).items():
+            out.setdefault(key, []).append(np.asarray(value, np.float64))
+    return {key: np.concatenate(parts) for key, parts in out.items()}
+
+
 def compare_scores(reference, candidate, names, tolerance, what):
     """Parity figures of `candidate` against the Keras model's `reference` scores.
 

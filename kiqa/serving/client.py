@@ -51,6 +51,7 @@ from kiqa.contract import (
     CLIENT_TIMEOUT,
     DEFAULT_MODEL_NAME,
     DEFAULT_SERVER,
+    DIST_OUTPUT,
     ERROR_OUTPUT,
     LENIENT_SIGNATURE,
     MAX_BATCH,
@@ -60,6 +61,7 @@ from kiqa.contract import (
     PROVENANCE_SIGNATURE,
     QUALITY_MAP_OUTPUT,
     QUALITY_MAP_SIGNATURE,
+    SD_OUTPUT,
 )
 from kiqa.errors import ImageError, KiqaError, MessageTooLargeError, ServingError, ServingStatusError, SignatureError
 from kiqa.tferrors import clean_tf_message
@@ -74,12 +76,19 @@ _STATE_NAMES = {value: name for name, value in get_model_status_pb2.ModelVersion
 
 @dataclasses.dataclass(frozen=True)
 class ScoreResult:
-    """One input's outcome: `mos` on 0-100, or `error` saying why it has none."""
+    """One input's outcome: `mos` on 0-100, or `error` saying why it has none.
+
+    From a distribution model's export (scored through its lenient signature), also
+    `mos_sd` (the predicted spread of people's ratings, 0-100 points) and `shares` (the
+    predicted shares p1..p5 of the five rating levels); None otherwise.
+    """
 
     name: str
     mos: Optional[float] = None
     error: Optional[str] = None
     too_large: bool = False  # over the client's message limit: never sent
+    mos_sd: Optional[float] = None
+    shares: Optional[tuple] = None
 
     @property
     def ok(self):
@@ -141,6 +150,7 @@ class ServingClient:
         self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
         self._lenient = None  # the lenient signature's name once known, "" when absent
+        self._lenient_outputs = None  # its outputs (a regression or a distribution model's)
 
     def close(self):
         """Closes the channel."""
@@ -216,7 +226,7 @@ class ServingClient:
                 server=self.server, model=self.model_name, version=version, signature=self.signature_name,
                 available=names, problem="missing",
             )
-        self._lenient = _lenient_signature(self.signature_name, signatures)
+        self._lenient, self._lenient_outputs = _lenient_outputs(self.signature_name, signatures)
         return version, _describe(signatures.signature_def[self.signature_name])
 
     @property
@@ -229,7 +239,7 @@ class ServingClient:
         reset when the server stops knowing the signature (a roll-back to an old export).
         """
         if self._lenient is None:
-            self._lenient = _lenient_signature(self.signature_name, self._signature_defs()[1])
+            self._lenient, self._lenient_outputs = _lenient_outputs(self.signature_name, self._signature_defs()[1])
         return bool(self._lenient)
 
     def check(self):
@@ -445,10 +455,14 @@ class ServingClient:
         return self._score_isolating(contents, names)
 
     def _predict_lenient(self, contents, names):
-        request = predict_pb2.PredictRequest(model_spec=self._model_spec(), output_filter=[MOS_OUTPUT, ERROR_OUTPUT])
+        # A distribution model's lenient signature also has mos_sd and dist (see `_lenient_outputs`).
+        distribution = self._lenient_outputs == _DISTRIBUTION_OUTPUTS
+        extras = [SD_OUTPUT, DIST_OUTPUT] if distribution else []
+        request = predict_pb2.PredictRequest(model_spec=self._model_spec(),
+                                             output_filter=[MOS_OUTPUT, ERROR_OUTPUT, *extras])
         request.model_spec.signature_name = self._lenient
         request.inputs[BYTES_INPUT].CopyFrom(tf.make_tensor_proto(contents, dtype=tf.string, shape=[len(contents)]))
-        response = self._send(request, len(contents), (MOS_OUTPUT, ERROR_OUTPUT))
+        response = self._send(request, len(contents), (MOS_OUTPUT, ERROR_OUTPUT) + ((SD_OUTPUT,) if distribution else ()))
         scores = tf.make_ndarray(response.outputs[MOS_OUTPUT]).reshape(-1)
         errors = tf.make_ndarray(response.outputs[ERROR_OUTPUT]).reshape(-1)
         if errors.shape[0] != len(contents):
@@ -456,10 +470,14 @@ class ServingClient:
                 f"model {self.model_name!r} at {self.server} returned {errors.shape[0]} errors for "
                 f"{len(contents)} images"
             )
+        if distribution:
+            spreads = tf.make_ndarray(response.outputs[SD_OUTPUT]).reshape(-1)
+            shares = tf.make_ndarray(response.outputs[DIST_OUTPUT]).reshape(len(contents), -1)
         return [
             ScoreResult(name, error=f"{name}: {error.decode('utf-8', 'replace')}") if error
-            else ScoreResult(name, mos=float(score))
-            for name, score, error in zip(names, scores, errors)
+            else ScoreResult(name, mos=float(score), **(dict(
+                mos_sd=float(spreads[i]), shares=tuple(float(v) for v in shares[i])) if distribution else {}))
+            for i, (name, score, error) in enumerate(zip(names, scores, errors))
         ]
 
     def _score_isolating(self, contents, names):
@@ -591,17 +609,23 @@ def _describe(signature):
     return {"inputs": describe(signature.inputs), "outputs": describe(signature.outputs)}
 
 
-def _lenient_signature(signature_name, signatures):
-    """The lenient signature's name to call instead of `signature_name`, "" if none."""
+_REGRESSION_OUTPUTS = {ERROR_OUTPUT: ["string", [-1]], MOS_OUTPUT: ["float32", [-1]]}
+_DISTRIBUTION_OUTPUTS = {**_REGRESSION_OUTPUTS, SD_OUTPUT: ["float32", [-1]], DIST_OUTPUT: ["float32", [-1, 5]]}
+
+
+def _lenient_outputs(signature_name, signatures):
+    """(the lenient signature's name or "", its outputs: a regression or a distribution
+    model's, or None)."""
     name = LENIENT_SIGNATURE if signature_name == BYTES_SIGNATURE else signature_name
     if name != LENIENT_SIGNATURE or name not in signatures.signature_def:
-        return ""
+        return "", None
     found = _describe(signatures.signature_def[name])
-    wanted = {
-        "inputs": {BYTES_INPUT: ["string", [-1]]},
-        "outputs": {ERROR_OUTPUT: ["string", [-1]], MOS_OUTPUT: ["float32", [-1]]},
-    }
-    return name if found == wanted else ""
+    if found["inputs"] != {BYTES_INPUT: ["string", [-1]]}:
+        return "", None
+    for outputs in (_REGRESSION_OUTPUTS, _DISTRIBUTION_OUTPUTS):
+        if found["outputs"] == dict(sorted(outputs.items())):
+            return name, outputs
+    return "", None
 
 
 # ----------------------------------------------------------------------------- REST and waiting

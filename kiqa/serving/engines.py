@@ -51,7 +51,9 @@ def converted_predictor(model, image_size, engine):
         kiqa_onnx.convert(model, path, image_size)
         predict, owner = onnx_predictor(path, engine)
         names, pixels, _ = artifact.parity_pixels(None, image_size, 10**9)
-        artifact.compare_scores(artifact.keras_scores(model, pixels), predict(pixels), names,
+        predicted = predict(pixels)
+        artifact.compare_scores(artifact.keras_scores(model, pixels),
+                                predicted["mos"] if isinstance(predicted, dict) else predicted, names,
                                 kiqa_onnx.PARITY_TOLERANCE, f"the converted ONNX model ({engine})")
     except ExportError as err:
         folder.cleanup()
@@ -67,10 +69,22 @@ def _onnxruntime(onnx_file, threads):
     except ExportError as err:
         raise ModelError(str(err)) from err
 
+    names = [o.name for o in session.get_outputs()]
+
     def predict(batch):
-        return session.run([OUTPUT], {INPUT: np.ascontiguousarray(batch, np.float32)})[0].reshape(-1)
+        if names == [OUTPUT]:
+            return session.run([OUTPUT], {INPUT: np.ascontiguousarray(batch, np.float32)})[0].reshape(-1)
+        # A distribution model: mos, mos_sd and dist, by name (kiqa.scorer reads the dict).
+        return dict(zip(names, session.run(names, {INPUT: np.ascontiguousarray(batch, np.float32)})))
 
     return predict, session
+
+
+def predicts_distribution(owner):
+    """True when an ONNX Runtime session (an `onnx_predictor` owner) has the distribution outputs."""
+    session = owner[0] if isinstance(owner, tuple) else owner
+    get_outputs = getattr(session, "get_outputs", None)
+    return bool(get_outputs) and "dist" in [o.name for o in get_outputs()]
 
 
 def _openvino(onnx_file, threads, precision="f32"):

@@ -11,6 +11,10 @@
 - `score_pixels`: `image` float32[-1, H, W, 3] (0..255, from `decode_image`) -> `mos`;
   NaN, infinite and out-of-range pixels are refused.
 
+A distribution model (`kiqa-train --head distribution`) adds `mos_sd` float32[-1] and
+`dist` float32[-1, 5] to each of the three (NaN rows in the lenient signature where an
+item failed), and the parity check covers them; clients reading only `mos` see no change.
+
 A graph cannot catch a decoder's error except inside tf.data: headers are checked for
 the whole batch first, and the decode half runs in a dataset whose `ignore_errors`
 drops what the decoder refuses (see `_decode_batch`).
@@ -53,7 +57,9 @@ from kiqa.contract import (
     BYTES_SIGNATURE,
     DEFAULT_IMAGE_SIZE,
     DEFAULT_MAX_PIXELS,
+    DIST_OUTPUT,
     ERROR_OUTPUT,
+    KONIQ_MOS_SLOPE,
     IMAGE_EXTENSIONS,
     LENIENT_SIGNATURE,
     MAX_BATCH,
@@ -61,6 +67,8 @@ from kiqa.contract import (
     WEIGHTS_KEY,
     MOS_OUTPUT,
     PARITY_BATCH,
+    RATING_LEVELS,
+    SD_OUTPUT,
     PIXELS_INPUT,
     PIXELS_SIGNATURE,
     PROVENANCE_OUTPUT,
@@ -312,19 +320,30 @@ class _ServingModule(tf.Module):
         self.model_weights = weights
         size = (int(image_size[0]), int(image_size[1]))
 
+        # A distribution model's extra outputs (mos_sd [b], dist [b, 5]) go into every
+        # signature beside mos; a regression model's signatures are unchanged.
+        extra_shapes = {SD_OUTPUT: [], DIST_OUTPUT: [RATING_LEVELS]} if DIST_OUTPUT in model.output_names else {}
+
         def score(images):
             def run():
-                mos = model(images, training=False)[MOS_OUTPUT]
-                return tf.reshape(tf.cast(mos, tf.float32), [-1])
+                outputs = model(images, training=False)
+                mos = tf.reshape(tf.cast(outputs[MOS_OUTPUT], tf.float32), [-1])
+                return (mos, *(tf.reshape(tf.cast(outputs[k], tf.float32), [-1, *shape])
+                               for k, shape in extra_shapes.items()))
+
+            def empty():
+                return (tf.zeros([0], tf.float32), *(tf.zeros([0, *shape], tf.float32) for shape in extra_shapes.values()))
 
             # An empty batch would reach Conv2D, which fails on zero images in TF 2.21.
-            return tf.cond(tf.shape(images)[0] > 0, run, lambda: tf.zeros([0], tf.float32))
+            # flatten: tf.cond may hand a one-element tuple back as the tensor itself.
+            scored = tf.nest.flatten(tf.cond(tf.shape(images)[0] > 0, run, empty))
+            return dict(zip((MOS_OUTPUT, *extra_shapes), scored))
 
         @tf.function(input_signature=[tf.TensorSpec([None, *size, 3], tf.float32)])
         def score_pixels(image):
             with tf.control_dependencies([_check_batch(image, PIXELS_INPUT), _check_pixels(image)]):
                 image = tf.identity(image)
-            return {MOS_OUTPUT: score(image)}
+            return score(image)
 
         def decode(image_bytes):
             """(checked bytes, indices of the decoded items, their pixels, every item's error)."""
@@ -340,16 +359,20 @@ class _ServingModule(tf.Module):
         def score_bytes(image_bytes):
             _, _, images, errors = decode(image_bytes)
             with tf.control_dependencies([_check_no_errors(errors)]):
-                return {MOS_OUTPUT: score(tf.identity(images))}
+                return score(tf.identity(images))
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
         def score_bytes_lenient(image_bytes):
             image_bytes, index, images, errors = decode(image_bytes)
             count = tf.shape(image_bytes)[0]
-            mos = tf.tensor_scatter_nd_update(
-                tf.fill([count], tf.constant(np.nan, tf.float32)), index[:, None], score(images)
-            )
-            return {MOS_OUTPUT: mos, ERROR_OUTPUT: errors}
+            scattered = {
+                key: tf.tensor_scatter_nd_update(
+                    tf.fill(tf.concat([[count], tf.shape(value)[1:]], 0), tf.constant(np.nan, tf.float32)),
+                    index[:, None], value,
+                )
+                for key, value in score(images).items()
+            }
+            return {**scattered, ERROR_OUTPUT: errors}
 
         record_json = record.to_json() if record is not None else ""
 
@@ -621,7 +644,7 @@ def _check_parity(model, directory, parity, image_size, max_pixels):
             f"(pixels) / {by_lenient[worst]:.3f} (lenient bytes), over the {PARITY_TOLERANCE} "
             f"MOS tolerance; nothing was published"
         )
-    return {
+    report = {
         "images": len(inputs),
         "caller_images": caller_images,
         "max_abs_diff_bytes": float(diffs["bytes"].max()),
@@ -629,6 +652,44 @@ def _check_parity(model, directory, parity, image_size, max_pixels):
         "max_abs_diff_lenient": float(diffs["lenient"].max()),
         "tolerance": PARITY_TOLERANCE,
     }
+    if DIST_OUTPUT in model.output_names:
+        report.update(_distribution_parity(model, loaded, pixels, [c for _, c in inputs]))
+    return report
+
+
+# The shares' tolerance: one rating level is KONIQ_MOS_SLOPE points of MOS, so a share
+# off by this much moves mos by at most PARITY_TOLERANCE.
+SHARE_PARITY_TOLERANCE = PARITY_TOLERANCE / KONIQ_MOS_SLOPE
+
+
+def _distribution_parity(model, loaded, pixels, contents):
+    """Checks mos_sd and the shares of every signature against the Keras model.
+
+    Returns:
+        dict max_abs_diff_mos_sd and max_abs_diff_dist (over the bytes, pixels and lenient
+        signatures).
+
+    Raises:
+        ExportError: an output differs by more than its tolerance.
+    """
+    worst = {SD_OUTPUT: 0.0, DIST_OUTPUT: 0.0}
+    for start in range(0, len(pixels), PARITY_BATCH):
+        batch = tf.stack(pixels[start : start + PARITY_BATCH])
+        files = tf.constant(contents[start : start + PARITY_BATCH])
+        keras_outputs = model(batch, training=False)
+        for signature, kwargs in ((PIXELS_SIGNATURE, {PIXELS_INPUT: batch}), (BYTES_SIGNATURE, {BYTES_INPUT: files}),
+                                  (LENIENT_SIGNATURE, {BYTES_INPUT: files})):
+            served = loaded.signatures[signature](**kwargs)
+            for key in worst:
+                diff = float(np.max(np.abs(np.asarray(served[key], np.float64) - np.asarray(keras_outputs[key]))))
+                worst[key] = max(worst[key], diff if np.isfinite(diff) else np.inf)
+    for key, tolerance in ((SD_OUTPUT, PARITY_TOLERANCE), (DIST_OUTPUT, SHARE_PARITY_TOLERANCE)):
+        if worst[key] > tolerance:
+            raise ExportError(
+                f"parity check failed: the SavedModel's {key!r} differs from the Keras model's by "
+                f"{worst[key]:.4g}, over the {tolerance:.4g} tolerance; nothing was published"
+            )
+    return {f"max_abs_diff_{key}": value for key, value in worst.items()}
 
 
 def _check_map_parity(model, directory, parity, image_size):
@@ -648,8 +709,8 @@ def _check_map_parity(model, directory, parity, image_size):
     inputs, _ = parity
     keras_maps = maps.map_function(model, image_size)
     worst = 0.0
-    for start in range(0, len(inputs), _PARITY_BATCH):
-        chunk = inputs[start : start + _PARITY_BATCH]
+    for start in range(0, len(inputs), PARITY_BATCH):
+        chunk = inputs[start : start + PARITY_BATCH]
         pixels = tf.stack([decode_image(contents, image_size) for _, contents in chunk])
         served = loaded.signatures[QUALITY_MAP_SIGNATURE](**{BYTES_INPUT: tf.constant([c for _, c in chunk])})
         diff = np.abs(served[QUALITY_MAP_OUTPUT].numpy() - keras_maps(pixels)[QUALITY_MAP_OUTPUT].numpy())

@@ -46,7 +46,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from kiqa.contract import MOS_OUTPUT, PARITY_BATCH, PIXELS_INPUT
+from kiqa.contract import DIST_OUTPUT, KONIQ_MOS_SLOPE, MOS_OUTPUT, PARITY_BATCH, PIXELS_INPUT, SD_OUTPUT
 from kiqa.errors import ExportError
 from kiqa.serving import artifact, export
 from kiqa.serving.export import ExportOptions
@@ -104,7 +104,8 @@ def export_onnx(model_or_path, options: Optional[ExportOptions] = None, *, toler
             file_bytes=(temp / MODEL_FILE).stat().st_size,
             opset=OPSET,
             converter=_converter_versions(onnxruntime),
-            parity={"onnxruntime_vs_keras": parity},
+            parity={"onnxruntime_vs_keras": parity,
+                    **_distribution_parity(resolved.model, session, pixels, names, tolerance)},
         )
         artifact.write_metadata(temp, metadata)
     return target
@@ -184,6 +185,35 @@ def run_session(session, pixels, batch_size=PARITY_BATCH):
     return np.concatenate(out)
 
 
+def run_session_outputs(session, pixels, batch_size=PARITY_BATCH):
+    """Every output of the ONNX model for a pixel array: `mos` [n] and, for a distribution
+    model, `mos_sd` [n] and `dist` [n, 5]."""
+    names = [o.name for o in session.get_outputs()]
+    out = {name: [] for name in names}
+    for start in range(0, len(pixels), batch_size):
+        batch = np.ascontiguousarray(pixels[start : start + batch_size], dtype=np.float32)
+        for name, value in zip(names, session.run(names, {PIXELS_INPUT: batch})):
+            out[name].append(value)
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def _distribution_parity(model, session, pixels, names, tolerance):
+    """Parity of a distribution model's mos_sd and shares (ONNX Runtime vs Keras); {} for
+    a regression model. The shares' tolerance is `tolerance` in MOS over one level's
+    `KONIQ_MOS_SLOPE` points."""
+    if DIST_OUTPUT not in model.output_names:
+        return {}
+    reference = artifact.keras_outputs(model, pixels)
+    candidate = run_session_outputs(session, pixels)
+    figures = {}
+    for key, limit in ((SD_OUTPUT, tolerance), (DIST_OUTPUT, tolerance / KONIQ_MOS_SLOPE)):
+        figures[f"onnxruntime_vs_keras_{key}"] = artifact.compare_scores(
+            reference[key].reshape(-1), candidate[key].reshape(-1), np.repeat(names, reference[key].size // len(names)),
+            limit, f"the ONNX model's {key!r} (ONNX Runtime)",
+        )
+    return figures
+
+
 def _check_io(session, image_size, path):
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
@@ -195,8 +225,9 @@ def _check_io(session, image_size, path):
     ):
         problems.append(f"input {PIXELS_INPUT!r} has shape {inputs[PIXELS_INPUT].shape}, expected [batch, "
                         f"{image_size[0]}, {image_size[1]}, 3] with a dynamic batch")
-    if list(outputs) != [MOS_OUTPUT]:
-        problems.append(f"outputs are {sorted(outputs)}, expected [{MOS_OUTPUT!r}]")
+    if sorted(outputs) not in ([MOS_OUTPUT], sorted([MOS_OUTPUT, SD_OUTPUT, DIST_OUTPUT])):
+        problems.append(f"outputs are {sorted(outputs)}, expected [{MOS_OUTPUT!r}] (or, from a distribution "
+                        f"model, also {SD_OUTPUT!r} and {DIST_OUTPUT!r})")
     if problems:
         raise ExportError(f"{path} failed its checks: " + "; ".join(problems))
 

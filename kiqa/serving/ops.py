@@ -54,6 +54,8 @@ _TRACED = {
     # SquaredDifference), exact GELU (Erfc), Dense (MatMul, BiasAdd), ReLU.
     "BiasAdd", "Conv2D", "DepthwiseConv2dNative", "Erfc", "MatMul", "Mean", "Relu", "Rsqrt",
     "Sqrt", "SquaredDifference",
+    # The distribution head (kiqa.distribution): softmax shares, their mean and spread.
+    "Softmax", "Square",
     # Image decoding: DecodeImage (GIF, PNG, BMP, WebP), DecodeJpeg (at 1/2, 1/4, 1/8
     # scale too) and the antialiased resize.
     "DecodeImage", "DecodeJpeg", "ScaleAndTranslate",

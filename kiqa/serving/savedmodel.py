@@ -20,12 +20,15 @@ from kiqa.contract import (
     ASSETS_EXTRA,
     BYTES_INPUT,
     BYTES_SIGNATURE,
+    DIST_OUTPUT,
     ERROR_OUTPUT,
     LENIENT_SIGNATURE,
     METADATA_FILE,
     MOS_OUTPUT,
     PIXELS_INPUT,
     PIXELS_SIGNATURE,
+    RATING_LEVELS,
+    SD_OUTPUT,
 )
 from kiqa.errors import ConfigError, ExportError, UntrustedExportError, VersionExistsError
 from kiqa.serving import ops as serving_ops
@@ -94,7 +97,9 @@ def check_saved_model(path, image_size=None, check_ops=True):
         if found is None:
             problems.append(f"signature {name!r} is missing (found {sorted(signatures)})")
             continue
-        if found["inputs"] != inputs or found["outputs"] != outputs:
+        # A distribution model's signatures add mos_sd and dist beside mos (kiqa.contract).
+        with_distribution = {**outputs, SD_OUTPUT: ["DT_FLOAT", [-1]], DIST_OUTPUT: ["DT_FLOAT", [-1, RATING_LEVELS]]}
+        if found["inputs"] != inputs or found["outputs"] not in (outputs, with_distribution):
             problems.append(
                 f"signature {name!r} is {found['inputs']} -> {found['outputs']}, expected "
                 f"{inputs} -> {outputs}"
