@@ -28,7 +28,7 @@ from kiqa.serving import export, warmup
 from kiqa.contract import MAX_REQUEST_BYTES
 from kiqa.cli import serve_dev as serve_dev_cli
 from kiqa.serving.devserver import DevServer
-from kiqa.errors import NoExportError, ServingError
+from kiqa.errors import NoExportError
 
 
 
