@@ -184,7 +184,7 @@ def evaluate_saved_model(model_path, config, part="test", out_dir=None, progress
         notes=list(labelled.notes) if labelled is not None else [],
     )
     metrics["cautions"] = cautions(metrics)
-    metrics["model"] = report_entry(scorer.provenance, scorer.source)
+    metrics["model"] = report_entry(scorer.provenance, scorer.source, **scorer.model_facts())
     write_json(out_dir / "metrics.json", metrics)
     return metrics, out_dir
 

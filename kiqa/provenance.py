@@ -232,10 +232,11 @@ def sidecar_path(csv_path):
     return csv_path.with_name(csv_path.name + "." + FILE_NAME)
 
 
-def write_sidecar(csv_path, record, source):
-    """Writes `report_entry` beside a CSV of scores; returns the sidecar's path."""
+def write_sidecar(csv_path, record, source, **extra):
+    """Writes `report_entry` (with `extra`, e.g. a reduced-precision engine's parity)
+    beside a CSV of scores; returns the sidecar's path."""
     path = sidecar_path(csv_path)
-    write_json_atomically(path, report_entry(record, source), sort_keys=True)
+    write_json_atomically(path, report_entry(record, source, **extra), sort_keys=True)
     return path
 
 

@@ -568,7 +568,9 @@ def score_files(
     out_csv = Path(out_csv)
     previous = _start_csv(out_csv, skip_existing)
     # <out>.provenance.json: which model these scores come from, and whether they mean anything.
-    provenance.write_sidecar(out_csv, getattr(scorer, "provenance", None), getattr(scorer, "source", "unknown"))
+    facts = scorer.model_facts() if hasattr(scorer, "model_facts") else {}
+    provenance.write_sidecar(out_csv, getattr(scorer, "provenance", None), getattr(scorer, "source", "unknown"),
+                             **facts)
     todo = [(path, error) for path, error in files if path not in previous]
     results = {path: previous[path] for path, _ in files if path in previous}
     n_skipped = len(results)

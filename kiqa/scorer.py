@@ -9,8 +9,11 @@ Engines (`engine=`): "tf" runs the Keras model or the SavedModel in TensorFlow;
 "onnxruntime" and "openvino" run an ONNX export (its base path, version folder or
 `model.onnx`), or convert a Keras model to ONNX at load time (tens of seconds for
 ConvNeXt-Tiny; the converted file is checked against the Keras model on generated images
-before it scores anything). An engine replaces only the model call: decoding stays
-`kiqa.image.decode_image`.
+before it scores anything). "openvino-bf16" is the reduced-precision engine: OpenVINO in
+bfloat16, gated at load on the caller's photos (`parity_images`) and generated ones
+against float32 (`kiqa.serving.engines.gated_predictor`); its figures are the scorer's
+`precision_parity` and go into every output's provenance. An engine replaces only the
+model call: decoding stays `kiqa.image.decode_image`.
 
 The `Scorer` is the one forward pass behind `kiqa score`, evaluation, training's
 validation pass and the notebooks: `score` / `score_many` read and decode files as
@@ -52,7 +55,10 @@ ONNX_INFO = "kiqa.json"
 # "tf" is the default: it needs no extra package and no conversion. Measured side by side
 # at 384x512 ConvNeXt-Tiny on the shared 2-core build machine (benchmarks/README.md,
 # "Engines"), OpenVINO f32 ran ~1.3x TF and ONNX Runtime ~0.75x, with parity ~4e-6 MOS.
-ENGINES = ("tf", "onnxruntime", "openvino")
+ENGINES = ("tf", "onnxruntime", "openvino", "openvino-bf16")
+# Photos of the caller's a reduced-precision engine is checked on (besides generated ones):
+# enough to see a ranking, few enough to add seconds, not minutes, to loading.
+PARITY_SAMPLE = 16
 DEFAULT_ENGINE = "tf"
 ImageInput = Union[str, os.PathLike, bytes]
 
@@ -67,7 +73,10 @@ class Scorer:
         max_pixels: header pixel cap to decode with (the training run's or export's).
         source: the model file or SavedModel version directory that was loaded.
         kind: "keras", "savedmodel" or "onnx".
-        engine: what runs the model: "tf", "onnxruntime" or "openvino".
+        engine: what runs the model: "tf", "onnxruntime", "openvino" or "openvino-bf16".
+        precision_parity: for a reduced-precision engine, how far it is from float32 on
+            the parity images (`kiqa.serving.engines.gated_predictor`'s figures); None
+            for a float32 engine.
         provenance: the model's `kiqa.provenance.Provenance` (from the run directory
             or the SavedModel's `assets.extra/provenance.json`), or None when it has
             none: then its origin is unknown, and commands say so.
@@ -83,6 +92,14 @@ class Scorer:
     _owner: Any = dataclasses.field(repr=False, default=None)
     engine: str = DEFAULT_ENGINE
     provenance: Optional[provenance_lib.Provenance] = None
+    precision_parity: Optional[dict] = None
+
+    def model_facts(self) -> dict:
+        """What outputs record about how the scores were computed, beside the provenance:
+        {} for float32; the engine and its parity figures for a reduced-precision one."""
+        if self.precision_parity is None:
+            return {}
+        return {"engine": self.engine, "precision_parity": dict(self.precision_parity)}
 
     @classmethod
     def from_keras_model(
@@ -248,7 +265,8 @@ def keras_forward(model, image_size):
 
 def load_scorer(
     model_ref: Union[str, os.PathLike], image_size: Optional[Sequence[int]] = None,
-    safe_mode: bool = True, engine: str = DEFAULT_ENGINE,
+    safe_mode: bool = True, engine: str = DEFAULT_ENGINE, parity_images: Optional[Sequence] = None,
+    precision_tolerance: Optional[float] = None,
 ) -> Scorer:
     """Loads a model for local scoring.
 
@@ -261,7 +279,13 @@ def load_scorer(
             and accepts another size; an export only takes its export size.
         safe_mode: refuse `.keras` files with Lambda layers (arbitrary code) and
             SavedModels using ops outside kiqa's allow list (`kiqa.serving.ops`).
-        engine: "tf", "onnxruntime" or "openvino" (see the module docstring).
+        engine: "tf", "onnxruntime", "openvino" or "openvino-bf16" (see the module
+            docstring).
+        parity_images: for "openvino-bf16": your photos (paths or encoded bytes; the
+            first `PARITY_SAMPLE` that decode are used) on which it must agree with
+            float32, besides kiqa's generated images. Ignored by the other engines.
+        precision_tolerance: for "openvino-bf16": its max |dMOS| bound (default
+            `kiqa.serving.engines.BF16_TOLERANCE`).
 
     Returns:
         A `Scorer`.
@@ -273,6 +297,8 @@ def load_scorer(
             loaded; the message names the path.
         UntrustedModelError: (a ModelError) a SavedModel's graph uses ops outside the
             allow list (it is scanned before anything runs); they are named.
+        PrecisionParityError: (a ModelError) the reduced-precision engine is further
+            from float32 than its bound on the parity images.
     """
     path = Path(model_ref)
     if image_size is not None:
@@ -281,7 +307,8 @@ def load_scorer(
         raise ModelError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     resolved = resolve_model(path)
     if engine != "tf":
-        return _onnx_scorer(resolved, image_size, safe_mode, engine)
+        gate = {"parity_images": parity_images, "tolerance": precision_tolerance}
+        return _onnx_scorer(resolved, image_size, safe_mode, engine, gate)
     if resolved.kind == "onnx":
         raise ModelError(
             f"{path} is an ONNX export; score it with the onnxruntime or openvino engine, "
@@ -293,9 +320,38 @@ def load_scorer(
     return _saved_model_scorer(resolved.model, image_size, safe_mode)
 
 
-def _onnx_scorer(resolved, image_size, safe_mode, engine):
-    """A scorer running an ONNX file in ONNX Runtime or OpenVINO."""
+def _parity_images(gate, image_size, max_pixels):
+    """`engines.ParityImages`: the first `PARITY_SAMPLE` of the caller's images that
+    decode (one that does not is the scoring run's to report, not the gate's), then
+    kiqa's generated ones."""
+    from kiqa.image import decode_image, read_image_bytes
     from kiqa.serving import engines
+    from kiqa.serving.warmup import generated_images
+
+    names, pixels = [], []
+    for i, item in enumerate(gate["parity_images"] or ()):
+        if len(names) == PARITY_SAMPLE:
+            break
+        name = f"<bytes {i}>" if isinstance(item, (bytes, bytearray)) else os.fspath(item)
+        try:
+            contents = bytes(item) if isinstance(item, (bytes, bytearray)) else read_image_bytes(item)
+            pixels.append(decode_image(contents, image_size, max_pixels).numpy())
+        except (ImageError, tf.errors.OpError):
+            continue
+        names.append(name)
+    caller = len(names)
+    for name, contents in generated_images():
+        names.append(name)
+        pixels.append(decode_image(contents, image_size, max_pixels).numpy())
+    tolerance = engines.BF16_TOLERANCE if gate["tolerance"] is None else float(gate["tolerance"])
+    return engines.ParityImages(names, np.stack(pixels), caller, tolerance=tolerance)
+
+
+def _onnx_scorer(resolved, image_size, safe_mode, engine, gate):
+    """A scorer running an ONNX file in ONNX Runtime or OpenVINO (float32 or gated bf16)."""
+    from kiqa.serving import engines
+
+    reduced = engine in engines.REDUCED_PRECISION
 
     if resolved.kind == "savedmodel":
         raise ModelError(
@@ -305,10 +361,13 @@ def _onnx_scorer(resolved, image_size, safe_mode, engine):
         )
     if resolved.kind == "keras":
         keras_scorer = _keras_scorer(resolved, image_size, safe_mode)
-        predict, owner = engines.converted_predictor(keras_scorer._owner, keras_scorer.image_size, engine)
+        parity = _parity_images(gate, keras_scorer.image_size, keras_scorer.max_pixels) if reduced else None
+        predict, owner, *figures = engines.converted_predictor(
+            keras_scorer._owner, keras_scorer.image_size, engine, parity)
         return Scorer(
             image_size=keras_scorer.image_size, max_pixels=keras_scorer.max_pixels,
             source=keras_scorer.source, kind="keras", _predict=predict, _owner=owner, engine=engine,
+            provenance=keras_scorer.provenance, precision_parity=figures[0] if figures else None,
         )
     onnx_file = resolved.model
     info_path = onnx_file.parent / ONNX_INFO
@@ -328,10 +387,15 @@ def _onnx_scorer(resolved, image_size, safe_mode, engine):
             f"{image_size[0]}x{image_size[1]}",
             path=str(onnx_file), requested=image_size, expected=export_size,
         )
-    predict, owner = engines.onnx_predictor(onnx_file, engine)
+    figures = None
+    if reduced:
+        predict, owner, figures = engines.gated_predictor(
+            onnx_file, engine, _parity_images(gate, export_size, max_pixels))
+    else:
+        predict, owner = engines.onnx_predictor(onnx_file, engine)
     return Scorer(
         image_size=export_size, max_pixels=max_pixels, source=str(onnx_file), kind="onnx",
-        _predict=predict, _owner=owner, engine=engine,
+        _predict=predict, _owner=owner, engine=engine, precision_parity=figures,
     )
 
 
