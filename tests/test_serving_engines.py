@@ -73,14 +73,18 @@ def test_wrong_engine_for_the_model_is_refused_with_the_fix(onnx_export, tmp_pat
         load_scorer(run_dir, engine="torch")
 
 
+def _cli_score(version, engine, realset, out):
+    """`kiqa score` of three real photos with `engine`; returns its exit code."""
+    files = sorted((realset / "images").glob("koniq_*_512.jpg"))[:3]
+    return cli_score.main([*map(str, files), "--model", str(version.parent),
+                           "--engine", engine, "--out", str(out), "--quiet"])
+
+
 def test_cli_score_with_onnxruntime(onnx_export, realset, tmp_path):
     _engine_or_skip("onnxruntime")
     run_dir, version = onnx_export
     out = tmp_path / "scores.csv"
-    files = sorted((realset / "images").glob("koniq_*_512.jpg"))[:3]
-    code = cli_score.main([*map(str, files), "--model", str(version.parent),
-                           "--engine", "onnxruntime", "--out", str(out), "--quiet"])
-    assert code == 0
+    assert _cli_score(version, "onnxruntime", realset, out) == 0
     rows = read_scores(out)
     assert len(rows) == 3 and all(mos is not None for mos, _ in rows.values())
 
@@ -141,11 +145,7 @@ def test_cli_score_with_bf16_records_its_parity_in_the_provenance(onnx_export, r
     import json
 
     _, version = onnx_export
-    out = tmp_path / "scores.csv"
-    files = sorted((realset / "images").glob("koniq_*_512.jpg"))[:3]
-    code = cli_score.main([*map(str, files), "--model", str(version.parent),
-                           "--engine", "openvino-bf16", "--out", str(out), "--quiet"])
-    assert code == 0
+    assert _cli_score(version, "openvino-bf16", realset, tmp_path / "scores.csv") == 0
     assert "openvino-bf16 (" in capsys.readouterr().out
     sidecar = json.loads((tmp_path / "scores.csv.provenance.json").read_text())
     assert sidecar["engine"] == "openvino-bf16"
