@@ -9,16 +9,19 @@ path, at 384x512 (KonIQ's training size), batch 8:
 - TensorFlow fp32: `tf.function(model(x))`, what `kiqa score --engine tf` runs;
 - ONNX Runtime fp32 and OpenVINO f32 on the file `kiqa.serving.onnx.convert` writes
   (what `--engine onnxruntime|openvino` runs);
-- OpenVINO bf16 (its CPU plugin's default on AVX512_BF16 CPUs; not a kiqa engine
-  setting because its scores are 0.1-0.2 MOS off, measured below);
+- OpenVINO bf16 as `--engine openvino-bf16` runs it (backbone in bf16, the head after
+  the global pool in float32; `kiqa.serving.engines`), a gain only on CPUs with
+  AVX512_BF16 or AMX (the JSON records the CPU flags);
 - PyTorch eager fp32 and bf16 channels-last (autocast), in a child process
   (benchmarks/torch_reference.py) so thread pools never share a process.
 
 Each engine is warmed up, then the repeats are interleaved (repeat 1 of every engine,
 then repeat 2 ...), so load from other jobs on a shared machine hits all alike. Parity:
 max |ΔMOS| of each engine against TF fp32 on the same pixel batch (PyTorch's model is a
-different copy with different random weights, so it has none). Prints a table, writes
-results/engines-<time>.json.
+different copy with different random weights, so it has none). Every ratio is the ratio
+of medians, with its spread: the min-max of the per-repeat ratios (repeat i of one
+engine against repeat i of the other, which ran next to it). Prints a table, writes
+results/engines-<time>.json with the CPU model and flags (AVX512_BF16, AMX).
 """
 
 import argparse
@@ -44,6 +47,9 @@ import keras  # noqa: E402
 
 from kiqa.config import TrainConfig  # noqa: E402
 from kiqa.model import build_model  # noqa: E402
+from run import machine_info  # noqa: E402
+
+BF16 = "OpenVINO bf16, f32 head (kiqa openvino-bf16)"
 
 
 def tf_engine(model, size):
@@ -88,7 +94,7 @@ def main(argv=None):
             except Exception as err:  # an engine not installed is a note, not a failure
                 notes.append(f"{label} not measured: {err}")
         if "OpenVINO f32" in engines:
-            engines["OpenVINO bf16"] = kiqa_engines._openvino(onnx_file, None, precision="bf16")[0]
+            engines[BF16] = kiqa_engines._openvino(onnx_file, None, precision="bf16")[0]
     else:
         notes.append("ONNX engines not measured: tf2onnx is not installed (pip install 'kiqa[onnx]')")
 
@@ -124,7 +130,12 @@ def main(argv=None):
         worker.close()
 
     medians = {label: statistics.median(v) for label, v in samples.items()}
-    best_kiqa = max((l for l in medians if not l.startswith("PyTorch") and l != "OpenVINO bf16"), key=medians.get)
+    best_kiqa = max((l for l in medians if not l.startswith("PyTorch") and l != BF16), key=medians.get)
+
+    def ratio(label, other):
+        per_repeat = [a / b for a, b in zip(samples[label], samples[other])]
+        return medians[label] / medians[other], min(per_repeat), max(per_repeat)
+
     print(f"\nConvNeXt-Tiny {size[0]}x{size[1]}, batch {batch}, {args.repeats} interleaved repeats, "
           f"load average {load_start:.1f} -> {os.getloadavg()[0]:.1f}\n")
     ratio_cols = [l for l in ("PyTorch eager fp32", "PyTorch eager bf16 channels-last") if l in medians]
@@ -132,17 +143,21 @@ def main(argv=None):
           + " | ".join(f"x {c}" for c in ratio_cols) + " |")
     print("|---|---|---|" + "---|" * len(ratio_cols))
     for label, values in samples.items():
-        ratios = " | ".join(f"{medians[label] / medians[c]:.2f}" for c in ratio_cols)
+        ratios = " | ".join("{:.2f} ({:.2f}-{:.2f})".format(*ratio(label, c)) for c in ratio_cols)
         dmos = f"{parity[label]:.2g}" if label in parity else "-"
         print(f"| {label} | {medians[label]:.2f} ({min(values):.2f}-{max(values):.2f}) | {dmos} | {ratios} |")
-    print(f"\nbest kiqa engine with parity: {best_kiqa}")
+    print(f"\nbest kiqa float32 engine (0.05 MOS parity): {best_kiqa}")
+    cpu = machine_info()
+    print(f"CPU: {cpu['cpu_model']}, flags {', '.join(cpu['cpu_flags_of_interest'])}")
     for note in notes:
         print(f"note: {note}")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"engines-{datetime.datetime.now():%Y%m%d-%H%M%S}.json"
     out.write_text(json.dumps({
         "size": list(size), "batch": batch, "repeats": args.repeats, "samples": samples,
-        "medians": medians, "parity_vs_tf": parity, "notes": notes, "cpu_count": os.cpu_count(),
+        "medians": medians, "parity_vs_tf": parity,
+        "ratios": {label: {c: ratio(label, c) for c in ratio_cols} for label in samples},
+        "machine": cpu, "notes": notes, "cpu_count": os.cpu_count(),
         "load_average": [load_start, os.getloadavg()[0]], "seconds": round(time.time() - started),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
     }, indent=2) + "\n")

@@ -280,7 +280,7 @@ def machine_info():
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 info["cpu_flags_of_interest"] = sorted(
-                    f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni"}
+                    f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile", "avx512_vnni"}
                 )
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal"):

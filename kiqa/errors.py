@@ -132,6 +132,22 @@ class QualityMapError(ModelError):
         self.layer = layer
 
 
+class PrecisionParityError(ModelError):
+    """A reduced-precision engine moved scores further from float32 than its bound.
+
+    Attributes:
+        path: the model.
+        engine: the engine refused (e.g. "openvino-bf16").
+        figures: the parity measured on the images: max_abs_diff, mean_abs_diff, srcc,
+            images, and the bounds (tolerance, min_srcc).
+        image: the image of the largest difference.
+    """
+
+    def __init__(self, message, path=None, engine=None, figures=None, image=None):
+        super().__init__(message, path=path)
+        self.engine, self.figures, self.image = engine, dict(figures or {}), image
+
+
 class ExportError(KiqaError):
     """A SavedModel export failed its checks; nothing was made visible to TF Serving."""
 

@@ -263,7 +263,8 @@ def evaluate_saved_model(model_path, config, part="test", out_dir=None, progress
     metrics["cautions"] = cautions(metrics) + metrics.get("distribution", {}).get("cautions", [])
     _report_overlap(metrics, frame, table, resolved, config.seed)
     metrics["model"] = report_entry(scorer.provenance, scorer.source,
-                                    **{k: v for k, v in identity.items() if k != "source"})
+                                    **{k: v for k, v in identity.items() if k != "source"},
+                                    **scorer.model_facts())
     write_json(out_dir / "metrics.json", metrics)
     return metrics, out_dir
 

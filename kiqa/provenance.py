@@ -341,7 +341,8 @@ def write_sidecar(csv_path, record, source, **identity):
         record: the model's `Provenance`, or None.
         source: the model that was used.
         **identity: more of `model_identity` (kind, image_size, weights_sha256), which
-            a resumed job compares.
+            a resumed job compares, and how the scores were computed
+            (`Scorer.model_facts`, e.g. a reduced-precision engine's parity).
     """
     path = sidecar_path(csv_path)
     write_json_atomically(path, report_entry(record, source, **identity), sort_keys=True)

@@ -745,9 +745,10 @@ def _score_locked(files, scorer, out_csv, batch_size, skip_existing, progress, m
     columns = csv_columns(scorer)
     previous = _start_csv(out_csv, skip_existing, columns)
     # <out>.provenance.json: which model these scores come from, and whether they mean anything.
+    facts = scorer.model_facts() if hasattr(scorer, "model_facts") else {}
     with writing(provenance.sidecar_path(out_csv)):
         provenance.write_sidecar(out_csv, getattr(scorer, "provenance", None), identity["source"],
-                                 **{k: v for k, v in identity.items() if k != "source"})
+                                 **{k: v for k, v in identity.items() if k != "source"}, **facts)
     todo = [(path, error) for path, error in files if path not in previous]
     results = {path: previous[path] for path, _ in files if path in previous}
     n_skipped = len(results)

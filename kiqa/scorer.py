@@ -9,8 +9,11 @@ Engines (`engine=`): "tf" runs the Keras model or the SavedModel in TensorFlow;
 "onnxruntime" and "openvino" run an ONNX export (its base path, version folder or
 `model.onnx`), or convert a Keras model to ONNX at load time (tens of seconds for
 ConvNeXt-Tiny; the converted file is checked against the Keras model on generated images
-before it scores anything). An engine replaces only the model call: decoding stays
-`kiqa.image.decode_image`.
+before it scores anything). "openvino-bf16" is the reduced-precision engine: OpenVINO in
+bfloat16, gated at load on the caller's photos (`parity_images`) and generated ones
+against float32 (`kiqa.serving.engines.gated_predictor`); its figures are the scorer's
+`precision_parity` and go into every output's provenance. An engine replaces only the
+model call: decoding stays `kiqa.image.decode_image`.
 
 The `Scorer` is the one forward pass behind `kiqa score`, evaluation, training's
 validation pass and the notebooks: `score` / `score_many` read and decode files as
@@ -60,7 +63,10 @@ EXPORT_INFO = Path(ASSETS_EXTRA) / METADATA_FILE
 # "tf" is the default: it needs no extra package and no conversion. Measured side by side
 # at 384x512 ConvNeXt-Tiny on the shared 2-core build machine (benchmarks/README.md,
 # "Engines"), OpenVINO f32 ran ~1.3x TF and ONNX Runtime ~0.75x, with parity ~4e-6 MOS.
-ENGINES = ("tf", "onnxruntime", "openvino")
+ENGINES = ("tf", "onnxruntime", "openvino", "openvino-bf16")
+# Photos of the caller's a reduced-precision engine is checked on (besides generated ones):
+# enough to see a ranking, few enough to add seconds, not minutes, to loading.
+PARITY_SAMPLE = 16
 DEFAULT_ENGINE = "tf"
 ImageInput = Union[str, os.PathLike, bytes]
 # An export's kiqa.json is a file beside the model, not the model: its image_size must be
@@ -81,7 +87,10 @@ class Scorer:
         max_pixels: header pixel cap to decode with (the training run's or export's).
         source: the model file or SavedModel version directory that was loaded.
         kind: "keras", "savedmodel" or "onnx".
-        engine: what runs the model: "tf", "onnxruntime" or "openvino".
+        engine: what runs the model: "tf", "onnxruntime", "openvino" or "openvino-bf16".
+        precision_parity: for a reduced-precision engine, how far it is from float32 on
+            the parity images (`kiqa.serving.engines.gated_predictor`'s figures); None
+            for a float32 engine.
         provenance: the model's `kiqa.provenance.Provenance` (from the run directory
             or the SavedModel's `assets.extra/provenance.json`), or None when it has
             none: then its origin is unknown, and commands say so.
@@ -105,6 +114,7 @@ class Scorer:
     provenance: Optional[provenance_lib.Provenance] = None
     weights_sha256: Optional[str] = None
     distribution: bool = False
+    precision_parity: Optional[dict] = None
 
     def identity(self) -> dict:
         """The model's `kiqa.provenance.model_identity`: what a resumed scores file must match.
@@ -117,6 +127,13 @@ class Scorer:
         if weights is not None and self.kind == "keras":
             fingerprint = provenance_lib.weights_fingerprint(np.asarray(w) for w in weights)
         return provenance_lib.model_identity(self.source, self.kind, self.image_size, fingerprint)
+
+    def model_facts(self) -> dict:
+        """What outputs record about how the scores were computed, beside the provenance:
+        {} for float32; the engine and its parity figures for a reduced-precision one."""
+        if self.precision_parity is None:
+            return {}
+        return {"engine": self.engine, "precision_parity": dict(self.precision_parity)}
 
     @classmethod
     def from_keras_model(
@@ -351,6 +368,7 @@ def keras_forward(model, image_size):
 def load_scorer(
     model_ref: Union[str, os.PathLike], image_size: Optional[Sequence[int]] = None,
     safe_mode: bool = True, engine: str = DEFAULT_ENGINE, max_pixels: Optional[int] = None,
+    parity_images: Optional[Sequence] = None, precision_tolerance: Optional[float] = None,
 ) -> Scorer:
     """Loads a model for local scoring.
 
@@ -363,10 +381,16 @@ def load_scorer(
             and accepts another size; an export only takes its export size.
         safe_mode: refuse `.keras` files with Lambda layers (arbitrary code) and
             SavedModels using ops outside kiqa's allow list (`kiqa.serving.ops`).
-        engine: "tf", "onnxruntime" or "openvino" (see the module docstring).
+        engine: "tf", "onnxruntime", "openvino" or "openvino-bf16" (see the module
+            docstring).
         max_pixels: header pixel cap to decode images with. None takes the model's own
             (its run's config.json or its export's kiqa.json), but never above kiqa's
             DEFAULT_MAX_PIXELS: a model file cannot raise the cap, only this argument can.
+        parity_images: for "openvino-bf16": your photos (paths or encoded bytes; the
+            first `PARITY_SAMPLE` that decode are used) on which it must agree with
+            float32, besides kiqa's generated images. Ignored by the other engines.
+        precision_tolerance: for "openvino-bf16": its max |dMOS| bound (default
+            `kiqa.serving.engines.BF16_TOLERANCE`).
 
     Returns:
         A `Scorer`.
@@ -382,6 +406,8 @@ def load_scorer(
             with the model's input shape or kiqa's limits; the file and field are named.
         ModelTooLargeError: (an UntrustedModelError) a `.keras` file would inflate past
             kiqa's bound (`kiqa.model.check_keras_archive`).
+        PrecisionParityError: (a ModelError) the reduced-precision engine is further
+            from float32 than its bound on the parity images.
     """
     path = Path(model_ref)
     if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
@@ -391,15 +417,16 @@ def load_scorer(
     if engine not in ENGINES:
         raise ModelError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     resolved = resolve_model(path)
-    scorer = _load(resolved, path, image_size, safe_mode, engine)
+    gate = {"parity_images": parity_images, "tolerance": precision_tolerance}
+    scorer = _load(resolved, path, image_size, safe_mode, engine, gate)
     if max_pixels is not None:
         scorer = dataclasses.replace(scorer, max_pixels=max_pixels)
     return scorer
 
 
-def _load(resolved, path, image_size, safe_mode, engine):
+def _load(resolved, path, image_size, safe_mode, engine, gate):
     if engine != "tf":
-        return _onnx_scorer(resolved, image_size, safe_mode, engine)
+        return _onnx_scorer(resolved, image_size, safe_mode, engine, gate)
     if resolved.kind == "onnx":
         raise ModelError(
             f"{path} is an ONNX export; score it with the onnxruntime or openvino engine, "
@@ -411,9 +438,38 @@ def _load(resolved, path, image_size, safe_mode, engine):
     return _saved_model_scorer(resolved.model, image_size, safe_mode)
 
 
-def _onnx_scorer(resolved, image_size, safe_mode, engine):
-    """A scorer running an ONNX file in ONNX Runtime or OpenVINO."""
+def _parity_images(gate, image_size, max_pixels):
+    """`engines.ParityImages`: the first `PARITY_SAMPLE` of the caller's images that
+    decode (one that does not is the scoring run's to report, not the gate's), then
+    kiqa's generated ones."""
+    from kiqa.image import decode_image, read_image_bytes
     from kiqa.serving import engines
+    from kiqa.serving.warmup import generated_images
+
+    names, pixels = [], []
+    for i, item in enumerate(gate["parity_images"] or ()):
+        if len(names) == PARITY_SAMPLE:
+            break
+        name = f"<bytes {i}>" if isinstance(item, (bytes, bytearray)) else os.fspath(item)
+        try:
+            contents = bytes(item) if isinstance(item, (bytes, bytearray)) else read_image_bytes(item)
+            pixels.append(decode_image(contents, image_size, max_pixels).numpy())
+        except (ImageError, tf.errors.OpError):
+            continue
+        names.append(name)
+    caller = len(names)
+    for name, contents in generated_images():
+        names.append(name)
+        pixels.append(decode_image(contents, image_size, max_pixels).numpy())
+    tolerance = engines.BF16_TOLERANCE if gate["tolerance"] is None else float(gate["tolerance"])
+    return engines.ParityImages(names, np.stack(pixels), caller, tolerance=tolerance)
+
+
+def _onnx_scorer(resolved, image_size, safe_mode, engine, gate):
+    """A scorer running an ONNX file in ONNX Runtime or OpenVINO (float32 or gated bf16)."""
+    from kiqa.serving import engines
+
+    reduced = engine in engines.REDUCED_PRECISION
 
     if resolved.kind == "savedmodel":
         raise ModelError(
@@ -423,12 +479,15 @@ def _onnx_scorer(resolved, image_size, safe_mode, engine):
         )
     if resolved.kind == "keras":
         keras_scorer = _keras_scorer(resolved, image_size, safe_mode)
-        predict, owner = engines.converted_predictor(keras_scorer._owner, keras_scorer.image_size, engine)
+        parity = _parity_images(gate, keras_scorer.image_size, keras_scorer.max_pixels) if reduced else None
+        predict, owner, *figures = engines.converted_predictor(
+            keras_scorer._owner, keras_scorer.image_size, engine, parity)
         return Scorer(
             image_size=keras_scorer.image_size, max_pixels=keras_scorer.max_pixels,
             source=keras_scorer.source, kind="keras", _predict=predict, _owner=owner, engine=engine,
             weights_sha256=keras_scorer.identity()["weights_sha256"],
             distribution=engines.predicts_distribution(owner),
+            provenance=keras_scorer.provenance, precision_parity=figures[0] if figures else None,
         )
     onnx_file = resolved.model
     info_path = onnx_file.parent / METADATA_FILE
@@ -450,12 +509,17 @@ def _onnx_scorer(resolved, image_size, safe_mode, engine):
             f"{image_size[0]}x{image_size[1]}",
             path=str(onnx_file), requested=image_size, expected=export_size,
         )
-    predict, owner = engines.onnx_predictor(onnx_file, engine)
+    figures = None
+    if reduced:
+        predict, owner, figures = engines.gated_predictor(
+            onnx_file, engine, _parity_images(gate, export_size, max_pixels))
+    else:
+        predict, owner = engines.onnx_predictor(onnx_file, engine)
     _agrees_with_model(export_size, engines.input_size(owner), info_path, f"ONNX model {onnx_file}")
     return Scorer(
         image_size=export_size, max_pixels=max_pixels, source=str(onnx_file), kind="onnx",
         _predict=predict, _owner=owner, engine=engine, weights_sha256=fingerprint,
-        distribution=engines.predicts_distribution(owner),
+        distribution=engines.predicts_distribution(owner), precision_parity=figures,
     )
 
 

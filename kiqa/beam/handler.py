@@ -78,7 +78,7 @@ class KiqaModelHandler(ModelHandler):
     """
 
     def __init__(self, model_ref, image_size=None, safe_mode=True, batch_size=None,
-                 large_model=False):
+                 large_model=False, engine="tf"):
         """Describes the model; nothing is loaded until a worker calls `load_model`.
 
         Args:
@@ -88,6 +88,8 @@ class KiqaModelHandler(ModelHandler):
             safe_mode: refuse `.keras` files with Lambda layers (arbitrary code).
             batch_size: images per model call (None: `SIGNATURE_BATCH_LIMIT`).
             large_model: one model copy per machine instead of one per process.
+            engine: what runs the model (`kiqa.scorer.ENGINES`); "openvino-bf16" is
+                gated against float32 on kiqa's generated images when each worker loads.
 
         Raises:
             ModelError: batch_size is below 1 or above `SIGNATURE_BATCH_LIMIT`.
@@ -103,6 +105,7 @@ class KiqaModelHandler(ModelHandler):
         self._model_ref = str(model_ref)
         self._image_size = tuple(image_size) if image_size else None
         self._safe_mode = safe_mode
+        self._engine = engine
 
     def load_model(self):
         """Loads the model with `kiqa.scorer.load_scorer` (copied locally first if remote).
@@ -115,7 +118,7 @@ class KiqaModelHandler(ModelHandler):
         ref = self._model_ref
         if is_remote(ref):
             ref = local_copy(ref, tempfile.mkdtemp(prefix="kiqa-model-"))
-        return load_scorer(ref, image_size=self._image_size, safe_mode=self._safe_mode)
+        return load_scorer(ref, image_size=self._image_size, safe_mode=self._safe_mode, engine=self._engine)
 
     def run_inference(self, batch, model, inference_args=None):
         """Scores one batch of decoded images.

@@ -86,6 +86,9 @@ class BeamScoreJob:
         overwrite: replace the outputs of an earlier run at `output`.
         num_shards: output shards per format (0: the runner decides).
         large_model: one model copy per machine instead of per worker process.
+        engine: what runs the model (`kiqa.scorer.ENGINES`). A reduced-precision one
+            ("openvino-bf16") is gated against float32 on the launcher, and again on
+            each worker (its CPU may differ); the launcher's figures go in the summary.
     """
 
     inputs: Tuple[str, ...] = ()
@@ -100,6 +103,7 @@ class BeamScoreJob:
     overwrite: bool = False
     num_shards: int = 0
     large_model: bool = False
+    engine: str = "tf"
 
 
 def _listed(path):
@@ -377,7 +381,7 @@ def refuse_earlier_outputs(prefix, overwrite):
     return found
 
 
-def describe_model(model_ref, image_size=None, safe_mode=True):
+def describe_model(model_ref, image_size=None, safe_mode=True, engine="tf"):
     """Loads the model once on the launcher: checks it and records what was used.
 
     A SavedModel base path is pinned to its highest version here, so every worker loads
@@ -394,8 +398,9 @@ def describe_model(model_ref, image_size=None, safe_mode=True):
     workdir = tempfile.mkdtemp(prefix="kiqa-beam-model-")
     try:
         local = local_copy(model_ref, workdir) if is_remote(model_ref) else str(model_ref)
-        scorer = load_scorer(local, image_size=image_size, safe_mode=safe_mode)
+        scorer = load_scorer(local, image_size=image_size, safe_mode=safe_mode, engine=engine)
         worker_ref, identity = str(model_ref), {"model": str(model_ref), "kind": scorer.kind}
+        identity.update(scorer.model_facts())
         if scorer.kind == "savedmodel":
             from kiqa.serving import savedmodel
 
@@ -417,7 +422,7 @@ def describe_model(model_ref, image_size=None, safe_mode=True):
 def build(root, listing, job, worker_ref, image_size, max_pixels, identity):
     """Adds the scoring steps after `listing` (a `ListImages`) to pipeline `root`."""
     handler = KiqaModelHandler(worker_ref, image_size=image_size, safe_mode=job.safe_mode,
-                               batch_size=job.batch_size, large_model=job.large_model)
+                               batch_size=job.batch_size, large_model=job.large_model, engine=job.engine)
     return (
         root
         | "ListImages" >> listing
@@ -446,7 +451,7 @@ def score_with_beam(job, pipeline_options):
         raise DataError(f"output formats must be among {list(FORMATS)}, got {list(job.formats)}")
     earlier = refuse_earlier_outputs(job.output, job.overwrite)
     listing = ListImages(job.inputs, job.input_lists)
-    worker_ref, image_size, max_pixels, identity = describe_model(job.model, job.image_size, job.safe_mode)
+    worker_ref, image_size, max_pixels, identity = describe_model(job.model, job.image_size, job.safe_mode, job.engine)
     # Deleted only now that inputs and model are checked, and all of them: a rerun with
     # fewer shards would otherwise leave old shards that readers of PREFIX-* take for new.
     if earlier:

@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from kiqa.cli._common import add_model_arguments, EXIT_OK, EXIT_PARTIAL, entry_point, print_model_warning
-from kiqa.cli.score import model_remedies, print_failures
+from kiqa.cli.score import print_failures
 from kiqa.contract import DEFAULT_MAX_BYTES
 
 
@@ -32,33 +32,17 @@ def build_parser(prog=None):
     return parser
 
 
-def map_remedy(err):
-    """The flag that fixes a `QualityMapError`, in this CLI's words, or None."""
-    from kiqa.errors import QualityMapError
-
-    if isinstance(err, QualityMapError) and err.layer is None and "signature" in str(err):
-        return "re-export with kiqa export, or pass the run folder as --model"
-    return None
-
-
 @entry_point
 def main(argv=None, prog=None):
     """Runs `kiqa map`."""
     args = build_parser(prog).parse_args(argv)
-    from kiqa.errors import QualityMapError
     from kiqa.map_report import write_maps
     from kiqa.scorer import load_scorer
 
     max_bytes = int(args.max_mb * 1024 * 1024) if args.max_mb else DEFAULT_MAX_BYTES
-    with model_remedies():
-        scorer = load_scorer(args.model, image_size=args.image_size, safe_mode=not args.unsafe)
-        try:
-            results = write_maps(scorer, args.images, args.out, overwrite=args.overwrite, max_bytes=max_bytes)
-        except QualityMapError as err:
-            remedy = map_remedy(err)
-            if remedy is None:
-                raise
-            raise QualityMapError(f"{err}; {remedy}", path=err.path, layer=err.layer) from err
+    # A typed error's flags to fix it are in kiqa.cli.remedies (printed by entry_point).
+    scorer = load_scorer(args.model, image_size=args.image_size, safe_mode=not args.unsafe)
+    results = write_maps(scorer, args.images, args.out, overwrite=args.overwrite, max_bytes=max_bytes)
     failures = [(r.path, r.error) for r in results if r.error]
     done = [r for r in results if not r.error]
     for result in done:

@@ -52,8 +52,9 @@ _UNSAFE = ("pass --unsafe only if you trust where the file came from: it runs th
 _UNSAFE_OPS = ("--unsafe skips the op check, for a SavedModel whose source you trust and whose ops "
                "you reviewed")
 IGNORE_EXTENSION_HINT = "pass --ignore-extension to pair x.png with x.jpg"
-_LOADS_MODELS = ("score", "compare", "export", "score_beam")
+_LOADS_MODELS = ("score", "compare", "export", "score_beam", "map")
 _SCORES = ("score", "compare", "evaluate")
+_IMAGE_SIZE = (*_SCORES, "map")
 
 # error class -> command (the `kiqa.cli` module name: "train", "serve_dev", ...) -> remedy.
 # An error takes the first remedy that fits it, from its own class up its MRO.
@@ -63,7 +64,14 @@ REMEDIES: Mapping[type, Mapping[str, Remedies]] = {
     errors.UntrustedModelError: _each(_LOADS_MODELS, _UNSAFE_OPS),
     errors.UntrustedExportError: {"export": _UNSAFE_OPS},
     errors.BatchMemoryError: _each(_SCORES, "lower --batch-size (the batch held {batch_size} images)"),
-    errors.ImageSizeError: _each(_SCORES, Remedy(
+    errors.PrecisionParityError: _each(("score", "score_beam"), (
+        "score in float32 with --engine openvino or --engine tf"
+    )),
+    errors.QualityMapError: {"map": Remedy(
+        "re-export with `kiqa export`, or pass the run folder as --model",
+        when=lambda err: err.layer is None and "signature" in str(err),
+    )},
+    errors.ImageSizeError: _each(_IMAGE_SIZE, Remedy(
         "drop --image-size, or export again at that size: "
         "`kiqa export MODEL --image-size {requested[0]} {requested[1]}`",
         when=lambda err: bool(err.expected and err.requested),

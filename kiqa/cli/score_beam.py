@@ -38,6 +38,11 @@ def build_parser(prog=None):
         "--large-model", action="store_true",
         help="load one model copy per machine and share it between worker processes "
         "(for a GPU with room for one copy); default one copy per process")
+    model.add_argument(
+        "--engine", choices=("tf", "onnxruntime", "openvino", "openvino-bf16"), default="tf",
+        help="what runs the model (as for kiqa score); openvino-bf16 is checked against float32 "
+        "on generated images by the launcher and every worker, and refused over 0.5 MOS or "
+        "SRCC < 0.999; its figures go in PREFIX-summary.json")
     job = parser.add_argument_group("job")
     job.add_argument("--output", required=True, metavar="PREFIX",
                      help="output prefix: PREFIX-00000-of-0000N.csv/.parquet and PREFIX-summary.json")
@@ -77,6 +82,7 @@ def main(argv=None, prog=None):
         safe_mode=not args.unsafe, batch_size=args.batch_size,
         max_bytes=int(args.max_mb * 1024 * 1024) if args.max_mb else DEFAULT_MAX_BYTES,
         overwrite=args.overwrite, num_shards=args.num_shards, large_model=args.large_model,
+        engine=args.engine,
     )
     summary = score_with_beam(job, PipelineOptions(pipeline_args))
     print(f"{summary['n_files']} files: {summary['n_scored']} scored, {summary['n_failed']} failed")

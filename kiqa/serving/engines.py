@@ -6,6 +6,15 @@ MOS [n], and the object that keeps the loaded model alive.
 
 Both runtimes are optional (`pip install 'kiqa[onnx]'`, `'kiqa[openvino]'`); a missing
 one is an `ModelError` naming the extra.
+
+Reduced precision (`REDUCED_PRECISION`): "openvino-bf16" runs OpenVINO with bfloat16
+inference, ~1.9x its f32 speed at 384x512 on a CPU with AVX512_BF16 or AMX. bf16 keeps
+8 bits of mantissa, so scores move by tenths of a MOS point (a score near 70 is on a
+0.5-point grid) and every load is gated like the LiteRT float16 export: the engine
+scores the caller's photos and kiqa's generated ones beside the float32 model, and is
+refused (`PrecisionParityError`) when max |dMOS| exceeds `BF16_TOLERANCE` or the
+Spearman correlation with float32 falls below `MIN_SRCC`. The figures travel with the
+scorer into every output's provenance.
 """
 
 import tempfile
@@ -13,10 +22,23 @@ from pathlib import Path
 
 import numpy as np
 
-from kiqa.errors import ExportError, ModelError
+from kiqa.errors import ExportError, ModelError, PrecisionParityError
 
 INPUT = "image"
 OUTPUT = "mos"
+
+# Engine name -> (runtime, inference precision) of the reduced-precision engines.
+REDUCED_PRECISION = {"openvino-bf16": ("openvino", "bf16")}
+# Largest |bf16 - float32| allowed, in MOS points. Rounding the output alone to bf16's
+# 8-bit mantissa moves a score in 64..100 by up to 0.25; on ConvNeXt-Tiny at 384x512
+# OpenVINO bf16 measured 0.12 max |dMOS| (random weights). 0.5 is a twentieth of KonIQ's
+# rater disagreement (~10 points) and half the LiteRT float16 bound, and still catches
+# a broken conversion (whole points).
+BF16_TOLERANCE = 0.5
+# The ranking must survive: Spearman correlation with float32 on the parity images.
+MIN_SRCC = 0.999
+# Images per forward pass in the parity check.
+_PARITY_BATCH = 8
 
 
 def onnx_predictor(onnx_file, engine, threads=None):
@@ -32,14 +54,27 @@ def onnx_predictor(onnx_file, engine, threads=None):
     raise ModelError(f"unknown ONNX engine {engine!r}")
 
 
-def converted_predictor(model, image_size, engine):
+def converted_predictor(model, image_size, engine, parity=None):
     """(predict, owner) for a Keras model converted to ONNX at load time.
 
     The file is written to a temporary folder (deleted with the owner) and checked on
-    kiqa's generated images against the Keras model before it is used.
+    kiqa's generated images against the Keras model before it is used. A
+    reduced-precision engine is gated on `parity` instead (see `gated_predictor`),
+    with the Keras model's float32 scores as the reference.
+
+    Args:
+        model: the Keras model.
+        image_size: (height, width).
+        engine: "onnxruntime", "openvino" or a `REDUCED_PRECISION` engine.
+        parity: for a reduced-precision engine, `ParityImages`.
+
+    Returns:
+        (predict, owner), and for a reduced-precision engine a third item: its parity
+        figures (`gated_predictor`).
 
     Raises:
         ModelError: the engine or the converter is missing, or the check failed.
+        PrecisionParityError: (a ModelError) the reduced-precision engine is over its bound.
     """
     from kiqa.serving import artifact
     from kiqa.serving import onnx as kiqa_onnx
@@ -49,6 +84,11 @@ def converted_predictor(model, image_size, engine):
     try:
         kiqa_onnx._require_onnx()
         kiqa_onnx.convert(model, path, image_size)
+        if engine in REDUCED_PRECISION:
+            predict, owner, figures = gated_predictor(
+                path, engine, parity, reference=lambda pixels: artifact.keras_scores(model, pixels),
+                reference_name="the Keras model (TensorFlow float32)")
+            return predict, (owner, folder), figures
         predict, owner = onnx_predictor(path, engine)
         names, pixels, _ = artifact.parity_pixels(None, image_size, 10**9)
         predicted = predict(pixels)
@@ -58,7 +98,129 @@ def converted_predictor(model, image_size, engine):
     except ExportError as err:
         folder.cleanup()
         raise ModelError(f"cannot run the model with {engine}: {err}") from err
+    except BaseException:
+        folder.cleanup()
+        raise
     return predict, (owner, folder)
+
+
+class ParityImages:
+    """The images a reduced-precision engine is checked on, and its bounds.
+
+    Attributes:
+        names: one name per image (the caller's files first, then kiqa's generated ones).
+        pixels: float32 [n, height, width, 3], from `kiqa.image.decode_image`.
+        caller_images: how many of them are the caller's.
+        tolerance: largest max |dMOS| allowed.
+        min_srcc: smallest Spearman correlation with float32 allowed.
+    """
+
+    def __init__(self, names, pixels, caller_images, tolerance=BF16_TOLERANCE, min_srcc=MIN_SRCC):
+        self.names, self.pixels, self.caller_images = list(names), pixels, int(caller_images)
+        self.tolerance, self.min_srcc = float(tolerance), float(min_srcc)
+
+
+def gated_predictor(onnx_file, engine, parity, reference=None, reference_name=None, threads=None):
+    """(predict, owner, figures) for a reduced-precision engine that passed its parity gate.
+
+    The engine scores `parity.pixels` beside a float32 reference (`reference`, else
+    OpenVINO f32 on the same file) and is refused when it is further off than the
+    bounds, as the LiteRT float16 export is.
+
+    Args:
+        onnx_file: the ONNX file.
+        engine: a `REDUCED_PRECISION` name.
+        parity: `ParityImages`.
+        reference: float32 pixels -> MOS (float32) to compare with; None: OpenVINO f32.
+        reference_name: what the reference is, for the figures.
+        threads: inference threads (None: every core).
+
+    Returns:
+        (predict, owner, figures); figures: engine, precision (what the runtime reports
+        it runs in), reference, images, caller_images, max_abs_diff, mean_abs_diff,
+        srcc, tolerance, min_srcc.
+
+    Raises:
+        ModelError: the runtime is missing or cannot load the file.
+        PrecisionParityError: (a ModelError) over a bound, or scores not finite.
+    """
+    runtime, precision = REDUCED_PRECISION[engine]
+    predict, compiled = _openvino(onnx_file, threads, precision=precision)
+    if reference is None:
+        reference = _openvino(onnx_file, threads, precision="f32")[0]
+        reference_name = "OpenVINO f32 on the same ONNX file"
+    expected = _batched(reference, parity.pixels)
+    scores = _batched(predict, parity.pixels)
+    figures = precision_parity(expected, scores, parity, engine, str(onnx_file))
+    figures = {
+        "engine": engine,
+        "precision": str(compiled.get_property("INFERENCE_PRECISION_HINT")),
+        "reference": reference_name,
+        **figures,
+    }
+    return predict, compiled, figures
+
+
+def precision_parity(reference, scores, parity, engine, source=None):
+    """Parity figures of a reduced-precision engine, or its refusal.
+
+    Args:
+        reference: float32 MOS per parity image.
+        scores: the engine's MOS per parity image.
+        parity: `ParityImages` (names and bounds).
+        engine: the engine's name, for the message.
+        source: the model, for the message.
+
+    Returns:
+        dict: images, caller_images, max_abs_diff, mean_abs_diff, srcc (None when the
+        reference scores are all equal), tolerance, min_srcc, worst_image.
+
+    Raises:
+        PrecisionParityError: scores not finite, max |dMOS| over `parity.tolerance`, or
+            SRCC under `parity.min_srcc`.
+    """
+    from scipy import stats
+
+    reference = np.asarray(reference, np.float64).reshape(-1)
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    diff = np.abs(scores - reference)
+    worst = int(np.argmax(diff)) if diff.size else 0
+    srcc = None
+    if np.ptp(reference) > 0 and np.ptp(scores) > 0:
+        srcc = float(stats.spearmanr(reference, scores).statistic)
+    figures = {
+        "images": int(reference.size),
+        "caller_images": parity.caller_images,
+        "max_abs_diff": float(diff.max()) if diff.size else 0.0,
+        "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
+        "srcc": srcc,
+        "tolerance": parity.tolerance,
+        "min_srcc": parity.min_srcc,
+        "worst_image": parity.names[worst] if diff.size else None,
+    }
+    problem = None
+    if not (np.all(np.isfinite(reference)) and np.all(np.isfinite(scores))):
+        problem = "returns NaN or infinite scores"
+    elif figures["max_abs_diff"] > parity.tolerance:
+        problem = (f"is {figures['max_abs_diff']:.3g} MOS from float32 on {parity.names[worst]} "
+                   f"({scores[worst]:.3f} vs {reference[worst]:.3f}), over its {parity.tolerance} MOS bound")
+    elif srcc is not None and srcc < parity.min_srcc:
+        problem = (f"ranks the {reference.size} parity images differently from float32 (SRCC "
+                   f"{srcc:.4f}, under its {parity.min_srcc} bound)")
+    if problem:
+        raise PrecisionParityError(
+            f"{source or 'the model'}: the {engine} engine {problem}; score with float32 "
+            f"(mean |dMOS| {figures['mean_abs_diff']:.3g} over {reference.size} images)",
+            path=source, engine=engine, figures=figures, image=figures["worst_image"],
+        )
+    return figures
+
+
+def _batched(predict, pixels):
+    return np.concatenate([
+        np.reshape(np.asarray(predict(pixels[start : start + _PARITY_BATCH])), [-1])
+        for start in range(0, len(pixels), _PARITY_BATCH)
+    ]).astype(np.float64)
 
 
 def _onnxruntime(onnx_file, threads):
@@ -89,14 +251,19 @@ def predicts_distribution(owner):
 
 def _openvino(onnx_file, threads, precision="f32"):
     openvino = _import("openvino", "openvino")
-    # OpenVINO's CPU plugin computes in bf16 by default on CPUs with AVX512_BF16 (as
-    # here): scores then land on a 0.25-MOS grid, 0.14 MOS off TF on the real photos,
-    # over the 0.05 parity bound. f32 keeps parity; "bf16" is for the benchmarks.
+    # OpenVINO's CPU plugin computes in bf16 by default on CPUs with AVX512_BF16 or AMX:
+    # scores then land on a 0.25-MOS grid, 0.14 MOS off TF on the real photos, over the
+    # 0.05 parity bound. f32 keeps parity; "bf16" is the gated "openvino-bf16" engine.
     config = {"INFERENCE_PRECISION_HINT": precision}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
+    core = openvino.Core()
     try:
-        compiled = openvino.Core().compile_model(str(onnx_file), "CPU", config)
+        if precision != "f32":
+            split = _split_after_pool(core.read_model(str(onnx_file)), openvino)
+            if split is not None:
+                return _reduced_body_float_head(core, split, config, threads)
+        compiled = core.compile_model(str(onnx_file), "CPU", config)
     except Exception as err:  # OpenVINO raises RuntimeError subclasses without stable names
         raise ModelError(f"OpenVINO cannot load {onnx_file}: {' '.join(str(err).split())[:300]}") from err
     output = compiled.output(OUTPUT)
@@ -128,6 +295,65 @@ def input_size(owner):
     if len(shape) != 4:
         return None
     return tuple(v if isinstance(v, int) and v > 0 else None for v in shape[1:3])
+
+
+def _split_after_pool(model, openvino):
+    """(body, head): `model` cut after its last global average pool, or None.
+
+    In bf16 the output itself lands on bf16's grid (8 bits of mantissa: 0.25 MOS near
+    50, 0.5 near 70), which alone swaps photos a tenth of a point apart. The head (after
+    the pool: layer norm, Dense, rescale) costs nothing, so it runs in float32 and only
+    the backbone, where the time goes, in bf16: on the tiny test model max |dMOS| went
+    from 0.11 to ~0.01. None when there is no pool over the spatial axes or the head
+    needs more than the pooled features.
+    """
+    pools = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == "ReduceMean" and _is_global_pool(op):
+            pools.append(op)
+    if not pools:
+        return None
+    pooled = pools[-1].output(0)
+    features = openvino.opset13.parameter(pooled.get_partial_shape(), pooled.get_element_type(), name="features")
+    consumers = list(pooled.get_target_inputs())
+    for consumer in consumers:
+        consumer.replace_source_output(features.output(0))
+    try:
+        head = openvino.Model(model.get_results(), [features], "kiqa_head")
+        body = openvino.Model([openvino.opset13.result(pooled)], model.get_parameters(), "kiqa_body")
+    except RuntimeError:  # the head reads more than the pooled features: keep it whole
+        for consumer in consumers:
+            consumer.replace_source_output(pooled)
+        return None
+    return body, head
+
+
+def _is_global_pool(op):
+    """A mean over the spatial axes of an image batch: [n, h, w, c] or [n, c, h, w] in
+    (the converter may turn the layout), one value per channel out."""
+    before, after = op.get_input_partial_shape(0), op.get_output_partial_shape(0)
+    if before.rank.is_dynamic or before.rank.get_length() != 4 or after.rank.is_dynamic:
+        return False
+    dims = list(after)[1:]
+    if not dims or not all(d.is_static for d in dims):
+        return False
+    sizes = [d.get_length() for d in dims]
+    return sum(size > 1 for size in sizes) <= 1
+
+
+def _reduced_body_float_head(core, split, config, threads):
+    body, head = split
+    body_compiled = core.compile_model(body, "CPU", config)
+    head_config = {"INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        head_config["INFERENCE_NUM_THREADS"] = int(threads)
+    head_compiled = core.compile_model(head, "CPU", head_config)
+
+    def predict(batch):
+        features = body_compiled(np.ascontiguousarray(batch, np.float32))[0]
+        return np.asarray(head_compiled(features)[0]).reshape(-1)
+
+    return predict, body_compiled
 
 
 def _import(module, extra):

@@ -83,11 +83,11 @@ from kiqa.image import (
     UNDECODABLE_MESSAGE,
     decode_image,
     decode_plan,
-    decode_planned,
     describe_decode_error,
     header,
     read_image_bytes,
 )
+from kiqa.image.decode import decode_first_image
 from kiqa.serving import savedmodel
 from kiqa.serving.warmup import WARMUP_BATCH_SIZES, generated_images, warmup_requests, write_warmup_file
 
@@ -324,6 +324,9 @@ class _ServingModule(tf.Module):
         # signature beside mos; a regression model's signatures are unchanged.
         extra_shapes = {SD_OUTPUT: [], DIST_OUTPUT: [RATING_LEVELS]} if DIST_OUTPUT in model.output_names else {}
 
+        # `score` and `decode` are functions of their own, so the graph holds the model
+        # and the decoder once however many signatures call them.
+        @tf.function(input_signature=[tf.TensorSpec([None, *size, 3], tf.float32)])
         def score(images):
             def run():
                 outputs = model(images, training=False)
@@ -345,6 +348,7 @@ class _ServingModule(tf.Module):
                 image = tf.identity(image)
             return score(image)
 
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
         def decode(image_bytes):
             """(checked bytes, indices of the decoded items, their pixels, every item's error)."""
             with tf.control_dependencies([_check_batch(image_bytes, BYTES_INPUT)]):
@@ -380,11 +384,16 @@ class _ServingModule(tf.Module):
         def provenance_record(request):
             return {PROVENANCE_OUTPUT: tf.fill(tf.shape(request), tf.constant(record_json))}
 
-        self.score_pixels = score_pixels
-        self.score_bytes = score_bytes
-        self.score_bytes_lenient = score_bytes_lenient
-        self.provenance_record = provenance_record
-        self.quality_map = _quality_map_function(model, decode, size)
+        # Concrete functions, traced here once: a tf.function attribute would be traced
+        # again inside tf.saved_model.save (its save context is part of the tracing key),
+        # and the graph would hold every function twice (7.3 MB instead of ~2.5 MB for
+        # ConvNeXt-Tiny). The signatures are these same functions.
+        self.score_pixels = score_pixels.get_concrete_function()
+        self.score_bytes = score_bytes.get_concrete_function()
+        self.score_bytes_lenient = score_bytes_lenient.get_concrete_function()
+        self.provenance_record = provenance_record.get_concrete_function()
+        quality_map = _quality_map_function(model, decode, size)
+        self.quality_map = quality_map.get_concrete_function() if quality_map is not None else None
 
 
 def _quality_map_function(model, decode, size):
@@ -454,15 +463,18 @@ def _check_pixels(image):
 
 def _header_plans(image_bytes, size, max_pixels):
     """Per item: `check_header`'s message (empty where the header passes),
-    `decode_plan`'s decoder branch and EXIF orientation, and the header's size."""
+    `decode_plan`'s decoder branch and EXIF orientation, the header's size, and the
+    bytes the decoder gets (`header.first_image`: a GIF cut after its first image)."""
     def one(contents):
         shape, _, message = header.header_problem(contents, max_pixels)
         branch, orientation = decode_plan(contents, shape, size)
-        return message, tf.cast(branch, tf.int32), tf.cast(orientation, tf.int32), shape
+        # A bad header's bytes never reach a decoder, nor the GIF walker.
+        first = tf.cond(tf.equal(message, ""), lambda: header.first_image(contents), lambda: contents)
+        return message, tf.cast(branch, tf.int32), tf.cast(orientation, tf.int32), shape, first
 
     return tf.map_fn(
         one, image_bytes,
-        fn_output_signature=(tf.string, tf.int32, tf.int32, tf.int64),
+        fn_output_signature=(tf.string, tf.int32, tf.int32, tf.int64, tf.string),
         parallel_iterations=DECODE_PARALLELISM,
     )
 
@@ -487,21 +499,23 @@ def _decode_batch(image_bytes, plans, size):
     A TF op error cannot be caught inside a graph, except by tf.data: the items run
     through a dataset whose `ignore_errors` drops an item the decoder refuses (a
     truncated or corrupt file whose header is fine) instead of failing the request.
-    Only the decode half of the image function (`decode_planned`) runs in it: tf.data
-    instantiates its functions anew for every request, which for the whole function
-    (header parsers included) cost 1.7 s a request; the decode half costs ~0.13 s (the
-    price of naming every bad item, measured on 2 busy CPU cores). At most
-    DECODE_PARALLELISM items are decoded at once, and items over the pixel cap never
-    enter the dataset.
+    Only what can fail runs in it: tf.data instantiates its functions anew for every
+    request, which for the whole image function (header parsers included) cost 1.7 s a
+    request. The header half and `header.first_image` (the GIF walker) run before it
+    (`_header_plans`), the filter of passed headers too, and the dataset's function is
+    `decode_first_image`: decoder, size check, orientation, resize (~0.1 CPU-s a request
+    of 8 KonIQ photos instead of ~0.6 with `decode_planned` in it, whose GIF walker and
+    nested functions were instantiated every time). At most DECODE_PARALLELISM items are
+    decoded at once, and items over the pixel cap never enter the dataset.
     """
-    errors, branches, orientations, shapes = plans
+    errors, branches, orientations, shapes, firsts = plans
     count = tf.shape(image_bytes, out_type=tf.int64)[0]
-    items = tf.data.Dataset.from_tensor_slices(
-        (tf.range(count), image_bytes, errors, branches, orientations, shapes))
-    items = items.filter(lambda i, contents, error, branch, orientation, shape: tf.equal(error, ""))
+    passed = tf.equal(errors, "")
+    items = tf.data.Dataset.from_tensor_slices(tuple(
+        tf.boolean_mask(t, passed) for t in (tf.range(count), firsts, branches, orientations, shapes)))
     items = items.map(
-        lambda i, contents, error, branch, orientation, shape: (
-            i, decode_planned(contents, branch, orientation, size, shape)),
+        lambda i, first, branch, orientation, shape: (
+            i, decode_first_image(first, branch, orientation, size, shape)),
         num_parallel_calls=DECODE_PARALLELISM,
         deterministic=True,
     )
@@ -551,12 +565,11 @@ def _write_saved_model(model, directory, image_size, max_pixels, record=None):
             module,
             str(directory),
             signatures={
-                BYTES_SIGNATURE: module.score_bytes.get_concrete_function(),
-                LENIENT_SIGNATURE: module.score_bytes_lenient.get_concrete_function(),
-                PIXELS_SIGNATURE: module.score_pixels.get_concrete_function(),
-                PROVENANCE_SIGNATURE: module.provenance_record.get_concrete_function(),
-                **({QUALITY_MAP_SIGNATURE: module.quality_map.get_concrete_function()}
-                   if module.quality_map is not None else {}),
+                BYTES_SIGNATURE: module.score_bytes,
+                LENIENT_SIGNATURE: module.score_bytes_lenient,
+                PIXELS_SIGNATURE: module.score_pixels,
+                PROVENANCE_SIGNATURE: module.provenance_record,
+                **({QUALITY_MAP_SIGNATURE: module.quality_map} if module.quality_map is not None else {}),
             },
         )
     except (ValueError, TypeError, AssertionError, tf.errors.OpError) as err:
