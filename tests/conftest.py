@@ -8,6 +8,22 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# The test files that take longest, longest first (each trains or starts TensorFlow in
+# subprocesses). They start first: pytest-xdist (`--dist loadfile --no-loadscope-reorder`
+# in setup.cfg) hands each worker whole files in collection order, so the two workers end
+# together instead of one running a heavy file alone at the end. Files not listed follow
+# in their usual order.
+SLOWEST_FILES = (
+    "test_crash_safety.py",
+    "test_train.py",
+    "test_notebooks.py",
+    "test_export.py",
+    "test_hostile.py",
+    "test_cli.py",
+    "test_devserver.py",
+    "test_serving_onnx.py",
+    "test_serving_litert.py",
+)
 
 
 def pytest_addoption(parser):
@@ -18,6 +34,8 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept
     if config.getoption("--run-large"):
         return
     skip_large = pytest.mark.skip(reason="large test: run with --run-large")

@@ -1,6 +1,8 @@
 """Small builders shared by tests (not product options)."""
 
+import fcntl
 import json
+import os
 import shutil
 
 import keras
@@ -56,15 +58,46 @@ def make_tiny_run(run_dir, seed=0, head_scale=1.0):
     return model
 
 
+def session_cache(tmp_path_factory, name, build):
+    """A folder built once per test session and shared by every pytest-xdist worker.
+
+    Each xdist worker is a separate process with its own basetemp inside the session's
+    (`pytest-N/popen-gw0`), so a module- or session-scoped fixture builds its data once per
+    worker. Here the first worker to ask builds the folder in the session's directory under
+    an exclusive file lock; the others wait for it and reuse it. A build that raised leaves
+    no completion mark, so the next caller starts it over.
+
+    Args:
+        tmp_path_factory: pytest's session fixture.
+        name: the folder's name (one per kind of shared data).
+        build: called with the empty folder to fill it.
+
+    Returns:
+        Path of the filled folder. Tests that change what is in it must copy it first.
+    """
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "kiqa-session-cache"
+    root.mkdir(exist_ok=True)
+    folder, done = root / name, root / f"{name}.complete"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
+def _build_shared_export(folder):
+    make_tiny_run(folder / "run")
+    export.export_model(folder / "run", base_path=folder / "kiqa")
+
+
 def shared_export(tmp_path_factory):
-    """(run dir, base path) of one export per session, built by whichever module asks first."""
-    root = tmp_path_factory.getbasetemp() / "kiqa-shared-export"
-    run_dir, base = root / "run", root / "kiqa"
-    if not (base / "1" / "saved_model.pb").is_file():
-        shutil.rmtree(root, ignore_errors=True)
-        make_tiny_run(run_dir)
-        export.export_model(run_dir, base_path=base)
-    return run_dir, base
+    """(run dir, base path) of the tiny model exported once per session for all workers."""
+    folder = session_cache(tmp_path_factory, "export", _build_shared_export)
+    return folder / "run", folder / "kiqa"
 
 
 def collect(dataset):
