@@ -31,7 +31,7 @@ STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker", "data-parallel")
 # The small CNN's demo recipe: from random weights it needs more epochs and a higher
 # learning rate than a fine-tuned ConvNeXt, and 48x64 is enough for the demo distortions
 # (and 4x cheaper). Measured on the built-in demo data (2-core CPU, ~5 min): held-out
-# SRCC 0.80 with --seed 1; with lr 1e-3 it stayed below 0.3 (README, "Offline").
+# SRCC 0.80 with --seed 1; with lr 1e-3 it stayed below 0.3 (docs/training.md, "Offline").
 # Sane upper bounds, checked before anything runs: past them a run hangs for days, or the
 # first batch is killed by memory with no message. Generous for a real GPU run.
 MAX_EPOCHS = 10_000  # also warmup_epochs and patience

@@ -1,6 +1,6 @@
 """Training: the KonCept-style recipe made into a resumable, inspectable run.
 
-A run directory holds everything (see `README.md`, "The run directory"): the resolved
+A run directory holds everything (see `docs/training.md`, "The run directory"): the resolved
 config, the checked images and their split, Keras checkpoints, a backup for resuming,
 CSV and TensorBoard logs, the test metrics, predictions and plots. Rerunning the same
 command after a crash or a kill resumes from the last completed epoch.

@@ -381,11 +381,12 @@ def test_cli_rejects_malformed_checksums(tmp_path, capsys, value, message):
 
 
 def test_download_sizes_come_from_one_table(capsys):
-    """--help and the README quote the archive table's sizes, and nothing else (issue 15, item 11)."""
+    """--help and the training docs quote the archive table's sizes, and nothing else (issue 15, item 11)."""
     with pytest.raises(SystemExit):
         fetch_cli.main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    project = Path(__file__).resolve().parents[1]
+    readme = " ".join(" ".join(p.read_text() for p in (project / "README.md", project / "docs" / "training.md")).split())
     for archives in (fetch.DEFAULT_ARCHIVES, fetch.SMALL_ARCHIVES):
         for name in (*archives, fetch.SPLIT_FILE):
             quoted = f"{name} ({fetch.EXPECTED[name].about})"

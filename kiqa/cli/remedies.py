@@ -91,7 +91,7 @@ REMEDIES: Mapping[type, Mapping[str, Remedies]] = {
                "on TensorFlow --strategy mirrored uses every GPU of one host",
                when=lambda err: "data-parallel" in (err.alternative, err.strategy)),
         Remedy("On one host: --strategy mirrored uses every local GPU. On several hosts: --backend jax "
-               "--strategy data-parallel (pip install kiqa[jax]; README, \"Train on more than one GPU or host\")"),
+               "--strategy data-parallel (pip install kiqa[jax]; docs/multihost.md)"),
     )},
     # A lost process has nothing missing to pass: its message says what to do.
     errors.ClusterError: {"train": Remedy(

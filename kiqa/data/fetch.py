@@ -78,7 +78,7 @@ class Expected:
     Attributes:
         size: size in bytes.
         sha256: lowercase hex digest.
-        about: the download's size for people (the fetch command's help and the README
+        about: the download's size for people (the fetch command's help and docs/training.md
             quote it): a measured figure, or "size unverified" when none was measured.
     """
 
