@@ -288,10 +288,11 @@ def test_score_many_decides_every_file_like_kiqa_score(corpus, exported, scored)
     files = [c for c in corpus.files() if c.sends_bytes]
     table = bounded(load_scorer(exported[0]).score_many, [corpus.images / c.name for c in files], batch_size=4)
     for case, (_, row) in zip(files, table.iterrows()):
+        assert row["path"] == str(corpus.images / case.name)
         if case.score.decoded:
             assert row["error"] is None and row["mos"] == pytest.approx(rows[case.name][0], abs=1e-3), case.name
         else:
-            assert np.isnan(row["mos"]) and row["error"].startswith(str(corpus.images / case.name))
+            assert np.isnan(row["mos"])
             assert_message(row["error"], case, "score")
 
 
