@@ -386,3 +386,48 @@ def sha256_of(path):
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def nbytes(variables) -> int:
+    """Bytes the values of `variables` (anything with a shape and a dtype) hold in memory."""
+    import numpy as np
+
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+
+
+def describe_bytes(n: float) -> str:
+    """A size for people: "1,234 MB" or "56 kB"."""
+    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether an error is a full disk (ENOSPC, also as TF or h5py word it)."""
+    return getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err)
+
+
+def require_free_space(folder, needed: int, need: str, kept: str = "", cause: Optional[BaseException] = None) -> None:
+    """Raises DiskFullError when `folder` has less than `needed` bytes free.
+
+    Args:
+        folder: the folder to be written to.
+        needed: bytes that must be free there.
+        need: who needs the space, as the message's subject and verb ("training needs").
+        kept: a sentence on what was kept and how to go on, appended to the message.
+        cause: an OSError (ENOSPC) that already happened: raise whatever the free
+            space, chained to it.
+
+    Raises:
+        DiskFullError: naming the folder, the space needed and the space free.
+    """
+    free = shutil.disk_usage(folder).free
+    if cause is None and free >= needed:
+        return
+    happened = "ran out of space" if cause is not None else "has too little free space"
+    error = DiskFullError(
+        f"{folder} {happened}: {need} about {describe_bytes(needed)} free there, "
+        f"{describe_bytes(free)} is free" + (f". {kept}" if kept else ""),
+        folder=str(folder), needed=needed, free=free,
+    )
+    if cause is not None:
+        raise error from cause
+    raise error

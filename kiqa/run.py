@@ -6,13 +6,15 @@ Every command that takes a model path (`kiqa score`, `kiqa evaluate`, `kiqa expo
 """
 
 import dataclasses
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
 from kiqa.config import TrainConfig
 from kiqa.contract import PROVENANCE_FILE
-from kiqa.errors import ConfigError, ModelError, ModelNotFoundError
+from kiqa.errors import ConfigError, ModelError, ModelNotFoundError, OutputIsInputError, RunExistsError
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.keras"
@@ -229,3 +231,81 @@ def resolve_model(model_ref: PathLike) -> ModelPath:
         path=str(given),
     )
 
+
+def read_history(history_csv):
+    """The per-epoch log of a run, tolerant of what a kill or a full disk leaves behind.
+
+    Returns:
+        A DataFrame with one row per epoch (the last row written for an epoch wins),
+        empty when the file is missing, empty, truncated to nothing or unreadable.
+    """
+    import pandas as pd  # kiqa.run is imported by `import kiqa`'s lazy names: pandas only when read
+
+    from kiqa.fsutil import PANDAS_READ_TEXT
+
+    history_csv = Path(history_csv)
+    try:
+        history = pd.read_csv(history_csv, **PANDAS_READ_TEXT)
+    except (OSError, pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
+        return pd.DataFrame({"epoch": pd.Series(dtype=int)})
+    if "epoch" not in history.columns:
+        return pd.DataFrame({"epoch": pd.Series(dtype=int)})
+    history = history[pd.to_numeric(history["epoch"], errors="coerce").notna()]
+    history = history.astype({"epoch": int})
+    # A kill between the CSV row and the backup repeats an epoch on resume: keep the last.
+    return history.drop_duplicates(subset="epoch", keep="last").reset_index(drop=True)
+
+
+def completed_epochs(run_dir):
+    """Epochs a run directory holds a record of (history rows and backups), 0 for none."""
+    run_dir = Path(run_dir)
+    count = max([len(read_history(h)) for h in run_dir.glob("**/history.csv")], default=0)
+    for metadata in run_dir.glob("**/backup/training_metadata.json*"):
+        try:
+            count = max(count, int(json.loads(metadata.read_text())["epoch"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return count
+
+
+def is_run_folder(folder):
+    """Whether `folder` holds a kiqa run: a config.json that loads as a `TrainConfig`, or
+    only the rejects.csv of a run whose image checks stopped it before its config."""
+    if {child.name for child in folder.iterdir()} <= {"rejects.csv"}:
+        return True
+    try:
+        TrainConfig.load(folder / "config.json")
+    except ConfigError:
+        return False
+    return True
+
+
+def check_run_folder(run_dir, config, overwrite, log):
+    """Refuses to mix runs: a finished run, or a different config in a run that trained.
+
+    A run that failed before its first completed epoch (a wrong label file, a part too
+    small, a full disk at the first backup) holds nothing worth keeping: it is replaced.
+    """
+    if overwrite and run_dir.exists():
+        # Only a run folder is removed: `--run-dir ~/photos --overwrite` must not delete photos.
+        if run_dir.is_symlink() or not run_dir.is_dir() or (any(run_dir.iterdir()) and not is_run_folder(run_dir)):
+            raise OutputIsInputError(
+                f"{run_dir} is not a kiqa run folder (no readable config.json of a run in it), so it is "
+                f"not replaced; it is left untouched: choose another run folder", path=str(run_dir))
+        shutil.rmtree(run_dir)
+    if (run_dir / "metrics.json").exists():
+        raise RunExistsError(f"{run_dir} already holds a finished run (metrics.json)", run_dir, changed=())
+    saved = run_dir / "config.json"
+    if saved.exists():
+        previous = TrainConfig.load(saved)
+        if previous != config:
+            changed = config.changed_keys(previous)
+            if completed_epochs(run_dir) == 0:
+                log(f"replacing {run_dir}: its earlier run completed no epoch (changed: {changed})")
+                shutil.rmtree(run_dir)
+                return
+            raise RunExistsError(
+                f"{run_dir} holds an unfinished run started with a different config "
+                f"(changed: {changed}); rerun with the same settings to resume it",
+                run_dir, changed, finished=False,
+            )

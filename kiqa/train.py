@@ -7,36 +7,33 @@ command after a crash or a kill resumes from the last completed epoch.
 """
 
 import dataclasses
-import errno
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import keras
-import numpy as np
 import pandas as pd
 import tensorflow as tf
 
 from kiqa import CallableModule, provenance
 from kiqa.config import TrainConfig
-from kiqa.contract import MOS_SCALE
 from kiqa.data import koniq
 from kiqa.data.pipeline import make_dataset, steps_per_epoch
 from kiqa.data.prepared import default_prepared_dir, inspect_prepared, open_prepared
 from kiqa.data.validate import apply_bad_image_policy, check_image_folder, check_labels
 from kiqa.distribute import Cluster, JaxStrategy, keras_backend, make_strategy, writable_run_dir
-from kiqa.errors import (
-    ClusterError, ConfigError, DataError, DiskFullError, OutputIsInputError, RunExistsError, SetTooSmallError,
-    StrategyError,
+from kiqa.errors import ClusterError, ConfigError, DataError, SetTooSmallError, StrategyError
+from kiqa.callbacks import (
+    BestCheckpoint, EpochLog, ResumableBackup, ResumableEarlyStopping, ValidationMetrics, best_so_far,
+    inference_copy, monitor_mode, predictor, restore_backup, save_model_atomically,
 )
-from kiqa.fsutil import PANDAS_READ_TEXT, write_atomically, write_csv_atomically, write_text_atomically
-from kiqa.evaluate import evaluate_frame, predict_paths, write_json
-from kiqa.metrics import evaluate_scores, summarize_repeats
-from kiqa.model import build_model, custom_objects, mos_loss, set_backbone_trainable
+from kiqa.fsutil import is_disk_full, nbytes, require_free_space, write_csv_atomically, write_text_atomically
+from kiqa.evaluate import evaluate_frame, write_json
+from kiqa.metrics import summarize_repeats
+from kiqa.model import build_model, mos_loss, set_backbone_trainable
 from kiqa.plots import plot_history, plot_repeats
+from kiqa.run import check_run_folder, read_history
 
 # PLCC/SRCC need a few points; fewer makes every epoch's validation metric meaningless.
 MIN_PART_SIZE = 3
@@ -99,300 +96,8 @@ def caveats(config, backbone=None):
     return notes
 
 
-class ResumableBackup(keras.callbacks.BackupAndRestore):
-    """`BackupAndRestore` whose backup survives a kill or a full disk at any moment.
-
-    Each save writes the weights and the epoch to temporary files first and only then
-    rotates them in by renames (latest -> previous, new -> latest), so the folder
-    always holds a complete latest or previous backup. `restore_backup` picks the
-    newest one that loads before `model.fit` starts (Keras' own restore then loads the
-    same files).
-    """
-
-    def __init__(self, backup_dir):
-        super().__init__(backup_dir, save_freq="epoch", double_checkpoint=True)
-
-    def _save_model(self):
-        os.makedirs(self.backup_dir, exist_ok=True)
-        if os.path.exists(self._weights_path):
-            # The latest backup is complete: the previous one can go first, so the disk
-            # holds at most two copies (latest + the one being written), never three.
-            for previous in (self._prev_weights_path, self._prev_training_metadata_path):
-                if os.path.exists(previous):
-                    os.remove(previous)
-        pending = []
-        try:
-            # Keras wants the .weights.h5 suffix on the temporary file too.
-            pending.append((os.path.join(self.backup_dir, ".incoming.weights.h5"), self._weights_path))
-            pending.append((os.path.join(self.backup_dir, ".incoming.json"), self._training_metadata_path))
-            self.model.save_weights(filepath=pending[0][0], overwrite=True)
-            Path(pending[1][0]).write_text(json.dumps({
-                "epoch": self._current_epoch, "batch": self._last_batch_seen,
-                "seed_states": [np.asarray(v.numpy()).tolist() for v in _seed_states(self.model)],
-            }))
-            for current, previous in ((self._weights_path, self._prev_weights_path),
-                                      (self._training_metadata_path, self._prev_training_metadata_path)):
-                if os.path.exists(current):
-                    os.replace(current, previous)
-            for tmp, final in pending:
-                os.replace(tmp, final)
-        finally:
-            for tmp, _ in pending:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-
-
-def _seed_states(model):
-    """The state variables of the model's random-number generators (dropout masks).
-
-    Keras' `save_weights` leaves them out, so a resumed run would draw other dropout
-    masks than an uninterrupted one; the backup's metadata carries them instead.
-    """
-    return [generator.state for layer in model._flatten_layers() for generator in getattr(layer, "_seed_generators", [])]
-
-
-def restore_backup(model, backup_dir):
-    """Loads the newest readable backup of a phase into `model` before `model.fit`.
-
-    Tries the latest backup, then the previous one (a kill or a full disk may have cut
-    the latest short); the one that loads is made the latest, so Keras' own restore at
-    the start of `fit` loads the same state. When none loads, the folder is removed and
-    the phase starts again.
-
-    Args:
-        model: the compiled model.
-        backup_dir: the phase's backup folder.
-
-    Returns:
-        (completed epochs, None) or (0, why the backup could not be used).
-    """
-    backup_dir = Path(backup_dir)
-    if not backup_dir.exists():
-        return 0, None
-    if model.optimizer is not None and not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)  # its variables must exist to load them
-    errors = []
-    for weights, metadata in (("latest.weights.h5", "training_metadata.json"),
-                              ("latest.weights.h5.bkp", "training_metadata.json.bkp")):
-        try:
-            saved = json.loads((backup_dir / metadata).read_text())
-            epoch = int(saved["epoch"])
-            model.load_weights(backup_dir / weights)
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            errors.append(f"{weights}: {err}")
-            continue
-        states = saved.get("seed_states")
-        if states is not None and len(states) == len(_seed_states(model)):
-            for variable, value in zip(_seed_states(model), states):
-                variable.assign(np.asarray(value, dtype=variable.dtype))
-        if weights != "latest.weights.h5":
-            shutil.copyfile(backup_dir / weights, backup_dir / "latest.weights.h5")
-            shutil.copyfile(backup_dir / metadata, backup_dir / "training_metadata.json")
-        return epoch, None
-    shutil.rmtree(backup_dir)
-    return 0, "; ".join(errors) if errors else "it is empty"
-
-
-class ValidationMetrics(keras.callbacks.Callback):
-    """Adds val_loss, val_plcc and val_srcc to the epoch logs from one validation pass.
-
-    Keras' own `validation_data` pass would predict the validation set a second time
-    for the loss alone; this computes the same loss (`mos_loss`, MSE on MOS/100) from
-    the predictions it needs for the correlations anyway.
-
-    Must come before EarlyStopping, ModelCheckpoint and CSVLogger in the callback list,
-    since Keras calls callbacks in order with the same logs dict.
-    """
-
-    def __init__(self, paths, mos, config, strategy=None):
-        super().__init__()
-        self.paths, self.mos, self.config = list(paths), np.asarray(mos, float), config
-        self.strategy = strategy
-
-    def on_epoch_end(self, epoch, logs=None):
-        # Under data-parallel, every process predicts the (small) validation set alone,
-        # from its copy of the replicated weights (see `predictor`): the same weights and
-        # images give the same numbers everywhere, so every process' early stopping and
-        # best checkpoint decide alike.
-        predicted = predict_paths(predictor(self.model), self.paths, self.config, part="val")
-        ok = np.isfinite(predicted)
-        scores = evaluate_scores(self.mos[ok], predicted[ok])
-        if logs is not None:
-            logs["val_loss"] = float(np.mean(((self.mos[ok] - predicted[ok]) / MOS_SCALE) ** 2))
-            logs["val_plcc"] = scores["plcc"]
-            logs["val_srcc"] = scores["srcc"]
-
-
-def _monitor_mode(monitor):
-    return "min" if monitor == "val_loss" else "max"
-
-
-def read_history(history_csv):
-    """The per-epoch log of a run, tolerant of what a kill or a full disk leaves behind.
-
-    Returns:
-        A DataFrame with one row per epoch (the last row written for an epoch wins),
-        empty when the file is missing, empty, truncated to nothing or unreadable.
-    """
-    history_csv = Path(history_csv)
-    try:
-        history = pd.read_csv(history_csv, **PANDAS_READ_TEXT)
-    except (OSError, pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError):
-        return pd.DataFrame({"epoch": pd.Series(dtype=int)})
-    if "epoch" not in history.columns:
-        return pd.DataFrame({"epoch": pd.Series(dtype=int)})
-    history = history[pd.to_numeric(history["epoch"], errors="coerce").notna()]
-    history = history.astype({"epoch": int})
-    # A kill between the CSV row and the backup repeats an epoch on resume: keep the last.
-    return history.drop_duplicates(subset="epoch", keep="last").reset_index(drop=True)
-
-
-def _best_so_far(history_csv, monitor):
-    """The best monitored value logged before a restart, so a resumed run's checkpoint
-    callback does not overwrite the best checkpoint with a worse one."""
-    history = read_history(history_csv)
-    if monitor not in history.columns or history[monitor].dropna().empty:
-        return None
-    values = history[monitor].dropna()
-    return float(values.min() if _monitor_mode(monitor) == "min" else values.max())
-
-
-class EpochLog(keras.callbacks.Callback):
-    """history.csv, rewritten whole through a temporary file and a rename every epoch.
-
-    Replaces `keras.callbacks.CSVLogger`, whose appends leave a 0-byte or half-written
-    file after a kill. Epochs are numbered across phases (the fine-tuning phase
-    continues after the warm-up's epochs), and a repeated epoch replaces its row.
-    Comes before the backup in the callback list: a kill between the two repeats the
-    epoch on resume, which rewrites its row (never loses one).
-    """
-
-    def __init__(self, path, offset=0):
-        super().__init__()
-        self.path, self.offset = Path(path), offset
-
-    def on_epoch_end(self, epoch, logs=None):
-        number = self.offset + epoch
-        history = read_history(self.path)
-        row = {"epoch": number, **{k: float(v) for k, v in sorted((logs or {}).items())}}
-        history = pd.concat([history[history["epoch"] < number], pd.DataFrame([row])], ignore_index=True)
-        write_csv_atomically(history, self.path)
-
-
-class BestCheckpoint(keras.callbacks.Callback):
-    """checkpoints/best.keras: the best epoch by the monitor, without optimizer state.
-
-    Replaces `keras.callbacks.ModelCheckpoint`, which keeps Adam's two moments (two
-    thirds of the file) and writes in place. Resuming uses the backup, not this file,
-    so the optimizer state is not needed here; the file is written atomically.
-    """
-
-    def __init__(self, path, monitor, initial_value=None):
-        super().__init__()
-        self.path, self.monitor, self.best = Path(path), monitor, initial_value
-        self.better = np.less if _monitor_mode(monitor) == "min" else np.greater
-
-    def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if value is None or not np.isfinite(value):
-            return
-        if self.best is None or self.better(value, self.best):
-            self.best = float(value)
-            _save_model_atomically(self.model, self.path)
-
-
-class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
-    """EarlyStopping whose patience count survives a restart (read from history.csv).
-
-    Without it a resumed run would wait `patience` epochs afresh and could train longer
-    than an uninterrupted one. The best weights of epochs before a restart are not in
-    memory; `train_split` loads the best checkpoint at the end in every case.
-    """
-
-    def __init__(self, history_csv, offset, **kwargs):
-        super().__init__(**kwargs)
-        self.history_csv, self.offset = Path(history_csv), offset
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        start = getattr(self.model, "_initial_epoch", 0) or 0
-        history = read_history(self.history_csv)
-        history = history[(history["epoch"] >= self.offset) & (history["epoch"] < self.offset + start)]
-        if self.monitor not in history.columns:
-            return
-        for epoch, value in zip(history["epoch"] - self.offset, history[self.monitor]):
-            if self._is_improvement(value, self.best):
-                self.best, self.best_epoch, self.wait = float(value), int(epoch), 0
-            else:
-                self.wait += 1
-
-
-class JaxPredictor:
-    """A JAX-backend model callable where `kiqa.evaluate.predict_paths` calls a model.
-
-    `predict_paths` runs the model inside a `tf.function`, which only a TF-backend model
-    can join; this object hands the images out of the graph (`tf.py_function`) to one
-    jitted JAX forward pass. The weights are read once, when it is made, as this
-    process' own arrays: under data-parallel they are replicated over all processes, and
-    a forward pass on the distributed arrays would need every process in every step.
-
-    Args:
-        model: a JAX-backend kiqa model (output dict with "mos").
-    """
-
-    def __init__(self, model):
-        import jax
-
-        self.model = model
-        self.values = ([_host_value(v.value) for v in model.trainable_variables],
-                       [_host_value(v.value) for v in model.non_trainable_variables])
-        self._forward = jax.jit(lambda trainable, other, images: model.stateless_call(
-            trainable, other, images, training=False)[0]["mos"])
-
-    def _predict(self, images):
-        return np.asarray(self._forward(*self.values, images.numpy()), np.float32)
-
-    def __call__(self, images, training=False):
-        del training  # always inference
-        mos = tf.py_function(self._predict, [images], tf.float32)
-        mos.set_shape(images.shape[:1])
-        return {"mos": mos}
-
-
-def _host_value(value):
-    """A jax array as this process' numpy array (a replicated global array's local copy)."""
-    if getattr(value, "is_fully_addressable", True):
-        return np.asarray(value)
-    return np.asarray(value.addressable_data(0))
-
-
-def predictor(model):
-    """What `kiqa.evaluate` should call for `model`: the model itself on TF, a `JaxPredictor` on JAX."""
-    return JaxPredictor(model) if keras_backend() == "jax" else model
-
-
 def _is_multi_process(strategy):
     return isinstance(strategy, JaxStrategy) and strategy.num_processes > 1
-
-
-def _inference_copy(model, force=False):
-    """The model without optimizer state: a fresh, uncompiled copy (clone_model would
-    compile it again), or the model itself when it has none (unless `force`)."""
-    if getattr(model, "optimizer", None) is None and not force:
-        return model
-    copy = keras.Model.from_config(model.get_config(), custom_objects=custom_objects())
-    if keras_backend() == "jax":  # this process' copy of replicated (data-parallel) weights
-        copy.set_weights([_host_value(v.value) for v in model.weights])
-    else:
-        copy.set_weights(model.get_weights())
-    return copy
-
-
-def _save_model_atomically(model, path):
-    """Saves the model for inference (no optimizer state: a third of the size), atomically."""
-    inference = _inference_copy(model)
-    # Keras insists on the .keras suffix, so the temporary file carries it too.
-    write_atomically(path, inference.save, suffix=".keras")
 
 
 def _losses(config):
@@ -417,10 +122,6 @@ def _compile(model, config):
     )
 
 
-def _nbytes(variables):
-    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
-
-
 def space_needed(model, run_dir, backup_dir):
     """Bytes a phase still needs free in `run_dir`, as an estimate with a 10% margin.
 
@@ -429,8 +130,8 @@ def space_needed(model, run_dir, backup_dir):
     weights (best.keras and its replacement); model.keras adds one more at the end.
     Files already there are counted as space that will be reused.
     """
-    weights = _nbytes(model.weights)
-    backup = weights + 2 * _nbytes(model.trainable_weights)
+    weights = nbytes(model.weights)
+    backup = weights + 2 * nbytes(model.trainable_weights)
     peak = 2 * backup + 3 * weights
     present = sum(
         path.stat().st_size for path in (
@@ -439,10 +140,6 @@ def space_needed(model, run_dir, backup_dir):
         ) if path.is_file()
     )
     return max(0, int(1.1 * peak) - present)
-
-
-def _megabytes(n):
-    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
 
 
 def check_free_space(model, run_dir, backup_dir, cause=None):
@@ -457,23 +154,11 @@ def check_free_space(model, run_dir, backup_dir, cause=None):
     Raises:
         DiskFullError: naming the folder, the space needed and the space free.
     """
-    needed, free = space_needed(model, run_dir, backup_dir), shutil.disk_usage(run_dir).free
-    if cause is None and free >= needed:
-        return
-    happened = "ran out of space" if cause is not None else "has too little free space"
-    error = DiskFullError(
-        f"{run_dir} {happened}: training needs about {_megabytes(needed)} free there for its backup and "
-        f"checkpoints, {_megabytes(free)} is free. The last complete backup is kept: free some space "
-        "and rerun the same command to resume",
-        folder=str(run_dir), needed=needed, free=free,
+    require_free_space(
+        run_dir, space_needed(model, run_dir, backup_dir), "training needs, for its backup and checkpoints,",
+        kept="The last complete backup is kept: free some space and rerun the same command to resume",
+        cause=cause,
     )
-    if cause is not None:
-        raise error from cause
-    raise error
-
-
-def _is_disk_full(err):
-    return getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err)
 
 
 PHASE_NAMES = {"phase-warmup": "warm-up", "phase-finetune": "fine-tuning"}
@@ -505,7 +190,7 @@ def _fit_phase(model, dataset_for, callbacks_for, phase_dir, epochs, verbose, lo
         model.fit(dataset, epochs=epochs, steps_per_epoch=steps, callbacks=callbacks_for(phase_dir),
                   verbose=verbose, shuffle=False)
     except OSError as err:
-        if _is_disk_full(err):
+        if is_disk_full(err):
             check_free_space(model, run_dir, backup_dir, cause=err)
         raise
     except Exception as err:
@@ -625,10 +310,33 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
                    for name, part in (("train", split.train), ("val", split.val), ("test", split.test))]),
         run_dir / "split.csv",
     )
-
     if strategy is None:
         strategy = JaxStrategy() if keras_backend() == "jax" else tf.distribute.get_strategy()
     keras.utils.set_random_seed(config.seed)
+    model, backbone = _build_in_scope(config, backbone, strategy)
+    history_csv = run_dir / "history.csv"
+    best_path = run_dir / "checkpoints" / "best.keras"
+    best_path.parent.mkdir(exist_ok=True)
+    dataset_for = _training_data(split, config, strategy, prepared)
+    callbacks_for = _callbacks(split, config, strategy, run_dir, history_csv, best_path)
+
+    with strategy.scope():
+        if config.warmup_epochs:
+            # Head-only warm-up: a freshly initialised head would send large gradients
+            # into the pretrained backbone in the first steps.
+            set_backbone_trainable(model, False)
+            _compile(model, config)
+            _fit_phase(model, dataset_for, callbacks_for, run_dir / "phase-warmup",
+                       config.warmup_epochs, verbose, log, strategy)
+            set_backbone_trainable(model, True)
+        _compile(model, config)
+        _fit_phase(model, dataset_for, callbacks_for, run_dir / "phase-finetune",
+                   config.epochs, verbose, log, strategy)
+    return _finish(model, split, config, strategy, run_dir, history_csv, best_path, custom=backbone is not None)
+
+
+def _build_in_scope(config, backbone, strategy):
+    """(model, backbone): the model built in the strategy's scope, under the config's precision policy."""
     previous_policy = keras.mixed_precision.global_policy()
     if config.mixed_precision:
         # Keras 3's policy names are the backends' own: "mixed_float16" (float16 compute,
@@ -640,15 +348,17 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
         with strategy.scope():
             if backbone is not None and not isinstance(backbone, keras.Model):
                 backbone = backbone()  # a factory: variables must be made inside the scope
-            model = build_model(config, backbone=backbone)
+            return build_model(config, backbone=backbone), backbone
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
+
+def _training_data(split, config, strategy, prepared):
+    """`dataset_for(first_epoch, epochs) -> (dataset, steps per epoch)` of the training part."""
     unusable = prepared.check_names(split.train["image_name"]) if prepared is not None else None
     if unusable and config.prepared:  # a set the user named must serve, not be skipped
         raise DataError(unusable)
     use_prepared = prepared is not None and unusable is None
-
     # The distribution head's targets: the shares of votes per level (checked row by row).
     dist = koniq.require_shares(split.train) if config.head == "distribution" else None
 
@@ -673,10 +383,12 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
             return strategy.shard(dataset, config.batch_size), steps
         return dataset, steps_per_epoch(len(split.train), config)
 
-    history_csv = run_dir / "history.csv"
-    best_path = run_dir / "checkpoints" / "best.keras"
-    best_path.parent.mkdir(exist_ok=True)
-    mode = _monitor_mode(config.monitor)
+    return dataset_for
+
+
+def _callbacks(split, config, strategy, run_dir, history_csv, best_path):
+    """`callbacks_for(phase_dir) -> [callbacks]` of one training phase."""
+    mode = monitor_mode(config.monitor)
 
     def callbacks_for(phase_dir):
         # Order matters: Keras calls them in turn with one logs dict. The validation
@@ -689,44 +401,40 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
                 history_csv, offset, monitor=config.monitor, mode=mode, patience=config.patience,
                 restore_best_weights=True,
             ),
-            BestCheckpoint(best_path, config.monitor, initial_value=_best_so_far(history_csv, config.monitor)),
+            BestCheckpoint(best_path, config.monitor, initial_value=best_so_far(history_csv, config.monitor)),
             EpochLog(history_csv, offset),
             ResumableBackup(str(phase_dir / "backup")),
             keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), write_graph=False),
         ]
 
-    with strategy.scope():
-        if config.warmup_epochs:
-            # Head-only warm-up: a freshly initialised head would send large gradients
-            # into the pretrained backbone in the first steps.
-            set_backbone_trainable(model, False)
-            _compile(model, config)
-            _fit_phase(model, dataset_for, callbacks_for, run_dir / "phase-warmup",
-                       config.warmup_epochs, verbose, log, strategy)
-            set_backbone_trainable(model, True)
-        _compile(model, config)
-        _fit_phase(model, dataset_for, callbacks_for, run_dir / "phase-finetune",
-                   config.epochs, verbose, log, strategy)
+    return callbacks_for
 
+
+def _finish(model, split, config, strategy, run_dir, history_csv, best_path, custom):
+    """Saves the best weights as model.keras, plots the history and evaluates the test part.
+
+    Returns:
+        (metrics, model_path).
+    """
     # The best checkpoint spans restarts; EarlyStopping's restored weights do not.
     if _is_multi_process(strategy):
         with strategy.local():  # a copy on this process alone, for evaluating and saving
-            model = _inference_copy(model, force=True)
+            model = inference_copy(model, force=True)
     else:
-        model = _inference_copy(model)
+        model = inference_copy(model)
     if best_path.exists():
         model.load_weights(best_path)
     model_path = run_dir / "model.keras"
-    _save_model_atomically(model, model_path)
+    save_model_atomically(model, model_path)
 
     history = read_history(history_csv)
     # The warning provenance.json will carry (it depends on the data and the backbone, not the metrics).
     warning = provenance.for_training(config, None, len(split.train), len(split.train),
-                                      custom_backbone=backbone is not None).warning()
+                                      custom_backbone=custom).warning()
     if len(history):
         write_csv_atomically(history, history_csv)
         plot_history(history, run_dir / "loss.png", title=f"{config.name}: {split.name}", warning=warning,
-                     best_epoch=_best_epoch(history, config.monitor, mode))
+                     best_epoch=_best_epoch(history, config.monitor, monitor_mode(config.monitor)))
     metrics, _ = evaluate_frame(predictor(model), split.test, config, out_dir=run_dir,
                                 title=f"{config.name} {split.name} test", warning=warning)
     return metrics, model_path
@@ -772,61 +480,6 @@ def _write_provenance(run_dir, config, metrics, frame, rejects, backbone):
     return record
 
 
-def completed_epochs(run_dir):
-    """Epochs a run directory holds a record of (history rows and backups), 0 for none."""
-    run_dir = Path(run_dir)
-    count = max([len(read_history(h)) for h in run_dir.glob("**/history.csv")], default=0)
-    for metadata in run_dir.glob("**/backup/training_metadata.json*"):
-        try:
-            count = max(count, int(json.loads(metadata.read_text())["epoch"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return count
-
-
-def _is_run_dir(folder):
-    """Whether `folder` holds a kiqa run: a config.json that loads as a `TrainConfig`, or
-    only the rejects.csv of a run whose image checks stopped it before its config."""
-    if {child.name for child in folder.iterdir()} <= {"rejects.csv"}:
-        return True
-    try:
-        TrainConfig.load(folder / "config.json")
-    except ConfigError:
-        return False
-    return True
-
-
-def _check_run_dir(run_dir, config, overwrite, log):
-    """Refuses to mix runs: a finished run, or a different config in a run that trained.
-
-    A run that failed before its first completed epoch (a wrong label file, a part too
-    small, a full disk at the first backup) holds nothing worth keeping: it is replaced.
-    """
-    if overwrite and run_dir.exists():
-        # Only a run folder is removed: `--run-dir ~/photos --overwrite` must not delete photos.
-        if run_dir.is_symlink() or not run_dir.is_dir() or (any(run_dir.iterdir()) and not _is_run_dir(run_dir)):
-            raise OutputIsInputError(
-                f"{run_dir} is not a kiqa run folder (no readable config.json of a run in it), so it is "
-                f"not replaced; it is left untouched: choose another run folder", path=str(run_dir))
-        shutil.rmtree(run_dir)
-    if (run_dir / "metrics.json").exists():
-        raise RunExistsError(f"{run_dir} already holds a finished run (metrics.json)", run_dir, changed=())
-    saved = run_dir / "config.json"
-    if saved.exists():
-        previous = TrainConfig.load(saved)
-        if previous != config:
-            changed = config.changed_keys(previous)
-            if completed_epochs(run_dir) == 0:
-                log(f"replacing {run_dir}: its earlier run completed no epoch (changed: {changed})")
-                shutil.rmtree(run_dir)
-                return
-            raise RunExistsError(
-                f"{run_dir} holds an unfinished run started with a different config "
-                f"(changed: {changed}); rerun with the same settings to resume it",
-                run_dir, changed, finished=False,
-            )
-
-
 def train(
     config: TrainConfig, backbone: Optional[keras.Model] = None, overwrite: bool = False, progress: bool = True,
     log: Optional[Callable[[str], None]] = None, cluster: Optional[Cluster] = None,
@@ -862,7 +515,7 @@ def train(
     # First, before any other TF op: multi-worker collectives must be set up at start-up.
     strategy = make_strategy(config.strategy, cluster)
     run_dir = writable_run_dir(config.resolved_run_dir, strategy)
-    _check_run_dir(run_dir, config, overwrite, log)
+    check_run_folder(run_dir, config, overwrite, log)
 
     frame, paths, rejects, root = check_labels(config, progress=progress)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from kiqa.config import (
 from kiqa.contract import DEFAULT_MAX_PIXELS, HEADS
 
 
+# Over 60 lines: one flat list of every flag in its argument group, read top to bottom like --help.
 def build_parser(prog=None):
     """The argument parser; every default is None so a given flag can be told apart."""
     parser = argparse.ArgumentParser(

@@ -45,7 +45,7 @@ from kiqa.data.koniq import check_image_names, read_labels
 from kiqa.errors import (
     ChecksumError, ConfigError, DataError, DownloadDeadlineError, DownloadError, UnsafeArchiveError,
 )
-from kiqa.fsutil import sha256_of, write_json_atomically
+from kiqa.fsutil import require_free_space, sha256_of, write_json_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -680,12 +680,7 @@ def _parse_content_range(value):
 
 
 def _check_free_space(folder, needed, name):
-    free = shutil.disk_usage(folder).free
-    if needed > free:
-        raise DataError(
-            f"{name}: needs {needed / 1e9:.1f} GB but only {free / 1e9:.1f} GB are free in "
-            f"{folder}; free space or fetch into another folder"
-        )
+    require_free_space(folder, needed, f"{name} needs", kept="Free space there, or fetch into another folder")
 
 
 def _read_json(path):

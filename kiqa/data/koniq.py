@@ -60,6 +60,7 @@ class Split:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
+# Over 60 lines: one pass over the file whose checks (columns, layouts, cells, lines) share its table.
 def read_labels(path):
     """Reads a KonIQ-format label CSV and normalises its columns.
 

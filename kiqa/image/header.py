@@ -714,6 +714,8 @@ def first_image(contents):
 # ----------------------------------------------------------------------------- checks
 
 
+# Over 60 lines: one in-graph decision per format over the same header facts; split, each part would
+# re-derive them (and every tf.cond branch must see the same tensors).
 def _header_problem(n, format_index, shape, max_pixels, facts):
     """The message for the first thing wrong with a header, and whether anything is."""
     as_text = tf.strings.as_string

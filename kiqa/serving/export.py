@@ -311,6 +311,8 @@ class _ServingModule(tf.Module):
     add its `keras.Variable` wrappers as second copies (keras issue 23553).
     """
 
+    # Over 60 lines: the signatures are closures over one model, decoder and size; as methods or
+    # module functions each would need them passed, and tf.function traces closures once.
     def __init__(self, model, image_size, max_pixels, record=None):
         super().__init__(name="kiqa_serving")
         weights = {}
