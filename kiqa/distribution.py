@@ -2,8 +2,8 @@
 how a predicted distribution is judged (EMD, JS divergence, spread, calibration).
 
 KonIQ-10k publishes, per image, the share of votes on each of its five rating levels
-(`c1..c5`, 1 = bad ... 5 = excellent). A distribution model (`kiqa-train --head
-distribution`) predicts those five shares `p1..p5`; its `mos` and `mos_sd` outputs are
+(`c1..c5`, 1 = bad ... 5 = excellent). A distribution model (TrainConfig
+`head="distribution"`) predicts those five shares `p1..p5`; its `mos` and `mos_sd` outputs are
 derived from them inside the model by the rules below, so every consumer (Keras file,
 SavedModel, ONNX, client) sees the same three outputs.
 
@@ -38,7 +38,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from kiqa.contract import DIST_OUTPUT, KONIQ_MOS_INTERCEPT, KONIQ_MOS_SLOPE, MOS_OUTPUT, RATING_LEVELS, SD_OUTPUT
+from kiqa.contract import (
+    DIST_OUTPUT, KONIQ_MOS_INTERCEPT, KONIQ_MOS_SLOPE, MOS_OUTPUT, MOS_SCALE, RATING_LEVELS, SD_OUTPUT,
+)
 
 KONIQ_FIT = dict(slope=KONIQ_MOS_SLOPE, intercept=KONIQ_MOS_INTERCEPT, r=0.99536, residual_sd=1.485,
                  max_residual=5.50, n=10073)
@@ -242,7 +244,7 @@ def intervals(shares, level) -> Tuple[np.ndarray, np.ndarray]:
     """
     low = rating_quantiles(shares, (1 - level) / 2)
     high = rating_quantiles(shares, (1 + level) / 2)
-    return np.clip(mean_to_mos(low), 0, 100), np.clip(mean_to_mos(high), 0, 100)
+    return np.clip(mean_to_mos(low), 0, MOS_SCALE), np.clip(mean_to_mos(high), 0, MOS_SCALE)
 
 
 def coverage(true_shares, true_mos, predicted_shares, level) -> Dict[str, float]:

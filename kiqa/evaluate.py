@@ -12,7 +12,7 @@ import pandas as pd
 
 from kiqa import CallableModule
 from kiqa.config import TrainConfig
-from kiqa.contract import DIST_OUTPUT, RATING_LEVELS, SD_OUTPUT, SHARE_COLUMNS
+from kiqa.contract import DIST_OUTPUT, MOS_SCALE, RATING_LEVELS, SD_OUTPUT, SHARE_COLUMNS
 from kiqa.data.pipeline import make_dataset
 from kiqa.errors import ConfigError, EvaluationExistsError
 from kiqa.fsutil import refuse_foreign_outputs, sha256_of, write_csv_atomically, write_json_atomically
@@ -283,7 +283,7 @@ def _labels_record(config, part, labelled):
                       scale=[labelled.scale.low, labelled.scale.high])
     else:
         columns = list(pd.read_csv(config.labels, nrows=0).columns) if config.labels else ["image_name", "mos"]
-        record.update(columns=columns, scale=[0.0, 100.0], split=config.split, seed=config.seed)
+        record.update(columns=columns, scale=[0.0, MOS_SCALE], split=config.split, seed=config.seed)
     return record
 
 

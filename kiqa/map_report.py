@@ -87,7 +87,8 @@ def render_map(pixels: np.ndarray, values: np.ndarray, path: Path, title: str, c
         fig.text(0.01, 0.01, "\n".join(textwrap.wrap("warning: " + warning, 110)), fontsize=6, color="darkred",
                  va="bottom")
     fig.tight_layout(rect=(0, 0.08 if warning else 0, 1, 1))
-    write_atomically(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"), suffix=".png")
+    dpi = 100  # not the MOS scale
+    write_atomically(Path(path), lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"), suffix=".png")
 
 
 def _save_npy(path: Path, values: np.ndarray) -> None:

@@ -97,7 +97,7 @@ class Scorer:
         weights_sha256: the weights' `kiqa.provenance.weights_fingerprint` as an export
             recorded it; None for a Keras model (computed from its weights when asked)
             or an export made before kiqa recorded it (unknown).
-        distribution: True for a distribution model (`kiqa-train --head distribution`):
+        distribution: True for a distribution model (`TrainConfig.head` "distribution"):
             besides `mos` it predicts `mos_sd` and the shares `p1..p5`
             (`predict_outputs`, and extra columns in `score_many`).
     """

@@ -114,7 +114,7 @@ def _vote_columns(mos, kind, level, rng):
     """KonIQ-style vote fractions c1..c5, count, raw 1-5 MOS and SD from the rater model."""
     latent = (mos - KONIQ_MOS_INTERCEPT) / KONIQ_MOS_SLOPE
     spread = RATER_SD_PRISTINE + RATER_SD_GROWTH[kind] * level
-    votes = int(rng.integers(100, 140))
+    votes = int(rng.integers(100, 140))  # raters per image, not the MOS scale
     # standard_normal draws exactly what v2's rng.normal(raw, 0.55, votes) drew, so the
     # random stream, and with it every image and 0-100 score, is v2's.
     ratings = np.clip(np.round(latent + spread * rng.standard_normal(votes)), 1, 5)

@@ -53,7 +53,7 @@ _MAX_CHUNKS = 256
 # progressive JPEG over the whole image, so a small file repeating one scan thousands of
 # times costs minutes (2.5 MB took 89 s). libjpeg's own progressive script writes 10 scans
 # (6 for grey), other encoders about as many; NVIDIA's nvImageCodec refuses more than 256.
-MAX_JPEG_SCANS = 100
+MAX_JPEG_SCANS = 100  # not the MOS scale
 # TF's PNG decoder (libpng, png_read_info and png_read_end) inflates every compressed text
 # chunk, before and after the image data, up to 8 MB each, and keeps the text until the
 # decode ends: 1,000 of them in a 7.7 MB file cost ~8 GB. Real files hold a handful

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kiqa.contract import PARITY_BATCH
 from kiqa.errors import ExportError, ModelError, PrecisionParityError
 
 INPUT = "image"
@@ -37,8 +38,6 @@ REDUCED_PRECISION = {"openvino-bf16": ("openvino", "bf16")}
 BF16_TOLERANCE = 0.5
 # The ranking must survive: Spearman correlation with float32 on the parity images.
 MIN_SRCC = 0.999
-# Images per forward pass in the parity check.
-_PARITY_BATCH = 8
 
 
 def onnx_predictor(onnx_file, engine, threads=None):
@@ -218,8 +217,8 @@ def precision_parity(reference, scores, parity, engine, source=None):
 
 def _batched(predict, pixels):
     return np.concatenate([
-        np.reshape(np.asarray(predict(pixels[start : start + _PARITY_BATCH])), [-1])
-        for start in range(0, len(pixels), _PARITY_BATCH)
+        np.reshape(np.asarray(predict(pixels[start : start + PARITY_BATCH])), [-1])
+        for start in range(0, len(pixels), PARITY_BATCH)
     ]).astype(np.float64)
 
 

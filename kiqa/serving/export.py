@@ -11,7 +11,7 @@
 - `score_pixels`: `image` float32[-1, H, W, 3] (0..255, from `decode_image`) -> `mos`;
   NaN, infinite and out-of-range pixels are refused.
 
-A distribution model (`kiqa-train --head distribution`) adds `mos_sd` float32[-1] and
+A distribution model (`TrainConfig.head` "distribution") adds `mos_sd` float32[-1] and
 `dist` float32[-1, 5] to each of the three (NaN rows in the lenient signature where an
 item failed), and the parity check covers them; clients reading only `mos` see no change.
 
