@@ -565,17 +565,42 @@ def check_parts(split, config=None):
     n_images = len(split.train) + len(split.val) + len(split.test)
     for name, part in (("training", split.train), ("validation", split.val), ("test", split.test)):
         if len(part) < MIN_PART_SIZE:
-            minimum = None
-            if config is not None and config.split != "official":
-                minimum = minimum_images(config.test_fraction, config.val_fraction)
-            need = (f"; at test_fraction={config.test_fraction:g} and val_fraction={config.val_fraction:g} "
-                    f"that takes at least {minimum} images (this set has {n_images}): add images, or "
-                    f"raise the fraction of the part that is short") if minimum else (
-                    " (use more images, or larger fractions)")
             facts = (f"split {split.name!r}: the {name} part has {len(part)} image(s); it needs at least "
                      f"{MIN_PART_SIZE} for correlations")
-            raise SetTooSmallError(f"{facts}{need}", part=name, size=len(part), n_images=n_images,
-                                   minimum=minimum, facts=facts)
+            raise _set_too_small(facts, name, len(part), n_images, config)
+
+
+def check_set_size(frame, config):
+    """Refuses a set too small for a random split's fractions, before it is split.
+
+    A random split of a few images fails in rounding (an empty part) before any part can
+    be measured; this names the minimum instead, for any label file.
+
+    Args:
+        frame: the label table, bad images already dropped.
+        config: its `TrainConfig` (a random or repeated split).
+
+    Raises:
+        SetTooSmallError: (a DataError) naming the set's size and its minimum.
+    """
+    minimum = minimum_images(config.test_fraction, config.val_fraction)
+    if config.split == "official" or minimum is None or len(frame) >= minimum:
+        return
+    facts = f"{len(frame)} image(s) are too few for a {config.split} split with parts of at least {MIN_PART_SIZE}"
+    raise _set_too_small(facts, None, len(frame), len(frame), config)
+
+
+def _set_too_small(facts, part, size, n_images, config):
+    """The `SetTooSmallError` for a short part (or a whole set, `part` None)."""
+    minimum = None
+    if config is not None and config.split != "official":
+        minimum = minimum_images(config.test_fraction, config.val_fraction)
+    need = (f"; at test_fraction={config.test_fraction:g} and val_fraction={config.val_fraction:g} "
+            f"that takes at least {minimum} images (this set has {n_images}): add images, or "
+            f"raise the fraction of the part that is short") if minimum else (
+            " (use more images, or larger fractions)")
+    return SetTooSmallError(f"{facts}{need}", part=part, size=size, n_images=n_images,
+                            minimum=minimum, facts=facts)
 
 
 def minimum_images(test_fraction, val_fraction, limit=100_000):
@@ -871,6 +896,7 @@ def train(
     check_image_folder(frame, rejects, root)
     frame = apply_bad_image_policy(frame, paths, rejects, config)
 
+    check_set_size(frame, config)
     splits = koniq.make_splits(frame, config)
     for split in splits:
         check_parts(split, config)
