@@ -32,7 +32,9 @@ from kiqa.errors import (
     ClusterError, ConfigError, DataError, DiskFullError, OutputIsInputError, RunExistsError, SetTooSmallError,
     StrategyError,
 )
-from kiqa.fsutil import PANDAS_READ_TEXT, write_atomically, write_csv_atomically, write_text_atomically
+from kiqa.fsutil import (
+    PANDAS_READ_TEXT, link_atomically, write_atomically, write_csv_atomically, write_text_atomically,
+)
 from kiqa.evaluate import evaluate_frame, predict_paths, write_json
 from kiqa.metrics import evaluate_scores, summarize_repeats
 from kiqa.model import build_model, custom_objects, mos_loss, set_backbone_trainable
@@ -743,6 +745,11 @@ def train_split(split, config, run_dir, backbone=None, verbose="auto", strategy=
         model.load_weights(best_path)
     model_path = run_dir / "model.keras"
     _save_model_atomically(model, model_path)
+    if best_path.exists():
+        # model.keras now holds the best epoch's weights, as best.keras does: one copy on
+        # disk (~107 MB for ConvNeXt-Tiny), both paths still load. Where the file system
+        # has no hard links the two files stay.
+        link_atomically(model_path, best_path)
 
     history = read_history(history_csv)
     # The warning provenance.json will carry (it depends on the data and the backbone, not the metrics).

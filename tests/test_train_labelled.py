@@ -72,3 +72,32 @@ def test_plain_csv_fields_are_validated_together():
         TrainConfig(path_column="file", mos_column="mos", scale="1-5")
     with pytest.raises(ConfigError, match="scale"):
         TrainConfig(labels="x.csv", path_column="file", mos_column="mos", scale="5-1")
+
+
+def test_a_finished_run_holds_its_weights_once_and_both_paths_evaluate(custom_run, tmp_path, capsys):
+    _, run = custom_run
+    model, best = run / "model.keras", run / "checkpoints" / "best.keras"
+    assert os.path.samefile(model, best) and model.stat().st_nlink == 2
+    # The best checkpoint of a run trained on a plain CSV evaluates its own held-out part.
+    from kiqa.cli import evaluate as evaluate_cli
+
+    out = tmp_path / "eval"
+    assert evaluate_cli.main([str(best), "--part", "test", "--out", str(out), "--quiet"]) == 0
+    split = pd.read_csv(run / "split.csv")
+    assert json.loads((out / "metrics.json").read_text())["n"] == (split.part == "test").sum()
+
+
+def test_where_hard_links_fail_both_files_stay(tmp_path, monkeypatch):
+    from kiqa.fsutil import link_atomically
+
+    source, target = tmp_path / "model.keras", tmp_path / "best.keras"
+    source.write_bytes(b"weights")
+    target.write_bytes(b"older copy")
+
+    def refuse(*args):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refuse)
+    assert link_atomically(source, target) is False
+    assert target.read_bytes() == b"older copy"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.keras", "model.keras"]
