@@ -311,9 +311,8 @@ class SetTooSmallError(DataError):
     """A split leaves a part with too few images for correlations.
 
     Attributes:
-        part: "training", "validation" or "test"; None when the whole set is too small
-            to be split at all.
-        size: images in that part (or the set).
+        part: "training", "validation" or "test".
+        size: images in that part.
         n_images: images in the whole set.
         minimum: images the whole set needs at these fractions (None for the official split).
         facts: the message without its fix (a command states its own).

@@ -583,13 +583,18 @@ def check_set_size(frame, config):
         config: its `TrainConfig` (a random or repeated split).
 
     Raises:
-        SetTooSmallError: (a DataError) naming the set's size and its minimum.
+        SetTooSmallError: (a DataError) naming the short part, its size and the set's minimum.
     """
-    minimum = minimum_images(config.test_fraction, config.val_fraction)
-    if config.split == "official" or minimum is None or len(frame) >= minimum:
-        return
-    facts = f"{len(frame)} image(s) are too few for a {config.split} split with parts of at least {MIN_PART_SIZE}"
-    raise _set_too_small(facts, None, len(frame), len(frame), config)
+    if config.split == "official" or koniq.GROUP_COLUMN in frame.columns:
+        return  # a grouped split's parts are counted once it is made (check_parts)
+    n = len(frame)
+    n_test = int(round(n * config.test_fraction))  # koniq.random_split's rounding
+    n_val = int(round((n - n_test) * config.val_fraction))
+    for part, size in (("training", n - n_test - n_val), ("validation", n_val), ("test", n_test)):
+        if size < MIN_PART_SIZE:
+            facts = (f"a {config.split} split of {n} image(s): the {part} part has {size} image(s); it "
+                     f"needs at least {MIN_PART_SIZE} for correlations")
+            raise _set_too_small(facts, part, size, n, config)
 
 
 def _set_too_small(facts, part, size, n_images, config):

@@ -62,7 +62,7 @@ def test_a_plain_csv_too_small_for_the_split_names_the_minimum(tmp_path, capsys,
                            "--scale", "1-5", "--run-dir", str(tmp_path / "run"), *SMALL])
     err = capsys.readouterr().err
     assert code == 1 and re.search(rf"the set needs at least \d+ images \(it has {count}\)", err), err
-    assert "--test-fraction" in err and "--val-fraction" in err
+    assert "validation part has" in err and "add images, or raise --val-fraction" in err
 
 
 def test_plain_csv_fields_are_validated_together():
