@@ -55,9 +55,17 @@ class TrainConfig:
     """Everything a training run depends on.
 
     Attributes:
-        labels: KonIQ-format label CSV. None trains on the built-in demo data.
+        labels: KonIQ-format label CSV, or any labelled CSV when `path_column` is set.
+            None trains on the built-in demo data.
         images: folder the CSV's `image_name` values are relative to. None means the
             CSV's own folder, or its `1024x768/` or `512x384/` subfolder if present.
+        path_column: column of image paths of a plain labelled CSV (`kiqa.data.labelled`);
+            None reads `labels` as a KonIQ file. A plain CSV's own `set` column
+            (training / validation / test) is its official split; without one, use a
+            random or repeated split.
+        mos_column: column of scores of a plain labelled CSV.
+        scale: range of those scores ("1-5", "0-1", "0-100" or "LOW-HIGH"), mapped
+            linearly to 0-100 as `kiqa evaluate` maps it.
         split: "official" (KonIQ's `set` column: 7058/1000/2015), "random" (one seeded
             train/test split) or "repeated" (`repeats` seeded splits, the literature's
             protocol, reported as median and spread).
@@ -115,6 +123,9 @@ class TrainConfig:
 
     labels: Optional[str] = None
     images: Optional[str] = None
+    path_column: Optional[str] = None
+    mos_column: Optional[str] = None
+    scale: Optional[str] = None
     split: str = "official"
     test_fraction: float = 0.2
     val_fraction: float = 0.1
@@ -194,6 +205,7 @@ class TrainConfig:
                 the choices.
         """
         _choice("split", self.split, SPLITS)
+        self._validate_label_columns()
         _choice("backbone", self.backbone, BACKBONES)
         _choice("variant", self.variant, VARIANTS)
         if self.backbone == "small-cnn" and self.weights != "none":
@@ -248,6 +260,23 @@ class TrainConfig:
                                   f"got {getattr(self, field)} (e.g. 1e-4)")
         if self.split == "repeated" and self.repeats < 2:
             raise ConfigError("split='repeated' needs repeats >= 2 (e.g. 10)")
+
+    def _validate_label_columns(self) -> None:
+        """A plain labelled CSV's columns and scale: all three given, with `labels`."""
+        plain = {"path_column": self.path_column, "mos_column": self.mos_column, "scale": self.scale}
+        if not any(value is not None for value in plain.values()):
+            return
+        missing = sorted(key for key, value in plain.items() if value is None)
+        if missing:
+            raise ConfigError(f"a plain labelled CSV needs path_column, mos_column and scale together; "
+                              f"{missing} not given")
+        if not self.labels:
+            raise ConfigError("path_column, mos_column and scale describe a label file: set labels too")
+        if not self.path_column or not self.mos_column:
+            raise ConfigError("path_column and mos_column must name columns, got an empty string")
+        from kiqa.data.labelled import parse_scale
+
+        parse_scale(self.scale)  # raises ConfigError naming the bad range
 
     @property
     def resolved_run_dir(self) -> Path:

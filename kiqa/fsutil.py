@@ -276,6 +276,36 @@ def write_atomically(path, write, suffix=".tmp"):
             os.remove(tmp)
 
 
+def link_atomically(source, path) -> bool:
+    """Replaces `path` by a hard link to `source`: one copy of the bytes, both names kept.
+
+    The link is made under a temporary name and renamed over `path`, so `path` is always
+    the old file or the link. Writers that replace a file by a rename (`write_atomically`)
+    later give that name its own file again and leave the other name's bytes alone.
+
+    Args:
+        source: the file to link to.
+        path: the file to replace, in a folder on the same file system.
+
+    Returns:
+        True when linked; False when the file system refuses hard links (another device,
+        FAT, some network shares): `path` is then left as it was.
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.link"
+    try:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        return False
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+    return True
+
+
 def write_text_atomically(path, text):
     """`Path.write_text`, atomically (see `write_atomically`)."""
     write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -28,7 +28,9 @@ from kiqa.callbacks import (
     BestCheckpoint, EpochLog, ResumableBackup, ResumableEarlyStopping, ValidationMetrics, best_so_far,
     inference_copy, monitor_mode, predictor, restore_backup, save_model_atomically,
 )
-from kiqa.fsutil import is_disk_full, nbytes, require_free_space, write_csv_atomically, write_text_atomically
+from kiqa.fsutil import (
+    is_disk_full, link_atomically, nbytes, require_free_space, write_csv_atomically, write_text_atomically,
+)
 from kiqa.evaluate import evaluate_frame, write_json
 from kiqa.metrics import summarize_repeats
 from kiqa.model import build_model, mos_loss, set_backbone_trainable
@@ -250,17 +252,47 @@ def check_parts(split, config=None):
     n_images = len(split.train) + len(split.val) + len(split.test)
     for name, part in (("training", split.train), ("validation", split.val), ("test", split.test)):
         if len(part) < MIN_PART_SIZE:
-            minimum = None
-            if config is not None and config.split != "official":
-                minimum = minimum_images(config.test_fraction, config.val_fraction)
-            need = (f"; at test_fraction={config.test_fraction:g} and val_fraction={config.val_fraction:g} "
-                    f"that takes at least {minimum} images (this set has {n_images}): add images, or "
-                    f"raise the fraction of the part that is short") if minimum else (
-                    " (use more images, or larger fractions)")
             facts = (f"split {split.name!r}: the {name} part has {len(part)} image(s); it needs at least "
                      f"{MIN_PART_SIZE} for correlations")
-            raise SetTooSmallError(f"{facts}{need}", part=name, size=len(part), n_images=n_images,
-                                   minimum=minimum, facts=facts)
+            raise _set_too_small(facts, name, len(part), n_images, config)
+
+
+def check_set_size(frame, config):
+    """Refuses a set too small for a random split's fractions, before it is split.
+
+    A random split of a few images fails in rounding (an empty part) before any part can
+    be measured; this names the minimum instead, for any label file.
+
+    Args:
+        frame: the label table, bad images already dropped.
+        config: its `TrainConfig` (a random or repeated split).
+
+    Raises:
+        SetTooSmallError: (a DataError) naming the short part, its size and the set's minimum.
+    """
+    if config.split == "official" or koniq.GROUP_COLUMN in frame.columns:
+        return  # a grouped split's parts are counted once it is made (check_parts)
+    n = len(frame)
+    n_test = int(round(n * config.test_fraction))  # koniq.random_split's rounding
+    n_val = int(round((n - n_test) * config.val_fraction))
+    for part, size in (("training", n - n_test - n_val), ("validation", n_val), ("test", n_test)):
+        if size < MIN_PART_SIZE:
+            facts = (f"a {config.split} split of {n} image(s): the {part} part has {size} image(s); it "
+                     f"needs at least {MIN_PART_SIZE} for correlations")
+            raise _set_too_small(facts, part, size, n, config)
+
+
+def _set_too_small(facts, part, size, n_images, config):
+    """The `SetTooSmallError` for a short part (or a whole set, `part` None)."""
+    minimum = None
+    if config is not None and config.split != "official":
+        minimum = minimum_images(config.test_fraction, config.val_fraction)
+    need = (f"; at test_fraction={config.test_fraction:g} and val_fraction={config.val_fraction:g} "
+            f"that takes at least {minimum} images (this set has {n_images}): add images, or "
+            f"raise the fraction of the part that is short") if minimum else (
+            " (use more images, or larger fractions)")
+    return SetTooSmallError(f"{facts}{need}", part=part, size=size, n_images=n_images,
+                            minimum=minimum, facts=facts)
 
 
 def minimum_images(test_fraction, val_fraction, limit=100_000):
@@ -426,6 +458,11 @@ def _finish(model, split, config, strategy, run_dir, history_csv, best_path, cus
         model.load_weights(best_path)
     model_path = run_dir / "model.keras"
     save_model_atomically(model, model_path)
+    if best_path.exists():
+        # model.keras now holds the best epoch's weights, as best.keras does: one copy on
+        # disk (~107 MB for ConvNeXt-Tiny), both paths still load. Where the file system
+        # has no hard links the two files stay.
+        link_atomically(model_path, best_path)
 
     history = read_history(history_csv)
     # The warning provenance.json will carry (it depends on the data and the backbone, not the metrics).
@@ -524,6 +561,7 @@ def train(
     check_image_folder(frame, rejects, root)
     frame = apply_bad_image_policy(frame, paths, rejects, config)
 
+    check_set_size(frame, config)
     splits = koniq.make_splits(frame, config)
     for split in splits:
         check_parts(split, config)

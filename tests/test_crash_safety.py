@@ -126,6 +126,15 @@ def _digest(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def _weights_digest(path):
+    """The weights of a .keras file, not its bytes: a finished run replaces
+    checkpoints/best.keras by a hard link to model.keras, the same weights saved again."""
+    digest = hashlib.sha256()
+    for array in load_model(path).get_weights():
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
 def _moved(run_dir, config, destination):
     """A copy of a killed run directory, its config pointing at the copy (the same run,
     moved: train() refuses a config.json that names another folder)."""
@@ -187,7 +196,7 @@ def killed_run(tmp_path_factory):
     _kill_when(process, inside_second_epoch, "the second epoch")
     backup = run_dir / "phase-finetune" / "backup"
     completed = json.loads((backup / "training_metadata.json").read_text())["epoch"]
-    return config, run_dir, completed, _digest(run_dir / "checkpoints" / "best.keras")
+    return config, run_dir, completed, _weights_digest(run_dir / "checkpoints" / "best.keras")
 
 
 def test_killed_run_left_a_backup_of_its_completed_epochs(killed_run):
@@ -216,7 +225,7 @@ def test_rerun_resumes_from_the_last_completed_epoch(killed_run, tmp_path, monke
     history = pd.read_csv(history_csv)
     assert list(history.epoch) == list(range(EPOCHS))  # each epoch once
     pd.testing.assert_frame_equal(history.iloc[:completed], before)  # the earlier rows kept
-    assert _digest(tmp_path / "run" / "checkpoints" / "best.keras") == best_digest
+    assert _weights_digest(tmp_path / "run" / "checkpoints" / "best.keras") == best_digest
     # The final model carries the best checkpoint's weights.
     best = load_model(tmp_path / "run" / "checkpoints" / "best.keras")
     final = load_model(result.model_path)

@@ -267,3 +267,26 @@ def test_predict_cli_round_trips_non_utf8_file_names(server, images, tmp_path, c
     assert not by_name[b"\xff\xfe-bad.png"]["mos"] and "JPEG header is unreadable" in by_name[b"\xff\xfe-bad.png"]["error"]
     # The raw bytes are in the file, as kiqa score writes them.
     assert b"caf\xe9.jpg" in out.read_bytes()
+
+
+def test_predict_out_keeps_another_served_models_csv_unless_overwrite(server, images, tmp_path, capsys):
+    """Issue 20: a predictions CSV from another served model is kept unless --overwrite."""
+    import json
+
+    from kiqa.provenance import sidecar_path
+
+    paths, _ = images
+    out = tmp_path / "scores.csv"
+    command = ["--server", server.address, "--out", str(out), str(paths[0])]
+    assert predict_cli.main(command) == 0
+    assert predict_cli.main(command) == 0  # the same model again: replaced
+    sidecar = json.loads(sidecar_path(out).read_text())
+    sidecar["source"] = "127.0.0.1:9/another"
+    sidecar_path(out).write_text(json.dumps(sidecar))
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert predict_cli.main(command) == 1
+    err = capsys.readouterr().err
+    assert "127.0.0.1:9/another" in err and "--overwrite" in err and out.read_bytes() == before
+    assert predict_cli.main([*command, "--overwrite"]) == 0
+    assert json.loads(sidecar_path(out).read_text())["source"] == f"{server.address}/kiqa"

@@ -84,6 +84,8 @@ def _run_config(model_ref, args):
     }
     if args.labels and not args.images:
         changes["images"] = None
+    if args.labels:  # the given file is read as it is, not as the run's own (plain) CSV was
+        changes.update(path_column=None, mos_column=None, scale=None)
     if args.labels and args.split is None and not _is_plain_csv(args):
         changes["split"] = "official" if _has_official_split(args.labels) else "random"
     return resolved, config.replace(cache="none", **changes)
@@ -92,16 +94,9 @@ def _run_config(model_ref, args):
 def _is_plain_csv(args):
     """True when --labels is a plain labelled CSV: a column flag was given, or it has no
     `image_name` column (KonIQ's layouts all have one)."""
-    if any(v is not None for v in (args.path_column, args.mos_column, args.scale)):
-        return True
-    if not args.labels:
-        return False
-    import pandas as pd
+    from kiqa.data.labelled import is_plain_csv
 
-    try:
-        return "image_name" not in pd.read_csv(args.labels, nrows=0).columns
-    except (OSError, ValueError):
-        return False  # the KonIQ reader reports the unreadable file
+    return is_plain_csv(args.labels, args.path_column, args.mos_column, args.scale)
 
 
 def _read_plain_csv(args):

@@ -54,7 +54,8 @@ def build_parser(prog=None):
                         ".map.json, as kiqa map writes them) from the export's quality_map signature; "
                         "one request per image, and the CSV's scores come from the same requests")
     parser.add_argument("--overwrite", action="store_true",
-                        help="with --maps: replace maps of the same name from an earlier run")
+                        help="replace an --out CSV written by another served model (or version), and "
+                        "with --maps, maps of the same name from an earlier run")
     return parser
 
 
@@ -84,8 +85,11 @@ def main(argv=None, prog=None):
         if args.out:
             # Before any request: --out must not be an input image or a file kiqa did not write.
             check_output(args.out, found, replace=True)
-        client.check()
+        served = client.check()
         record = client.provenance()
+        source, identity = f"{args.server}/{args.model}", {"served_version": served["version"]}
+        if args.out and not args.overwrite:
+            _refuse_another_model(args.out, source, record, identity)
         readable = [path for path, error in found if error is None]
         scored = iter(_map_files(client, readable, args, record) if args.maps
                       else client.score_files(readable, batch_size=args.batch_size))
@@ -95,7 +99,7 @@ def main(argv=None, prog=None):
         ]
     _write_csv(results, args.out)
     if args.out:
-        write_sidecar(args.out, record, f"{args.server}/{args.model}")
+        write_sidecar(args.out, record, source, **identity)
     failures = [r for r in results if not r.ok]
     print(f"{len(results)} files: {len(results) - len(failures)} scored, {len(failures)} failed", file=sys.stderr)
     for result in failures[:SHOWN_FAILURES]:
@@ -107,6 +111,36 @@ def main(argv=None, prog=None):
         print("  files over the message limit were not sent: raise --max-message-mb", file=sys.stderr)
     print_model_warning(record)
     return EXIT_PARTIAL if failures else EXIT_OK
+
+
+def _refuse_another_model(out, source, record, identity):
+    """An existing --out CSV is replaced only with the same served model's scores: the
+    same address and name, version and provenance record as its sidecar names.
+
+    Raises:
+        ScoresFromAnotherModelError: its sidecar names another model, or it has none
+            (kiqa cannot tell which model wrote it).
+    """
+    from pathlib import Path
+
+    from kiqa.errors import ScoresFromAnotherModelError
+    from kiqa.provenance import read_sidecar, report_entry
+
+    out = Path(out)
+    if not out.is_file() or out.stat().st_size == 0:
+        return
+    previous = read_sidecar(out)
+    current = report_entry(record, source, **identity)
+    keys = ("source", "served_version", "provenance")
+    if previous is not None and all(previous.get(key) == current[key] for key in keys):
+        return
+    named = (f"{previous.get('source')} version {previous.get('served_version', '?')}" if previous
+             else "a model it does not record (no readable provenance sidecar)")
+    raise ScoresFromAnotherModelError(
+        f"{out} holds scores from {named}, not from {source} version {identity['served_version']}; "
+        f"it is left untouched",
+        folder=str(out.parent), previous=previous, current=current, path=str(out),
+    )
 
 
 def _map_files(client, paths, args, record):

@@ -139,6 +139,7 @@ REMEDIES: Mapping[type, Mapping[str, Remedies]] = {
     errors.OutputIsInputError: _each(("score", "predict"), "choose another --out"),
     errors.ScoresFromAnotherModelError: {
         "compare": "use a new --out, or pass --no-skip to rescore with this model",
+        "predict": "write to another --out, or pass --overwrite to replace it with this model's scores",
         "score": Remedy("write to another --out, or pass --no-skip to replace it and rescore every file "
                         "with this model", when=lambda err: err.path is not None),
     },

@@ -39,9 +39,16 @@ def build_parser(prog=None):
 
     data = parser.add_argument_group("data")
     data.add_argument("--labels", help="KonIQ label CSV: koniq10k_distributions_sets.csv (0-100 'MOS' + "
-                      "official 'set' split) or koniq10k_scores_and_distributions.csv (0-100 'MOS_zscore')")
-    data.add_argument("--images", help="image folder the CSV's image_name values are relative to "
-                      "(default: the CSV's folder, or its 1024x768/ or 512x384/ subfolder)")
+                      "official 'set' split) or koniq10k_scores_and_distributions.csv (0-100 'MOS_zscore'), "
+                      "or any CSV with an image-path and a score column (--path-column, --mos-column, --scale)")
+    data.add_argument("--images", "--image-root", dest="images",
+                      help="image folder the CSV's image paths are relative to (default: the CSV's folder, "
+                      "or for a KonIQ file its 1024x768/ or 512x384/ subfolder)")
+    data.add_argument("--path-column", help="column of image paths (default 'file'); makes --labels a plain "
+                      "labelled CSV, read as `kiqa evaluate` reads it (also when it has no image_name column)")
+    data.add_argument("--mos-column", help="column of scores of a plain labelled CSV (default 'mos')")
+    data.add_argument("--scale", help="range of those scores: 1-5, 0-1, 0-100 or LOW-HIGH (default 0-100), "
+                      "mapped linearly to 0-100; without a 'set' column the split is random (seeded by --seed)")
     data.add_argument("--split", choices=SPLITS, help="official (KonIQ's 7058/1000/2015 'set' column; "
                       "default with --labels), random (one seeded split) or repeated (--repeats seeded splits)")
     data.add_argument("--test-fraction", type=float, help="held-out share for random splits "
@@ -167,9 +174,25 @@ def resolve_config(args):
     if fields.get("weights") not in (None, "imagenet", "none"):
         fields["weights"] = str(fields["weights"])
     if fields.get("labels"):
+        _plain_csv_fields(fields)
         return TrainConfig.from_dict(fields, source="flags")
     fields.pop("labels", None)
     return TrainConfig.demo(**fields)
+
+
+def _plain_csv_fields(fields):
+    """For a plain labelled CSV: its columns and scale (defaults filled in, so config.json
+    says how it was read) and, when it has no `set` column and no split was asked for, a
+    seeded random split."""
+    from kiqa.data.labelled import PLAIN_DEFAULTS, has_set_column, is_plain_csv
+
+    given = {key: fields.get(key) for key in PLAIN_DEFAULTS}
+    if not is_plain_csv(fields["labels"], **given):
+        return
+    for key, default in PLAIN_DEFAULTS.items():
+        fields[key] = given[key] if given[key] is not None else default
+    if "split" not in fields and not has_set_column(fields["labels"]):
+        fields["split"] = "random"
 
 
 @entry_point
@@ -218,7 +241,10 @@ def next_steps(result, config):
     from kiqa.data import koniq, synthetic
 
     labels = (Path(config.labels) if config.labels else synthetic.demo_dataset()).resolve()
-    images = Path(config.images) if config.images else koniq.default_image_root(labels)
+    if config.images:
+        images = Path(config.images)
+    else:  # where kiqa.data.validate.check_labels looked
+        images = labels.parent if config.path_column else koniq.default_image_root(labels)
     model = result.run_dir
     lines = ["next steps:"]
     if result.model_path is None:  # repeated splits: one model per split folder

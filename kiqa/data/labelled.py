@@ -165,3 +165,74 @@ def read_labelled_csv(path, path_column="file", mos_column="mos", scale=DEFAULT_
         "score": scores.to_numpy(dtype=np.float64),
     })
     return LabelledCsv(frame, path_column, mos_column, scale, tuple(notes))
+
+
+PLAIN_DEFAULTS = {"path_column": "file", "mos_column": "mos", "scale": DEFAULT_SCALE}
+
+
+def is_plain_csv(labels, path_column=None, mos_column=None, scale=None):
+    """Whether a label file is read as a plain labelled CSV rather than a KonIQ file.
+
+    Args:
+        labels: the label CSV, or None.
+        path_column: the given image-path column, or None.
+        mos_column: the given score column, or None.
+        scale: the given score range, or None.
+
+    Returns:
+        True when a column or the scale was given, or the file has no `image_name`
+        column (KonIQ's layouts all have one).
+    """
+    if any(v is not None for v in (path_column, mos_column, scale)):
+        return True
+    if not labels:
+        return False
+    try:
+        return "image_name" not in pd.read_csv(labels, nrows=0).columns
+    except (OSError, ValueError):
+        return False  # the KonIQ reader reports the unreadable file
+
+
+def has_set_column(labels):
+    """Whether a CSV's header names a `set` column (its own official split)."""
+    try:
+        return "set" in pd.read_csv(labels, nrows=0).columns
+    except (OSError, ValueError):
+        return False  # the reader reports the unreadable file
+
+
+def read_for_training(path, path_column, mos_column, scale):
+    """A plain labelled CSV as a label table `kiqa.data.koniq`'s splits and checks take.
+
+    Args:
+        path: the CSV.
+        path_column: column with image paths, relative to the image root.
+        mos_column: column with the scores.
+        scale: a `Scale` or its text.
+
+    Returns:
+        DataFrame with `image_name`, `mos` (0-100), `line` and, when the file has a `set`
+        column, `set` (train / val / test); `attrs` name the file and its score mapping.
+
+    Raises:
+        DataError: as `read_labelled_csv`, or a `set` column with other values than
+            training / validation / test (or train / val / test).
+        ConfigError: an invalid scale.
+    """
+    from kiqa.data.koniq import OFFICIAL_SETS, record_lines
+
+    labelled = read_labelled_csv(path, path_column=path_column, mos_column=mos_column, scale=scale)
+    frame = labelled.frame[["image_name", "mos"]].copy()
+    frame["line"] = record_lines(path, len(frame))
+    if has_set_column(path):
+        names = {**OFFICIAL_SETS, **{short: short for short in OFFICIAL_SETS.values()}}
+        sets = pd.read_csv(path, usecols=["set"])["set"]
+        unknown = sorted(set(sets.dropna().astype(str)) - set(names))
+        if unknown or sets.isna().any():
+            raise DataError(f"{path}: column 'set' must hold {sorted(OFFICIAL_SETS)} on every row; "
+                            f"found {unknown or 'empty cells'}")
+        frame["set"] = sets.astype(str).map(names).to_numpy()
+    frame.attrs["format"] = "labelled"
+    frame.attrs["path"] = str(path)
+    frame.attrs["scores"] = labelled.describe()
+    return frame

@@ -193,8 +193,14 @@ def check_labels(config, progress=True):
     from kiqa.data import koniq, synthetic
 
     labels_path = Path(config.labels) if config.labels else synthetic.demo_dataset()
-    frame = koniq.read_labels(labels_path)
-    root = Path(config.images) if config.images else koniq.default_image_root(labels_path)
+    if config.path_column is not None:  # a plain labelled CSV: images beside it, as kiqa evaluate reads it
+        from kiqa.data.labelled import read_for_training
+
+        frame = read_for_training(labels_path, config.path_column, config.mos_column, config.scale)
+        root = Path(config.images) if config.images else labels_path.parent
+    else:
+        frame = koniq.read_labels(labels_path)
+        root = Path(config.images) if config.images else koniq.default_image_root(labels_path)
     paths, rejects = find_bad_images(frame, root, config, progress=progress)
     return frame, paths, rejects, root
 
