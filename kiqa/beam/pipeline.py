@@ -2,7 +2,7 @@
 
     paths (file patterns, folders, lists of paths)
       -> Distinct (each file once, spread over workers)
-      -> DecodeImages (kiqa.score.load_pixels: kiqa's one image function, its error text)
+      -> DecodeImages (kiqa.scoring.table.load_pixels: kiqa's one image function, its error text)
       -> RunInference(KiqaModelHandler)                 bad files skip this step
       -> rows (path, mos, error) -> sharded CSV, Parquet, and a summary JSON
 
@@ -37,7 +37,7 @@ from kiqa.errors import DataError, ImageError
 from kiqa.contract import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS
 from kiqa.fsutil import csv_value
 from kiqa.image import read_image_bytes
-from kiqa.score import (
+from kiqa.scoring.table import (
     CSV_COLUMNS,
     LISTED_UNSUPPORTED_EXTENSIONS,
     csv_row,
@@ -86,7 +86,7 @@ class BeamScoreJob:
         overwrite: replace the outputs of an earlier run at `output`.
         num_shards: output shards per format (0: the runner decides).
         large_model: one model copy per machine instead of per worker process.
-        engine: what runs the model (`kiqa.scorer.ENGINES`). A reduced-precision one
+        engine: what runs the model (`kiqa.scoring.scorer.ENGINES`). A reduced-precision one
             ("openvino-bf16") is gated against float32 on the launcher, and again on
             each worker (its CPU may differ); the launcher's figures go in the summary.
     """
@@ -232,7 +232,7 @@ class DecodeImages(beam.DoFn):
         self._decode = None
 
     def setup(self):
-        # Traced once per worker process (kiqa.score caches it), not per element.
+        # Traced once per worker process (kiqa.scoring.table caches it), not per element.
         self._decode = image_decoder(self._image_size)
 
     def process(self, encoded_path):
@@ -393,7 +393,7 @@ def describe_model(model_ref, image_size=None, safe_mode=True, engine="tf"):
     Raises:
         ModelError: the model cannot be loaded (the message says why).
     """
-    from kiqa.scorer import load_scorer
+    from kiqa.scoring.scorer import load_scorer
 
     workdir = tempfile.mkdtemp(prefix="kiqa-beam-model-")
     try:

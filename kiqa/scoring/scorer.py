@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # Keras loads lazily here: only the Keras path needs it
     import keras
 
 from kiqa import provenance as provenance_lib
-from kiqa import score as score_lib
+from kiqa.scoring import table as score_lib
 from kiqa.contract import (
     ASSETS_EXTRA,
     DEFAULT_IMAGE_SIZE,

@@ -586,7 +586,7 @@ def scored_batches(files, scorer, batch_size=DEFAULT_BATCH_SIZE, max_bytes=DEFAU
     Args:
         files: (path, error or None) pairs, as `find_images` lists them; a pair with an
             error is passed through unread.
-        scorer: a `kiqa.scorer.Scorer`.
+        scorer: a `kiqa.scoring.scorer.Scorer`.
         batch_size: images per model call.
         max_bytes: per-file byte cap.
         progress: show a tqdm progress bar.
@@ -639,7 +639,7 @@ def score_paths(
 
     Args:
         paths: files and folders (folders are searched recursively; see `find_images`).
-        scorer: a `kiqa.scorer.Scorer`.
+        scorer: a `kiqa.scoring.scorer.Scorer`.
         out_csv: CSV to write. With `skip_existing`, an existing one is resumed.
         batch_size: images per model call.
         skip_existing: keep the rows of an existing `out_csv` and skip their paths
@@ -702,7 +702,7 @@ def score_files(
 
     Args:
         files: list of (path, error or None) from `find_images`.
-        scorer: a `kiqa.scorer.Scorer`.
+        scorer: a `kiqa.scoring.scorer.Scorer`.
         out_csv: CSV to write or resume.
         batch_size: images per model call.
         skip_existing: resume an existing CSV (see `score_paths`).
