@@ -39,7 +39,9 @@ from kiqa.config import TrainConfig  # noqa: E402
 from kiqa.image import load_image  # noqa: E402
 from kiqa.scoring.scorer import load_scorer  # noqa: E402
 from kiqa.model import build_model  # noqa: E402
-from kiqa.scoring.table import DEFAULT_BATCH_SIZE, find_images, score_files  # noqa: E402
+from kiqa.scoring.batches import DEFAULT_BATCH_SIZE  # noqa: E402
+from kiqa.scoring.files import find_images  # noqa: E402
+from kiqa.scoring.table import score_files  # noqa: E402
 
 SIZE = (384, 512)
 

@@ -22,7 +22,7 @@ from kiqa.scoring.compare import _pairing_key
 from kiqa.contract import DEFAULT_MAX_BYTES
 from kiqa.errors import ConfigError, ImageError
 from kiqa.fsutil import write_atomically, write_json_atomically
-from kiqa.scoring.table import find_images
+from kiqa.scoring.files import find_images
 
 MAP_SUFFIXES = (".map.png", ".map.npy", ".map.json")
 DIFF_SUFFIXES = (".diff.png", ".diff.npy")

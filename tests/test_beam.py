@@ -29,7 +29,8 @@ from kiqa.cli import score_beam as score_beam_cli
 from kiqa.cli._common import EXIT_ERROR, EXIT_PARTIAL
 from kiqa.errors import DataError, ModelError
 from kiqa.scoring.scorer import load_scorer
-from kiqa.scoring.table import CSV_COLUMNS, read_scores, score_paths
+from kiqa.contract import CSV_COLUMNS
+from kiqa.scoring.table import read_scores, score_paths
 
 import helpers
 

@@ -261,7 +261,8 @@ def test_kiqa_score_csv_has_the_distribution_columns_and_resumes(distribution_ru
     import csv
 
     from kiqa.cli import score as score_cli
-    from kiqa.scoring.table import DISTRIBUTION_CSV_COLUMNS, read_scores
+    from kiqa.contract import DISTRIBUTION_CSV_COLUMNS
+    from kiqa.scoring.table import read_scores
 
     result, labels = distribution_run
     images = sorted((labels.parent / "images").glob("*.jpg"))[:4]

@@ -25,7 +25,8 @@ from kiqa.errors import (
     OutputIsInputError, OutputLockedError,
 )
 from kiqa.fsutil import SPREADSHEET_SAFE_ENV, csv_cell, csv_value, output_lock
-from kiqa.scoring.table import CSV_COLUMNS, score_paths
+from kiqa.contract import CSV_COLUMNS
+from kiqa.scoring.table import score_paths
 
 # The tiny run and its scorer, shared with the scoring tests.
 from test_score import run_dir, scorer  # noqa: F401  (pytest fixtures)

@@ -19,7 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from kiqa.errors import ModelError
-from kiqa.scoring.table import DEFAULT_BATCH_SIZE
+from kiqa.scoring.batches import DEFAULT_BATCH_SIZE
 
 # The largest batch one model call takes. The single place to switch to the export's
 # documented maximum batch size once the serving contract carries one; the SavedModel's

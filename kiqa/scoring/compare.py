@@ -37,7 +37,9 @@ from kiqa.contract import DEFAULT_MAX_BYTES
 from kiqa.errors import ConfigError, DataError, ScoresFromAnotherModelError
 from kiqa.fsutil import csv_frame, refuse_foreign_outputs, write_json_atomically
 from kiqa.plots import legend_off_the_data, save_figure
-from kiqa.scoring.table import DEFAULT_BATCH_SIZE, find_images, read_scores, score_files
+from kiqa.scoring.batches import DEFAULT_BATCH_SIZE
+from kiqa.scoring.files import find_images
+from kiqa.scoring.table import read_scores, score_files
 
 DEFAULT_BOOTSTRAP = 10_000
 # Resampled indices held at once by the bootstrap (int64: 8 bytes each).
