@@ -328,16 +328,16 @@ def _bytes_reader(blobs):
 _FORWARD: "weakref.WeakKeyDictionary[Any, Dict[Tuple[int, int], Callable]]" = weakref.WeakKeyDictionary()
 
 
-def is_distribution_model(model) -> bool:
+def is_distribution_model(model: Any) -> bool:
     """True for a Keras model with the distribution head's `dist` output."""
     return DIST_OUTPUT in (getattr(model, "output_names", None) or [])
 
 
-def _as_outputs(outputs) -> Dict[str, np.ndarray]:
+def _as_outputs(outputs: Any) -> Dict[str, np.ndarray]:
     """A forward pass's result (a MOS tensor, or a dict of outputs) as float32 numpy arrays."""
     if not isinstance(outputs, dict):
         return {MOS_OUTPUT: np.asarray(outputs, dtype=np.float32).reshape(-1)}
-    result = {MOS_OUTPUT: np.asarray(outputs[MOS_OUTPUT], dtype=np.float32).reshape(-1)}
+    result: Dict[str, np.ndarray] = {MOS_OUTPUT: np.asarray(outputs[MOS_OUTPUT], dtype=np.float32).reshape(-1)}
     if DIST_OUTPUT in outputs:
         result[SD_OUTPUT] = np.asarray(outputs[SD_OUTPUT], dtype=np.float32).reshape(-1)
         result[DIST_OUTPUT] = np.asarray(outputs[DIST_OUTPUT], dtype=np.float32).reshape(-1, 5)
@@ -549,10 +549,11 @@ def _keras_scorer(resolved: ModelPath, image_size: Optional[Sequence[int]], safe
         if config is not None:
             image_size = tuple(config.image_size)
             if not all(1 <= int(side) <= MAX_MODEL_IMAGE_SIDE for side in image_size):
+                config_path = resolved.run.config_path if resolved.run else None  # a config comes from a run
                 raise ModelMetadataError(
-                    f"{resolved.run.config_path}: image_size {list(image_size)} is outside "
+                    f"{config_path}: image_size {list(image_size)} is outside "
                     f"1..{MAX_MODEL_IMAGE_SIDE} pixels a side; pass the image size to score at",
-                    path=str(resolved.run.config_path), field="image_size",
+                    path=str(config_path), field="image_size",
                 )
         else:
             image_size = DEFAULT_IMAGE_SIZE
