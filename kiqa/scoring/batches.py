@@ -182,7 +182,9 @@ def scored_batches(files, scorer, batch_size=DEFAULT_BATCH_SIZE, max_bytes=DEFAU
     Args:
         files: (path, error or None) pairs, as `find_images` lists them; a pair with an
             error is passed through unread.
-        scorer: a `kiqa.scoring.scorer.Scorer`.
+        scorer: any model object with `image_size` (height, width), `max_pixels` and
+            `predict_outputs(pixels)` -> {"mos": ...} (a `kiqa.scoring.scorer.Scorer`);
+            with a true `distribution`, its outputs hold mos_sd and dist too.
         batch_size: images per model call.
         max_bytes: per-file byte cap.
         progress: show a tqdm progress bar.
