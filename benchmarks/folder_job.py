@@ -8,7 +8,7 @@ with a different crop-and-resize each, else generated), saves a ConvNeXt-Tiny (r
 weights) run directory at 384x512, and measures in one process:
 
 - model-bound rate: `Scorer.predict_pixels` on batches of 16 already-decoded images;
-- folder job: `kiqa.score.score_paths` over the folder (reading, decoding, inference,
+- folder job: `kiqa.scoring.table.score_paths` over the folder (reading, decoding, inference,
   CSV writing), timed after start-up (loading the model and tracing the decoder, both
   measured separately and reported).
 
@@ -37,9 +37,11 @@ import keras  # noqa: E402
 
 from kiqa.config import TrainConfig  # noqa: E402
 from kiqa.image import load_image  # noqa: E402
-from kiqa.scorer import load_scorer  # noqa: E402
+from kiqa.scoring.scorer import load_scorer  # noqa: E402
 from kiqa.model import build_model  # noqa: E402
-from kiqa.score import DEFAULT_BATCH_SIZE, find_images, score_files  # noqa: E402
+from kiqa.scoring.batches import DEFAULT_BATCH_SIZE  # noqa: E402
+from kiqa.scoring.files import find_images  # noqa: E402
+from kiqa.scoring.table import score_files  # noqa: E402
 
 SIZE = (384, 512)
 

@@ -31,8 +31,8 @@ _quiet_tensorflow(_verbose_requested())
 
 # Public name -> (module, attribute), imported on first access (PEP 562).
 _LAZY = {
-    "load_scorer": ("kiqa.scorer", "load_scorer"),
-    "Scorer": ("kiqa.scorer", "Scorer"),
+    "load_scorer": ("kiqa.scoring.scorer", "load_scorer"),
+    "Scorer": ("kiqa.scoring.scorer", "Scorer"),
     "export_model": ("kiqa.serving.export", "export_model"),
     "TrainConfig": ("kiqa.config", "TrainConfig"),
     "RunDir": ("kiqa.run", "RunDir"),
@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from kiqa.config import TrainConfig
     from kiqa.evaluate import evaluate
     from kiqa.run import RunDir, resolve_model
-    from kiqa.scorer import Scorer, load_scorer
+    from kiqa.scoring.scorer import Scorer, load_scorer
     from kiqa.serving.export import export_model
     from kiqa.train import train
 

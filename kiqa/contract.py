@@ -107,3 +107,13 @@ KONIQ_MOS_SLOPE = 27.8174
 KONIQ_MOS_INTERCEPT = -29.2287
 # The training heads (`TrainConfig.head`): one score, or the rating distribution.
 HEADS = ("regression", "distribution")
+
+# A scores row (`kiqa score`'s CSV, `Scorer.score_many`'s table, Beam's rows and
+# `kiqa predict`'s CSV): the file, its MOS (empty when it failed) and why it failed (empty
+# when it was scored). A distribution model's row holds `DISTRIBUTION_COLUMNS` between
+# `mos` and `error`.
+PATH_COLUMN = "path"
+MOS_COLUMN = "mos"
+ERROR_COLUMN = "error"
+CSV_COLUMNS = (PATH_COLUMN, MOS_COLUMN, ERROR_COLUMN)
+DISTRIBUTION_CSV_COLUMNS = (PATH_COLUMN, MOS_COLUMN) + DISTRIBUTION_COLUMNS + (ERROR_COLUMN,)

@@ -23,11 +23,11 @@ from kiqa.plots import plot_scatter
 def predict_paths(model, paths, config, part="test"):
     """Predicted MOS for image files, aligned with `paths`.
 
-    Runs the scorer's forward pass (`kiqa.scorer.Scorer.predict_pixels`) over the
+    Runs the scorer's forward pass (`kiqa.scoring.scorer.Scorer.predict_pixels`) over the
     evaluation pipeline.
 
     Args:
-        model: a `kiqa.scorer.Scorer`, or a Keras model with input `image` and output
+        model: a `kiqa.scoring.scorer.Scorer`, or a Keras model with input `image` and output
             `mos` (scored at `config.image_size`).
         paths: image files (checked beforehand).
         config: `TrainConfig` (image_size, batch_size, cache, max_pixels).
@@ -75,7 +75,7 @@ def _has_line(path, line):
 
 def as_scorer(model, config):
     """`model` if it is a `Scorer`, else a scorer over the Keras model at the config's size."""
-    from kiqa.scorer import Scorer
+    from kiqa.scoring.scorer import Scorer
 
     if isinstance(model, Scorer):
         return model
@@ -86,7 +86,7 @@ def evaluate_frame(model, frame, config, out_dir=None, title="test set", part="t
     """Predicts a labelled table and scores the predictions.
 
     Args:
-        model: a `kiqa.scorer.Scorer` or a Keras model (see `predict_paths`).
+        model: a `kiqa.scoring.scorer.Scorer` or a Keras model (see `predict_paths`).
         frame: label table with `image_name`, `mos` and `path` columns.
         config: `TrainConfig`.
         out_dir: where to write `metrics.json`, `predictions.csv` and `scatter.png`;
@@ -204,7 +204,7 @@ def evaluate_saved_model(model_path, config, part="test", out_dir=None, progress
     `held_out` holds the metrics of the other images alone.
 
     Args:
-        model_path: any model path `kiqa.scorer.load_scorer` takes (run folder, `.keras`
+        model_path: any model path `kiqa.scoring.scorer.load_scorer` takes (run folder, `.keras`
             file, SavedModel or ONNX export).
         config: `TrainConfig` naming the labels, images, split, seed and image size (an
             export is scored at its own size).
@@ -232,7 +232,7 @@ def evaluate_saved_model(model_path, config, part="test", out_dir=None, progress
     from kiqa.data.validate import apply_bad_image_policy, find_bad_images, load_checked_labels
     from kiqa.provenance import report_entry, warning_for
     from kiqa.run import resolve_model
-    from kiqa.scorer import load_scorer
+    from kiqa.scoring.scorer import load_scorer
 
     resolved = resolve_model(model_path)
     keras_size = config.image_size if resolved.kind == "keras" else None

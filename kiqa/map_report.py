@@ -18,11 +18,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from kiqa import maps, provenance as provenance_lib
-from kiqa.compare import _pairing_key
+from kiqa.scoring.compare import _pairing_key
 from kiqa.contract import DEFAULT_MAX_BYTES
 from kiqa.errors import ConfigError, ImageError
 from kiqa.fsutil import write_atomically, write_json_atomically
-from kiqa.score import find_images
+from kiqa.scoring.files import find_images
 
 MAP_SUFFIXES = (".map.png", ".map.npy", ".map.json")
 DIFF_SUFFIXES = (".diff.png", ".diff.npy")
@@ -209,7 +209,7 @@ def write_maps(scorer, images: Sequence[str], out_dir, overwrite: bool = False,
     result with an error, never the end of the job.
 
     Args:
-        scorer: a loaded `kiqa.scorer.Scorer` (Keras model or SavedModel).
+        scorer: a loaded `kiqa.scoring.scorer.Scorer` (Keras model or SavedModel).
         images: image files and folders.
         out_dir: output folder (created).
         overwrite: replace earlier outputs of the same name (else such an image gets an
@@ -258,9 +258,9 @@ def compare_maps(scorer, folders: Sequence[str], labels: Sequence[str], keys: Se
     Writes `<out>/maps/<A>-vs-<B>/<name>.diff.png` and `.diff.npy` and `<out>/maps.json`.
 
     Args:
-        scorer: a loaded `kiqa.scorer.Scorer`.
+        scorer: a loaded `kiqa.scoring.scorer.Scorer`.
         folders: the compared folders, in order.
-        labels: their labels (as `kiqa.compare.folder_labels` made them).
+        labels: their labels (as `kiqa.scoring.compare.folder_labels` made them).
         keys: the paired relative paths (`compare_folders`' common images).
         out_dir: compare's output folder.
         ignore_extension: keys are relative paths without extension.

@@ -258,7 +258,7 @@ def map_head(model: keras.Model) -> MapHead:
     )
 
 
-# One MapHead and one traced function per model and size, like kiqa.scorer's forward pass.
+# One MapHead and one traced function per model and size, like kiqa.scoring.scorer's forward pass.
 _MAP_FUNCTIONS = weakref.WeakKeyDictionary()
 
 
@@ -339,7 +339,7 @@ def _decode(label, contents, scorer):
 
 
 def map_image(scorer, image, max_bytes: int = DEFAULT_MAX_BYTES) -> Tuple[QualityMap, np.ndarray]:
-    """The quality map of one image with a loaded `kiqa.scorer.Scorer`, and the pixels it saw.
+    """The quality map of one image with a loaded `kiqa.scoring.scorer.Scorer`, and the pixels it saw.
 
     A Keras model runs `map_function`; a SavedModel its `quality_map` signature on the
     file's bytes (decoded in its graph by the same function). Either way the image is

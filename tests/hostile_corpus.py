@@ -672,8 +672,8 @@ def probe(folder, run_dir, base_path, image_size):
     from kiqa.data.validate import find_bad_images
     from kiqa.serving.devserver import DevServer
     from kiqa.image import read_image_bytes
-    from kiqa.scorer import load_scorer
-    from kiqa.score import score_files
+    from kiqa.scoring.scorer import load_scorer
+    from kiqa.scoring.table import score_files
 
     corpus = write_corpus(folder)
     config = TrainConfig.demo(weights="none", image_size=tuple(image_size), cache="none", batch_size=8)

@@ -28,8 +28,9 @@ from kiqa.beam.pipeline import BeamScoreJob, existing_outputs, score_with_beam
 from kiqa.cli import score_beam as score_beam_cli
 from kiqa.cli._common import EXIT_ERROR, EXIT_PARTIAL
 from kiqa.errors import DataError, ModelError
-from kiqa.scorer import load_scorer
-from kiqa.score import CSV_COLUMNS, read_scores, score_paths
+from kiqa.scoring.scorer import load_scorer
+from kiqa.contract import CSV_COLUMNS
+from kiqa.scoring.table import read_scores, score_paths
 
 import helpers
 

@@ -1,4 +1,4 @@
-"""Tests for kiqa.compare and `kiqa compare`: pairing, statistics, outputs, ranking, CLI."""
+"""Tests for kiqa.scoring.compare and `kiqa compare`: pairing, statistics, outputs, ranking, CLI."""
 
 import dataclasses
 import json
@@ -13,7 +13,7 @@ from PIL import Image
 
 from kiqa.cli import compare as compare_cli
 from kiqa.cli._common import EXIT_ERROR, EXIT_PARTIAL
-from kiqa.compare import (
+from kiqa.scoring.compare import (
     bootstrap_mean_ci,
     compare_folders,
     folder_labels,
@@ -22,7 +22,7 @@ from kiqa.compare import (
     win_rate,
 )
 from kiqa.errors import ConfigError, DataError, ScoresFromAnotherModelError
-from kiqa.scorer import load_scorer
+from kiqa.scoring.scorer import load_scorer
 
 import helpers
 
@@ -267,14 +267,14 @@ def test_suggests_ignore_extension_when_only_some_images_pair(systems, scorer, r
 
 def test_importing_the_plotting_modules_leaves_the_users_backend_alone():
     code = (
-        "import matplotlib; matplotlib.use('svg'); import kiqa.plots, kiqa.compare; "
+        "import matplotlib; matplotlib.use('svg'); import kiqa.plots, kiqa.scoring.compare; "
         "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_a_difference_is_weighed_against_the_models_test_rmse():
-    from kiqa.compare import effect_context
+    from kiqa.scoring.compare import effect_context
     from kiqa.provenance import Provenance
 
     record = Provenance(data="koniq", split="official", backbone="convnext-tiny", weights="imagenet",

@@ -35,10 +35,11 @@ from helpers import demo_subset, make_tiny_run
 from kiqa import train as kiqa_train
 from kiqa.config import TrainConfig
 from kiqa.evaluate import predict_paths
-from kiqa.scorer import load_scorer
+from kiqa.scoring.scorer import load_scorer
 from kiqa.contract import MOS_SCALE
 from kiqa.model import load_model, small_cnn
-from kiqa.score import CSV_COLUMNS, read_scores, score_paths
+from kiqa.contract import CSV_COLUMNS
+from kiqa.scoring.table import read_scores, score_paths
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -80,7 +81,7 @@ kiqa_train.train(TrainConfig.load(config_file), backbone=small_cnn({widths}), pr
 # Runs `kiqa score` with each file's load slowed down, so a kill finds it mid-job.
 SCORE_DRIVER = """
 import sys, time
-from kiqa import score
+from kiqa.scoring import batches as score
 from kiqa.cli import score as score_cli
 
 real_load = score.load_pixels

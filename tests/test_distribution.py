@@ -170,7 +170,7 @@ def test_head_is_a_checked_config_field():
 
 def _held_out_scores(run_dir, labels):
     """(test rows merged with labels, the run's scorer table) for a trained run."""
-    from kiqa.scorer import load_scorer
+    from kiqa.scoring.scorer import load_scorer
 
     split = pd.read_csv(run_dir / "split.csv")
     test = split[split.part == "test"][["image_name"]].merge(pd.read_csv(labels), on="image_name")
@@ -240,7 +240,7 @@ def test_distribution_run_reports_spread_and_calibration(distribution_run):
 
 
 def test_scorer_gives_every_output_of_a_distribution_model(distribution_run):
-    from kiqa.scorer import load_scorer
+    from kiqa.scoring.scorer import load_scorer
 
     result, labels = distribution_run
     scorer = load_scorer(result.run_dir)
@@ -261,7 +261,8 @@ def test_kiqa_score_csv_has_the_distribution_columns_and_resumes(distribution_ru
     import csv
 
     from kiqa.cli import score as score_cli
-    from kiqa.score import DISTRIBUTION_CSV_COLUMNS, read_scores
+    from kiqa.contract import DISTRIBUTION_CSV_COLUMNS
+    from kiqa.scoring.table import read_scores
 
     result, labels = distribution_run
     images = sorted((labels.parent / "images").glob("*.jpg"))[:4]
@@ -277,8 +278,8 @@ def test_kiqa_score_csv_has_the_distribution_columns_and_resumes(distribution_ru
 
 def test_a_regression_csv_is_not_resumed_by_a_distribution_model(distribution_run, tmp_path):
     from kiqa.errors import NotScoresCsvError
-    from kiqa.scorer import load_scorer
-    from kiqa.score import score_paths
+    from kiqa.scoring.scorer import load_scorer
+    from kiqa.scoring.table import score_paths
 
     result, labels = distribution_run
     image = sorted((labels.parent / "images").glob("*.jpg"))[0]
@@ -302,7 +303,7 @@ def test_savedmodel_signatures_carry_every_output_within_parity(distribution_run
 
     import tensorflow as tf
 
-    from kiqa.scorer import load_scorer
+    from kiqa.scoring.scorer import load_scorer
 
     result, labels = distribution_run
     info = json.loads((distribution_export / "assets.extra" / "kiqa.json").read_text())
@@ -325,8 +326,8 @@ def test_savedmodel_signatures_carry_every_output_within_parity(distribution_run
 def test_compare_judges_differences_against_the_predicted_spread(distribution_run, tmp_path):
     import shutil
 
-    from kiqa.compare import compare_folders
-    from kiqa.scorer import load_scorer
+    from kiqa.scoring.compare import compare_folders
+    from kiqa.scoring.scorer import load_scorer
 
     result, labels = distribution_run
     images = sorted((labels.parent / "images").glob("*.jpg"))
@@ -347,7 +348,7 @@ def test_compare_judges_differences_against_the_predicted_spread(distribution_ru
 
 def test_kiqa_predict_through_serve_dev_returns_every_output(distribution_run, distribution_export, tmp_path):
     from kiqa.cli import predict as predict_cli
-    from kiqa.scorer import load_scorer
+    from kiqa.scoring.scorer import load_scorer
     from kiqa.serving.devserver import DevServer
 
     result, labels = distribution_run
@@ -368,7 +369,7 @@ def test_kiqa_predict_through_serve_dev_returns_every_output(distribution_run, d
 def test_onnx_export_carries_every_output_within_parity(distribution_run, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("tf2onnx")
-    from kiqa.scorer import load_scorer
+    from kiqa.scoring.scorer import load_scorer
     from kiqa.serving import artifact
     from kiqa.serving.onnx import export_onnx
 

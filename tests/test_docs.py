@@ -9,7 +9,7 @@ import pytest
 PROJECT = Path(__file__).resolve().parents[1]
 PAGES = [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md")), PROJECT / "serving" / "README.md",
          PROJECT / "benchmarks" / "README.md", PROJECT / "export" / "README.md", PROJECT / "notebooks" / "README.md"]
-# A dotted name starting with kiqa: `kiqa.scorer.load_scorer`, kiqa.serving.export, ...
+# A dotted name starting with kiqa: `kiqa.scoring.scorer.load_scorer`, kiqa.serving.export, ...
 NAME = re.compile(r"(?<![\w./-])kiqa(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
@@ -66,7 +66,7 @@ def test_readme_is_a_front_door():
         assert f"docs/{page}.md" in text
 
 
-@pytest.mark.parametrize("dotted", ["kiqa.nonexistent_module", "kiqa.scorer.NoSuchName"])
+@pytest.mark.parametrize("dotted", ["kiqa.nonexistent_module", "kiqa.scoring.scorer.NoSuchName"])
 def test_the_name_check_can_fail(dotted):
     with pytest.raises((ImportError, AttributeError)):
         _resolve(dotted)

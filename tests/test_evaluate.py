@@ -17,7 +17,7 @@ from kiqa.errors import EvaluationExistsError
 from kiqa.data.labelled import read_labelled_csv
 from kiqa.evaluate import evaluate_saved_model
 from kiqa.run import resolve_model
-from kiqa.scorer import load_scorer
+from kiqa.scoring.scorer import load_scorer
 
 
 @pytest.fixture(scope="module")

@@ -437,7 +437,7 @@ def test_convnext_tiny_export_stores_its_27m_weights_once(tmp_path):
 
 def _score_text(contents, tmp_path, name):
     """What `kiqa score` writes in the error column for a file holding `contents`."""
-    from kiqa import score
+    from kiqa.scoring import batches as score
 
     path = tmp_path / name
     path.write_bytes(contents)

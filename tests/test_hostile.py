@@ -42,9 +42,9 @@ from kiqa.data.pipeline import make_dataset
 from kiqa.data.validate import find_bad_images
 from kiqa.serving.devserver import DevServer
 from kiqa.image import decode_image, describe_decode_error, read_image_bytes
-from kiqa.scorer import load_scorer
+from kiqa.scoring.scorer import load_scorer
 from kiqa.model import small_cnn
-from kiqa.score import read_scores, score_paths
+from kiqa.scoring.table import read_scores, score_paths
 from kiqa.train import train
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

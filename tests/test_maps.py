@@ -16,7 +16,7 @@ from kiqa.config import TrainConfig
 from kiqa.contract import MAX_BATCH, QUALITY_MAP_SIGNATURE
 from kiqa.errors import QualityMapError
 from kiqa.model import build_model, small_cnn
-from kiqa.scorer import load_scorer
+from kiqa.scoring.scorer import load_scorer
 
 # The half-damage check: at least this many of 10 held-out photos per damage kind.
 HALF_DAMAGE_PHOTOS = 10

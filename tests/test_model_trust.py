@@ -21,7 +21,7 @@ from kiqa.cli._common import EXIT_OK
 from kiqa.contract import DEFAULT_MAX_PIXELS
 from kiqa.errors import ModelMetadataError, ModelTooLargeError, UntrustedModelError
 from kiqa.model import MAX_KERAS_COMPRESSION_RATIO, check_keras_archive
-from kiqa.scorer import MAX_MODEL_IMAGE_SIDE, load_scorer
+from kiqa.scoring.scorer import MAX_MODEL_IMAGE_SIDE, load_scorer
 
 
 @pytest.fixture(scope="module")

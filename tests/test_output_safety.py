@@ -25,7 +25,8 @@ from kiqa.errors import (
     OutputIsInputError, OutputLockedError,
 )
 from kiqa.fsutil import SPREADSHEET_SAFE_ENV, csv_cell, csv_value, output_lock
-from kiqa.score import CSV_COLUMNS, score_paths
+from kiqa.contract import CSV_COLUMNS
+from kiqa.scoring.table import score_paths
 
 # The tiny run and its scorer, shared with the scoring tests.
 from test_score import run_dir, scorer  # noqa: F401  (pytest fixtures)
@@ -199,7 +200,7 @@ def test_unwritable_output_folder_is_a_named_error(photos, scorer, run_dir, caps
 
 def test_disk_full_mid_job_keeps_the_rows_and_says_so(photos, scorer, tmp_path, monkeypatch, capsys, run_dir):
     out = tmp_path / "scores.csv"
-    import kiqa.score as score_lib
+    import kiqa.scoring.table as score_lib
 
     real = score_lib.scored_batches
 
@@ -374,7 +375,7 @@ PANDAS_NAMES = [name for name in FORMULA_NAMES if "\r" not in name]
 def test_every_csv_writer_escapes_formula_names_on_request(formula_folder, scorer, monkeypatch, tmp_path):
     import pandas as pd
 
-    from kiqa.compare import compare_folders
+    from kiqa.scoring.compare import compare_folders
     from kiqa.config import TrainConfig
     from kiqa.evaluate import evaluate_frame
     from kiqa.fsutil import write_csv_atomically
@@ -452,7 +453,7 @@ def test_sigterm_stops_a_real_kiqa_score_which_then_resumes(run_dir, scorer, tmp
 def test_compare_and_evaluate_never_write_over_files_they_did_not_make(photos, scorer, tmp_path):
     import pandas as pd
 
-    from kiqa.compare import compare_folders
+    from kiqa.scoring.compare import compare_folders
     from kiqa.config import TrainConfig
     from kiqa.evaluate import evaluate_frame
 

@@ -21,7 +21,7 @@ from kiqa.cli import score as score_cli
 from kiqa.config import TrainConfig
 from kiqa.serving.devserver import DevServer
 from kiqa.errors import ModelError
-from kiqa.scorer import load_scorer
+from kiqa.scoring.scorer import load_scorer
 from kiqa.provenance import Provenance
 from kiqa.serving.client import ServingClient
 

@@ -1,4 +1,4 @@
-"""Tests for kiqa.score and `kiqa score`: folders, bad files, resuming, batching, CLI."""
+"""Tests for kiqa.scoring (files, batches, table) and `kiqa score`: folders, bad files, resuming, batching, CLI."""
 
 import csv
 import json
@@ -14,8 +14,10 @@ from kiqa.cli import score as score_cli
 from kiqa.cli._common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
 from kiqa.errors import DataError, ScoresFromAnotherModelError
 from kiqa.serving.export import export_model
-from kiqa.scorer import load_scorer
-from kiqa.score import CSV_COLUMNS, find_images, is_link_outside, read_scores, score_paths
+from kiqa.scoring.scorer import load_scorer
+from kiqa.contract import CSV_COLUMNS
+from kiqa.scoring.files import find_images, is_link_outside
+from kiqa.scoring.table import read_scores, score_paths
 
 import helpers
 
@@ -371,7 +373,7 @@ def read_csv_bytes(path):
 def test_prefetched_batches_keep_order_pass_errors_and_bound_what_is_held():
     import threading
 
-    from kiqa.score import _prefetched_batches
+    from kiqa.scoring.batches import _prefetched_batches
 
     held, peak, lock = [0], [0], threading.Lock()
 

@@ -1,4 +1,4 @@
-"""Tests for kiqa.scorer: loading run dirs, .keras files and SavedModels as scorers."""
+"""Tests for kiqa.scoring.scorer: loading run dirs, .keras files and SavedModels as scorers."""
 
 import dataclasses
 import json
@@ -12,8 +12,8 @@ import tensorflow as tf
 from kiqa.config import TrainConfig
 from kiqa.cli.remedies import remedy_for
 from kiqa.errors import ImageSizeError, ModelError, ModelNotFoundError
-from kiqa import scorer as inference
-from kiqa.scorer import DEFAULT_IMAGE_SIZE, load_scorer
+from kiqa.scoring import scorer as inference
+from kiqa.scoring.scorer import DEFAULT_IMAGE_SIZE, load_scorer
 
 import helpers
 

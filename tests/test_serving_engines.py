@@ -8,8 +8,8 @@ from helpers import EXPORT_SIZE, make_tiny_run
 from kiqa.cli import score as cli_score
 from kiqa.errors import ModelError
 from kiqa.image import load_image
-from kiqa.scorer import load_scorer
-from kiqa.score import read_scores
+from kiqa.scoring.scorer import load_scorer
+from kiqa.scoring.table import read_scores
 
 # The bound: an engine may replace TF only where |dMOS| < 0.05 on real photos.
 ENGINE_TOLERANCE = 0.05

@@ -2,7 +2,7 @@
 
 Each hostile SavedModel below is built with a plain tf.Module, as an attacker would,
 and does one thing a request must never make a server do. Each must be refused by
-name, before any of it runs, by `kiqa score` (kiqa.scorer) and by the export's own
+name, before any of it runs, by `kiqa score` (kiqa.scoring.scorer) and by the export's own
 check; kiqa's own exports must pass.
 """
 
@@ -18,7 +18,7 @@ from kiqa.serving import export, ops as serving_ops, savedmodel
 from kiqa.cli import score as score_cli
 from kiqa.cli._common import EXIT_ERROR, EXIT_OK
 from kiqa.errors import ExportError, UntrustedModelError
-from kiqa.scorer import load_scorer
+from kiqa.scoring.scorer import load_scorer
 
 HEIGHT, WIDTH = EXPORT_SIZE
 

@@ -31,7 +31,7 @@ from kiqa.config import TrainConfig
 from kiqa.data.koniq import read_labels
 from kiqa.errors import DataError, ExportError, LambdaLayerError, ModelError
 from kiqa.image import decode_image
-from kiqa.scorer import load_scorer
+from kiqa.scoring.scorer import load_scorer
 from kiqa.model import build_model
 
 

@@ -2,7 +2,7 @@
 
 Beam's `TFModelHandlerTensor` loads with `tf.keras.models.load_model`, which cannot load
 a Keras 3 SavedModel (apache/beam issue 30616), and it knows nothing of kiqa's run
-folders or `.keras` files. `KiqaModelHandler` loads with `kiqa.scorer.load_scorer`,
+folders or `.keras` files. `KiqaModelHandler` loads with `kiqa.scoring.scorer.load_scorer`,
 exactly what `kiqa score` uses, so a batch scored here gets the scores `kiqa score` gives.
 
 A model on a remote Beam file system (gs://, s3://, hdfs://) is copied to a local
@@ -19,7 +19,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from kiqa.errors import ModelError
-from kiqa.score import DEFAULT_BATCH_SIZE
+from kiqa.scoring.batches import DEFAULT_BATCH_SIZE
 
 # The largest batch one model call takes. The single place to switch to the export's
 # documented maximum batch size once the serving contract carries one; the SavedModel's
@@ -88,7 +88,7 @@ class KiqaModelHandler(ModelHandler):
             safe_mode: refuse `.keras` files with Lambda layers (arbitrary code).
             batch_size: images per model call (None: `SIGNATURE_BATCH_LIMIT`).
             large_model: one model copy per machine instead of one per process.
-            engine: what runs the model (`kiqa.scorer.ENGINES`); "openvino-bf16" is
+            engine: what runs the model (`kiqa.scoring.scorer.ENGINES`); "openvino-bf16" is
                 gated against float32 on kiqa's generated images when each worker loads.
 
         Raises:
@@ -108,12 +108,12 @@ class KiqaModelHandler(ModelHandler):
         self._engine = engine
 
     def load_model(self):
-        """Loads the model with `kiqa.scorer.load_scorer` (copied locally first if remote).
+        """Loads the model with `kiqa.scoring.scorer.load_scorer` (copied locally first if remote).
 
         Returns:
-            A `kiqa.scorer.Scorer`.
+            A `kiqa.scoring.scorer.Scorer`.
         """
-        from kiqa.scorer import load_scorer  # TF loads in the worker, not at pickling
+        from kiqa.scoring.scorer import load_scorer  # TF loads in the worker, not at pickling
 
         ref = self._model_ref
         if is_remote(ref):

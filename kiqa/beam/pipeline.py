@@ -2,7 +2,7 @@
 
     paths (file patterns, folders, lists of paths)
       -> Distinct (each file once, spread over workers)
-      -> DecodeImages (kiqa.score.load_pixels: kiqa's one image function, its error text)
+      -> DecodeImages (kiqa.scoring.batches.load_pixels: kiqa's one image function, its error text)
       -> RunInference(KiqaModelHandler)                 bad files skip this step
       -> rows (path, mos, error) -> sharded CSV, Parquet, and a summary JSON
 
@@ -34,18 +34,12 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from kiqa.beam.handler import KiqaModelHandler, is_remote, local_copy
 from kiqa.errors import DataError, ImageError
-from kiqa.contract import DEFAULT_MAX_BYTES, IMAGE_EXTENSIONS
+from kiqa.contract import CSV_COLUMNS, DEFAULT_MAX_BYTES, ERROR_COLUMN, IMAGE_EXTENSIONS, MOS_COLUMN, PATH_COLUMN
 from kiqa.fsutil import csv_value
 from kiqa.image import read_image_bytes
-from kiqa.score import (
-    CSV_COLUMNS,
-    LISTED_UNSUPPORTED_EXTENSIONS,
-    csv_row,
-    encode_csv_line,
-    image_decoder,
-    load_pixels,
-    model_score,
-)
+from kiqa.scoring.batches import image_decoder, load_pixels, model_score
+from kiqa.scoring.files import LISTED_UNSUPPORTED_EXTENSIONS
+from kiqa.scoring.table import csv_row, encode_csv_line
 
 FORMATS = ("csv", "parquet")
 SUMMARY_SUFFIX = "-summary.json"
@@ -86,7 +80,7 @@ class BeamScoreJob:
         overwrite: replace the outputs of an earlier run at `output`.
         num_shards: output shards per format (0: the runner decides).
         large_model: one model copy per machine instead of per worker process.
-        engine: what runs the model (`kiqa.scorer.ENGINES`). A reduced-precision one
+        engine: what runs the model (`kiqa.scoring.scorer.ENGINES`). A reduced-precision one
             ("openvino-bf16") is gated against float32 on the launcher, and again on
             each worker (its CPU may differ); the launcher's figures go in the summary.
     """
@@ -148,7 +142,7 @@ def read_list_header(list_file):
     except (OSError, IOError) as err:
         raise DataError(f"cannot read the list of paths {list_file}: {err}") from err
     cells = next(csv.reader([first]), [])
-    return cells.index("path") if "path" in cells else None
+    return cells.index(PATH_COLUMN) if PATH_COLUMN in cells else None
 
 
 def _list_entry(line, column):
@@ -232,7 +226,7 @@ class DecodeImages(beam.DoFn):
         self._decode = None
 
     def setup(self):
-        # Traced once per worker process (kiqa.score caches it), not per element.
+        # Traced once per worker process (kiqa.scoring.batches caches it), not per element.
         self._decode = image_decoder(self._image_size)
 
     def process(self, encoded_path):
@@ -306,15 +300,15 @@ def _parquet_record(row):
     path, mos, error = row
     # Parquet strings are UTF-8: an undecodable byte of a file name is written as \xNN
     # (the CSV keeps the raw name).
-    return {"path": path.decode("utf-8", "backslashreplace"), "mos": mos,
-            "error": error.decode("utf-8", "backslashreplace")}
+    return {PATH_COLUMN: path.decode("utf-8", "backslashreplace"), MOS_COLUMN: mos,
+            ERROR_COLUMN: error.decode("utf-8", "backslashreplace")}
 
 
 def _parquet_schema():
     import pyarrow
 
-    return pyarrow.schema([("path", pyarrow.string()), ("mos", pyarrow.float64()),
-                           ("error", pyarrow.string())])
+    return pyarrow.schema([(PATH_COLUMN, pyarrow.string()), (MOS_COLUMN, pyarrow.float64()),
+                           (ERROR_COLUMN, pyarrow.string())])
 
 
 def _write_summary(counts, summary_path, model_identity):
@@ -393,7 +387,7 @@ def describe_model(model_ref, image_size=None, safe_mode=True, engine="tf"):
     Raises:
         ModelError: the model cannot be loaded (the message says why).
     """
-    from kiqa.scorer import load_scorer
+    from kiqa.scoring.scorer import load_scorer
 
     workdir = tempfile.mkdtemp(prefix="kiqa-beam-model-")
     try:

@@ -82,8 +82,8 @@ def main(argv=None, prog=None):
     args = parser.parse_args(argv)
     if len(args.dirs) < 2:
         parser.error("give at least two folders to compare")
-    from kiqa.compare import compare_folders
-    from kiqa.scorer import load_scorer
+    from kiqa.scoring.compare import compare_folders
+    from kiqa.scoring.scorer import load_scorer
 
     # A typed error's flags to fix it are in kiqa.cli.remedies (printed by entry_point).
     scorer = load_scorer(args.model, image_size=args.image_size, safe_mode=not args.unsafe)

@@ -37,7 +37,7 @@ def main(argv=None, prog=None):
     """Runs `kiqa map`."""
     args = build_parser(prog).parse_args(argv)
     from kiqa.map_report import write_maps
-    from kiqa.scorer import load_scorer
+    from kiqa.scoring.scorer import load_scorer
 
     max_bytes = int(args.max_mb * 1024 * 1024) if args.max_mb else DEFAULT_MAX_BYTES
     # A typed error's flags to fix it are in kiqa.cli.remedies (printed by entry_point).

@@ -67,7 +67,8 @@ def main(argv=None, prog=None):
     if not args.paths and not args.status:
         parser.error("give image files or folders to score, or --status")
     from kiqa.provenance import write_sidecar
-    from kiqa.score import check_output, find_images
+    from kiqa.scoring.files import find_images
+    from kiqa.scoring.table import check_output
     from kiqa.serving.client import ScoreResult, ServingClient
 
     client = ServingClient(
@@ -177,7 +178,8 @@ def _write_csv(results, out):
     are not valid UTF-8 written back as their original bytes (surrogateescape), so every
     path round-trips (`os.fsencode` of the field read back with the same rule)."""
     from kiqa.fsutil import CSV_TEXT as CSV_OPEN_OPTIONS, writing
-    from kiqa.score import CSV_COLUMNS, DISTRIBUTION_CSV_COLUMNS, csv_row
+    from kiqa.contract import CSV_COLUMNS, DISTRIBUTION_CSV_COLUMNS
+    from kiqa.scoring.table import csv_row
 
     if out:
         with writing(out):

@@ -143,7 +143,7 @@ REMEDIES: Mapping[type, Mapping[str, Remedies]] = {
         "score": Remedy("write to another --out, or pass --no-skip to replace it and rescore every file "
                         "with this model", when=lambda err: err.path is not None),
     },
-    # `kiqa.compare` marks a no-pair DataError with the images that pair but for their extension.
+    # `kiqa.scoring.compare` marks a no-pair DataError with the images that pair but for their extension.
     errors.DataError: {"compare": Remedy(IGNORE_EXTENSION_HINT,
                                          when=lambda err: bool(getattr(err, "extension_pairable", ())))},
     errors.EvaluationExistsError: {"evaluate": "pass another --out, or --overwrite to replace it"},

@@ -50,7 +50,7 @@ def build_parser(prog=None):
 
 def scoring_options(args):
     """Keyword arguments for `score_paths` / `compare_folders` from parsed flags."""
-    from kiqa.score import DEFAULT_BATCH_SIZE
+    from kiqa.scoring.batches import DEFAULT_BATCH_SIZE
 
     return dict(
         batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
@@ -63,12 +63,12 @@ def scoring_options(args):
 
 def _parity_sample(args):
     """The user's own images a reduced-precision engine is checked on: the first ones found."""
-    from kiqa.scorer import PARITY_SAMPLE
+    from kiqa.scoring.scorer import PARITY_SAMPLE
     from kiqa.serving.engines import REDUCED_PRECISION
 
     if args.engine not in REDUCED_PRECISION:
         return None
-    from kiqa.score import find_images
+    from kiqa.scoring.files import find_images
 
     found = find_images(args.paths, follow_links_outside=args.follow_links)
     return [path for path, error in found if error is None][: 2 * PARITY_SAMPLE]
@@ -99,8 +99,9 @@ def print_failures(failures, where):
 def main(argv=None, prog=None):
     """Runs `kiqa score`."""
     args = build_parser(prog).parse_args(argv)
-    from kiqa.scorer import load_scorer
-    from kiqa.score import is_link_outside, score_paths
+    from kiqa.scoring.scorer import load_scorer
+    from kiqa.scoring.files import is_link_outside
+    from kiqa.scoring.table import score_paths
 
     scorer = load_scorer(args.model, image_size=args.image_size, safe_mode=not args.unsafe,
                          engine=args.engine, parity_images=_parity_sample(args))

@@ -56,7 +56,7 @@ _LAZY = {
     "read_export_metadata": ("kiqa.serving.savedmodel", "read_export_metadata"),
     "read_image_bytes": ("kiqa.image", "read_image_bytes"),
     "load_image": ("kiqa.image", "load_image"),
-    "find_images": ("kiqa.score", "find_images"),
+    "find_images": ("kiqa.scoring.files", "find_images"),
     "ServingClient": ("kiqa.serving.client", "ServingClient"),
     "rest_predict": ("kiqa.serving.client", "rest_predict"),
     "wait_until_available": ("kiqa.serving.client", "wait_until_available"),

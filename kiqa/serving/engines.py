@@ -1,6 +1,6 @@
 """Running kiqa's ONNX model in ONNX Runtime or OpenVINO: the non-TF engines of the scorer.
 
-`kiqa.scorer.load_scorer(engine=...)` calls these; each returns a predict function
+`kiqa.scoring.scorer.load_scorer(engine=...)` calls these; each returns a predict function
 mapping a float32 numpy batch [n, H, W, 3] (0..255, from `kiqa.image.decode_image`) to
 MOS [n], and the object that keeps the loaded model alive.
 
@@ -235,7 +235,7 @@ def _onnxruntime(onnx_file, threads):
     def predict(batch):
         if names == [OUTPUT]:
             return session.run([OUTPUT], {INPUT: np.ascontiguousarray(batch, np.float32)})[0].reshape(-1)
-        # A distribution model: mos, mos_sd and dist, by name (kiqa.scorer reads the dict).
+        # A distribution model: mos, mos_sd and dist, by name (kiqa.scoring.scorer reads the dict).
         return dict(zip(names, session.run(names, {INPUT: np.ascontiguousarray(batch, np.float32)})))
 
     return predict, session

@@ -255,7 +255,7 @@ def common_metadata(resolved, model_name, version):
         "max_pixels": int(resolved.max_pixels),
         "parameters": int(resolved.model.count_params()),
         # Which weights these are, whatever the path: a scores CSV resumed with this
-        # export must come from the same weights (kiqa.score).
+        # export must come from the same weights (kiqa.scoring.table).
         WEIGHTS_KEY: provenance.weights_fingerprint(np.asarray(w) for w in resolved.model.weights),
         "source": resolved.source,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -7,8 +7,8 @@ rerun with the same output skips every path already in the CSV (a half-written l
 line from the kill is cut off first). Memory stays bounded: file names are listed up
 front, images are held one batch at a time.
 
-Images go through `kiqa.image.read_image_bytes` and `kiqa.image.decode_image`, the
-functions training uses, so a score here is what the model saw in training.
+Files are listed by `kiqa.scoring.files.find_images` and read, decoded and scored by
+`kiqa.scoring.batches.scored_batches`, the loop `Scorer.score_many` uses too.
 
 A file that cannot be used becomes a row with the reason, and the job goes on:
 unreadable or undecodable files, non-regular files (devices, pipes), files over the
@@ -16,13 +16,9 @@ byte or pixel cap, and symbolic links that point outside the folders given (a li
 a folder of downloads must not make kiqa read /dev/zero or a private file).
 """
 
-import collections
-import concurrent.futures
 import contextlib
 import csv
 import dataclasses
-import errno
-import functools
 import io
 import math
 import os
@@ -31,35 +27,18 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
-import tensorflow as tf
-from tqdm.auto import tqdm
 
 from kiqa import provenance
-from kiqa.contract import DEFAULT_MAX_BYTES, DISTRIBUTION_COLUMNS, IMAGE_EXTENSIONS, SD_OUTPUT
+from kiqa.contract import (
+    CSV_COLUMNS, DEFAULT_MAX_BYTES, DISTRIBUTION_COLUMNS, DISTRIBUTION_CSV_COLUMNS, IMAGE_EXTENSIONS,
+)
 from kiqa.errors import (
-    ConfigError, DataError, ImageError, NotScoresCsvError, OutputError, OutputIsInputError,
-    ScoresFromAnotherModelError,
+    ConfigError, DataError, NotScoresCsvError, OutputError, OutputIsInputError, ScoresFromAnotherModelError,
 )
 from kiqa.fsutil import CSV_TEXT, csv_cell, csv_value, output_lock, printable, writing
-from kiqa.image import (
-    UNDECODABLE_MESSAGE,
-    decode_image,
-    describe_decode_error,
-    read_image_bytes,
-)
+from kiqa.scoring.batches import DEFAULT_BATCH_SIZE, format_mos, scored_batches
+from kiqa.scoring.files import find_images
 
-CSV_COLUMNS = ("path", "mos", "error")
-# A distribution model's CSV: the spread (0-100 points) and the shares of the five rating
-# levels between `mos` and `error` (kiqa.contract.DISTRIBUTION_COLUMNS).
-DISTRIBUTION_CSV_COLUMNS = ("path", "mos") + DISTRIBUTION_COLUMNS + ("error",)
-# 16 images at 384x512 hold 38 MB of float32 pixels; ConvNeXt-Tiny's activations for
-# such a batch stay well under 2 GB on CPU.
-DEFAULT_BATCH_SIZE = 16
-# Threads decoding files ahead of the model, and how many batches ahead: two threads
-# keep a 2-core CPU's decode ahead of ConvNeXt-Tiny at 384x512 (~4 ms per KonIQ JPEG at
-# 1/2 DCT scale against ~300 ms of model per image).
-DECODE_THREADS = 2
-PREFETCH_BATCHES = 2
 # CSV fields are text in UTF-8; surrogateescape round-trips Linux file names that are
 # not valid UTF-8 instead of failing on them (the rule is in kiqa.fsutil).
 _CSV_ENCODING = CSV_TEXT
@@ -92,133 +71,6 @@ class ScoreSummary:
 
 
 # Listed in folders although TF cannot decode them: a folder of scans, camera or phone
-# exports holds TIFFs, HEICs (iPhones), AVIFs and JPEG XLs, and skipping them silently
-# would report a job as complete with files missing. Each gets an error row naming its
-# format and saying to convert it (a file that is in fact a JPEG or PNG is scored).
-UNSUPPORTED_FORMATS = {
-    ".tif": "TIFF", ".tiff": "TIFF", ".avif": "AVIF", ".heic": "HEIC", ".heif": "HEIF", ".jxl": "JPEG XL",
-}
-LISTED_UNSUPPORTED_EXTENSIONS = tuple(UNSUPPORTED_FORMATS)
-
-
-def has_image_extension(name):
-    """True if `name` ends with one of `kiqa.image.IMAGE_EXTENSIONS` (any case)."""
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def _is_listed(name):
-    return has_image_extension(name) or name.lower().endswith(LISTED_UNSUPPORTED_EXTENSIONS)
-
-
-def _inside(path, roots):
-    return any(path == root or os.path.commonpath([path, root]) == root for root in roots)
-
-
-def find_images(paths, follow_links_outside=False):
-    """Lists the image files to score under files and folders.
-
-    Folders are searched recursively for `IMAGE_EXTENSIONS` (any case), plus TIFF,
-    AVIF, HEIC/HEIF and JPEG XL files, which are listed so that each gets an error row
-    saying to convert it instead of being skipped silently; files named directly are taken whatever their
-    extension. Each folder's files are sorted by path, so two runs list the same
-    files in the same order; a file reached twice is listed once.
-
-    Symbolic links found inside a folder are followed only when their target lies
-    inside one of the given paths (links to folders inside them are not followed at
-    all: their files are reached by their real path). Links leaving the given paths
-    are listed with an error unless `follow_links_outside` is set.
-
-    Args:
-        paths: files and folders.
-        follow_links_outside: follow links whose target is outside the given paths.
-
-    Returns:
-        List of (path, error) in scoring order: `path` is the given path joined with
-        the file's relative path (normalised; a `str` under `kiqa.fsutil`'s rule, so a
-        name that is not valid UTF-8 keeps its bytes as surrogates); `error` is None or why the file will
-        not be read. A given path that does not exist is listed as given (reading it fails).
-    """
-    if any(not os.fspath(p) for p in paths):
-        # normpath("") is ".": an empty argument (an unset shell variable) must not
-        # quietly score the whole current folder.
-        raise DataError("empty path given to score (an empty argument, e.g. an unset variable); "
-                        "give image files or folders")
-    # A path that does not exist is listed like a file: reading it gives the same error row
-    # as `Scorer.score_many` gives (one rule for a missing path, not an abort of the job).
-    roots = [os.path.normpath(os.fsdecode(p)) for p in paths]
-    real_roots = [os.path.realpath(root) for root in roots]
-    found = {}
-    for root in roots:
-        # A path the user names is taken as given, link or not: they chose it.
-        entries = _walk(root, real_roots, follow_links_outside) if os.path.isdir(root) else [(root, None)]
-        for path, error in sorted(entries):
-            found.setdefault(path, error)
-    return list(found.items())
-
-
-def _walk(root, real_roots, follow_links_outside):
-    entries = []
-    visited = {os.path.realpath(root)}
-    folders = [root]
-    while folders:
-        folder = folders.pop()
-        try:
-            with os.scandir(folder) as scan:
-                children = list(scan)
-        except OSError as err:
-            entries.append((folder, f"cannot list folder ({err.strerror}); check its permissions"))
-            continue
-        for child in children:
-            path = os.path.normpath(child.path)
-            if child.is_symlink():
-                target = os.path.realpath(path)
-                inside = _inside(target, real_roots)
-                if os.path.isdir(path):
-                    if inside:
-                        continue  # its files are listed under their real path (and no loops)
-                    if not follow_links_outside:
-                        entries.append((path, _link_error("folder", target)))
-                    elif target not in visited:
-                        visited.add(target)
-                        folders.append(path)
-                    continue
-                if not _is_listed(child.name):
-                    continue
-                if not os.path.exists(path):
-                    entries.append((path, _broken_link_error(path)))
-                    continue
-                allowed = inside or follow_links_outside
-                entries.append((path, None if allowed else _link_error("file", target)))
-            elif child.is_dir(follow_symlinks=False):
-                folders.append(path)
-            elif _is_listed(child.name):
-                # Devices and pipes named *.jpg stay in: read_image_bytes refuses them by name.
-                entries.append((path, None))
-    return entries
-
-
-def _broken_link_error(path):
-    try:
-        os.stat(path)
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            return "symbolic link loop; remove or fix the link"
-    return f"dangling symbolic link (its target {os.path.realpath(path)} does not exist); remove or fix the link"
-
-
-# The start of the error text of a link that leaves the given folders: the CLI names its
-# flag for following them when a row starts so.
-LINK_OUTSIDE = "symbolic link to a {kind} outside the given folders"
-
-
-def _link_error(kind, target):
-    return f"{LINK_OUTSIDE.format(kind=kind)} ({target}); not followed"
-
-
-def is_link_outside(error):
-    """True when an error row's text is a link left unfollowed (see `find_images`)."""
-    return bool(error) and any(error.startswith(LINK_OUTSIDE.format(kind=k)) for k in ("file", "folder"))
-
 
 def csv_columns(scorer):
     """The scores CSV header for `scorer`: `CSV_COLUMNS`, or `DISTRIBUTION_CSV_COLUMNS`
@@ -420,136 +272,6 @@ def _start_csv(out_csv, skip_existing, columns=CSV_COLUMNS):
         csv.writer(handle, lineterminator="\n").writerow(columns)
     return {}
 
-
-@functools.lru_cache(maxsize=8)
-def _decoder(height, width):
-    """decode_image as one traced graph, cached per output size: per-file eager op
-    dispatch costs more than the decode itself (measured 16 ms eager against 4 ms traced
-    for a small JPEG), and errors still surface per call. Tracing takes seconds, so one
-    trace serves every job in the process (the pixel cap is an input, not a constant)."""
-
-    @tf.function(input_signature=[
-        tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string)
-    ])
-    def decode(contents, max_pixels, name):
-        return decode_image(contents, (height, width), max_pixels=max_pixels, name=name)
-
-    return decode
-
-
-def image_decoder(image_size):
-    """The traced `decode_image` for one output size (height, width), shared per process.
-
-    Returns:
-        A function (contents, max_pixels, name) -> float32 [height, width, 3] tensor.
-    """
-    return _decoder(*image_size)
-
-
-def load_pixels(path, decode, max_pixels, max_bytes, read_bytes=read_image_bytes):
-    """Reads and decodes one file for scoring, turning every failure into error text.
-
-    The one place that decides a file's error text, so `kiqa score` and the Beam
-    pipeline (`kiqa.beam`) write the same row for the same bad file.
-
-    Args:
-        path: the file (its CSV path).
-        decode: from `image_decoder`.
-        max_pixels: header pixel cap.
-        max_bytes: file size cap.
-        read_bytes: reads a file's bytes (path, max_bytes=) or raises `ImageError`;
-            `kiqa.image.read_image_bytes` for local files.
-
-    Returns:
-        (pixels, None), pixels a float32 array [height, width, 3], or (None, error text
-        without the path, which the CSV's path column already names).
-    """
-    try:
-        contents = read_bytes(path, max_bytes=max_bytes)
-    except ImageError as err:
-        return None, str(err).removeprefix(f"{path}: ")
-    try:
-        # The name is only for TF's messages: escaped, since TF refuses a str holding a
-        # non-UTF-8 name's surrogates and its error text must decode as UTF-8.
-        name = printable(path)
-        pixels = decode(tf.constant(contents), tf.constant(max_pixels, tf.int64), tf.constant(name))
-        return pixels.numpy(), None
-    except tf.errors.OpError as err:
-        return None, _decode_error_text(err, path)
-
-
-def _prefetched_batches(todo, batch_size, load, threads=DECODE_THREADS, ahead=PREFETCH_BATCHES):
-    """Batches of [path, pixels or None, error or None], in input order, decoded ahead.
-
-    `threads` threads read and decode the next `ahead` batches while the caller runs
-    the model on this one and writes its rows: TF's decode and the model release the
-    GIL, so reading, decoding, inference and writing overlap (one thread doing them in
-    turn left the model idle ~30% of a folder job). At most (ahead + 1) * batch_size
-    decoded images are held (3 x 16 x 2.4 MB at 384x512), so memory stays bounded.
-
-    Args:
-        todo: (path, error or None) pairs; a pair with an error is passed through.
-        batch_size: images per batch.
-        load: path -> (pixels, None) or (None, error message).
-        threads: decoding threads.
-        ahead: batches decoded ahead of the one being consumed.
-
-    Yields:
-        lists of [path, pixels, error], batch_size long except the last.
-    """
-    items = iter(todo)
-    window = collections.deque()
-    pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kiqa-decode")
-
-    def fill():
-        while len(window) < (ahead + 1) * batch_size:
-            item = next(items, None)
-            if item is None:
-                return
-            path, error = item
-            window.append((path, pool.submit(load, path) if error is None else None, error))
-
-    try:
-        fill()
-        while window:
-            batch = []
-            for _ in range(min(batch_size, len(window))):
-                path, future, error = window.popleft()
-                pixels, error = future.result() if future is not None else (None, error)
-                batch.append([path, pixels, error])
-            fill()
-            yield batch
-    finally:
-        # A model error or Ctrl-C in the caller: drop the queued decodes, not wait for them.
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _decode_error_text(err, path):
-    """One line without TF's graph wrappers; the CSV's path column already names the file."""
-    # TF's message holds the name's bytes decoded with replacement characters.
-    text = describe_decode_error(err, printable(path))
-    unsupported = UNSUPPORTED_FORMATS.get(os.path.splitext(path)[1].lower())
-    if unsupported and unsupported not in text:
-        return (
-            f"{unsupported} images are not supported (TensorFlow has no {unsupported} decoder; "
-            f"{text}); convert it to JPEG or PNG"
-        )
-    if "assertion failed: [" in (getattr(err, "message", None) or str(err)):
-        return text  # kiqa's own header checks: the message already says what to do
-    return UNDECODABLE_MESSAGE.format(reason=text)
-
-
-def _format_mos(value):
-    return f"{value:.4f}"
-
-
-def model_score(value):
-    """(mos, None) for a finite model output, rounded as the CSV holds it, else (None, error)."""
-    if math.isfinite(float(value)):
-        return float(_format_mos(float(value))), None
-    return None, "the model returned a non-finite score"
-
-
 def csv_row(path, mos, error, extras=None):
     """The CSV cells of one file, as `kiqa score` writes them (text cells under
     `kiqa.fsutil.csv_cell`'s rule against formula injection).
@@ -558,17 +280,11 @@ def csv_row(path, mos, error, extras=None):
     (mos_sd, p1..p5), or [] for a failed file; None writes the regression layout
     (path, mos, error).
     """
-    head = (csv_cell(path), "" if mos is None else _format_mos(mos))
+    head = (csv_cell(path), "" if mos is None else format_mos(mos))
     if extras is None:
         return (*head, csv_cell(error or ""))
-    cells = [_format_mos(v) for v in extras] if mos is not None and extras else [""] * len(DISTRIBUTION_COLUMNS)
+    cells = [format_mos(v) for v in extras] if mos is not None and extras else [""] * len(DISTRIBUTION_COLUMNS)
     return (*head, *cells, csv_cell(error or ""))
-
-
-def distribution_extras(outputs, i):
-    """The values of `DISTRIBUTION_COLUMNS` (mos_sd, p1..p5) of item `i` of a distribution
-    model's outputs (`Scorer.predict_outputs`)."""
-    return [float(outputs[SD_OUTPUT][i])] + [float(v) for v in outputs["dist"][i]]
 
 
 def encode_csv_line(cells):
@@ -576,53 +292,6 @@ def encode_csv_line(cells):
     buffer = io.StringIO(newline="")
     csv.writer(buffer, lineterminator="\n").writerow(cells)
     return buffer.getvalue().encode(_CSV_ENCODING["encoding"], _CSV_ENCODING["errors"])
-
-
-def scored_batches(files, scorer, batch_size=DEFAULT_BATCH_SIZE, max_bytes=DEFAULT_MAX_BYTES,
-                   progress=False, read_bytes=read_image_bytes):
-    """Reads, decodes and scores files batch by batch: the loop behind `kiqa score` and
-    `kiqa.Scorer.score_many`, so both give the same score and error text for a file.
-
-    Args:
-        files: (path, error or None) pairs, as `find_images` lists them; a pair with an
-            error is passed through unread.
-        scorer: a `kiqa.scorer.Scorer`.
-        batch_size: images per model call.
-        max_bytes: per-file byte cap.
-        progress: show a tqdm progress bar.
-        read_bytes: reads a file's bytes (see `load_pixels`).
-
-    Yields:
-        lists of [path, mos or None, error or None], in input order; `mos` is rounded as
-        the CSV holds it (`model_score`). For a distribution model (`scorer.distribution`)
-        each item has a fourth element: its `DISTRIBUTION_COLUMNS` values, [] when failed.
-
-    Raises:
-        ConfigError: batch_size below 1.
-        ModelError: the model rejected a batch.
-    """
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-    decode = image_decoder(scorer.image_size)
-
-    def load(path):
-        return load_pixels(path, decode, scorer.max_pixels, max_bytes, read_bytes)
-
-    with tqdm(total=len(files), disable=not progress, unit="img", desc="scoring", dynamic_ncols=True) as bar:
-        for batch in _prefetched_batches(files, batch_size, load):
-            with_pixels = [item for item in batch if item[1] is not None]
-            distribution = getattr(scorer, "distribution", False)
-            if distribution:
-                for item in batch:
-                    item.append([])
-            if with_pixels:
-                outputs = scorer.predict_outputs(np.stack([item[1] for item in with_pixels]))
-                for i, (item, value) in enumerate(zip(with_pixels, outputs["mos"])):
-                    item[1], item[2] = model_score(value)
-                    if distribution and item[1] is not None:
-                        item[3] = distribution_extras(outputs, i)
-            yield batch
-            bar.update(len(batch))
 
 
 def score_paths(
@@ -639,7 +308,7 @@ def score_paths(
 
     Args:
         paths: files and folders (folders are searched recursively; see `find_images`).
-        scorer: a `kiqa.scorer.Scorer`.
+        scorer: a `kiqa.scoring.scorer.Scorer`.
         out_csv: CSV to write. With `skip_existing`, an existing one is resumed.
         batch_size: images per model call.
         skip_existing: keep the rows of an existing `out_csv` and skip their paths
@@ -702,7 +371,7 @@ def score_files(
 
     Args:
         files: list of (path, error or None) from `find_images`.
-        scorer: a `kiqa.scorer.Scorer`.
+        scorer: a `kiqa.scoring.scorer.Scorer`.
         out_csv: CSV to write or resume.
         batch_size: images per model call.
         skip_existing: resume an existing CSV (see `score_paths`).

@@ -1,6 +1,6 @@
 """Comparing folders of images without references (e.g. the outputs of two SR models).
 
-Each folder is scored with `kiqa.score` (one resumable CSV per folder), images are paired
+Each folder is scored with `kiqa.scoring.table` (one resumable CSV per folder), images are paired
 by their path relative to their folder, and the per-image MOS differences are summarised:
 mean and median difference, how often each side scores higher, a Wilcoxon signed-rank
 test (scipy) and a seeded percentile-bootstrap confidence interval of the mean
@@ -37,7 +37,9 @@ from kiqa.contract import DEFAULT_MAX_BYTES
 from kiqa.errors import ConfigError, DataError, ScoresFromAnotherModelError
 from kiqa.fsutil import csv_frame, refuse_foreign_outputs, write_json_atomically
 from kiqa.plots import legend_off_the_data, save_figure
-from kiqa.score import DEFAULT_BATCH_SIZE, find_images, read_scores, score_files
+from kiqa.scoring.batches import DEFAULT_BATCH_SIZE
+from kiqa.scoring.files import find_images
+from kiqa.scoring.table import read_scores, score_files
 
 DEFAULT_BOOTSTRAP = 10_000
 # Resampled indices held at once by the bootstrap (int64: 8 bytes each).
@@ -267,7 +269,7 @@ def compare_folders(
     Args:
         dirs: two or more folders holding the same images (same relative paths),
             e.g. the outputs of different restoration models.
-        scorer: a `kiqa.scorer.Scorer`.
+        scorer: a `kiqa.scoring.scorer.Scorer`.
         out_dir: output folder (created).
         batch_size: images per model call.
         skip_existing: resume the per-folder score CSVs in `out_dir` (False rescores).

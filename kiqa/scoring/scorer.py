@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # Keras loads lazily here: only the Keras path needs it
     import keras
 
 from kiqa import provenance as provenance_lib
-from kiqa import score as score_lib
+from kiqa.scoring import batches as batch_lib
 from kiqa.contract import (
     ASSETS_EXTRA,
     DEFAULT_IMAGE_SIZE,
@@ -46,9 +46,12 @@ from kiqa.contract import (
     DEFAULT_MAX_PIXELS,
     DIST_OUTPUT,
     DISTRIBUTION_COLUMNS,
+    ERROR_COLUMN,
     MAX_BATCH as SAVED_MODEL_MAX_BATCH,
     METADATA_FILE,
+    MOS_COLUMN,
     MOS_OUTPUT,
+    PATH_COLUMN,
     PIXELS_INPUT,
     PIXELS_SIGNATURE,
     SD_OUTPUT,
@@ -227,10 +230,10 @@ class Scorer:
         if not isinstance(image, (bytes, bytearray, memoryview)) and not os.fspath(image):
             raise ImageError(EMPTY_PATH)
         row = self.score_many([image], batch_size=1).iloc[0]
-        if row["error"] is not None:
+        if row[ERROR_COLUMN] is not None:
             label = "image bytes" if isinstance(image, (bytes, bytearray, memoryview)) else os.fspath(image)
-            raise ImageError(f"{label}: {row['error']}", path=None if label == "image bytes" else label)
-        return float(row["mos"])
+            raise ImageError(f"{label}: {row[ERROR_COLUMN]}", path=None if label == "image bytes" else label)
+        return float(row[MOS_COLUMN])
 
     def quality_map(self, image: ImageInput) -> "QualityMap":
         """Where the image's quality is good or bad: local MOS on a grid (`kiqa.maps`).
@@ -252,7 +255,7 @@ class Scorer:
         return maps.map_image(self, image)[0]
 
     def score_many(
-        self, images: Iterable[ImageInput], batch_size: int = score_lib.DEFAULT_BATCH_SIZE,
+        self, images: Iterable[ImageInput], batch_size: int = batch_lib.DEFAULT_BATCH_SIZE,
         max_bytes: int = DEFAULT_MAX_BYTES, progress: bool = False,
     ) -> pd.DataFrame:
         """Scores image files (or encoded bytes); a file that fails is a row, not an exception.
@@ -285,19 +288,19 @@ class Scorer:
             # "" would reach the reader as "." (the current folder): say what it is instead.
             files.append((key, EMPTY_PATH if key in ("", b"") else None))
         rows = [
-            row for batch in score_lib.scored_batches(
+            row for batch in batch_lib.scored_batches(
                 files, self, batch_size, max_bytes, progress=progress, read_bytes=_bytes_reader(blobs),
             ) for row in batch
         ]
         table = {
-            "path": [row[0] for row in rows],
-            "mos": np.array([np.nan if row[1] is None else row[1] for row in rows], dtype=np.float64),
+            PATH_COLUMN: [row[0] for row in rows],
+            MOS_COLUMN: np.array([np.nan if row[1] is None else row[1] for row in rows], dtype=np.float64),
         }
         if self.distribution:
             extras = np.array([row[3] if row[1] is not None else [np.nan] * len(DISTRIBUTION_COLUMNS)
                                for row in rows], dtype=np.float64).reshape(-1, len(DISTRIBUTION_COLUMNS))
             table.update({name: extras[:, k] for k, name in enumerate(DISTRIBUTION_COLUMNS)})
-        table["error"] = pd.Series([row[2] or None for row in rows], dtype=object)
+        table[ERROR_COLUMN] = pd.Series([row[2] or None for row in rows], dtype=object)
         return pd.DataFrame(table)
 
 
