@@ -124,6 +124,9 @@ class Scorer:
 
         A Keras model's fingerprint is computed from its weights now (they change while
         it trains), an export's is the one recorded when it was exported.
+
+        Returns:
+            dict source, kind, image_size and weights_sha256 (None when unknown).
         """
         fingerprint = self.weights_sha256
         weights = getattr(self._owner, "weights", None) if fingerprint is None else None
@@ -132,8 +135,11 @@ class Scorer:
         return provenance_lib.model_identity(self.source, self.kind, self.image_size, fingerprint)
 
     def model_facts(self) -> dict:
-        """What outputs record about how the scores were computed, beside the provenance:
-        {} for float32; the engine and its parity figures for a reduced-precision one."""
+        """What outputs record about how the scores were computed, beside the provenance.
+
+        Returns:
+            {} for float32; the engine and its parity figures for a reduced-precision one.
+        """
         if self.precision_parity is None:
             return {}
         return {"engine": self.engine, "precision_parity": dict(self.precision_parity)}
@@ -162,7 +168,11 @@ class Scorer:
         )
 
     def predict_pixels(self, batch: Union[np.ndarray, tf.Tensor]) -> np.ndarray:
-        """Scores a batch of decoded images (see `predict_outputs` for the arguments).
+        """Scores a batch of decoded images.
+
+        Args:
+            batch: float32 array or tensor [batch, height, width, 3] of 0..255 pixels at
+                `image_size` (see `predict_outputs`).
 
         Returns:
             float32 numpy array [batch] of MOS on KonIQ's 0-100 scale (higher is better).
