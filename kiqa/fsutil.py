@@ -13,6 +13,8 @@ shown on a terminal go through `printable` (backslash escapes instead of raw byt
 """
 
 import contextlib
+import csv
+import io
 import errno
 import fcntl
 import hashlib
@@ -461,3 +463,31 @@ def require_free_space(folder, needed: int, need: str, kept: str = "", cause: Op
     if cause is not None:
         raise error from cause
     raise error
+
+
+def csv_line(cells) -> str:
+    """One CSV row as text ending in "\n" (not csv's default "\r\n").
+
+    A cell holding a line break of either kind is quoted, so it reads back whole: csv
+    quotes only the characters of its line terminator, so the row is written with "\r\n"
+    (quoting both) and only the unquoted terminator at its end becomes "\n".
+    """
+    buffer = io.StringIO(newline="")
+    csv.writer(buffer, lineterminator="\r\n").writerow(cells)
+    return buffer.getvalue()[:-2] + "\n"
+
+
+class CsvWriter:
+    """`csv.writer`'s writerow/writerows over `csv_line`: "\n" line ends, every line break in
+    a cell quoted. kiqa's CSV writers use it, so every CSV kiqa writes has one form."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def writerow(self, cells) -> None:
+        """Writes one row."""
+        self.handle.write(csv_line(cells))
+
+    def writerows(self, rows) -> None:
+        """Writes the rows in order."""
+        self.handle.write("".join(csv_line(cells) for cells in rows))

@@ -1,7 +1,6 @@
 """`kiqa predict`: score images through a TF Serving endpoint over gRPC."""
 
 import argparse
-import csv
 import sys
 
 from kiqa.cli._common import EXIT_OK, EXIT_PARTIAL, entry_point, print_model_warning
@@ -177,7 +176,7 @@ def _write_csv(results, out):
     """path,mos,error rows, with `kiqa score`'s encoding rule: UTF-8, and file names that
     are not valid UTF-8 written back as their original bytes (surrogateescape), so every
     path round-trips (`os.fsencode` of the field read back with the same rule)."""
-    from kiqa.fsutil import CSV_TEXT as CSV_OPEN_OPTIONS, writing
+    from kiqa.fsutil import CSV_TEXT as CSV_OPEN_OPTIONS, CsvWriter, writing
     from kiqa.contract import CSV_COLUMNS, DISTRIBUTION_CSV_COLUMNS
     from kiqa.scoring.table import csv_row
 
@@ -190,7 +189,7 @@ def _write_csv(results, out):
             handle.reconfigure(errors="surrogateescape")
     with writing(out or "<standard output>"):
         try:
-            writer = csv.writer(handle, lineterminator="\n")  # csv.writer defaults to CRLF
+            writer = CsvWriter(handle)
             # A distribution model's export answers mos_sd and p1..p5 too: `kiqa score`'s columns.
             distribution = any(result.mos_sd is not None for result in results)
             writer.writerow(DISTRIBUTION_CSV_COLUMNS if distribution else CSV_COLUMNS)

@@ -19,7 +19,6 @@ a folder of downloads must not make kiqa read /dev/zero or a private file).
 import contextlib
 import csv
 import dataclasses
-import io
 import math
 import os
 import stat
@@ -35,7 +34,7 @@ from kiqa.contract import (
 from kiqa.errors import (
     ConfigError, DataError, NotScoresCsvError, OutputError, OutputIsInputError, ScoresFromAnotherModelError,
 )
-from kiqa.fsutil import CSV_TEXT, csv_cell, csv_value, output_lock, printable, writing
+from kiqa.fsutil import CSV_TEXT, CsvWriter, csv_cell, csv_line, csv_value, output_lock, printable, writing
 from kiqa.scoring.batches import DEFAULT_BATCH_SIZE, format_mos, scored_batches
 from kiqa.scoring.files import find_images
 
@@ -269,7 +268,7 @@ def _start_csv(out_csv, skip_existing, columns=CSV_COLUMNS):
             _check_same_layout(out_csv, columns)
             return previous
     with writing(out_csv), open(out_csv, "w", **_CSV_ENCODING) as handle:
-        csv.writer(handle, lineterminator="\n").writerow(columns)
+        CsvWriter(handle).writerow(columns)
     return {}
 
 def csv_row(path, mos, error, extras=None):
@@ -289,9 +288,7 @@ def csv_row(path, mos, error, extras=None):
 
 def encode_csv_line(cells):
     """One CSV line as bytes, quoted and encoded like the scores CSV (non-UTF-8 names round-trip)."""
-    buffer = io.StringIO(newline="")
-    csv.writer(buffer, lineterminator="\n").writerow(cells)
-    return buffer.getvalue().encode(_CSV_ENCODING["encoding"], _CSV_ENCODING["errors"])
+    return csv_line(cells).encode(_CSV_ENCODING["encoding"], _CSV_ENCODING["errors"])
 
 
 def score_paths(
@@ -428,7 +425,7 @@ def _score_locked(files, scorer, out_csv, batch_size, skip_existing, progress, m
         return f"the {written[0]} rows written before are kept (rerunning resumes after them)"
 
     with writing(out_csv, kept), open(out_csv, "a", **_CSV_ENCODING) as handle:
-        writer = csv.writer(handle, lineterminator="\n")  # csv.writer defaults to CRLF
+        writer = CsvWriter(handle)
         for batch in scored_batches(todo, scorer, batch_size, max_bytes, progress=progress):
             rows = []
             for path, mos, error, *extras in batch:
