@@ -281,12 +281,19 @@ def test_a_regression_csv_is_not_resumed_by_a_distribution_model(distribution_ru
     from kiqa.scoring.scorer import load_scorer
     from kiqa.scoring.table import score_paths
 
+    from kiqa import provenance
+
     result, labels = distribution_run
     image = sorted((labels.parent / "images").glob("*.jpg"))[0]
     out = tmp_path / "scores.csv"
     out.write_text(f"path,mos,error\n{image},50.0000,\n")
+    scorer = load_scorer(result.run_dir)
+    # A sidecar naming this very model: the model check passes, the layout check must refuse.
+    identity = scorer.identity()
+    provenance.write_sidecar(out, scorer.provenance, identity["source"],
+                             **{k: v for k, v in identity.items() if k != "source"})
     with pytest.raises(NotScoresCsvError, match="this model writes .*'mos_sd'"):
-        score_paths([image], load_scorer(result.run_dir), out, progress=False)
+        score_paths([image], scorer, out, progress=False)
     assert out.read_text() == f"path,mos,error\n{image},50.0000,\n"
 
 
