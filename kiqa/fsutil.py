@@ -437,13 +437,15 @@ def is_disk_full(err: BaseException) -> bool:
     return getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err)
 
 
-def require_free_space(folder, needed: int, need: str, kept: str = "", cause: Optional[BaseException] = None) -> None:
+def require_free_space(folder, needed: int, need: str, purpose: str = "", kept: str = "",
+                       cause: Optional[BaseException] = None) -> None:
     """Raises DiskFullError when `folder` has less than `needed` bytes free.
 
     Args:
         folder: the folder to be written to.
         needed: bytes that must be free there.
         need: who needs the space, as the message's subject and verb ("training needs").
+        purpose: what for ("its backup and checkpoints"), if worth saying.
         kept: a sentence on what was kept and how to go on, appended to the message.
         cause: an OSError (ENOSPC) that already happened: raise whatever the free
             space, chained to it.
@@ -456,7 +458,8 @@ def require_free_space(folder, needed: int, need: str, kept: str = "", cause: Op
         return
     happened = "ran out of space" if cause is not None else "has too little free space"
     error = DiskFullError(
-        f"{folder} {happened}: {need} about {describe_bytes(needed)} free there, "
+        f"{folder} {happened}: {need} about {describe_bytes(needed)} free there"
+        f"{' for ' + purpose if purpose else ''}, "
         f"{describe_bytes(free)} is free" + (f". {kept}" if kept else ""),
         folder=str(folder), needed=needed, free=free,
     )

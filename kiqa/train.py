@@ -157,7 +157,7 @@ def check_free_space(model, run_dir, backup_dir, cause=None):
         DiskFullError: naming the folder, the space needed and the space free.
     """
     require_free_space(
-        run_dir, space_needed(model, run_dir, backup_dir), "training needs, for its backup and checkpoints,",
+        run_dir, space_needed(model, run_dir, backup_dir), "training needs", purpose="its backup and checkpoints",
         kept="The last complete backup is kept: free some space and rerun the same command to resume",
         cause=cause,
     )

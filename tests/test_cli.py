@@ -232,7 +232,8 @@ def test_tf_start_up_output_is_filtered_by_level():
 
 
 def _error_line(capsys):
-    return capsys.readouterr().err.rstrip().splitlines()[-1]
+    """The last `error:` line on stderr (a `hint:` line with the command's remedy may follow it)."""
+    return [line for line in capsys.readouterr().err.rstrip().splitlines() if ": error: " in line][-1]
 
 
 def test_every_entry_point_names_itself_in_errors(tmp_path, capsys):

@@ -157,7 +157,7 @@ def test_an_earlier_evaluation_is_never_replaced_silently(tiny_run, rated, tmp_p
     capsys.readouterr()
     assert evaluate_cli.main([str(tiny_run), "--labels", str(other), "--scale", "1-5", "--out", str(out), "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert "holds an earlier evaluation" in err and "--overwrite" in err and (out / "metrics.json").read_bytes() == before
+    assert "holds an evaluation of" in err and "--overwrite" in err and (out / "metrics.json").read_bytes() == before
     with pytest.raises(EvaluationExistsError):  # the Python API refuses too
         config = TrainConfig.load(tiny_run / "config.json").replace(labels=str(other), cache="none")
         evaluate_saved_model(tiny_run, config, part="all", out_dir=out, progress=False,

@@ -822,7 +822,7 @@ def _assert_valid_facts(data):
     assert (height, width) == (-1, -1) or (1 <= height < 2**31 and 1 <= width < 2**31)
     assert 1 <= orientation <= 8
     facts = imageinfo.data_facts(data).numpy()
-    assert facts.shape == (3,) and facts[0] in (0, 1) and facts[1] >= 0
+    assert facts.shape == (5,) and facts[0] in (0, 1) and facts[1] >= 0
     assert len(imageinfo.first_image(data).numpy()) <= len(data) + 1
 
 

@@ -114,7 +114,7 @@ def test_unknown_version_is_not_found(server):
 def test_wrong_signature_is_explained(server, images):
     paths, _ = images
     with ServingClient(server.address, signature_name="predict", timeout=30) as client:
-        with pytest.raises(ServingError, match=r"has no signature 'predict'.*\['provenance', 'score_bytes_lenient', 'score_pixels', 'serving_default'\]"):
+        with pytest.raises(ServingError, match=r"has no signature 'predict'.*\['provenance', 'quality_map', 'score_bytes_lenient', 'score_pixels', 'serving_default'\]"):
             client.check()
         with pytest.raises(ServingError, match=r"FAILED_PRECONDITION: Serving signature key \"predict\" not found"):
             client.score_bytes([paths[0].read_bytes()])

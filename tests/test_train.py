@@ -52,7 +52,8 @@ def test_run_directory_holds_everything(finished_run):
     assert {"plcc", "srcc", "krcc", "rmse", "mae", "plcc_logistic4", "n"} <= set(metrics)
     # metrics.json writes NaN as null (kiqa.evaluate.write_json): read it back as NaN.
     metrics = {k: np.nan if v is None else v for k, v in metrics.items()}
-    assert metrics == pytest.approx(result.metrics, nan_ok=True)
+    expected = {k: np.nan if v is None else v for k, v in result.metrics.items()}
+    assert metrics == pytest.approx(expected, nan_ok=True)
     predictions = pd.read_csv(run / "predictions.csv")
     split = pd.read_csv(run / "split.csv")
     test_names = split[split.part == "test"].image_name

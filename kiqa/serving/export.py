@@ -416,13 +416,12 @@ def _quality_map_function(model, decode, size):
         _, _, images, errors = decode(image_bytes)
         with tf.control_dependencies([_check_no_errors(errors)]):
             images = tf.identity(images)
-        # An empty batch would reach Conv2D, which fails on zero images in TF 2.21; the
-        # one-image branch only runs for an empty request, to give the grid its shape.
-        return tf.cond(
-            tf.shape(images)[0] > 0,
-            lambda: head(images),
-            lambda: {key: value[:0] for key, value in head(tf.zeros([1, *size, 3])).items()},
-        )
+        # An empty batch would reach Conv2D, which fails on zero images in TF 2.21: an empty
+        # request maps one black image and returns none of it, which gives the grid its
+        # shape. The cond only picks the input, so the head is traced (and stored) once.
+        count = tf.shape(images)[0]
+        batch = tf.cond(count > 0, lambda: images, lambda: tf.zeros([1, *size, 3], images.dtype))
+        return {key: value[:count] for key, value in head(batch).items()}
 
     return quality_map
 
