@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from helpers import demo_subset
-from kiqa import cli, provenance
+from kiqa import cli, console, provenance
 from kiqa.cli import _common
 from kiqa.cli import evaluate as evaluate_cli
 from kiqa.cli import train as train_cli
@@ -218,7 +218,7 @@ def test_a_users_own_tf_log_level_is_respected(tmp_path):
 
 def test_tf_start_up_output_is_filtered_by_level():
     captured = "\n".join([
-        _common._ABSL_PREAMBLE,
+        console._ABSL_PREAMBLE,
         "I0000 00:00:1796157819.484412    6572 port.cc:153] oneDNN custom operations are on.",
         "I0000 00:00:1796158318.586844   14362 cpu_feature_guard.cc:227] This TensorFlow binary is optimized",
         "To enable the following instructions: AVX2 AVX512F, rebuild TensorFlow with the appropriate flags.",
@@ -226,9 +226,9 @@ def test_tf_start_up_output_is_filtered_by_level():
         "/x/y.py:3: UserWarning: something a library says",
         "Traceback (most recent call last):",
     ])
-    assert _common.filter_tf_output(captured, 3) == captured.splitlines()[-2:]
-    assert _common.filter_tf_output(captured, 2) == captured.splitlines()[-3:]
-    assert _common.filter_tf_output(captured, 0) == captured.splitlines()[1:]
+    assert console.filter_tf_output(captured, 3) == captured.splitlines()[-2:]
+    assert console.filter_tf_output(captured, 2) == captured.splitlines()[-3:]
+    assert console.filter_tf_output(captured, 0) == captured.splitlines()[1:]
 
 
 def _error_line(capsys):

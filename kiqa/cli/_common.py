@@ -12,13 +12,7 @@ import warnings
 from pathlib import Path
 
 from kiqa.cli.remedies import command_of, remedy_for
-from kiqa.console import (  # noqa: F401  (the CLI's names for the console rules)
-    _ABSL_PREAMBLE,
-    DEFAULT_TF_LOG_LEVEL,
-    VERBOSE_ENV,
-    filter_tf_output,
-    quiet_tensorflow,
-)
+from kiqa.console import quiet_tensorflow
 from kiqa.console import verbose_requested as _verbose_env
 from kiqa.errors import KiqaError
 
