@@ -83,6 +83,8 @@ def print_precision_parity(scorer):
     print(f"{scorer.engine} ({figures['precision']}): vs float32 on {figures['images']} images "
           f"({figures['caller_images']} of yours): max |dMOS| {figures['max_abs_diff']:.3f} "
           f"(bound {figures['tolerance']}), mean {figures['mean_abs_diff']:.3f}, SRCC {srcc}")
+    if figures.get("note"):
+        print(f"{scorer.engine}: {figures['note']}")
 
 
 def print_failures(failures, where):

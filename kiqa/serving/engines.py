@@ -136,8 +136,8 @@ def gated_predictor(onnx_file, engine, parity, reference=None, reference_name=No
 
     Returns:
         (predict, owner, figures); figures: engine, precision (what the runtime reports
-        it runs in), reference, images, caller_images, max_abs_diff, mean_abs_diff,
-        srcc, tolerance, min_srcc.
+        it runs in: "f32" on a CPU without bf16, with a `note` saying so), reference,
+        images, caller_images, max_abs_diff, mean_abs_diff, srcc, tolerance, min_srcc.
 
     Raises:
         ModelError: the runtime is missing or cannot load the file.
@@ -151,13 +151,27 @@ def gated_predictor(onnx_file, engine, parity, reference=None, reference_name=No
     expected = _batched(reference, parity.pixels)
     scores = _batched(predict, parity.pixels)
     figures = precision_parity(expected, scores, parity, engine, str(onnx_file))
+    computed = _runtime_precision(compiled)
     figures = {
         "engine": engine,
-        "precision": str(compiled.get_property("INFERENCE_PRECISION_HINT")),
+        "precision": computed,
         "reference": reference_name,
         **figures,
     }
+    if computed != precision:
+        # OpenVINO falls back to f32 where the CPU has no bf16 instructions (no AVX512_BF16
+        # or AMX): the scores are float32's, and so is the speed.
+        figures["note"] = (f"this CPU cannot compute in {precision} (it has no AVX512_BF16 or AMX); "
+                           f"OpenVINO ran in {computed}: float32 scores at float32 speed")
     return predict, compiled, figures
+
+
+def _runtime_precision(compiled):
+    """What OpenVINO reports a compiled model computes in: "bf16", "f32", ... (its
+    `INFERENCE_PRECISION_HINT`, which is f32 where the CPU lacks the requested type)."""
+    value = compiled.get_property("INFERENCE_PRECISION_HINT")
+    name = getattr(value, "get_type_name", lambda: str(value))()
+    return {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(name, name)
 
 
 def precision_parity(reference, scores, parity, engine, source=None):
