@@ -138,7 +138,7 @@ def test_failed_write_leaves_no_partial_folder_and_keeps_the_old_one(demo, store
     paths = list(frame.path)
     monkeypatch.setattr(prepared, "find_bad_images",
                         lambda *a, **k: (list(paths), pd.DataFrame(columns=REJECT_COLUMNS)))
-    monkeypatch.setattr(prepared, "decode_image", lambda contents, size, **k: tf.zeros([*size, 3]))
+    monkeypatch.setattr(prepared, "file_decoder", lambda size, max_pixels: lambda path: tf.zeros([*size, 3]))
     written = []
 
     def fail_on_the_second(*args, **kwargs):

@@ -16,21 +16,12 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from kiqa.image import DECODE_VERSION, decode_image
+from kiqa.image import DECODE_VERSION, file_decoder
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Decoded images held by the shuffle buffer when a cache fixes the element order:
 # 1024 images at 384x512 in uint8 are 600 MB.
 CACHED_SHUFFLE_BUFFER = 1024
-
-
-def _decode_file(config):
-    size, max_pixels = config.image_size, config.max_pixels
-
-    def decode(path):
-        return decode_image(tf.io.read_file(path), size, max_pixels=max_pixels, name=path)
-
-    return decode
 
 
 def augment(image, seeds, config):
@@ -109,7 +100,7 @@ def make_dataset(paths, mos, config, training, with_index=False, part="train", e
     if dist is not None:
         elements["dist"] = tf.constant(dist, tf.float32)
     cached = config.cache != "none"
-    decode = _decode_file(config)
+    decode = file_decoder(config.image_size, config.max_pixels)
 
     def decoded(dataset):
         dataset = dataset.map(

@@ -43,7 +43,7 @@ from kiqa.data.pipeline import AUTOTUNE, finish_dataset, shuffled_epochs
 from kiqa.data.validate import REJECT_COLUMNS, find_bad_images
 from kiqa.errors import ConfigError, DataError
 from kiqa.fsutil import publish_directory, sha256_of, staged_directory
-from kiqa.image import DECODE_VERSION, decode_image
+from kiqa.image import DECODE_VERSION, file_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -200,11 +200,10 @@ def _write_shards(staging, frame, paths, good, config, shards, progress):
     Returns:
         (shard list for the manifest, per-image entries, late rejects as tuples).
     """
-    size, max_pixels = config.image_size, config.max_pixels
+    decode = file_decoder(config.image_size, config.max_pixels)
 
     def load(row, path):
-        image = decode_image(tf.io.read_file(path), size, max_pixels=max_pixels, name=path)
-        return row, tf.cast(image, tf.uint8)
+        return row, tf.cast(decode(path), tf.uint8)
 
     dataset = tf.data.Dataset.from_tensor_slices((tf.constant(good, tf.int64), [paths[r] for r in good]))
     # The check above decoded every file; one changed since would fail here. It is then

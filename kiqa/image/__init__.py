@@ -13,8 +13,10 @@ from kiqa.image.decode import (
     decode_plan,
     decode_planned,
     describe_decode_error,
+    file_decoder,
     load_image,
     read_image_bytes,
+    traced_decoder,
 )
 
 __all__ = [
@@ -26,6 +28,8 @@ __all__ = [
     "decode_plan",
     "decode_planned",
     "describe_decode_error",
+    "file_decoder",
     "load_image",
     "read_image_bytes",
+    "traced_decoder",
 ]

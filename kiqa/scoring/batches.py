@@ -10,7 +10,6 @@ of a file into its error text, so one bad file never stops a batch.
 
 import collections
 import concurrent.futures
-import functools
 import math
 import os
 
@@ -23,9 +22,9 @@ from kiqa.errors import ConfigError, ImageError
 from kiqa.fsutil import printable
 from kiqa.image import (
     UNDECODABLE_MESSAGE,
-    decode_image,
     describe_decode_error,
     read_image_bytes,
+    traced_decoder,
 )
 from kiqa.scoring.files import UNSUPPORTED_FORMATS
 
@@ -39,29 +38,14 @@ DECODE_THREADS = 2
 PREFETCH_BATCHES = 2
 
 
-@functools.lru_cache(maxsize=8)
-def _decoder(height, width):
-    """decode_image as one traced graph, cached per output size: per-file eager op
-    dispatch costs more than the decode itself (measured 16 ms eager against 4 ms traced
-    for a small JPEG), and errors still surface per call. Tracing takes seconds, so one
-    trace serves every job in the process (the pixel cap is an input, not a constant)."""
-
-    @tf.function(input_signature=[
-        tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.string)
-    ])
-    def decode(contents, max_pixels, name):
-        return decode_image(contents, (height, width), max_pixels=max_pixels, name=name)
-
-    return decode
-
-
 def image_decoder(image_size):
-    """The traced `decode_image` for one output size (height, width), shared per process.
+    """The traced `decode_image` for one output size (height, width), shared per process
+    (`kiqa.image.traced_decoder`).
 
     Returns:
         A function (contents, max_pixels, name) -> float32 [height, width, 3] tensor.
     """
-    return _decoder(*image_size)
+    return traced_decoder(int(image_size[0]), int(image_size[1]))
 
 
 def load_pixels(path, decode, max_pixels, max_bytes, read_bytes=read_image_bytes):
