@@ -393,6 +393,43 @@ def test_onnx_export_carries_every_output_within_parity(distribution_run, tmp_pa
         np.testing.assert_allclose(exported[column], local[column], atol=2e-3, err_msg=column)
 
 
+def _keras_outputs(run_dir, pixels):
+    from kiqa.model import load_model
+
+    outputs = load_model(run_dir / "model.keras")(pixels, training=False)
+    return {key: np.asarray(value, np.float64) for key, value in outputs.items()}
+
+
+def _pixels(labels, count=4):
+    from kiqa.image import load_image
+
+    images = sorted((labels.parent / "images").glob("*.jpg"))[:count]
+    return np.stack([load_image(image, (32, 32)).numpy() for image in images])
+
+
+def test_litert_export_carries_every_output_within_parity(distribution_run, tmp_path):
+    from kiqa.serving import artifact, litert
+
+    result, labels = distribution_run
+    version = litert.export_litert(result.run_dir, base_path=tmp_path / "kiqa-litert")
+    info = artifact.read_metadata(version)
+    assert [output["name"] for output in info["extra_outputs"]] == ["mos_sd", "dist"]
+    keras_outputs = _keras_outputs(result.run_dir, pixels := _pixels(labels))
+    for variant, (file_name, tolerance) in litert.VARIANTS.items():
+        figures = info["parity"]
+        assert figures[f"{variant}_vs_keras_mos_sd"]["max_abs_diff"] <= tolerance, variant
+        assert figures[f"{variant}_vs_keras_dist"]["tolerance"] == pytest.approx(tolerance / contract.KONIQ_MOS_SLOPE)
+        assert figures[f"{variant}_vs_keras_dist"]["images"] == 5 * figures[f"{variant}_vs_keras"]["images"]
+        outputs = litert.run_interpreter_outputs(litert.load_interpreter(version / file_name), pixels)
+        assert outputs["mos"].shape == outputs["mos_sd"].shape == (len(pixels),)
+        assert outputs["dist"].shape == (len(pixels), 5)
+        for key, bound in (("mos", tolerance), ("mos_sd", tolerance), ("dist", tolerance / contract.KONIQ_MOS_SLOPE)):
+            np.testing.assert_allclose(outputs[key], keras_outputs[key].reshape(outputs[key].shape), atol=bound,
+                                       err_msg=f"{variant} {key}")
+        np.testing.assert_array_equal(litert.run_interpreter(litert.load_interpreter(version / file_name), pixels),
+                                      outputs["mos"])
+
+
 def test_kiqa_train_head_flag_reaches_the_config():
     from kiqa.cli.train import build_parser, resolve_config
 
