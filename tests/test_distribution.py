@@ -402,7 +402,8 @@ def test_onnx_export_carries_every_output_within_parity(distribution_run, distri
 
 
 @pytest.mark.parametrize("engine", ["openvino", "openvino-bf16"])
-def test_openvino_engines_give_every_output_like_onnxruntime(engine, distribution_run, distribution_onnx, tmp_path):
+def test_openvino_engines_give_every_output_like_onnxruntime(engine, distribution_run, distribution_onnx, tmp_path,
+                                                             capsys):
     """The bf16 engine splits the model after the pool and runs the head in f32: all three
     head outputs come back. (On a CPU without bf16 OpenVINO computes in f32 anyway.)"""
     pytest.importorskip("openvino")
@@ -432,6 +433,7 @@ def test_openvino_engines_give_every_output_like_onnxruntime(engine, distributio
                            "--out", str(out), "--quiet"]) == 0
     written = pd.read_csv(out)
     assert tuple(written.columns) == contract.DISTRIBUTION_CSV_COLUMNS
+    assert ("mos_sd vs float32: max |d|" in capsys.readouterr().out) == reduced
     np.testing.assert_allclose(written["mos_sd"], table["mos_sd"], atol=1e-4)
 
 
