@@ -32,19 +32,21 @@ def demo_subset(folder, per_source=4, crops_per_photo=1, seed=0):
     return path
 
 
-def make_tiny_run(run_dir, seed=0, head_scale=1.0):
+def make_tiny_run(run_dir, seed=0, head_scale=1.0, head="regression"):
     """A run directory (model.keras + config.json) holding a tiny-backbone kiqa model.
 
     Args:
         run_dir: folder to create.
         seed: weight initialisation seed.
         head_scale: multiplies the head's kernel; a random head moves scores by ~0.01 MOS
-            between images, so tests that compare scores scale it until they differ by points.
+            between images, so tests that compare scores scale it until they differ by points
+            (the distribution head's kernel starts 100x smaller still).
+        head: `TrainConfig.head`: "regression", or "distribution" (mos, mos_sd and dist).
 
     Returns:
         The model.
     """
-    config = TrainConfig.demo(weights="none", image_size=EXPORT_SIZE)
+    config = TrainConfig.demo(weights="none", image_size=EXPORT_SIZE, head=head)
     keras.utils.set_random_seed(seed)
     image = keras.Input((None, None, 3))
     features = keras.layers.Rescaling(1 / 255.0)(image)

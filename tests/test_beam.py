@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -160,9 +161,10 @@ def test_csv_shards_have_one_header_each(beam_run):
     _, raw = read_beam_csv(beam_run[1])
     assert len(raw) >= 1
     for shard in raw:
-        assert shard.startswith(b"path,mos,error\r\n")
+        # kiqa score's line ends ("\n", kiqa.fsutil.csv_line) since the one CSV line writer.
+        assert shard.startswith(b"path,mos,error\n")
         assert shard.count(b"path,mos,error") == 1
-        assert shard.endswith(b"\r\n")
+        assert shard.endswith(b"\n") and not shard.endswith(b"\r\n")
 
 
 def test_parquet_holds_the_same_rows(beam_run):
@@ -279,3 +281,53 @@ def test_a_thousand_small_images_complete(tmp_path, run_dir):
     rows, _ = read_beam_csv(prefix)
     assert sorted(rows) == sorted(str(p) for p in images.iterdir())
     assert all(len(found) == 1 and found[0][0] is not None for found in rows.values())
+
+
+# ------------------------------------------------------------------- a distribution model
+
+
+@pytest.fixture(scope="module")
+def distribution_run_dir(tmp_path_factory):
+    """An untrained distribution-head model (mos, mos_sd, dist): the rows' columns are what
+    is tested, so no training (tests/test_distribution.py trains one for what it learns)."""
+    run = tmp_path_factory.mktemp("beam-distribution") / "run"
+    helpers.make_tiny_run(run, seed=2, head_scale=3000.0, head="distribution")
+    return run
+
+
+def test_a_distribution_model_writes_its_columns(distribution_run_dir, corpus, tmp_path):
+    import pyarrow.parquet as pq
+
+    from kiqa.contract import DISTRIBUTION_COLUMNS, DISTRIBUTION_CSV_COLUMNS
+
+    photos = sorted(corpus["photos"].glob("koniq_*_512.jpg"))[:3]
+    files = [*photos, *corpus["listed_only"], corpus["photos"] / "notes.jpg"]
+    prefix = tmp_path / "out" / "scores"
+    job = BeamScoreJob(inputs=tuple(map(str, files)), model=str(distribution_run_dir), output=str(prefix),
+                       num_shards=1)
+    summary = score_with_beam(job, PipelineOptions(IN_MEMORY))
+    assert summary["columns"] == list(DISTRIBUTION_CSV_COLUMNS)
+    assert (summary["n_scored"], summary["n_failed"]) == (len(files) - 1, 1)
+    # The CSV shard holds kiqa score's lines for the same model and files, byte for byte.
+    score_paths(files, load_scorer(distribution_run_dir), tmp_path / "ref.csv", progress=False)
+    expected = (tmp_path / "ref.csv").read_bytes().splitlines(keepends=True)
+    written = Path(f"{prefix}-00000-of-00001.csv").read_bytes().splitlines(keepends=True)
+    assert written[0] == expected[0] == b",".join(c.encode() for c in DISTRIBUTION_CSV_COLUMNS) + b"\n"
+    assert sorted(written[1:]) == sorted(expected[1:])
+    table = pd.read_csv(tmp_path / "ref.csv").set_index("path")
+    assert table.loc[:, "mos_sd"].dropna().nunique() > 1  # values differ between images: a mix-up would show
+    # Parquet: the same columns, float scores (None for the failed file).
+    records = pq.read_table(f"{prefix}-00000-of-00001.parquet")
+    assert records.column_names == list(DISTRIBUTION_CSV_COLUMNS)
+    for record in records.to_pylist():
+        row = table.loc[record["path"]]
+        if isinstance(row["error"], str):
+            assert all(record[column] is None for column in ("mos", *DISTRIBUTION_COLUMNS))
+            continue
+        for column in ("mos", *DISTRIBUTION_COLUMNS):
+            assert record[column] == pytest.approx(row[column], abs=1e-4), column
+
+
+def test_a_regression_summary_names_its_columns(beam_run):
+    summary = json.loads(Path(str(beam_run[1]) + "-summary.json").read_text())
+    assert summary["columns"] == list(CSV_COLUMNS)

@@ -373,15 +373,23 @@ def test_kiqa_predict_through_serve_dev_returns_every_output(distribution_run, d
         np.testing.assert_allclose(served[column][:3], local[column], atol=2e-3, err_msg=column)
 
 
-def test_onnx_export_carries_every_output_within_parity(distribution_run, tmp_path):
+@pytest.fixture(scope="session")
+def distribution_onnx(distribution_run, tmp_path_factory):
+    """The ONNX export (version folder) of `distribution_run`'s model."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("tf2onnx")
-    from kiqa.scoring.scorer import load_scorer
-    from kiqa.serving import artifact
     from kiqa.serving.onnx import export_onnx
 
+    result, _ = distribution_run
+    return export_onnx(result.run_dir, base_path=tmp_path_factory.mktemp("dist-onnx") / "kiqa-onnx")
+
+
+def test_onnx_export_carries_every_output_within_parity(distribution_run, distribution_onnx):
+    from kiqa.scoring.scorer import load_scorer
+    from kiqa.serving import artifact
+
     result, labels = distribution_run
-    version = export_onnx(result.run_dir, base_path=tmp_path / "kiqa-onnx")
+    version = distribution_onnx
     parity = artifact.read_metadata(version)["parity"]
     assert {"onnxruntime_vs_keras", "onnxruntime_vs_keras_mos_sd", "onnxruntime_vs_keras_dist"} <= set(parity)
     assert parity["onnxruntime_vs_keras_dist"]["images"] == 5 * parity["onnxruntime_vs_keras"]["images"]
@@ -391,6 +399,79 @@ def test_onnx_export_carries_every_output_within_parity(distribution_run, tmp_pa
     exported, local = onnx.score_many(images), load_scorer(result.run_dir).score_many(images)
     for column in ("mos", *contract.DISTRIBUTION_COLUMNS):
         np.testing.assert_allclose(exported[column], local[column], atol=2e-3, err_msg=column)
+
+
+@pytest.mark.parametrize("engine", ["openvino", "openvino-bf16"])
+def test_openvino_engines_give_every_output_like_onnxruntime(engine, distribution_run, distribution_onnx, tmp_path,
+                                                             capsys):
+    """The bf16 engine splits the model after the pool and runs the head in f32: all three
+    head outputs come back. (On a CPU without bf16 OpenVINO computes in f32 anyway.)"""
+    pytest.importorskip("openvino")
+    from kiqa.cli import score as score_cli
+    from kiqa.scoring.scorer import load_scorer
+    from kiqa.serving.engines import BF16_TOLERANCE
+
+    result, labels = distribution_run
+    images = sorted((labels.parent / "images").glob("*.jpg"))[:4]
+    reduced = engine == "openvino-bf16"
+    scorer = load_scorer(distribution_onnx, engine=engine, **({"parity_images": images} if reduced else {}))
+    assert scorer.distribution and scorer.engine == engine
+    table = scorer.score_many(images)
+    assert list(table.columns) == list(contract.DISTRIBUTION_CSV_COLUMNS)
+    reference = load_scorer(distribution_onnx, engine="onnxruntime").score_many(images)
+    # f32: ONNX Runtime's and OpenVINO's kernels differ by float rounding (the CSV's 4
+    # decimals); bf16: the gate's bound (shares: 5 points, where bf16 features could move them).
+    bounds = dict.fromkeys(("mos", "mos_sd"), BF16_TOLERANCE if reduced else 2e-3)
+    bounds.update(dict.fromkeys(contract.SHARE_COLUMNS, 0.05 if reduced else 2e-3))
+    for column, bound in bounds.items():
+        np.testing.assert_allclose(table[column], reference[column], atol=bound, err_msg=column)
+    if reduced:
+        spread = scorer.precision_parity["mos_sd"]
+        assert spread["max_abs_diff"] <= spread["tolerance"] == BF16_TOLERANCE
+    out = tmp_path / "scores.csv"
+    assert score_cli.main([*map(str, images), "--model", str(distribution_onnx), "--engine", engine,
+                           "--out", str(out), "--quiet"]) == 0
+    written = pd.read_csv(out)
+    assert tuple(written.columns) == contract.DISTRIBUTION_CSV_COLUMNS
+    assert ("mos_sd vs float32: max |d|" in capsys.readouterr().out) == reduced
+    np.testing.assert_allclose(written["mos_sd"], table["mos_sd"], atol=1e-4)
+
+
+def _keras_outputs(run_dir, pixels):
+    from kiqa.model import load_model
+
+    outputs = load_model(run_dir / "model.keras")(pixels, training=False)
+    return {key: np.asarray(value, np.float64) for key, value in outputs.items()}
+
+
+def _pixels(labels, count=4):
+    from kiqa.image import load_image
+
+    images = sorted((labels.parent / "images").glob("*.jpg"))[:count]
+    return np.stack([load_image(image, (32, 32)).numpy() for image in images])
+
+
+def test_litert_export_carries_every_output_within_parity(distribution_run, tmp_path):
+    from kiqa.serving import artifact, litert
+
+    result, labels = distribution_run
+    version = litert.export_litert(result.run_dir, base_path=tmp_path / "kiqa-litert")
+    info = artifact.read_metadata(version)
+    assert [output["name"] for output in info["extra_outputs"]] == ["mos_sd", "dist"]
+    keras_outputs = _keras_outputs(result.run_dir, pixels := _pixels(labels))
+    for variant, (file_name, tolerance) in litert.VARIANTS.items():
+        figures = info["parity"]
+        assert figures[f"{variant}_vs_keras_mos_sd"]["max_abs_diff"] <= tolerance, variant
+        assert figures[f"{variant}_vs_keras_dist"]["tolerance"] == pytest.approx(tolerance / contract.KONIQ_MOS_SLOPE)
+        assert figures[f"{variant}_vs_keras_dist"]["images"] == 5 * figures[f"{variant}_vs_keras"]["images"]
+        outputs = litert.run_interpreter_outputs(litert.load_interpreter(version / file_name), pixels)
+        assert outputs["mos"].shape == outputs["mos_sd"].shape == (len(pixels),)
+        assert outputs["dist"].shape == (len(pixels), 5)
+        for key, bound in (("mos", tolerance), ("mos_sd", tolerance), ("dist", tolerance / contract.KONIQ_MOS_SLOPE)):
+            np.testing.assert_allclose(outputs[key], keras_outputs[key].reshape(outputs[key].shape), atol=bound,
+                                       err_msg=f"{variant} {key}")
+        np.testing.assert_array_equal(litert.run_interpreter(litert.load_interpreter(version / file_name), pixels),
+                                      outputs["mos"])
 
 
 def test_kiqa_train_head_flag_reaches_the_config():

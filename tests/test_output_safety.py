@@ -492,7 +492,7 @@ def test_beam_csv_rows_and_path_lists_use_the_same_cell_rule(monkeypatch):
     pipeline = pytest.importorskip("kiqa.beam.pipeline", reason="needs apache_beam (kiqa[beam])")
     monkeypatch.setenv(SPREADSHEET_SAFE_ENV, "1")
     for name in FORMULA_NAMES[:5]:
-        line = pipeline._csv_line((name.encode(), 50.0, b""))
+        line = pipeline._csv_line((name.encode(), 50.0, b"", []))  # a row: path, mos, error, extras
         cells = next(csv.reader(io.StringIO(line.decode())))
         assert cells[0] == "'" + name
         assert pipeline._list_entry(line, 0) == [pipeline._bytes(pipeline._normalise(name.strip()))]

@@ -59,15 +59,16 @@ def test_each_variant_reloads_with_dynamic_batch_and_agrees_on_real_photos(publi
 
 
 def test_disagreement_of_a_variant_is_refused_and_nothing_published(run_dir, tmp_path, monkeypatch):
-    real_run = litert.run_interpreter
+    real_run = litert.run_interpreter_outputs
     calls = []
 
     def drifting(interpreter, pixels):
         calls.append(1)
+        outputs = real_run(interpreter, pixels)
         # The float16 variant (second file) is off by 3 MOS, over its 1-point bound.
-        return real_run(interpreter, pixels) + (3.0 if len(calls) == 2 else 0.0)
+        return outputs | {"mos": outputs["mos"] + (3.0 if len(calls) == 2 else 0.0)}
 
-    monkeypatch.setattr(litert, "run_interpreter", drifting)
+    monkeypatch.setattr(litert, "run_interpreter_outputs", drifting)
     base = tmp_path / "kiqa-litert"
     with pytest.raises(ExportError, match="LiteRT float16 model.*over the 1.0 MOS tolerance"):
         litert.export_litert(run_dir, base_path=base)

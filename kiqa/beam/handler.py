@@ -18,8 +18,9 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
+from kiqa.contract import DISTRIBUTION_COLUMNS, MOS_COLUMN
 from kiqa.errors import ModelError
-from kiqa.scoring.batches import DEFAULT_BATCH_SIZE
+from kiqa.scoring.batches import DEFAULT_BATCH_SIZE, distribution_extras
 
 # The largest batch one model call takes. The single place to switch to the export's
 # documented maximum batch size once the serving contract carries one; the SavedModel's
@@ -69,7 +70,9 @@ class KiqaModelHandler(ModelHandler):
 
     Examples are float32 arrays [height, width, 3] at the model's image size; each
     prediction is a `PredictionResult` whose `inference` is the MOS (KonIQ's 0-100
-    scale, higher is better) as a float, and `model_id` the loaded model's source.
+    scale, higher is better) as a float, and `model_id` the loaded model's source. For a
+    distribution model (`Scorer.distribution`) `inference` is a dict by the scores row's
+    column names: `mos` and `DISTRIBUTION_COLUMNS` (`mos_sd`, `p1` .. `p5`).
 
     RunInference keeps one loaded model per worker process (Beam's `shared.Shared`
     handle, shared by the process's threads): a CPU model scores fastest with one copy
@@ -129,12 +132,21 @@ class KiqaModelHandler(ModelHandler):
             inference_args: unused (kiqa's models take none).
 
         Returns:
-            One `PredictionResult` per example, `inference` the MOS.
+            One `PredictionResult` per example, `inference` the MOS (a distribution
+            model's: a dict of `mos`, `mos_sd` and `p1` .. `p5`).
         """
-        scores = model.predict_pixels(np.stack(batch))
+        if not getattr(model, "distribution", False):
+            scores = model.predict_pixels(np.stack(batch))
+            return [
+                PredictionResult(example, float(value), model_id=model.source)
+                for example, value in zip(batch, scores)
+            ]
+        outputs = model.predict_outputs(np.stack(batch))
         return [
-            PredictionResult(example, float(value), model_id=model.source)
-            for example, value in zip(batch, scores)
+            PredictionResult(example, {MOS_COLUMN: float(outputs["mos"][i]),
+                                       **dict(zip(DISTRIBUTION_COLUMNS, distribution_extras(outputs, i)))},
+                             model_id=model.source)
+            for i, example in enumerate(batch)
         ]
 
     def get_num_bytes(self, batch):

@@ -6,6 +6,11 @@
       -> RunInference(KiqaModelHandler)                 bad files skip this step
       -> rows (path, mos, error) -> sharded CSV, Parquet, and a summary JSON
 
+A distribution model's rows (`TrainConfig.head` "distribution") also hold `mos_sd` and
+the shares `p1` .. `p5`: the CSV shards have `kiqa score`'s header for that model
+(`DISTRIBUTION_CSV_COLUMNS`, byte for byte), the Parquet schema the same columns, and
+the summary names the columns it wrote. A regression model's rows are (path, mos, error).
+
 A file that cannot be read or decoded becomes a row with the error `kiqa score`
 writes for it; it never fails a bundle, so a runner's retries only ever repeat work
 that can succeed. Every step is a pure map of a file to its row, so a retried bundle
@@ -34,12 +39,13 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from kiqa.beam.handler import KiqaModelHandler, is_remote, local_copy
 from kiqa.errors import DataError, ImageError
-from kiqa.contract import CSV_COLUMNS, DEFAULT_MAX_BYTES, ERROR_COLUMN, IMAGE_EXTENSIONS, MOS_COLUMN, PATH_COLUMN
+from kiqa.contract import (CSV_COLUMNS, DEFAULT_MAX_BYTES, DISTRIBUTION_COLUMNS, DISTRIBUTION_CSV_COLUMNS,
+                           ERROR_COLUMN, IMAGE_EXTENSIONS, MOS_COLUMN, PATH_COLUMN)
 from kiqa.fsutil import csv_value
 from kiqa.image import read_image_bytes
 from kiqa.scoring.batches import image_decoder, load_pixels, model_score
 from kiqa.scoring.files import LISTED_UNSUPPORTED_EXTENSIONS
-from kiqa.scoring.table import csv_row, encode_csv_line
+from kiqa.scoring.table import csv_columns, csv_row, encode_csv_line
 
 FORMATS = ("csv", "parquet")
 SUMMARY_SUFFIX = "-summary.json"
@@ -215,7 +221,9 @@ def read_any_file_system(path, max_bytes):
 class DecodeImages(beam.DoFn):
     """path -> (path, pixels); a file that cannot be used goes to the `failed` output as a row.
 
-    Paths and errors are bytes (see `_PATH_ENCODING`); rows are (path, mos or None, error).
+    Paths and errors are bytes (see `_PATH_ENCODING`); rows are (path, mos or None, error,
+    extras): `extras` are a distribution model's `DISTRIBUTION_COLUMNS` values of a scored
+    file, [] for a failed file or a regression model (`kiqa.scoring.table.csv_row`'s rule).
     """
 
     def __init__(self, image_size, max_pixels, max_bytes):
@@ -241,17 +249,21 @@ class DecodeImages(beam.DoFn):
         if error is None:
             yield encoded_path, pixels
         else:
-            yield beam.pvalue.TaggedOutput(_FAILED, (encoded_path, None, _bytes(error)))
+            yield beam.pvalue.TaggedOutput(_FAILED, (encoded_path, None, _bytes(error), []))
 
 
 def _scored_row(keyed):
     path, prediction = keyed
-    mos, error = model_score(prediction.inference)
-    return path, mos, _bytes(error or "")
+    # KiqaModelHandler's inference: the MOS, or a distribution model's row values by column.
+    values = prediction.inference if isinstance(prediction.inference, dict) else {MOS_COLUMN: prediction.inference}
+    mos, error = model_score(values[MOS_COLUMN])
+    extras = [values[column] for column in DISTRIBUTION_COLUMNS] if mos is not None and len(values) > 1 else []
+    return path, mos, _bytes(error or ""), extras
 
 
 class ScoreImages(beam.PTransform):
-    """paths (from `ListImages`) -> rows (path, mos or None, error), path and error as bytes."""
+    """paths (from `ListImages`) -> rows (path, mos or None, error, extras), path and error
+    as bytes (see `DecodeImages`)."""
 
     def __init__(self, handler, image_size, max_pixels, max_bytes=DEFAULT_MAX_BYTES):
         super().__init__()
@@ -290,63 +302,75 @@ class _Counts(beam.CombineFn):
                 "mean_mos": round(total / scored, 4) if scored else None}
 
 
-def _csv_line(row):
-    # csv ends rows with \r\n and WriteToText adds the \n: the bytes match kiqa score's CSV.
-    path, mos, error = row
-    return encode_csv_line(csv_row(_text(path), mos, _text(error)))[:-1]
+def _csv_line(row, columns=CSV_COLUMNS):
+    # WriteToText adds the line's "\n" (kiqa.fsutil.csv_line's end): the bytes match kiqa score's CSV.
+    path, mos, error, extras = row
+    distribution = tuple(columns) == DISTRIBUTION_CSV_COLUMNS
+    return encode_csv_line(csv_row(_text(path), mos, _text(error), extras if distribution else None))[:-1]
 
 
-def _parquet_record(row):
-    path, mos, error = row
+def _parquet_record(row, columns=CSV_COLUMNS):
+    """A row as {column: value} over `columns` (a distribution model's values are None
+    for a failed file)."""
+    path, mos, error, extras = row
     # Parquet strings are UTF-8: an undecodable byte of a file name is written as \xNN
     # (the CSV keeps the raw name).
-    return {PATH_COLUMN: path.decode("utf-8", "backslashreplace"), MOS_COLUMN: mos,
-            ERROR_COLUMN: error.decode("utf-8", "backslashreplace")}
+    values = {PATH_COLUMN: path.decode("utf-8", "backslashreplace"), MOS_COLUMN: mos,
+              ERROR_COLUMN: error.decode("utf-8", "backslashreplace"), **dict(zip(DISTRIBUTION_COLUMNS, extras))}
+    return {column: values.get(column) for column in columns}
 
 
-def _parquet_schema():
+def _parquet_schema(columns=CSV_COLUMNS):
+    """`columns` as Parquet fields: the path and error are strings, every score float64."""
     import pyarrow
 
-    return pyarrow.schema([(PATH_COLUMN, pyarrow.string()), (MOS_COLUMN, pyarrow.float64()),
-                           (ERROR_COLUMN, pyarrow.string())])
+    text = (PATH_COLUMN, ERROR_COLUMN)
+    return pyarrow.schema([(column, pyarrow.string() if column in text else pyarrow.float64())
+                           for column in columns])
 
 
-def _write_summary(counts, summary_path, model_identity):
+def _write_summary(counts, summary_path, model_identity, columns=CSV_COLUMNS):
+    summary = {**counts, "columns": list(columns), "model": model_identity}
     with FileSystems.create(summary_path) as handle:
-        handle.write((json.dumps({**counts, "model": model_identity}, indent=2) + "\n").encode())
+        handle.write((json.dumps(summary, indent=2) + "\n").encode())
 
 
 class WriteScores(beam.PTransform):
-    """rows -> PREFIX-SSSSS-of-NNNNN.csv / .parquet and PREFIX-summary.json."""
+    """rows -> PREFIX-SSSSS-of-NNNNN.csv / .parquet and PREFIX-summary.json.
 
-    def __init__(self, prefix, model_identity, formats=FORMATS, num_shards=0):
+    `columns`: `CSV_COLUMNS`, or `DISTRIBUTION_CSV_COLUMNS` for a distribution model (what
+    `kiqa.scoring.table.csv_columns` gives for the scorer).
+    """
+
+    def __init__(self, prefix, model_identity, formats=FORMATS, num_shards=0, columns=CSV_COLUMNS):
         super().__init__()
         self._prefix = prefix
         self._identity = model_identity
         self._formats = tuple(formats)
         self._num_shards = num_shards
+        self._columns = tuple(columns)
 
     def expand(self, rows):
         if "csv" in self._formats:
             _ = (
                 rows
-                | "CsvLine" >> beam.Map(_csv_line)
+                | "CsvLine" >> beam.Map(_csv_line, self._columns)
                 | "WriteCsv" >> beam.io.WriteToText(
                     self._prefix, file_name_suffix=".csv", num_shards=self._num_shards,
-                    header=encode_csv_line(CSV_COLUMNS)[:-1])
+                    header=encode_csv_line(self._columns)[:-1])
             )
         if "parquet" in self._formats:
             _ = (
                 rows
-                | "ParquetRecord" >> beam.Map(_parquet_record)
+                | "ParquetRecord" >> beam.Map(_parquet_record, self._columns)
                 | "WriteParquet" >> beam.io.WriteToParquet(
-                    self._prefix, _parquet_schema(), file_name_suffix=".parquet",
+                    self._prefix, _parquet_schema(self._columns), file_name_suffix=".parquet",
                     num_shards=self._num_shards)
             )
         return (
             rows
             | "Count" >> beam.CombineGlobally(_Counts())
-            | "WriteSummary" >> beam.Map(_write_summary, self._prefix + SUMMARY_SUFFIX, self._identity)
+            | "WriteSummary" >> beam.Map(_write_summary, self._prefix + SUMMARY_SUFFIX, self._identity, self._columns)
         )
 
 
@@ -382,7 +406,8 @@ def describe_model(model_ref, image_size=None, safe_mode=True, engine="tf"):
     the same version even if a new one is published during the job.
 
     Returns:
-        (model ref for the workers, image_size, max_pixels, identity dict for the summary).
+        (model ref for the workers, image_size, max_pixels, identity dict for the summary,
+        the rows' columns: `kiqa score`'s CSV header for this model).
 
     Raises:
         ModelError: the model cannot be loaded (the message says why).
@@ -408,20 +433,21 @@ def describe_model(model_ref, image_size=None, safe_mode=True, engine="tf"):
             identity.update(source=scorer.source if not is_remote(model_ref) else worker_ref,
                             signature=None, version=None)
         identity.update(image_size=list(scorer.image_size), max_pixels=scorer.max_pixels)
-        return worker_ref, scorer.image_size, scorer.max_pixels, identity
+        return worker_ref, scorer.image_size, scorer.max_pixels, identity, csv_columns(scorer)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def build(root, listing, job, worker_ref, image_size, max_pixels, identity):
-    """Adds the scoring steps after `listing` (a `ListImages`) to pipeline `root`."""
+def build(root, listing, job, worker_ref, image_size, max_pixels, identity, columns=CSV_COLUMNS):
+    """Adds the scoring steps after `listing` (a `ListImages`) to pipeline `root`; rows
+    are written with `columns` (`describe_model` gives the model's)."""
     handler = KiqaModelHandler(worker_ref, image_size=image_size, safe_mode=job.safe_mode,
                                batch_size=job.batch_size, large_model=job.large_model, engine=job.engine)
     return (
         root
         | "ListImages" >> listing
         | "Score" >> ScoreImages(handler, image_size, max_pixels, job.max_bytes)
-        | "Write" >> WriteScores(job.output, identity, job.formats, job.num_shards)
+        | "Write" >> WriteScores(job.output, identity, job.formats, job.num_shards, columns)
     )
 
 
@@ -434,7 +460,8 @@ def score_with_beam(job, pipeline_options):
             (runner, project, workers, ...), passed through untouched.
 
     Returns:
-        The summary dict written to PREFIX-summary.json (counts and the model's identity).
+        The summary dict written to PREFIX-summary.json (counts, the rows' columns and the
+        model's identity).
 
     Raises:
         DataError: an input matches nothing, or the output prefix holds an earlier run.
@@ -445,12 +472,13 @@ def score_with_beam(job, pipeline_options):
         raise DataError(f"output formats must be among {list(FORMATS)}, got {list(job.formats)}")
     earlier = refuse_earlier_outputs(job.output, job.overwrite)
     listing = ListImages(job.inputs, job.input_lists)
-    worker_ref, image_size, max_pixels, identity = describe_model(job.model, job.image_size, job.safe_mode, job.engine)
+    worker_ref, image_size, max_pixels, identity, columns = describe_model(
+        job.model, job.image_size, job.safe_mode, job.engine)
     # Deleted only now that inputs and model are checked, and all of them: a rerun with
     # fewer shards would otherwise leave old shards that readers of PREFIX-* take for new.
     if earlier:
         FileSystems.delete(earlier)
     with beam.Pipeline(options=pipeline_options) as root:
-        build(root, listing, job, worker_ref, image_size, max_pixels, identity)
+        build(root, listing, job, worker_ref, image_size, max_pixels, identity, columns)
     with FileSystems.open(job.output + SUMMARY_SUFFIX) as handle:
         return json.load(io.TextIOWrapper(handle, encoding="utf-8"))

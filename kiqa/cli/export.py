@@ -129,10 +129,15 @@ def _export_other(args):
     print(f"exported version {info['version']} of model {info['model_name']!r} ({args.format}) to {path}")
     print(f"  input {info['input']['name']} float32 [-1, {height}, {width}, 3] (0-255 RGB), "
           f"output {info['output']['name']} float32 [-1] (MOS 0-100)")
+    for output in info.get("extra_outputs", []):
+        print(f"  output {output['name']} float32 {output['shape']}: {output['meaning']}")
     for name, figures in info["parity"].items():
         srcc = f", SRCC {figures['srcc']:.4f}" if figures.get("srcc") is not None else ""
-        print(f"  parity {name}: max |dMOS| = {figures['max_abs_diff']:.2g} on {figures['images']} "
-              f"images (tolerance {figures['tolerance']}){srcc}")
+        # A distribution model's mos_sd and shares are no MOS, and its shares count five a photo.
+        spread = name.endswith(("_mos_sd", "_dist"))
+        print(f"  parity {name}: max {'|d|' if spread else '|dMOS|'} = {figures['max_abs_diff']:.2g} on "
+              f"{figures['images']} {'values' if spread else 'images'} (tolerance "
+              f"{figures['tolerance']:.3g}){srcc}")
     for name, size in info.get("files", {info.get("file"): info.get("file_bytes")}).items():
         print(f"  {name}: {size / 1e6:.2f} MB")
     print("  preprocess images as kiqa.serving.preprocess.preprocess_image does (kiqa.json: preprocessing)")

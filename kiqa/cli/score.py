@@ -83,6 +83,10 @@ def print_precision_parity(scorer):
     print(f"{scorer.engine} ({figures['precision']}): vs float32 on {figures['images']} images "
           f"({figures['caller_images']} of yours): max |dMOS| {figures['max_abs_diff']:.3f} "
           f"(bound {figures['tolerance']}), mean {figures['mean_abs_diff']:.3f}, SRCC {srcc}")
+    spread = figures.get("mos_sd")  # a distribution model's predicted spread, same bound
+    if spread:
+        print(f"{scorer.engine}: mos_sd vs float32: max |d| {spread['max_abs_diff']:.3f} points "
+              f"(bound {spread['tolerance']}), mean {spread['mean_abs_diff']:.3f}")
     if figures.get("note"):
         print(f"{scorer.engine}: {figures['note']}")
 

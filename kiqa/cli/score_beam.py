@@ -20,8 +20,9 @@ def build_parser(prog=None):
         prog=prog or "kiqa score-beam", allow_abbrev=False,
         description="Score images with a local model on Apache Beam (DirectRunner, Dataflow, "
         "Flink, Spark): MOS on KonIQ-10k's 0-100 scale, higher is better. Writes sharded "
-        "CSV and Parquet (path, mos, error; the rows `kiqa score` writes) and "
-        "PREFIX-summary.json (counts, the model used). Files that cannot be used get a row "
+        "CSV and Parquet (path, mos, error; the rows `kiqa score` writes, so a distribution "
+        "model's also hold mos_sd and p1..p5) and PREFIX-summary.json (counts, the columns, the "
+        "model used). Files that cannot be used get a row "
         "with the reason (exit code 3). Every flag not listed here is a Beam pipeline option "
         "(--runner, --project, --region, --temp_location, --direct_num_workers, ...).",
     )

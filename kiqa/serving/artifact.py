@@ -17,7 +17,8 @@ import numpy as np
 import tensorflow as tf
 from scipy import stats
 
-from kiqa.contract import METADATA_FILE, MOS_OUTPUT, PARITY_BATCH, PIXELS_INPUT
+from kiqa.contract import (DIST_OUTPUT, KONIQ_MOS_SLOPE, METADATA_FILE, MOS_OUTPUT, PARITY_BATCH, PIXELS_INPUT,
+                           RATING_LEVELS, SD_OUTPUT)
 from kiqa.errors import ExportError
 from kiqa.image import decode_image, describe_decode_error
 from kiqa.serving import export
@@ -178,6 +179,57 @@ def compare_scores(reference, candidate, names, tolerance, what):
     }
 
 
+def distribution_parity(reference, candidate, names, tolerance, key_prefix, what):
+    """Parity figures of a distribution model's `mos_sd` and shares; {} for a regression model.
+
+    `mos_sd` is held to `tolerance` (it is on the MOS's 0-100 scale); each share to
+    `tolerance / KONIQ_MOS_SLOPE`: one rating level is KONIQ_MOS_SLOPE MOS points, so a
+    share that moves by that much to the next level moves `mos` by at most `tolerance`.
+
+    Args:
+        reference: the Keras model's outputs (`keras_outputs`).
+        candidate: the exported model's outputs, by the same names.
+        names: one name per image (for the error message).
+        tolerance: the MOS tolerance of this comparison.
+        key_prefix: the figures' keys are "<key_prefix>_mos_sd" and "<key_prefix>_dist".
+        what: the exported model, as named in the error ("the ONNX model"); the output's
+            name follows it.
+
+    Returns:
+        {key: `compare_scores` figures}; the shares' figures count every image's five
+        shares ("images" is 5 x the images).
+
+    Raises:
+        ExportError: an output is missing, not finite, or over its tolerance.
+    """
+    if DIST_OUTPUT not in reference:
+        return {}
+    figures = {}
+    for key, limit in ((SD_OUTPUT, tolerance), (DIST_OUTPUT, tolerance / KONIQ_MOS_SLOPE)):
+        if key not in candidate:
+            raise ExportError(f"{what} has no {key!r} output, which the Keras model has")
+        values = np.asarray(reference[key], np.float64).reshape(-1)
+        per_image = values.size // len(names)
+        figures[f"{key_prefix}_{key}"] = compare_scores(
+            values, candidate[key], np.repeat(names, per_image), limit, f"{what} ({key!r})",
+        )
+    return figures
+
+
+def output_metadata(model):
+    """The kiqa.json description of every output beyond `mos` (a distribution model's
+    `mos_sd` and `dist`); [] for a regression model."""
+    if DIST_OUTPUT not in (getattr(model, "output_names", None) or []):
+        return []
+    return [
+        {"name": SD_OUTPUT, "dtype": "float32", "shape": [-1],
+         "meaning": "predicted spread (SD) of people's ratings, in points of KonIQ's 0-100 scale"},
+        {"name": DIST_OUTPUT, "dtype": "float32", "shape": [-1, RATING_LEVELS],
+         "meaning": "predicted share of raters choosing each rating level 1 (bad) .. 5 (excellent); "
+                    "each row sums to 1"},
+    ]
+
+
 def base_metadata(resolved, model_name, version):
     """The kiqa.json fields of an ONNX or LiteRT export: the common ones, the tensors, the preprocessing."""
     height, width = (int(v) for v in resolved.image_size)
@@ -187,6 +239,9 @@ def base_metadata(resolved, model_name, version):
                    "meaning": "MOS on KonIQ's 0-100 scale, higher is better"},
         "preprocessing": PREPROCESSING,
     }
+    extra_outputs = output_metadata(resolved.model)
+    if extra_outputs:
+        metadata["extra_outputs"] = extra_outputs
     provenance = _provenance()
     if provenance is not None:
         metadata["provenance"] = provenance

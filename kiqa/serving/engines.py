@@ -15,6 +15,11 @@ scores the caller's photos and kiqa's generated ones beside the float32 model, a
 refused (`PrecisionParityError`) when max |dMOS| exceeds `BF16_TOLERANCE` or the
 Spearman correlation with float32 falls below `MIN_SRCC`. The figures travel with the
 scorer into every output's provenance.
+
+A distribution model's ONNX file (`TrainConfig.head` "distribution") has the outputs
+`mos`, `mos_sd` and `dist`; both runtimes then return all three by name (a dict), and
+`predicts_distribution` says so. The bf16 gate then also holds `mos_sd` (0-100 points,
+like the MOS) to `BF16_TOLERANCE`.
 """
 
 import tempfile
@@ -22,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kiqa.contract import PARITY_BATCH
+from kiqa.contract import DIST_OUTPUT, MOS_OUTPUT, PARITY_BATCH, PIXELS_INPUT, SD_OUTPUT
 from kiqa.errors import ExportError, ModelError, PrecisionParityError
 
-INPUT = "image"
-OUTPUT = "mos"
+INPUT = PIXELS_INPUT
+OUTPUT = MOS_OUTPUT
 
 # Engine name -> (runtime, inference precision) of the reduced-precision engines.
 REDUCED_PRECISION = {"openvino-bf16": ("openvino", "bf16")}
@@ -85,15 +90,19 @@ def converted_predictor(model, image_size, engine, parity=None):
         kiqa_onnx.convert(model, path, image_size)
         if engine in REDUCED_PRECISION:
             predict, owner, figures = gated_predictor(
-                path, engine, parity, reference=lambda pixels: artifact.keras_scores(model, pixels),
+                path, engine, parity, reference=lambda pixels: artifact.keras_outputs(model, pixels),
                 reference_name="the Keras model (TensorFlow float32)")
             return predict, (owner, folder), figures
         predict, owner = onnx_predictor(path, engine)
         names, pixels, _ = artifact.parity_pixels(None, image_size, 10**9)
         predicted = predict(pixels)
-        artifact.compare_scores(artifact.keras_scores(model, pixels),
-                                predicted["mos"] if isinstance(predicted, dict) else predicted, names,
-                                kiqa_onnx.PARITY_TOLERANCE, f"the converted ONNX model ({engine})")
+        outputs = predicted if isinstance(predicted, dict) else {MOS_OUTPUT: predicted}
+        reference = artifact.keras_outputs(model, pixels)
+        what = f"the converted ONNX model ({engine})"
+        artifact.compare_scores(reference[MOS_OUTPUT].reshape(-1), outputs[MOS_OUTPUT], names,
+                                kiqa_onnx.PARITY_TOLERANCE, what)
+        # A distribution model's mos_sd and shares, under the ONNX export's bounds.
+        artifact.distribution_parity(reference, outputs, names, kiqa_onnx.PARITY_TOLERANCE, "converted", what)
     except ExportError as err:
         folder.cleanup()
         raise ModelError(f"cannot run the model with {engine}: {err}") from err
@@ -130,14 +139,16 @@ def gated_predictor(onnx_file, engine, parity, reference=None, reference_name=No
         onnx_file: the ONNX file.
         engine: a `REDUCED_PRECISION` name.
         parity: `ParityImages`.
-        reference: float32 pixels -> MOS (float32) to compare with; None: OpenVINO f32.
+        reference: float32 pixels -> MOS (float32) to compare with, or a dict of outputs
+            holding `mos` (and a distribution model's `mos_sd`); None: OpenVINO f32.
         reference_name: what the reference is, for the figures.
         threads: inference threads (None: every core).
 
     Returns:
         (predict, owner, figures); figures: engine, precision (what the runtime reports
         it runs in: "f32" on a CPU without bf16, with a `note` saying so), reference,
-        images, caller_images, max_abs_diff, mean_abs_diff, srcc, tolerance, min_srcc.
+        images, caller_images, max_abs_diff, mean_abs_diff, srcc, tolerance, min_srcc;
+        for a distribution model also `mos_sd` (`spread_parity`).
 
     Raises:
         ModelError: the runtime is missing or cannot load the file.
@@ -150,7 +161,9 @@ def gated_predictor(onnx_file, engine, parity, reference=None, reference_name=No
         reference_name = "OpenVINO f32 on the same ONNX file"
     expected = _batched(reference, parity.pixels)
     scores = _batched(predict, parity.pixels)
-    figures = precision_parity(expected, scores, parity, engine, str(onnx_file))
+    figures = precision_parity(expected[MOS_OUTPUT], scores[MOS_OUTPUT], parity, engine, str(onnx_file))
+    if SD_OUTPUT in expected and SD_OUTPUT in scores:
+        figures[SD_OUTPUT] = spread_parity(expected[SD_OUTPUT], scores[SD_OUTPUT], parity, engine, str(onnx_file))
     computed = _runtime_precision(compiled)
     figures = {
         "engine": engine,
@@ -229,11 +242,64 @@ def precision_parity(reference, scores, parity, engine, source=None):
     return figures
 
 
+def spread_parity(reference, spread, parity, engine, source=None):
+    """Parity figures of a distribution model's `mos_sd` under a reduced-precision engine,
+    or its refusal.
+
+    `mos_sd` is in points of the MOS's 0-100 scale, so it is held to the same bound
+    (`parity.tolerance`). Its ranking is not gated: a model's spreads may lie closer
+    together than float32's own rounding.
+
+    Args:
+        reference: float32 `mos_sd` per parity image.
+        spread: the engine's `mos_sd` per parity image.
+        parity: `ParityImages` (names and bound).
+        engine: the engine's name, for the message.
+        source: the model, for the message.
+
+    Returns:
+        dict: max_abs_diff, mean_abs_diff, tolerance, worst_image.
+
+    Raises:
+        PrecisionParityError: not finite, or max |d mos_sd| over `parity.tolerance`.
+    """
+    reference = np.asarray(reference, np.float64).reshape(-1)
+    spread = np.asarray(spread, np.float64).reshape(-1)
+    diff = np.abs(spread - reference)
+    worst = int(np.argmax(diff)) if diff.size else 0
+    figures = {
+        "max_abs_diff": float(diff.max()) if diff.size else 0.0,
+        "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
+        "tolerance": parity.tolerance,
+        "worst_image": parity.names[worst] if diff.size else None,
+    }
+    problem = None
+    if not (np.all(np.isfinite(reference)) and np.all(np.isfinite(spread))):
+        problem = "returns NaN or infinite mos_sd"
+    elif figures["max_abs_diff"] > parity.tolerance:
+        problem = (f"moves mos_sd (the predicted spread of ratings) {figures['max_abs_diff']:.3g} points from "
+                   f"float32 on {parity.names[worst]} ({spread[worst]:.3f} vs {reference[worst]:.3f}), over "
+                   f"its {parity.tolerance}-point bound")
+    if problem:
+        raise PrecisionParityError(
+            f"{source or 'the model'}: the {engine} engine {problem}; score with float32",
+            path=source, engine=engine, figures=figures, image=figures["worst_image"],
+        )
+    return figures
+
+
 def _batched(predict, pixels):
-    return np.concatenate([
-        np.reshape(np.asarray(predict(pixels[start : start + PARITY_BATCH])), [-1])
-        for start in range(0, len(pixels), PARITY_BATCH)
-    ]).astype(np.float64)
+    """{"mos": [n]} (and a distribution model's "mos_sd": [n]) of `predict` on `pixels`,
+    batch by batch, as float64; `predict` returns MOS or a dict of outputs."""
+    parts = {}
+    for start in range(0, len(pixels), PARITY_BATCH):
+        outputs = predict(pixels[start : start + PARITY_BATCH])
+        if not isinstance(outputs, dict):
+            outputs = {MOS_OUTPUT: outputs}
+        for key in (MOS_OUTPUT, SD_OUTPUT):
+            if key in outputs:
+                parts.setdefault(key, []).append(np.reshape(np.asarray(outputs[key]), [-1]))
+    return {key: np.concatenate(values).astype(np.float64) for key, values in parts.items()}
 
 
 def _onnxruntime(onnx_file, threads):
@@ -256,10 +322,20 @@ def _onnxruntime(onnx_file, threads):
 
 
 def predicts_distribution(owner):
-    """True when an ONNX Runtime session (an `onnx_predictor` owner) has the distribution outputs."""
+    """True when a loaded ONNX model has the distribution outputs (`mos_sd`, `dist`).
+
+    Args:
+        owner: what `onnx_predictor`, `gated_predictor` or `converted_predictor` returned
+            beside the predict function (an ONNX Runtime session, an OpenVINO compiled
+            model, a `SplitCompiledModel`, or a tuple of one of them and the temporary
+            folder).
+    """
     session = owner[0] if isinstance(owner, tuple) else owner
-    get_outputs = getattr(session, "get_outputs", None)
-    return bool(get_outputs) and "dist" in [o.name for o in get_outputs()]
+    if hasattr(session, "get_outputs"):  # ONNX Runtime
+        names = [o.name for o in session.get_outputs()]
+    else:  # OpenVINO
+        names = [o.get_any_name() for o in getattr(session, "outputs", ())]
+    return DIST_OUTPUT in names
 
 
 def _openvino(onnx_file, threads, precision="f32"):
@@ -279,12 +355,23 @@ def _openvino(onnx_file, threads, precision="f32"):
         compiled = core.compile_model(str(onnx_file), "CPU", config)
     except Exception as err:  # OpenVINO raises RuntimeError subclasses without stable names
         raise ModelError(f"OpenVINO cannot load {onnx_file}: {' '.join(str(err).split())[:300]}") from err
-    output = compiled.output(OUTPUT)
+    read = _output_reader(compiled)
 
     def predict(batch):
-        return np.asarray(compiled(np.ascontiguousarray(batch, np.float32))[output]).reshape(-1)
+        return read(compiled(np.ascontiguousarray(batch, np.float32)))
 
     return predict, compiled
+
+
+def _output_reader(compiled):
+    """OpenVINO inference result -> MOS [n] for a regression model, or (like ONNX Runtime's
+    engine) a dict of `mos`, `mos_sd` and `dist` by name for a distribution model."""
+    names = [o.get_any_name() for o in compiled.outputs]
+    if DIST_OUTPUT not in names:
+        output = compiled.output(OUTPUT)
+        return lambda result: np.asarray(result[output]).reshape(-1)
+    outputs = {name: compiled.output(name) for name in names}
+    return lambda result: {name: np.asarray(result[output]) for name, output in outputs.items()}
 
 
 def input_size(owner):
@@ -354,6 +441,28 @@ def _is_global_pool(op):
     return sum(size > 1 for size in sizes) <= 1
 
 
+class SplitCompiledModel:
+    """A model compiled in two parts: the body in reduced precision, the head in f32.
+
+    It answers what kiqa asks of an OpenVINO compiled model: `input` and `get_property`
+    are the body's (the image input, the precision the backbone runs in), `outputs` the
+    head's (`mos`, and a distribution model's `mos_sd` and `dist`).
+    """
+
+    def __init__(self, body, head):
+        self.body, self.head = body, head
+
+    def input(self, index=0):
+        return self.body.input(index)
+
+    def get_property(self, name):
+        return self.body.get_property(name)
+
+    @property
+    def outputs(self):
+        return self.head.outputs
+
+
 def _reduced_body_float_head(core, split, config, threads):
     body, head = split
     body_compiled = core.compile_model(body, "CPU", config)
@@ -361,12 +470,13 @@ def _reduced_body_float_head(core, split, config, threads):
     if threads:
         head_config["INFERENCE_NUM_THREADS"] = int(threads)
     head_compiled = core.compile_model(head, "CPU", head_config)
+    read = _output_reader(head_compiled)  # every head output: a distribution head has three
 
     def predict(batch):
         features = body_compiled(np.ascontiguousarray(batch, np.float32))[0]
-        return np.asarray(head_compiled(features)[0]).reshape(-1)
+        return read(head_compiled(features))
 
-    return predict, body_compiled
+    return predict, SplitCompiledModel(body_compiled, head_compiled)
 
 
 def _import(module, extra):

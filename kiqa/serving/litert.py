@@ -12,6 +12,12 @@
   `mos` float32 [-1]), kiqa's preprocessing rule, each file's size and its measured
   parity (max and mean |ΔMOS| and SRCC against the float Keras model).
 
+A distribution model's files (`TrainConfig.head` "distribution") also output `mos_sd`
+float32 [-1] and `dist` float32 [-1, 5] (kiqa.json's `extra_outputs`), and each
+variant's parity covers them: `mos_sd` within the variant's MOS tolerance, each share
+within that tolerance over `KONIQ_MOS_SLOPE` (`kiqa.serving.artifact.distribution_parity`),
+recorded as `<variant>_vs_keras_mos_sd` and `<variant>_vs_keras_dist`.
+
 The quantised variants trade accuracy for size, so their bound is looser
 (`QUANTISED_TOLERANCE`); an export whose variant drifts further is refused, as a wrong
 conversion would be. The parity of a random-weight model (the tests, the benchmarks
@@ -38,7 +44,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from kiqa.contract import MOS_OUTPUT, PARITY_BATCH, PIXELS_INPUT
+from kiqa.contract import DIST_OUTPUT, MOS_OUTPUT, PARITY_BATCH, PIXELS_INPUT, RATING_LEVELS, SD_OUTPUT
 from kiqa.errors import ExportError
 from kiqa.serving import artifact, export
 from kiqa.serving.export import ExportOptions
@@ -49,6 +55,8 @@ PARITY_TOLERANCE = export.PARITY_TOLERANCE
 # dynamic-range to 256 levels per channel. 1 MOS point is a tenth of KonIQ's rater
 # disagreement (~10 points), and still catches a broken conversion (tens of points).
 QUANTISED_TOLERANCE = 1.0
+# The outputs a kiqa LiteRT file returns (sorted): a regression model's, a distribution model's.
+OUTPUT_SETS = ([MOS_OUTPUT], sorted([MOS_OUTPUT, SD_OUTPUT, DIST_OUTPUT]))
 # name -> (file, tolerance).
 VARIANTS = {
     "float32": ("model.tflite", PARITY_TOLERANCE),
@@ -87,18 +95,20 @@ def export_litert(model_or_path, options: Optional[ExportOptions] = None, *, var
     resolved = export.load_for_export(model_or_path, options, base)
     names, pixels, caller_images = artifact.parity_pixels(options.parity_images, resolved.image_size,
                                                           resolved.max_pixels)
-    reference = artifact.keras_scores(resolved.model, pixels)
+    reference = artifact.keras_outputs(resolved.model, pixels)
     with export.staged_version(base, options.version, options.overwrite) as (version, temp, target):
         files, parity = {}, {}
         for variant in variants:
             file_name = VARIANTS[variant][0]
             (temp / file_name).write_bytes(convert(resolved.model, resolved.image_size, variant))
-            scores = run_interpreter(load_interpreter(temp / file_name), pixels)
-            figures = artifact.compare_scores(
-                reference, scores, names, tolerances[variant], f"the LiteRT {variant} model"
-            )
+            outputs = run_interpreter_outputs(load_interpreter(temp / file_name), pixels)
+            what = f"the LiteRT {variant} model"
+            figures = artifact.compare_scores(reference[MOS_OUTPUT].reshape(-1), outputs[MOS_OUTPUT], names,
+                                              tolerances[variant], what)
             figures["caller_images"] = caller_images
             parity[f"{variant}_vs_keras"] = figures
+            parity.update(artifact.distribution_parity(reference, outputs, names, tolerances[variant],
+                                                       f"{variant}_vs_keras", what))
             files[file_name] = (temp / file_name).stat().st_size
         metadata = artifact.base_metadata(resolved, base.resolve().name, version) | dict(
             format="litert",
@@ -129,7 +139,12 @@ def convert(model, image_size, variant="float32"):
 
     @tf.function(input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32, name=PIXELS_INPUT)])
     def serve(image):
-        return {MOS_OUTPUT: tf.reshape(tf.cast(model(image, training=False)[MOS_OUTPUT], tf.float32), [-1])}
+        outputs = model(image, training=False)
+        served = {MOS_OUTPUT: tf.reshape(tf.cast(outputs[MOS_OUTPUT], tf.float32), [-1])}
+        if DIST_OUTPUT in outputs:  # a distribution model: its spread and shares too
+            served[SD_OUTPUT] = tf.reshape(tf.cast(outputs[SD_OUTPUT], tf.float32), [-1])
+            served[DIST_OUTPUT] = tf.reshape(tf.cast(outputs[DIST_OUTPUT], tf.float32), [-1, RATING_LEVELS])
+        return served
 
     # The converter freezes the variables the trackable object holds; a Keras 3 model
     # is not one TF can walk for its raw tf.Variables (the file then computes with
@@ -159,8 +174,11 @@ def convert(model, image_size, variant="float32"):
 def load_interpreter(path, threads=None):
     """A LiteRT interpreter for an exported file (ai_edge_litert's, else tf.lite's).
 
+    The file's signature takes `image` and returns `mos`, or for a distribution model
+    `mos`, `mos_sd` and `dist`.
+
     Raises:
-        ExportError: the file cannot be loaded.
+        ExportError: the file cannot be loaded or has other inputs or outputs.
     """
     try:
         from ai_edge_litert.interpreter import Interpreter
@@ -174,17 +192,30 @@ def load_interpreter(path, threads=None):
         raise ExportError(f"LiteRT cannot load {path}: {' '.join(str(err).split())[:300]}") from err
     runner = interpreter.get_signature_runner()
     inputs, outputs = runner.get_input_details(), runner.get_output_details()
-    if list(inputs) != [PIXELS_INPUT] or list(outputs) != [MOS_OUTPUT]:
+    if list(inputs) != [PIXELS_INPUT] or sorted(outputs) not in OUTPUT_SETS:
         raise ExportError(f"{path} takes {sorted(inputs)} and returns {sorted(outputs)}, "
-                          f"expected [{PIXELS_INPUT!r}] -> [{MOS_OUTPUT!r}]")
+                          f"expected [{PIXELS_INPUT!r}] -> {' or '.join(map(str, OUTPUT_SETS))}")
     return interpreter
 
 
 def run_interpreter(interpreter, pixels, batch_size=PARITY_BATCH):
-    """MOS of a pixel array through a LiteRT interpreter, batch by batch."""
+    """MOS of a pixel array through a LiteRT interpreter, batch by batch: float32 [n]."""
+    return run_interpreter_outputs(interpreter, pixels, batch_size)[MOS_OUTPUT]
+
+
+def run_interpreter_outputs(interpreter, pixels, batch_size=PARITY_BATCH):
+    """Every output of a LiteRT file for a pixel array, batch by batch.
+
+    Returns:
+        dict of float32 arrays: `mos` [n] and, for a distribution model, `mos_sd` [n]
+        (0-100 points) and `dist` [n, 5] (shares of the rating levels 1..5).
+    """
     runner = interpreter.get_signature_runner()
-    out = []
+    out = {}
     for start in range(0, len(pixels), batch_size):
         batch = np.ascontiguousarray(pixels[start : start + batch_size], dtype=np.float32)
-        out.append(np.reshape(runner(**{PIXELS_INPUT: batch})[MOS_OUTPUT], [-1]))
-    return np.concatenate(out)
+        for name, value in runner(**{PIXELS_INPUT: batch}).items():
+            out.setdefault(name, []).append(np.asarray(value))
+    shapes = {MOS_OUTPUT: [-1], SD_OUTPUT: [-1], DIST_OUTPUT: [-1, RATING_LEVELS]}
+    return {name: np.reshape(np.concatenate(parts), shapes.get(name, [len(pixels), -1]))
+            for name, parts in out.items()}

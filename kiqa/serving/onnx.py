@@ -46,7 +46,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from kiqa.contract import DIST_OUTPUT, KONIQ_MOS_SLOPE, MOS_OUTPUT, PARITY_BATCH, PIXELS_INPUT, SD_OUTPUT
+from kiqa.contract import DIST_OUTPUT, MOS_OUTPUT, PARITY_BATCH, PIXELS_INPUT, SD_OUTPUT
 from kiqa.errors import ExportError
 from kiqa.serving import artifact, export
 from kiqa.serving.export import ExportOptions
@@ -199,19 +199,13 @@ def run_session_outputs(session, pixels, batch_size=PARITY_BATCH):
 
 def _distribution_parity(model, session, pixels, names, tolerance):
     """Parity of a distribution model's mos_sd and shares (ONNX Runtime vs Keras); {} for
-    a regression model. The shares' tolerance is `tolerance` in MOS over one level's
-    `KONIQ_MOS_SLOPE` points."""
+    a regression model (`kiqa.serving.artifact.distribution_parity` states the bounds)."""
     if DIST_OUTPUT not in model.output_names:
         return {}
-    reference = artifact.keras_outputs(model, pixels)
-    candidate = run_session_outputs(session, pixels)
-    figures = {}
-    for key, limit in ((SD_OUTPUT, tolerance), (DIST_OUTPUT, tolerance / KONIQ_MOS_SLOPE)):
-        figures[f"onnxruntime_vs_keras_{key}"] = artifact.compare_scores(
-            reference[key].reshape(-1), candidate[key].reshape(-1), np.repeat(names, reference[key].size // len(names)),
-            limit, f"the ONNX model's {key!r} (ONNX Runtime)",
-        )
-    return figures
+    return artifact.distribution_parity(
+        artifact.keras_outputs(model, pixels), run_session_outputs(session, pixels), names, tolerance,
+        "onnxruntime_vs_keras", "the ONNX model (ONNX Runtime)",
+    )
 
 
 def _check_io(session, image_size, path):
