@@ -321,9 +321,11 @@ def compare_folders(
     for pair in pairs:
         pair["context"] = effect_context(pair["mean_diff"], record)
     ranking = _ranking(labels, folders, matrix) if len(folders) > 2 else None
-    _write_tables(out, files, labels, common, matrix, pairs, ranking, provenance.warning_for(record))
+    spreads = None
     if getattr(scorer, "distribution", False):
-        pairs = _judge_against_spread(out, files, folders, labels, common, matrix, pairs, ignore_extension)
+        spreads = _predicted_spreads(files, folders, labels, common, ignore_extension)
+        pairs = _judge_against_spread(labels, matrix, pairs, spreads)
+    _write_tables(out, files, labels, common, matrix, pairs, ranking, provenance.warning_for(record), spreads)
     result = CompareResult(
         out_dir=str(out),
         labels=tuple(labels),
@@ -428,13 +430,22 @@ def effect_context(mean_diff, record):
         + ("; smaller than the model's own error on one image" if ratio < 1 else "")))
 
 
-def _write_tables(out, files, labels, common, matrix, pairs, ranking, warning=None):
-    """Writes per_image.csv, ranking.csv (more than two folders) and compare.png."""
+def _write_tables(out, files, labels, common, matrix, pairs, ranking, warning=None, spreads=None):
+    """Writes per_image.csv, ranking.csv (more than two folders) and compare.png.
+
+    `spreads` (a distribution model's predicted mos_sd, [folders, images]) adds the
+    `mos_sd_<label>` columns, and for two folders `diff_in_spreads`.
+    """
     per_image = pd.DataFrame({"path": common})
     for label, row in zip(labels, matrix):
         per_image[f"mos_{label}"] = row
     if len(labels) == 2:
         per_image["diff"] = matrix[0] - matrix[1]
+    if spreads is not None:
+        for label, row in zip(labels, spreads):
+            per_image[f"mos_sd_{label}"] = row
+        if len(labels) == 2:
+            per_image["diff_in_spreads"] = (matrix[0] - matrix[1]) / _pair_spread(spreads[0], spreads[1])
     files["per_image"] = str(out / "per_image.csv")
     csv_frame(per_image).to_csv(files["per_image"], index=False, float_format="%.4f", errors="surrogateescape")
     if ranking is not None:
@@ -473,9 +484,9 @@ def spread_stats(a, b, sd_a, sd_b):
         (a - b) / spread) and `beyond_spread_fraction` (share of images whose |a - b|
         exceeds their spread).
     """
-    a, b, sd_a, sd_b = (np.asarray(v, np.float64) for v in (a, b, sd_a, sd_b))
-    spread = np.sqrt((sd_a ** 2 + sd_b ** 2) / 2)
-    in_spreads = (a - b) / np.maximum(spread, 1e-9)
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    spread = _pair_spread(sd_a, sd_b)
+    in_spreads = (a - b) / spread
     return dict(
         mean_spread=float(spread.mean()) if spread.size else None,
         mean_diff_in_spreads=float(in_spreads.mean()) if spread.size else None,
@@ -483,8 +494,16 @@ def spread_stats(a, b, sd_a, sd_b):
     )
 
 
-def _judge_against_spread(out, files, folders, labels, common, matrix, pairs, ignore_extension):
-    """Adds `spread_stats` to every pair and mos_sd columns to per_image.csv (distribution models)."""
+def _pair_spread(sd_a, sd_b):
+    """The spread of a pair per image: the root mean square of the two predicted mos_sd
+    (kept above zero, so differences can be divided by it)."""
+    sd_a, sd_b = np.asarray(sd_a, np.float64), np.asarray(sd_b, np.float64)
+    return np.maximum(np.sqrt((sd_a ** 2 + sd_b ** 2) / 2), 1e-9)
+
+
+def _predicted_spreads(files, folders, labels, common, ignore_extension):
+    """A distribution model's mos_sd per folder and paired image, [folders, images], read
+    from the folders' score CSVs."""
     spreads = []
     for folder, label in zip(folders, labels):
         table = pd.read_csv(files[f"scores-{label}"], encoding="utf-8", encoding_errors="surrogateescape",
@@ -492,17 +511,15 @@ def _judge_against_spread(out, files, folders, labels, common, matrix, pairs, ig
         by_key = {_pairing_key(os.path.relpath(p, folder), ignore_extension): sd
                   for p, sd in zip(table["path"], table["mos_sd"])}
         spreads.append([float(by_key[key]) for key in common])
-    spreads = np.array(spreads)
+    return np.array(spreads)
+
+
+def _judge_against_spread(labels, matrix, pairs, spreads):
+    """Every pair with its `spread_stats` added (distribution models)."""
     judged = []
     for pair in pairs:
         i, j = labels.index(pair["a"]), labels.index(pair["b"])
         judged.append(dict(pair, spread=spread_stats(matrix[i], matrix[j], spreads[i], spreads[j])))
-    per_image = pd.read_csv(files["per_image"], encoding="utf-8", encoding_errors="surrogateescape", dtype={"path": object})
-    for label, row in zip(labels, spreads):
-        per_image[f"mos_sd_{label}"] = row
-    if len(labels) == 2:
-        per_image["diff_in_spreads"] = (matrix[0] - matrix[1]) / np.maximum(np.sqrt((spreads[0] ** 2 + spreads[1] ** 2) / 2), 1e-9)
-    per_image.to_csv(files["per_image"], index=False, float_format="%.4f", errors="surrogateescape")
     return tuple(judged)
 
 
