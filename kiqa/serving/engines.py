@@ -207,22 +207,16 @@ def precision_parity(reference, scores, parity, engine, source=None):
     """
     from scipy import stats
 
-    reference = np.asarray(reference, np.float64).reshape(-1)
-    scores = np.asarray(scores, np.float64).reshape(-1)
-    diff = np.abs(scores - reference)
-    worst = int(np.argmax(diff)) if diff.size else 0
+    reference, scores, worst, differences = _differences(reference, scores, parity)
     srcc = None
     if np.ptp(reference) > 0 and np.ptp(scores) > 0:
         srcc = float(stats.spearmanr(reference, scores).statistic)
     figures = {
         "images": int(reference.size),
         "caller_images": parity.caller_images,
-        "max_abs_diff": float(diff.max()) if diff.size else 0.0,
-        "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
+        **differences,
         "srcc": srcc,
-        "tolerance": parity.tolerance,
         "min_srcc": parity.min_srcc,
-        "worst_image": parity.names[worst] if diff.size else None,
     }
     problem = None
     if not (np.all(np.isfinite(reference)) and np.all(np.isfinite(scores))):
@@ -240,6 +234,21 @@ def precision_parity(reference, scores, parity, engine, source=None):
             path=source, engine=engine, figures=figures, image=figures["worst_image"],
         )
     return figures
+
+
+def _differences(reference, values, parity):
+    """(reference, values, index of the worst image, figures) of an engine's outputs
+    against float32's; figures: max_abs_diff, mean_abs_diff, tolerance, worst_image."""
+    reference = np.asarray(reference, np.float64).reshape(-1)
+    values = np.asarray(values, np.float64).reshape(-1)
+    diff = np.abs(values - reference)
+    worst = int(np.argmax(diff)) if diff.size else 0
+    return reference, values, worst, {
+        "max_abs_diff": float(diff.max()) if diff.size else 0.0,
+        "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
+        "tolerance": parity.tolerance,
+        "worst_image": parity.names[worst] if diff.size else None,
+    }
 
 
 def spread_parity(reference, spread, parity, engine, source=None):
@@ -263,16 +272,7 @@ def spread_parity(reference, spread, parity, engine, source=None):
     Raises:
         PrecisionParityError: not finite, or max |d mos_sd| over `parity.tolerance`.
     """
-    reference = np.asarray(reference, np.float64).reshape(-1)
-    spread = np.asarray(spread, np.float64).reshape(-1)
-    diff = np.abs(spread - reference)
-    worst = int(np.argmax(diff)) if diff.size else 0
-    figures = {
-        "max_abs_diff": float(diff.max()) if diff.size else 0.0,
-        "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
-        "tolerance": parity.tolerance,
-        "worst_image": parity.names[worst] if diff.size else None,
-    }
+    reference, spread, worst, figures = _differences(reference, spread, parity)
     problem = None
     if not (np.all(np.isfinite(reference)) and np.all(np.isfinite(spread))):
         problem = "returns NaN or infinite mos_sd"
