@@ -73,13 +73,13 @@ def decode_image(contents, size, max_pixels=DEFAULT_MAX_PIXELS, name=None):
             starts with `name` when given and carries no batch position of its own.
     """
     contents = tf.convert_to_tensor(contents, dtype=tf.string)
-    stored_shape, orientation = header.checked_header(contents, max_pixels, name=name)
-    branch, orientation = decode_plan(contents, stored_shape, size, orientation)
+    stored_shape = header.check_header(contents, max_pixels, name=name)
+    branch, orientation = decode_plan(contents, stored_shape, size)
     with tf.control_dependencies([stored_shape]):
         return decode_planned(contents, branch, orientation, size, stored_shape, name)
 
 
-def decode_plan(contents, stored_shape, size, orientation=None):
+def decode_plan(contents, stored_shape, size):
     """The header half of `decode_image`: which decoder to run and how to turn the result.
 
     Split from `decode_planned` for the SavedModel's bytes signatures, which run the
@@ -92,16 +92,13 @@ def decode_plan(contents, stored_shape, size, orientation=None):
         contents: scalar `tf.string`, the encoded file.
         stored_shape: int64 [2] (height, width) from the header (`header.check_header`).
         size: (height, width) of the output.
-        orientation: the EXIF orientation if already read (`header.header_problem`
-            gives it); read here when None.
 
     Returns:
         (branch, orientation): int32 index into the decoders, int EXIF orientation.
     """
     height, width = int(size[0]), int(size[1])
     is_jpeg = tf.equal(header.image_format(contents), "jpeg")
-    if orientation is None:
-        orientation = header.exif_orientation(contents)
+    orientation = header.exif_orientation(contents)
     branch = tf.where(
         is_jpeg,
         _jpeg_ratio_index(stored_shape, orientation, height, width),

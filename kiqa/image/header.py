@@ -64,7 +64,7 @@ _PROGRESSIVE_SOF_MARKERS = (0xC2, 0xC6, 0xCA, 0xCE)
 
 # JPEG SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range
 # but are tables.
-_NOT_SOF_MARKERS = (0xC4, 0xC8, 0xCC)
+_SOF_MARKERS = tuple(m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC))
 _EXIF_ORIENTATION_TAG = 0x0112
 # PNG allows widths and heights up to 2**31 - 1; a larger value is a corrupt header, and
 # refusing it keeps height * width inside int64 for every format.
@@ -165,106 +165,90 @@ def image_format(contents):
 # ----------------------------------------------------------------------------- JPEG
 
 
-def _jpeg_markers(contents, n):
-    """Positions of a JPEG's frame header, first scan and Exif segment, from one walk.
+def _walk_jpeg(contents, n, is_target):
+    """Position of the first JPEG marker segment for which `is_target` holds, else -1.
 
     Walks from just after SOI the way libjpeg does: a marker is 0xFF + code; 0xFF fill bytes,
     stuffed 0xFF00 and stray bytes are stepped over; RSTn and TEM have no length; every
     other segment is skipped by its 16-bit big-endian length. The walk stops at SOS (image
     data follows, and every header segment comes before it), EOI, the end of the bytes, or
-    after _MAX_JPEG_STEPS loop steps. On its way it notes the first frame header (SOF0..
-    SOF15 with room for the size libjpeg decodes) and the first APP1 segment holding Exif.
+    after _MAX_JPEG_STEPS loop steps.
 
     One loop step reads a window of _JPEG_WINDOW bytes and computes, for every offset in
     it at once, where the walk would go next from there; the walk's path through the
     window is then followed by pointer doubling (log2 of the window's size gathers), to
-    the first offset that is a stop or whose next position leaves the window, carrying
-    along the first frame header and Exif segment on the path. A loop step costs ~50
-    graph ops however many segments it crosses. One walk serves the size, the data check
-    and the orientation (three walks cost a third of a KonIQ photo's header time).
+    the first offset that is the target, a stop, or whose next position leaves the window.
+    A loop step costs ~40 graph ops however many segments it crosses.
 
     Args:
         contents: scalar `tf.string`, already known to start with FF D8.
         n: int64 length of `contents`.
-
-    Returns:
-        int64 [3]: (frame header, first SOS marker, Exif APP1 segment), each -1 when the
-        walk did not reach one.
+        is_target: `(b, pos) -> bool tensor`, where b is int64 [..., 10], the bytes at
+            each `pos` (int64 [...]).
     """
-    not_found = _int64(-1)
+    not_found, gave_up = tf.constant(-1, tf.int64), tf.constant(-2, tf.int64)
     # int32 inside the window: its offsets, bytes and segment lengths all fit.
     offsets = tf.range(_JPEG_WINDOW, dtype=tf.int32)
 
-    def walking(step, pos, done, sof, exif, scan):
-        return (step < _MAX_JPEG_STEPS) & ~done
+    def searching(step, pos, found):
+        return (step < _MAX_JPEG_STEPS) & (found == not_found)
 
-    def step_once(step, pos, done, sof, exif, scan):
+    def step_once(step, pos, found):
         window = tf.cast(_read(contents, n, pos, _JPEG_WINDOW + 9), tf.int32)
-        b = [window[j : j + _JPEG_WINDOW] for j in range(10)]  # b[j][i]: byte i + j
+        b = tf.stack([window[j : j + _JPEG_WINDOW] for j in range(10)], axis=-1)
         here = pos + tf.cast(offsets, tf.int64)
-        code = b[1]
-        at_marker = b[0] == 0xFF
+        code = b[:, 1]
+        at_marker = b[:, 0] == 0xFF
         # 0xFF 0xFF is fill before a marker; 0xFF 0x00 is a stuffed byte, not a marker.
         not_a_marker = ~at_marker | (code == 0xFF) | (code == 0x00)
-        marker = ~not_a_marker
         no_length = ((code >= 0xD0) & (code <= 0xD7)) | (code == 0x01)
-        segment_length = b[2] * 256 + b[3]
-        # Elementwise ops on [window] vectors only: broadcasting ones cost ~10x here.
-        # Length, precision, height, width: 9 bytes must be there to read the size.
-        is_sof = marker & (code >= 0xC0) & (code <= 0xCF) & (segment_length >= 8) & (here + 9 <= n)
-        for table in _NOT_SOF_MARKERS:
-            is_sof &= code != table
-        # APP1 whose payload starts with the Exif identifier (XMP also lives in APP1).
-        is_exif = (
-            marker & (code == 0xE1) & (segment_length >= 8) & (b[4] * 256 + b[5] == 0x4578)
-            & (b[6] * 256 + b[7] == 0x6966) & (b[8] == 0) & (b[9] == 0)
-        )
+        segment_length = b[:, 2] * 256 + b[:, 3]
+        hit = at_marker & ~not_a_marker & is_target(b, here)
         end = (
             (here + 2 > n)
-            | (marker & ((code == 0xDA) | (code == 0xD9) | (code == 0xD8)))
-            | (marker & ~no_length & (segment_length < 2))
+            | (at_marker & ((code == 0xDA) | (code == 0xD9) | (code == 0xD8)))
+            | (at_marker & ~not_a_marker & ~no_length & (segment_length < 2))
         )
         advance = tf.where(not_a_marker, 1, tf.where(no_length, 2, 2 + segment_length))
         following = offsets + advance
         # `jump[i]`: i itself where the walk ends or leaves the window at i, else the next
         # offset. Squaring it (jump = jump[jump]) doubles the steps it takes; a path has
         # fewer steps than the window has bytes, so log2(window) squarings reach its end.
-        # `first[k, i]`: the first frame header (k = 0) / Exif segment (k = 1) on the path
-        # from i as far as `jump` reaches, _JPEG_WINDOW where there is none; a path's
-        # offsets only grow, so the first is the smallest.
-        jump = tf.where(end | (following >= _JPEG_WINDOW), offsets, following)
-        first = tf.where(tf.stack([is_sof, is_exif]), tf.stack([offsets, offsets]), _JPEG_WINDOW)
+        jump = tf.where(hit | end | (following >= _JPEG_WINDOW), offsets, following)
         for _ in range((_JPEG_WINDOW - 1).bit_length()):
-            first = tf.minimum(first, tf.gather(first, jump, axis=1))
             jump = tf.gather(jump, jump)
         last = jump[0]
+        found = tf.where(hit[last], here[last], tf.where(end[last], gave_up, not_found))
+        return step + 1, pos + tf.cast(following[last], tf.int64), found
 
-        def noted(previous, offset):
-            return tf.where(
-                (previous < 0) & (offset < _JPEG_WINDOW), pos + tf.cast(offset, tf.int64), previous
-            )
-
-        stopped = end[last]
-        scan = tf.where(stopped & marker[last] & (code[last] == 0xDA), here[last], scan)
-        return (step + 1, pos + tf.cast(following[last], tf.int64), stopped,
-                noted(sof, first[0, 0]), noted(exif, first[1, 0]), scan)
-
-    _, _, _, sof, exif, scan = tf.while_loop(
-        walking,
+    _, _, found = tf.while_loop(
+        searching,
         step_once,
-        (tf.constant(0, tf.int32), _int64(2), tf.constant(False), not_found, not_found, not_found),
+        (tf.constant(0, tf.int32), tf.constant(2, tf.int64), not_found),
         parallel_iterations=1,
     )
-    return tf.stack([sof, scan, exif])
+    return tf.where(found >= 0, found, not_found)
 
 
-def _jpeg_shape(contents, n, sof):
-    b = _read(contents, n, sof, 9)
+def _jpeg_frame_header(contents, n):
+    """Position of the JPEG frame header (SOF0..SOF15) whose size libjpeg decodes, else -1."""
+
+    def is_frame_header(b, pos):
+        is_sof = tf.reduce_any(b[..., 1:2] == tf.constant(_SOF_MARKERS, b.dtype), axis=-1)
+        # Length, precision, height, width: 9 bytes must be there to read the size.
+        return is_sof & (b[..., 2] * 256 + b[..., 3] >= 8) & (pos + 9 <= n)
+
+    return _walk_jpeg(contents, n, is_frame_header)
+
+
+def _jpeg_shape(contents, n):
+    pos = _jpeg_frame_header(contents, n)
+    b = _read(contents, n, pos, 9)
     shape = tf.stack([_big_endian(b[5:7]), _big_endian(b[7:9])])
-    return tf.where(sof >= 0, shape, tf.constant([-1, -1], tf.int64))
+    return tf.where(pos >= 0, shape, tf.constant([-1, -1], tf.int64))
 
 
-def _jpeg_data(contents, n, sof, scan):
+def _jpeg_data(contents, n):
     """(fewest bytes of coded image data the frame header's size needs, bytes the file has).
 
     libjpeg does not fail when the coded data runs out before the frame header's size is
@@ -285,6 +269,7 @@ def _jpeg_data(contents, n, sof, scan):
         the bytes from the first SOS marker (or, without one, the frame header) to the
         end; scans is what `_jpeg_scans` counts.
     """
+    sof = _jpeg_frame_header(contents, n)
     b = _read(contents, n, sof, 22)
     height, width, count = _big_endian(b[5:7]), _big_endian(b[7:9]), b[9]
     # Up to four components (id, sampling factors H << 4 | V, table): 1, 3 or 4 in
@@ -303,6 +288,7 @@ def _jpeg_data(contents, n, sof, scan):
         (marker == 0xC0) | (marker == 0xC1), _int64(2), tf.where(marker == 0xC2, _int64(1), _int64(0))
     )
     needed = tf.where(sof >= 0, (blocks * bits + 7) // 8, _int64(0))
+    scan = _walk_jpeg(contents, n, lambda b, pos: b[..., 1] == 0xDA)
     available = n - tf.maximum(tf.where(scan >= 0, scan, sof), 0)
     return needed, available, _jpeg_scans(contents, n, sof, scan, marker, count)
 
@@ -356,8 +342,12 @@ def _png_text_chunks(contents, n):
     return _occurrences(contents, n, _int64(8), b"TXt", after=b"zi")
 
 
-def _jpeg_orientation(contents, n, pos):
-    """Orientation from the Exif APP1 segment at `pos` (-1: none, upright)."""
+def _jpeg_orientation(contents, n):
+    def is_exif(b, pos):
+        # APP1 whose payload starts with the Exif identifier (XMP also lives in APP1).
+        return (b[..., 1] == 0xE1) & (b[..., 2] * 256 + b[..., 3] >= 8) & _matches(b, 4, b"Exif\x00\x00")
+
+    pos = _walk_jpeg(contents, n, is_exif)
 
     def parse():
         b = _read(contents, n, pos, 4)
@@ -595,60 +585,7 @@ def _webp_shape(contents, n):
     return tf.where(lossy, lossy_shape, shape)
 
 
-def _webp_animated(contents, n):
-    # An extended file (VP8X) says in its flags byte (offset 20) whether it is animated
-    # (bit 1): the flag libwebp's WebPGetFeatures reports and TF dispatches on.
-    b = _read(contents, n, 0, 21)
-    return (n >= 21) & _matches(b, 12, b"VP8X") & ((b[20] // 2) % 2 == 1)
-
-
 @tf.function(input_signature=_SCALAR_STRING, autograph=False)
-def header_facts(contents):
-    """Everything kiqa reads from a header before decoding, in one pass over it.
-
-    `header_shape`, `data_facts` and `exif_orientation` are its parts; `check_header` and
-    the decode take all three from one call, so a JPEG's marker segments are walked once.
-
-    Args:
-        contents: scalar `tf.string`, the encoded file.
-
-    Returns:
-        (shape, facts, orientation): `header_shape`'s int64 [2], `data_facts`' int64 [5],
-        `exif_orientation`'s int32 scalar. Never raises on any bytes.
-    """
-    n = _length(contents)
-    zero = _int64(0)
-    upright = tf.constant(1, tf.int32)
-
-    def jpeg():
-        markers = _jpeg_markers(contents, n)
-        sof, scan, exif = markers[0], markers[1], markers[2]
-        facts = tf.stack([zero, *_jpeg_data(contents, n, sof, scan), zero])
-        return _jpeg_shape(contents, n, sof), facts, _jpeg_orientation(contents, n, exif)
-
-    def png():
-        facts = tf.stack([zero, zero, zero, zero, _png_text_chunks(contents, n)])
-        return _png_shape(contents, n), facts, _png_orientation(contents, n)
-
-    def webp():
-        facts = tf.stack([tf.cast(_webp_animated(contents, n), tf.int64), zero, zero, zero, zero])
-        return _webp_shape(contents, n), facts, _webp_orientation(contents, n)
-
-    def plain(shape=_unknown_shape, orientation=lambda: upright):
-        return lambda: (shape(), tf.zeros([5], tf.int64), orientation())
-
-    branches = [plain()] * len(FORMATS)
-    branches[_JPEG], branches[_PNG], branches[_WEBP] = jpeg, png, webp
-    branches[_GIF] = plain(lambda: _gif_shape(contents, n))
-    branches[_BMP] = plain(lambda: _bmp_shape(contents, n))
-    branches[_TIFF] = plain(orientation=lambda: _tiff_orientation(contents, n, zero, n))
-    shape, facts, orientation = tf.switch_case(_format_index(contents, n), branches)
-    shape.set_shape([2])
-    facts.set_shape([5])
-    valid = tf.reduce_all((shape > 0) & (shape <= _MAX_DIMENSION))
-    return tf.where(valid, shape, _unknown_shape()), facts, orientation
-
-
 def header_shape(contents):
     """Reads (height, width) from an encoded image's header, without decoding it.
 
@@ -669,9 +606,20 @@ def header_shape(contents):
         format is unknown or unread, or the header is truncated, malformed or announces a
         zero or negative size. Never raises on any bytes; the caller decides what to do.
     """
-    return header_facts(contents)[0]
+    n = _length(contents)
+    branches = [lambda: _unknown_shape()] * len(FORMATS)
+    branches[_JPEG] = lambda: _jpeg_shape(contents, n)
+    branches[_PNG] = lambda: _png_shape(contents, n)
+    branches[_GIF] = lambda: _gif_shape(contents, n)
+    branches[_BMP] = lambda: _bmp_shape(contents, n)
+    branches[_WEBP] = lambda: _webp_shape(contents, n)
+    shape = tf.switch_case(_format_index(contents, n), branches)
+    shape.set_shape([2])
+    valid = tf.reduce_all((shape > 0) & (shape <= _MAX_DIMENSION))
+    return tf.where(valid, shape, _unknown_shape())
 
 
+@tf.function(input_signature=_SCALAR_STRING, autograph=False)
 def exif_orientation(contents):
     """Reads the EXIF orientation (1..8) that says how to turn the stored pixels upright.
 
@@ -687,9 +635,23 @@ def exif_orientation(contents):
         int32 scalar in 1..8; 1 (upright, nothing to do) when there is no EXIF block, it is
         truncated or malformed, or the tag is missing or out of range. Never raises.
     """
-    return header_facts(contents)[2]
+    n = _length(contents)
+    branches = [lambda: tf.constant(1, tf.int32)] * len(FORMATS)
+    branches[_JPEG] = lambda: _jpeg_orientation(contents, n)
+    branches[_PNG] = lambda: _png_orientation(contents, n)
+    branches[_WEBP] = lambda: _webp_orientation(contents, n)
+    branches[_TIFF] = lambda: _tiff_orientation(contents, n, tf.constant(0, tf.int64), n)
+    return tf.switch_case(_format_index(contents, n), branches)
 
 
+def _webp_animated(contents, n):
+    # An extended file (VP8X) says in its flags byte (offset 20) whether it is animated
+    # (bit 1): the flag libwebp's WebPGetFeatures reports and TF dispatches on.
+    b = _read(contents, n, 0, 21)
+    return (n >= 21) & _matches(b, 12, b"VP8X") & ((b[20] // 2) % 2 == 1)
+
+
+@tf.function(input_signature=_SCALAR_STRING, autograph=False)
 def data_facts(contents):
     """Facts beyond the size that decide whether kiqa decodes an image at all.
 
@@ -702,7 +664,18 @@ def data_facts(contents):
         file holds from its first scan on, the scans libjpeg would decode one by one
         (`_jpeg_scans`; 0 for other formats), a PNG's zTXt and iTXt chunks). Never raises.
     """
-    return header_facts(contents)[1]
+    n = _length(contents)
+    zero = _int64(0)
+    none = lambda: tf.zeros([5], tf.int64)  # noqa: E731
+    branches = [none] * len(FORMATS)
+    branches[_JPEG] = lambda: tf.stack([zero, *_jpeg_data(contents, n), zero])
+    branches[_PNG] = lambda: tf.stack([zero, zero, zero, zero, _png_text_chunks(contents, n)])
+    branches[_WEBP] = lambda: tf.stack(
+        [tf.cast(_webp_animated(contents, n), tf.int64), zero, zero, zero, zero]
+    )
+    facts = tf.switch_case(_format_index(contents, n), branches)
+    facts.set_shape([5])
+    return facts
 
 
 @tf.function(input_signature=_SCALAR_STRING, autograph=False)
@@ -854,15 +827,16 @@ def header_problem(contents, max_pixels):
         max_pixels: int or int tensor, the largest height * width accepted.
 
     Returns:
-        (shape, ok, message, orientation): int64 [2] header (height, width), scalar bool
-        (the header passes), scalar string (why not; empty when it passes), int32 EXIF
-        orientation (`exif_orientation`, read in the same pass).
+        (shape, ok, message): int64 [2] header (height, width), scalar bool (the header
+        passes), scalar string (why not; empty when it passes).
     """
     contents = tf.convert_to_tensor(contents, tf.string)
     n = _length(contents)
-    shape, facts, orientation = header_facts(contents)
-    ok, message = _header_problem(n, _format_index(contents, n), shape, tf.cast(max_pixels, tf.int64), facts)
-    return shape, ok, message, orientation
+    shape = header_shape(contents)
+    ok, message = _header_problem(
+        n, _format_index(contents, n), shape, tf.cast(max_pixels, tf.int64), data_facts(contents)
+    )
+    return shape, ok, message
 
 
 def check_header(contents, max_pixels, name=None):
@@ -890,25 +864,10 @@ def check_header(contents, max_pixels, name=None):
             is raised when the graph runs.
         ConfigError: `max_pixels` is a Python number below 1.
     """
-    return checked_header(contents, max_pixels, name=name)[0]
-
-
-def checked_header(contents, max_pixels, name=None):
-    """`check_header`, also giving the EXIF orientation read in the same pass.
-
-    Args:
-        contents, max_pixels, name: as for `check_header`.
-
-    Returns:
-        (shape, orientation): `check_header`'s int64 [2] and `exif_orientation`'s int32.
-
-    Raises:
-        What `check_header` raises.
-    """
     if isinstance(max_pixels, (int, float)) and max_pixels < 1:
         raise ConfigError(f"max_pixels must be a positive pixel count, got {max_pixels}")
-    shape, ok, message, orientation = header_problem(contents, max_pixels)
-    return require(ok, message, shape, name=name), orientation
+    shape, ok, message = header_problem(contents, max_pixels)
+    return require(ok, message, shape, name=name)
 
 
 def require(ok, message, result, name=None):

@@ -467,8 +467,8 @@ def _header_plans(image_bytes, size, max_pixels):
     `decode_plan`'s decoder branch and EXIF orientation, the header's size, and the
     bytes the decoder gets (`header.first_image`: a GIF cut after its first image)."""
     def one(contents):
-        shape, _, message, orientation = header.header_problem(contents, max_pixels)
-        branch, orientation = decode_plan(contents, shape, size, orientation)
+        shape, _, message = header.header_problem(contents, max_pixels)
+        branch, orientation = decode_plan(contents, shape, size)
         # A bad header's bytes never reach a decoder, nor the GIF walker.
         first = tf.cond(tf.equal(message, ""), lambda: header.first_image(contents), lambda: contents)
         return message, tf.cast(branch, tf.int32), tf.cast(orientation, tf.int32), shape, first
