@@ -33,15 +33,19 @@ def _decodable_indices(paths, config, progress):
     The decode runs in tf.data's own graph here, not through `kiqa.image.file_decoder`:
     this pass builds one iterator per run (its ~1.5 s instantiation is paid once), and
     in tf.data's graph the hostile corpus's frame bombs left the peak memory flat where
-    the eager path added ~100 MB (tests/test_hostile.py's probe).
+    the eager path added ~100 MB (tests/test_hostile.py's probe). Not converted by
+    autograph: decode_image's graph ops need none, and the conversion cost ~7 s of a
+    process's first training run.
     """
     size, max_pixels = config.image_size, config.max_pixels
     names = [tf_path(p) for p in paths]  # TF refuses str names holding non-UTF-8 bytes
     dataset = tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64), names))
-    dataset = dataset.map(
-        lambda i, p: (i, tf.shape(decode_image(tf.io.read_file(p), size, max_pixels=max_pixels, name=p))),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    ).ignore_errors()
+
+    @tf.autograph.experimental.do_not_convert
+    def check(index, path):
+        return index, tf.shape(decode_image(tf.io.read_file(path), size, max_pixels=max_pixels, name=path))
+
+    dataset = dataset.map(check, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
     good = set()
     with tqdm(total=len(paths), desc="checking images", unit="img", disable=not progress) as bar:
         for index, _ in dataset.as_numpy_iterator():
