@@ -333,13 +333,13 @@ def test_failed_check_leaves_no_numeric_directory(exported, tmp_path, monkeypatc
     assert list(base.iterdir()) == []
 
 
-def test_parity_failure_is_reported_with_the_image(exported, tmp_path, monkeypatch):
+def test_parity_failure_is_reported_with_the_image(exported, loaded, monkeypatch):
     # The parity check on an already written export (no new export needed).
-    _, base, model = exported
+    _, _, model = exported
     monkeypatch.setattr(export, "PARITY_TOLERANCE", -1.0)
     inputs = export.parity_inputs(None)
     with pytest.raises(ExportError, match=r"parity check failed: on generated-\d\.(jpg|png) the Keras model says"):
-        export._check_parity(model, base / "1", inputs, SIZE, TrainConfig.demo().max_pixels)
+        export._check_parity(model, loaded, inputs, SIZE, TrainConfig.demo().max_pixels)
 
 
 def test_kill_9_during_export_leaves_no_version(exported, tmp_path):

@@ -206,8 +206,9 @@ def export_model(
         _write_saved_model(resolved.model, temp, resolved.image_size, resolved.max_pixels, record)
         report = savedmodel.check_saved_model(temp, resolved.image_size, check_ops=options.safe_mode)
         _check_stored_once(temp, resolved.model)
-        parity = _check_parity(resolved.model, temp, parity_images, resolved.image_size, resolved.max_pixels)
-        parity["quality_map"] = _check_map_parity(resolved.model, temp, parity_images, resolved.image_size)
+        loaded = tf.saved_model.load(str(temp))  # once for every parity check (~3.5 s a load)
+        parity = _check_parity(resolved.model, loaded, parity_images, resolved.image_size, resolved.max_pixels)
+        parity["quality_map"] = _check_map_parity(resolved.model, loaded, parity_images, resolved.image_size)
         write_warmup_file(temp / ASSETS_EXTRA / WARMUP_FILE, warmup_requests(base.resolve().name, WARMUP_BATCH_SIZES))
         metadata = common_metadata(resolved, base.resolve().name, version) | {
             "signatures": report["signatures"],
@@ -614,7 +615,7 @@ def parity_inputs(parity_images):
     return items + generated_images(), len(items)
 
 
-def _check_parity(model, directory, parity, image_size, max_pixels):
+def _check_parity(model, loaded, parity, image_size, max_pixels):
     inputs, caller_images = parity
     names = [name for name, _ in inputs]
     pixels = []
@@ -626,7 +627,6 @@ def _check_parity(model, directory, parity, image_size, max_pixels):
                 f"parity image {name} cannot be decoded ({describe_decode_error(err)}); "
                 f"remove it from the parity images"
             ) from err
-    loaded = tf.saved_model.load(str(directory))
     by_keras, by_bytes, by_pixels, by_lenient = [], [], [], []
     for start in range(0, len(inputs), PARITY_BATCH):
         batch = tf.stack(pixels[start : start + PARITY_BATCH])
@@ -706,7 +706,7 @@ def _distribution_parity(model, loaded, pixels, contents):
     return {f"max_abs_diff_{key}": value for key, value in worst.items()}
 
 
-def _check_map_parity(model, directory, parity, image_size):
+def _check_map_parity(model, loaded, parity, image_size):
     """The `quality_map` signature against the Keras model's map on the parity images.
 
     Returns:
@@ -717,7 +717,6 @@ def _check_map_parity(model, directory, parity, image_size):
     """
     from kiqa import maps
 
-    loaded = tf.saved_model.load(str(directory))
     if QUALITY_MAP_SIGNATURE not in loaded.signatures:
         return None
     inputs, _ = parity
