@@ -16,6 +16,7 @@ images (most of it tracing and compiling), too slow for the default run.
 """
 
 import csv
+import errno
 import hashlib
 import json
 import os
@@ -421,12 +422,11 @@ def test_a_full_disk_stops_with_one_error_keeps_the_backup_and_resumes(tmp_path,
 
         def fill_then_save(self):
             if self._current_epoch == 2:
-                with open(filler, "wb") as handle:  # take what is left
-                    try:
-                        while True:
-                            handle.write(b"\0" * 65536)
-                    except OSError:
-                        pass
+                # Take what is left: unbuffered 64 KiB writes until the disk says it is full.
+                with open(filler, "wb", buffering=0) as handle, pytest.raises(OSError) as full:
+                    for _ in range(1000):  # 3 MB of disk is 48 writes; never endless
+                        handle.write(b"\0" * 65536)
+                assert full.value.errno == errno.ENOSPC
             original(self)
 
         monkeypatch.setattr(kiqa_train.ResumableBackup, "_save_model", fill_then_save)

@@ -161,15 +161,15 @@ def test_cli_format_onnx(run_dir, tmp_path, capsys):
 
 
 def _dead_pid():
-    pid = 4_000_000
-    while True:
+    """A process id no process has: the highest free one below 4,000,000."""
+    for pid in range(4_000_000, 3_000_000, -1):
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return pid
         except PermissionError:
-            pass
-        pid -= 1
+            continue  # someone else's process
+    raise AssertionError("every process id from 3,000,001 to 4,000,000 is taken")
 
 
 @pytest.mark.large
