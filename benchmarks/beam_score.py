@@ -20,7 +20,6 @@ import csv
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 KIQA_SCORE = "import sys; from kiqa.cli import main; sys.exit(main())"
@@ -109,13 +110,6 @@ def cases(python, model, images, out):
     return result
 
 
-def machine():
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                  if line.startswith("model name")), platform.processor())
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform()}
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=500, help="images in the large job (default 500)")
@@ -188,7 +182,7 @@ def main(argv=None):
               f"{row['rows_equal_kiqa_score']}")
     record = {
         "benchmark": "beam_score", "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {**machine(), "load_average_start": load_start, "load_average_end": os.getloadavg()},
+        "machine": {**machine_info(), "load_average_at_start": load_start, "load_average_end": os.getloadavg()},
         "versions": {"apache_beam": apache_beam.__version__, "tensorflow": tf.__version__},
         "images": args.images, "few": args.few, "made_from": made_from,
         "model": args.model or "tiny model at 384x512 (benchmarks/beam_score.py make_tiny_model)",

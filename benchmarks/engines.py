@@ -47,7 +47,7 @@ import keras  # noqa: E402
 
 from kiqa.config import TrainConfig  # noqa: E402
 from kiqa.model import build_model  # noqa: E402
-from run import machine_info  # noqa: E402
+from machine import machine_info  # noqa: E402
 
 BF16 = "OpenVINO bf16, f32 head (kiqa openvino-bf16)"
 

@@ -35,7 +35,6 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from kiqa.image import header as imageinfo  # noqa: E402
 from kiqa.config import TrainConfig  # noqa: E402
 from kiqa.contract import DEFAULT_MAX_PIXELS  # noqa: E402
 from kiqa.image import decode_image  # noqa: E402
+from machine import machine_info  # noqa: E402
 from kiqa.model import build_model, mos_loss  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -260,34 +260,6 @@ def worker_run(worker, images, **command):
 
 
 # ----------------------------------------------------------------------------- machine
-
-
-def machine_info():
-    info = {
-        "platform": platform.platform(),
-        "cpu_model": platform.processor() or platform.machine(),
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "ram_gib": None,
-        "cpu_flags_of_interest": [],
-        "load_average_at_start": list(os.getloadavg()),
-    }
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                info["cpu_flags_of_interest"] = sorted(
-                    f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile", "avx512_vnni"}
-                )
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                info["ram_gib"] = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return info
 
 
 def versions():
