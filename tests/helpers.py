@@ -91,14 +91,19 @@ def session_cache(tmp_path_factory, name, build):
     return folder
 
 
-def _build_shared_export(folder):
-    make_tiny_run(folder / "run")
-    export.export_model(folder / "run", base_path=folder / "kiqa")
+def shared_export(tmp_path_factory, head_scale=1.0):
+    """(run dir, base path) of the tiny model exported once per session for all workers.
 
+    Args:
+        tmp_path_factory: pytest's session fixture.
+        head_scale: `make_tiny_run`'s; 300 gives scores and maps that differ by points
+            between images (the run is `make_tiny_run(run, head_scale=head_scale)`, seed 0).
+    """
+    def build(folder):
+        make_tiny_run(folder / "run", head_scale=head_scale)
+        export.export_model(folder / "run", base_path=folder / "kiqa")
 
-def shared_export(tmp_path_factory):
-    """(run dir, base path) of the tiny model exported once per session for all workers."""
-    folder = session_cache(tmp_path_factory, "export", _build_shared_export)
+    folder = session_cache(tmp_path_factory, f"export-x{head_scale:g}", build)
     return folder / "run", folder / "kiqa"
 
 

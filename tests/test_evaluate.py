@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import make_tiny_run, write_generated_images
+from helpers import make_tiny_run, shared_export, write_generated_images
 from kiqa import metrics
 from kiqa.serving import export
 from kiqa.cli import evaluate as evaluate_cli
@@ -92,9 +92,8 @@ def test_a_missing_model_path_is_said_to_not_exist(tmp_path, capsys):
     assert f"model {tmp_path / 'nope'} does not exist" in err and "config.json" not in err
 
 
-def test_evaluate_resolves_every_model_path_kiqa_score_resolves(tiny_run, rated, tmp_path):
-    base = tmp_path / "kiqa"
-    export.export_model(tiny_run, base_path=base)
+def test_evaluate_resolves_every_model_path_kiqa_score_resolves(rated, tmp_path_factory, tmp_path):
+    tiny_run, base = shared_export(tmp_path_factory, head_scale=300.0)  # tiny_run's model, exported
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(tiny_run / "config.json", run / "config.json")

@@ -67,14 +67,8 @@ def test_a_head_that_is_not_affine_gets_no_map():
 
 @pytest.fixture(scope="module")
 def mapped_run(tmp_path_factory):
-    """(run dir, export base) of a tiny model whose maps vary by points, exported once."""
-    from kiqa.serving import export
-
-    root = tmp_path_factory.mktemp("maps")
-    make_tiny_run(root / "run", head_scale=300.0)
-    base = root / "kiqa"
-    export.export_model(root / "run", base_path=base)
-    return root / "run", base
+    """(run dir, export base) of a tiny model whose maps vary by points, exported once a session."""
+    return shared_export(tmp_path_factory, head_scale=300.0)
 
 
 def test_keras_savedmodel_and_kiqa_map_give_the_same_map(mapped_run, tmp_path, capsys):

@@ -13,7 +13,6 @@ from PIL import Image
 from kiqa.cli import score as score_cli
 from kiqa.cli._common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
 from kiqa.errors import DataError, ScoresFromAnotherModelError
-from kiqa.serving.export import export_model
 from kiqa.scoring.scorer import load_scorer
 from kiqa.contract import CSV_COLUMNS
 from kiqa.scoring.files import find_images, is_link_outside
@@ -275,9 +274,8 @@ def test_cli_exit_codes_and_summary(photos, run_dir, tmp_path, capsys):
     assert "nope does not exist" in capsys.readouterr().err
 
 
-def test_keras_model_and_its_savedmodel_export_score_alike(photos, run_dir, tmp_path):
-    base = tmp_path / "export" / "kiqa"
-    export_model(run_dir, base_path=base)
+def test_keras_model_and_its_savedmodel_export_score_alike(photos, tmp_path_factory, tmp_path):
+    run_dir, base = helpers.shared_export(tmp_path_factory, head_scale=300.0)  # a run and its export
     keras_summary = score_paths([photos], load_scorer(run_dir), tmp_path / "keras.csv", progress=False)
     saved = load_scorer(base)
     assert saved.kind == "savedmodel" and saved.image_size == SIZE
@@ -396,13 +394,13 @@ def test_prefetched_batches_keep_order_pass_errors_and_bound_what_is_held():
     assert peak[0] <= 3 * 4  # at most (ahead + 1) batches decoded and not yet consumed
 
 
-def test_resume_refuses_a_csv_from_other_weights_but_accepts_an_export_of_the_same_run(tmp_path, capsys):
+def test_resume_refuses_a_csv_from_other_weights_but_accepts_an_export_of_the_same_run(tmp_path_factory, tmp_path, capsys):
     # Issue 20.1: rows of two models in one CSV read as one model's scores.
     photos = tmp_path / "photos"
     write_images(photos, ["a.jpg", "b.png"])
-    first, second = tmp_path / "first", tmp_path / "second"
-    helpers.make_tiny_run(first, seed=1, head_scale=50.0)
-    helpers.make_tiny_run(second, seed=2, head_scale=50.0)
+    first, base = helpers.shared_export(tmp_path_factory, head_scale=300.0)  # a run and its export
+    second = tmp_path / "second"
+    helpers.make_tiny_run(second, seed=2, head_scale=300.0)
     out = tmp_path / "scores.csv"
     score_paths([photos / "a.jpg"], load_scorer(first), out, progress=False)
     assert out.read_bytes().count(b"\n") == 2 and b"\r" not in out.read_bytes()  # issue 20.8: no CRLF
@@ -410,8 +408,6 @@ def test_resume_refuses_a_csv_from_other_weights_but_accepts_an_export_of_the_sa
     assert len(sidecar["weights_sha256"]) == 64 and sidecar["image_size"] == list(SIZE)
 
     # An export of the same run is the same model: resumed by the weights' fingerprint, not the path.
-    base = tmp_path / "export" / "kiqa"
-    export_model(first, base_path=base)
     summary = score_paths([photos], load_scorer(base), out, progress=False)
     assert summary.n_skipped == 1 and summary.n_scored == 2
 
