@@ -695,6 +695,7 @@ def main(argv=None):
     try:
         files, source = koniq_sized_jpegs(workdir)
         info["images"] = {"source": source, "files": [str(f) for f in files]}
+        fast = None
         if "models" not in args.skip:
             if args.no_torch:
                 notes.append("PyTorch reference skipped (--no-torch)")
@@ -710,13 +711,15 @@ def main(argv=None):
             if torch_worker is not None:
                 torch_worker.close()
                 torch_worker = None
-            if "export" not in args.skip:
-                try:
-                    export_cases, export_info, cold = export_sections(fast, settings, files, workdir, notes)
-                    cases += export_cases
-                except Exception as err:  # e.g. kiqa.serving.export still being written
-                    notes.append(f"export not measured: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
-                    log(notes[-1])
+        if "export" not in args.skip:
+            # Without the model section (--skip models), the same fast model, built for it.
+            fast = fast if fast is not None else build(True)
+            try:
+                export_cases, export_info, cold = export_sections(fast, settings, files, workdir, notes)
+                cases += export_cases
+            except Exception as err:  # noqa: BLE001  a failed export is a row of the report, not the end of it
+                notes.append(f"export not measured: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
+                log(notes[-1])
         if "pipeline" not in args.skip:
             cases += pipeline_section(settings, files, args.pillow_simd_python, notes)
     finally:
