@@ -8,9 +8,9 @@
 - Export: a kill mid-write leaves no numeric version directory; that is
   tests/test_export.py::test_kill_9_during_export_leaves_no_version.
 
-The default tests kill `kiqa.train.train` with a small CNN backbone (the `kiqa-train`
-command cannot take one) in a subprocess whose input pipeline is slowed down and counts
-batches, so the kill lands inside an epoch. `kiqa-train` itself, with ConvNeXt-Tiny, is
+The default tests kill `kiqa.train.train` with a small CNN backbone in a subprocess whose
+input pipeline is slowed down and counts batches (a driver script: `kiqa-train` has no such
+hook), so the kill lands inside an epoch. `kiqa-train` itself, with ConvNeXt-Tiny, is
 the large test at the end: measured here at 2.5 minutes for three epochs of 32x32 demo
 images (most of it tracing and compiling), too slow for the default run.
 """
