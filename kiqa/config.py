@@ -103,6 +103,9 @@ class TrainConfig:
         mos_loss_weight: distribution head only: weight of the MSE on MOS/100 added to
             the squared EMD of the distributions, so the MOS stays as good as the
             regression head's.
+        sd_loss_weight: distribution head only: weight of the squared error of the spread
+            (`mos_sd`/100, as the MOS term) added to the squared EMD, so the spread is
+            trained as directly as the MOS (`kiqa.distribution.RatingLoss` says why).
         warmup_epochs: head-only epochs with the backbone frozen before fine-tuning.
         epochs: maximum fine-tuning epochs (early stopping usually ends sooner).
         batch_size: global batch size.
@@ -146,6 +149,7 @@ class TrainConfig:
     dropout: float = 0.0
     head: str = "regression"
     mos_loss_weight: float = 1.0
+    sd_loss_weight: float = 1.0
     warmup_epochs: int = 0
     epochs: int = 40
     batch_size: int = 16
@@ -217,6 +221,8 @@ class TrainConfig:
         _choice("head", self.head, HEADS)
         if not self.mos_loss_weight >= 0:
             raise ConfigError(f"mos_loss_weight must be 0 or more, got {self.mos_loss_weight}")
+        if not self.sd_loss_weight >= 0:
+            raise ConfigError(f"sd_loss_weight must be 0 or more, got {self.sd_loss_weight}")
         _choice("on_bad_images", self.on_bad_images, ON_BAD_IMAGES)
         _choice("strategy", self.strategy, STRATEGIES)
         if not 0.0 < self.test_fraction < 1.0:

@@ -91,9 +91,10 @@ def mos_loss(y_true, y_pred):
 
 def custom_objects():
     """Returns the objects a kiqa `.keras` file needs to load (the losses, the distribution layer)."""
-    from kiqa.distribution import RatingMoments, emd_loss
+    from kiqa.distribution import RatingLoss, RatingMoments, emd_loss
 
     return {"mos_loss": mos_loss, "kiqa>mos_loss": mos_loss, "emd_loss": emd_loss, "kiqa>emd_loss": emd_loss,
+            "RatingLoss": RatingLoss, "kiqa>RatingLoss": RatingLoss,
             "RatingMoments": RatingMoments, "kiqa>RatingMoments": RatingMoments}
 
 

@@ -104,12 +104,14 @@ def _is_multi_process(strategy):
 
 def _losses(config):
     """(loss, loss_weights) for the config's head: MSE on MOS/100, or for the distribution
-    head the squared EMD of the shares plus `mos_loss_weight` times that MSE."""
+    head `RatingLoss` on the shares (squared EMD plus `sd_loss_weight` times the spread's
+    squared error) plus `mos_loss_weight` times that MSE."""
     if config.head != "distribution":
         return {"mos": mos_loss}, None
-    from kiqa.distribution import emd_loss
+    from kiqa.distribution import RatingLoss
 
-    return {"mos": mos_loss, "dist": emd_loss}, {"mos": config.mos_loss_weight, "dist": 1.0}
+    return ({"mos": mos_loss, "dist": RatingLoss(spread_weight=config.sd_loss_weight)},
+            {"mos": config.mos_loss_weight, "dist": 1.0})
 
 
 def _compile(model, config):

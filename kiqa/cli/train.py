@@ -89,6 +89,9 @@ def build_parser(prog=None):
                        "giving mos, mos_sd (spread of people's ratings, 0-100 points) and p1..p5")
     model.add_argument("--mos-loss-weight", type=float,
                        help="distribution head: weight of the MSE on MOS/100 beside the squared EMD (default 1)")
+    model.add_argument("--sd-loss-weight", type=float,
+                       help="distribution head: weight of the squared error of mos_sd/100, the raters' "
+                            "spread, beside the squared EMD (default 1)")
 
     fit = parser.add_argument_group("training")
     fit.add_argument("--epochs", type=int, help="maximum epochs (early stopping usually ends sooner)")
