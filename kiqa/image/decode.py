@@ -329,11 +329,7 @@ def read_image_bytes(path, max_bytes=DEFAULT_MAX_BYTES):
 
 
 def load_image(path, size, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_BYTES):
-    """Reads and decodes one file (for notebooks and checks) through `traced_decoder`.
-
-    The traced graph costs one trace per process and output size (~3 s) and then ~8 ms a
-    small JPEG, where calling `decode_image` eagerly costs ~7 s for the first file (its
-    inner functions are traced then) and ~65 ms for each after.
+    """Reads and decodes one file eagerly (for scoring and notebooks).
 
     Args:
         path: image file.
@@ -348,9 +344,8 @@ def load_image(path, size, max_pixels=DEFAULT_MAX_PIXELS, max_bytes=DEFAULT_MAX_
         ImageError: naming the file and why it cannot be used.
     """
     contents = read_image_bytes(path, max_bytes=max_bytes)
-    decode = traced_decoder(int(size[0]), int(size[1]))
     try:
-        return decode(tf.constant(contents), tf.constant(max_pixels, tf.int64), tf.constant(str(path)))
+        return decode_image(contents, size, max_pixels=max_pixels, name=str(path))
     except tf.errors.OpError as err:
         raise ImageError(f"{path}: {describe_decode_error(err, path)}", path=str(path)) from err
 
