@@ -93,6 +93,17 @@ def fit_mean_to_mos(shares, mos) -> Dict[str, float]:
                 residual_sd=float(residual.std()), max_residual=float(np.abs(residual).max()), n=int(mos.size))
 
 
+def _aligned(y_true, y_pred):
+    """(y_true, y_pred) as tensors of y_pred's dtype and shape: reshaped, not broadcast."""
+    y_pred = ops.convert_to_tensor(y_pred)
+    return ops.reshape(ops.cast(y_true, y_pred.dtype), ops.shape(y_pred)), y_pred
+
+
+def _squared_emd(y_true, y_pred):
+    """`emd_loss` of aligned shares."""
+    return ops.mean(ops.square(ops.cumsum(y_true, axis=-1) - ops.cumsum(y_pred, axis=-1)), axis=-1)
+
+
 @keras.saving.register_keras_serializable(package="kiqa")
 def emd_loss(y_true, y_pred):
     """Squared earth mover's distance between rating distributions: mean_k (CDF_true - CDF_pred)^2.
@@ -109,9 +120,7 @@ def emd_loss(y_true, y_pred):
     Returns:
         Per-image loss [batch].
     """
-    y_pred = ops.convert_to_tensor(y_pred)
-    y_true = ops.reshape(ops.cast(y_true, y_pred.dtype), ops.shape(y_pred))
-    return ops.mean(ops.square(ops.cumsum(y_true, axis=-1) - ops.cumsum(y_pred, axis=-1)), axis=-1)
+    return _squared_emd(*_aligned(y_true, y_pred))
 
 
 def _moments(shares):
@@ -145,9 +154,8 @@ class RatingLoss(keras.losses.Loss):
         self.spread_weight = float(spread_weight)
 
     def call(self, y_true, y_pred):
-        y_pred = ops.convert_to_tensor(y_pred)
-        y_true = ops.reshape(ops.cast(y_true, y_pred.dtype), ops.shape(y_pred))
-        loss = emd_loss(y_true, y_pred)
+        y_true, y_pred = _aligned(y_true, y_pred)
+        loss = _squared_emd(y_true, y_pred)
         if self.spread_weight:
             _, sd_true = _moments(y_true)
             _, sd_pred = _moments(y_pred)

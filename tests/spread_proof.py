@@ -47,8 +47,8 @@ def train_run(root, seed, head, sd_loss_weight=1.0):
 
     Returns:
         dict of the held-out (test part: the photos none of whose crops were trained on)
-        figures: n, the held-out photos, srcc (MOS) and, for the distribution head, sd_srcc, sd_plcc, emd, js and
-        the 50% / 90% interval coverages of the true votes.
+        figures: n, the held-out photos, srcc (MOS) and, for the distribution head,
+        sd_srcc, sd_plcc, emd, js and the 50% / 90% interval coverages of the true votes.
     """
     import keras
     import pandas as pd
@@ -60,7 +60,7 @@ def train_run(root, seed, head, sd_loss_weight=1.0):
 
     labels = demo_labels(root)
     tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(seed)
+    keras.utils.set_random_seed(seed)  # before small_cnn below makes its weights (train() seeds after)
     config = TrainConfig.demo(
         labels=str(labels), image_size=RECIPE["size"], weights="none", epochs=RECIPE["epochs"],
         patience=RECIPE["epochs"], batch_size=RECIPE["batch_size"], learning_rate=RECIPE["learning_rate"],
