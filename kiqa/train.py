@@ -102,7 +102,7 @@ def _is_multi_process(strategy):
     return isinstance(strategy, JaxStrategy) and strategy.num_processes > 1
 
 
-def _losses(config):
+def losses(config):
     """(loss, loss_weights) for the config's head: MSE on MOS/100, or for the distribution
     head `RatingLoss` on the shares (squared EMD plus `sd_loss_weight` times the spread's
     squared error) plus `mos_loss_weight` times that MSE."""
@@ -115,7 +115,7 @@ def _losses(config):
 
 
 def _compile(model, config):
-    loss, loss_weights = _losses(config)
+    loss, loss_weights = losses(config)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate, epsilon=config.epsilon),
         loss=loss,

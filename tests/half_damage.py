@@ -2,55 +2,44 @@
 benchmarks/half_damage.py: train the small CNN on whole demo images, then damage one half
 of photos it never saw and compare the two halves of their maps.
 
-Training runs in a fresh process (`python half_damage.py train ROOT --seed N`) with
-`keras.utils.set_random_seed` and `tf.config.experimental.enable_op_determinism()`: a
-process-wide switch that must not reach the other tests of a pytest worker, and the one
-thing that makes a CPU training run repeat bit for bit. The check runs in the caller.
+Training is tests/demo_fit.py's deterministic recipe, run in a fresh process
+(`python half_damage.py train ROOT --seed N`); the check runs in the caller.
 
-Usage: python half_damage.py train ROOT [--seed N] [--recipe JSON]
+Usage: python half_damage.py train ROOT [--seed N] [--held-out PHOTO ...] [--recipe JSON]
   Writes ROOT/demo (the demo data), ROOT/run (the run folder) and ROOT/held_out.json
-  (the photos of the test part), and prints the latter's path.
+  (the photos of the test part, the seed, the recipe), and prints the latter as one JSON line.
 """
 
 import argparse
 import io
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
 
+import demo_fit
+from demo_fit import FOLDS
+
 # The recipe of the proof's model (benchmarks/half_damage.py measures it over seeds).
 # widths: 3 stages, so a 48x64 image gives a 6x8 map (the default small CNN's 4 give 3x4).
-# permute: a random order of the colour channels per image and epoch. Six training photos
-# are few; without it blur was found only 8 times in 10 for four of six seeds, by 3-10 MOS
-# points (7 for one seed at 16 epochs); with it 9-10, by 16-26 (docs/maps.md).
+# permute (demo_fit.CHANNEL_ORDERS): without it blur was found only 8 times in 10 for four
+# of six seeds, by 3-10 MOS points (7 for one seed at 16 epochs); with it 9-10, by 16-26
+# (docs/maps.md).
 RECIPE = dict(widths=(16, 32, 48), crops_per_photo=4, size=(48, 64), epochs=16, batch_size=32,
               learning_rate=2e-3, permute=True, crop=None)
-# The photos the proof's model never sees: pairs in name order, with the two motorcycle
-# photos (a stereo pair, nearly one scene) kept together. The test holds out FOLDS[0].
-FOLDS = (("astronaut", "camera"), ("chelsea", "coffee"), ("coins", "rocket"),
-         ("motorcycle_left", "motorcycle_right"))
+# The photos the proof's model never sees: demo_fit.FOLDS; the test holds out FOLDS[0].
 # The check: at least this many of 10 held-out photos per damage kind.
 PHOTOS = 10
 NEEDED = 8
 # Damage at the demo data's level 5, its most severe (kiqa.data.synthetic.DISTORTIONS).
 DAMAGE = {"blur": 2.6, "noise": 42.0, "jpeg": 5}
-# A training subprocess that takes longer than this is stuck, not slow.
-TRAIN_TIMEOUT_S = 600
 
 
 def train_demo_cnn(root, seed, held_out, recipe=None):
-    """Trains the proof's small CNN deterministically in this process (call it in a fresh one).
-
-    A plain `model.fit` of kiqa's model (`build_model` with the small CNN, `mos_loss`, Adam)
-    on the decoded images, every one also mirrored (kiqa's hflip), with the learning rate
-    decayed to zero over the run: `kiqa.train.train` would add a validation pass, early
-    stopping on one photo's crops, checkpoints and plots, several times the cost of the
-    training itself here, and a best epoch picked on 64 images.
+    """Trains the proof's small CNN deterministically in this process (call it in a fresh one):
+    `demo_fit.fit_demo_cnn` with the regression head.
 
     Args:
         root: folder for the demo data (`demo/`, kept if there), the run (`run/`: model.keras
@@ -63,39 +52,11 @@ def train_demo_cnn(root, seed, held_out, recipe=None):
     Returns:
         (run folder, sorted names of the photos none of whose crops were trained on).
     """
-    import keras
-    import pandas as pd
-    import tensorflow as tf
     from scipy.stats import spearmanr
 
-    from kiqa.config import TrainConfig
-    from kiqa.data import synthetic
-    from kiqa.model import build_model, mos_loss, small_cnn
-
     recipe = {**RECIPE, **(recipe or {})}
-    root, size = Path(root), tuple(recipe["size"])
-    labels = root / "demo" / "labels.csv"
-    if not labels.is_file():
-        synthetic.write_demo_dataset(root / "demo", crops_per_photo=recipe["crops_per_photo"], size=size)
-    frame = pd.read_csv(labels)
-    held_out = sorted(held_out)
-    pixels = np.stack([np.asarray(Image.open(root / "demo" / "images" / name).convert("RGB"), np.float32)
-                       for name in frame.image_name])
-    test = frame.source_image.isin(held_out).to_numpy()
-    images, mos = pixels[~test], frame.MOS_zscore.to_numpy(np.float32)[~test]
-
-    tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(seed)  # before the backbone: its weights are made when it is built
-    config = TrainConfig.demo(weights="none", image_size=size, seed=seed, learning_rate=recipe["learning_rate"],
-                              epochs=recipe["epochs"], batch_size=recipe["batch_size"])
-    model = build_model(config, backbone=small_cnn(tuple(recipe["widths"])))
-    steps = recipe["epochs"] * -(-len(images) // recipe["batch_size"])
-    model.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(recipe["learning_rate"], steps)),
-                  loss={"mos": mos_loss})
-    rng = np.random.default_rng(seed)
-    for epoch in range(recipe["epochs"]):
-        model.fit(augmented(images, rng, recipe), {"mos": mos}, batch_size=recipe["batch_size"], initial_epoch=epoch,
-                  epochs=epoch + 1, shuffle=True, verbose=0)
+    root, held_out = Path(root), sorted(held_out)
+    model, config, frame, pixels, test = demo_fit.fit_demo_cnn(root, seed, held_out, recipe)
     run_dir = root / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     model.save(run_dir / "model.keras")
@@ -107,29 +68,10 @@ def train_demo_cnn(root, seed, held_out, recipe=None):
     return run_dir, held_out
 
 
-def augmented(images, rng, recipe):
-    """A fresh quality-preserving variant of every image: mirrored or not, and optionally
-    its colour channels permuted and a random `recipe["crop"]` (height, width) cut out."""
-    out = np.where(rng.random(len(images))[:, None, None, None] < 0.5, images, images[:, :, ::-1])
-    if recipe.get("permute"):
-        order = np.array([(0, 1, 2), (1, 2, 0), (2, 0, 1), (0, 2, 1), (1, 0, 2), (2, 1, 0)])
-        out = np.take_along_axis(out, order[rng.integers(0, 6, len(out))][:, None, None, :], axis=3)
-    if recipe.get("crop"):
-        height, width = recipe["crop"]
-        tops = rng.integers(0, out.shape[1] - height + 1, len(out))
-        lefts = rng.integers(0, out.shape[2] - width + 1, len(out))
-        out = np.stack([image[t:t + height, left:left + width] for image, t, left in zip(out, tops, lefts)])
-    return out
-
-
 def train_in_subprocess(root, seed, held_out, recipe=None):
     """`train_demo_cnn` in a fresh Python process; returns the same (run folder, held-out photos)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "train", str(root), "--seed", str(seed),
-               "--held-out", *held_out, "--recipe", json.dumps(recipe or {})]
-    process = subprocess.run(command, capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S, env=os.environ.copy())
-    if process.returncode:
-        raise RuntimeError(f"training failed (exit {process.returncode}):\n{process.stderr[-3000:]}")
-    facts = json.loads((Path(root) / "held_out.json").read_text())
+    facts = demo_fit.run_script(Path(__file__).resolve(), ["train", root, "--seed", seed, "--held-out", *held_out,
+                                                          "--recipe", json.dumps(recipe or {})])
     return Path(root) / "run", facts["held_out"]
 
 
@@ -204,7 +146,7 @@ def main(argv=None):
     parser.add_argument("--recipe", default="{}", help="JSON overrides of RECIPE")
     args = parser.parse_args(argv)
     train_demo_cnn(args.root, args.seed, args.held_out, json.loads(args.recipe))
-    print(Path(args.root) / "held_out.json")
+    print((Path(args.root) / "held_out.json").read_text())
     return 0
 
 
