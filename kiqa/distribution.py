@@ -149,7 +149,7 @@ class RatingLoss(keras.losses.Loss):
             plain squared EMD.
     """
 
-    def __init__(self, spread_weight: float = 1.0, name: str = "rating_loss", **kwargs):
+    def __init__(self, spread_weight: float, name: str = "rating_loss", **kwargs):
         super().__init__(name=name, **kwargs)
         self.spread_weight = float(spread_weight)
 

@@ -2,92 +2,71 @@
 and benchmarks/spread_seeds.py: does the small CNN with `head="distribution"` rank the
 raters' spread on photos it never saw, while its MOS stays as good as the regression head's?
 
-Each run is `kiqa.train.train` (the real recipe: validation, early stopping, best checkpoint)
-in a fresh process with `keras.utils.set_random_seed` and
-`tf.config.experimental.enable_op_determinism()`, a process-wide switch that must not reach
-the other tests of a pytest worker, and the one thing that makes a CPU run repeat bit for
-bit: before it, one seed gave held-out SD SRCC 0.63 in one run and 0.21 in the next.
+Each run is tests/demo_fit.py's deterministic recipe (kiqa's model and the head's losses,
+mirrors and channel orders) in a fresh process, holding out one pair of photos
+(`demo_fit.FOLDS`): every photo is held out once over the four folds, so no figure rests on
+which photos a seed happened to leave out.
 
-Usage: python spread_proof.py train ROOT --seed N --head distribution|regression [--sd-loss-weight W]
-  Writes the demo data under ROOT/demo (kept if there), the run under ROOT/<head>-<seed>[-sdW]
-  and prints the run's held-out figures as one JSON line.
+Usage: python spread_proof.py train ROOT --seed N --fold K --head distribution|regression [--sd-loss-weight W]
+  Writes the demo data under ROOT/demo (kept if there), the run (model.keras, config.json)
+  under ROOT/<head>-<seed>-fold<K>[-sdW] and prints the held-out figures as one JSON line.
+  Without --sd-loss-weight the distribution head trains with kiqa's default.
 """
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-# The recipe of test_train.test_small_cnn_learns_quality_from_the_demo_data: 48x64 demo
-# images, 8 crops of each of the 8 photos (1,024 images), 24 epochs.
+import demo_fit
+
+# 48x64 demo images, 8 crops of each of the 8 photos (1,024 images; 768 trained on), 24 epochs.
 RECIPE = dict(widths=(16, 32, 48), crops_per_photo=8, size=(48, 64), epochs=24, batch_size=32,
-              learning_rate=2e-3)
-# A training subprocess that takes longer than this is stuck, not slow (idle: ~4 min).
-TRAIN_TIMEOUT_S = 3600
+              learning_rate=2e-3, permute=True, crop=None)
 
 
-def demo_labels(root):
-    """The demo data of the recipe under `root`/demo (written once)."""
-    from kiqa.data import synthetic
-
-    labels = Path(root) / "demo" / "labels.csv"
-    if not labels.is_file():
-        synthetic.write_demo_dataset(labels.parent, crops_per_photo=RECIPE["crops_per_photo"], size=RECIPE["size"])
-    return labels
+def run_name(head, seed, fold, sd_loss_weight):
+    return f"{head}-{seed}-fold{fold}" + (f"-sd{sd_loss_weight:g}" if sd_loss_weight is not None else "")
 
 
-def run_name(head, seed, sd_loss_weight):
-    return f"{head}-{seed}" + (f"-sd{sd_loss_weight:g}" if head == "distribution" else "")
-
-
-def train_run(root, seed, head, sd_loss_weight=1.0):
+def train_run(root, seed, fold, head, sd_loss_weight=None):
     """Trains one run deterministically in this process (call it in a fresh one).
 
     Returns:
-        dict of the held-out (test part: the photos none of whose crops were trained on)
-        figures: n, the held-out photos, srcc (MOS) and, for the distribution head,
-        sd_srcc, sd_plcc, emd, js and the 50% / 90% interval coverages of the true votes.
+        dict of the held-out figures (the photos of `demo_fit.FOLDS[fold]`, none of whose
+        crops were trained on): n, held_out, srcc (MOS) and, for the distribution head,
+        sd_srcc, sd_plcc, emd, js and the 50% / 90% interval coverages of the true votes
+        (`kiqa.distribution.evaluate_distributions`, what training and `kiqa evaluate` report).
     """
-    import keras
-    import pandas as pd
-    import tensorflow as tf
+    from kiqa import metrics
+    from kiqa.data import koniq
+    from kiqa.distribution import evaluate_distributions
 
-    from kiqa.config import TrainConfig
-    from kiqa.model import small_cnn
-    from kiqa.train import train
-
-    labels = demo_labels(root)
-    tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(seed)  # before small_cnn below makes its weights (train() seeds after)
-    config = TrainConfig.demo(
-        labels=str(labels), image_size=RECIPE["size"], weights="none", epochs=RECIPE["epochs"],
-        patience=RECIPE["epochs"], batch_size=RECIPE["batch_size"], learning_rate=RECIPE["learning_rate"],
-        run_dir=str(Path(root) / run_name(head, seed, sd_loss_weight)), seed=seed, head=head,
-        sd_loss_weight=sd_loss_weight,
-    )
-    result = train(config, backbone=small_cnn(RECIPE["widths"]), progress=False)
-    split = pd.read_csv(result.run_dir / "split.csv").merge(pd.read_csv(labels), on="image_name")
-    facts = dict(head=head, seed=seed, n=result.metrics["n"], srcc=result.metrics["srcc"],
-                 held_out=sorted(split.loc[split.part == "test", "source_image"].unique()),
-                 run_dir=str(result.run_dir))
+    held_out = sorted(demo_fit.FOLDS[fold])
+    model, config, frame, pixels, test = demo_fit.fit_demo_cnn(root, seed, held_out, RECIPE, head=head,
+                                                               sd_loss_weight=sd_loss_weight)
+    run_dir = Path(root) / run_name(head, seed, fold, sd_loss_weight)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model.save(run_dir / "model.keras")
+    config.save(run_dir / "config.json")
+    predicted = model.predict(pixels[test], batch_size=64, verbose=0)
+    true_mos = frame.MOS_zscore.to_numpy()[test]
+    facts = dict(head=head, seed=seed, fold=fold, held_out=held_out, n=int(test.sum()),
+                 srcc=metrics.srcc(true_mos, predicted["mos"]), run_dir=str(run_dir))
     if head == "distribution":
-        judged = result.metrics["distribution"]
-        facts.update(sd_loss_weight=sd_loss_weight, sd_srcc=judged["sd_srcc"], sd_plcc=judged["sd_plcc"],
+        judged = evaluate_distributions(koniq.require_shares(frame[test]), true_mos, predicted["dist"],
+                                        predicted["mos_sd"])
+        facts.update(sd_loss_weight=config.sd_loss_weight, sd_srcc=judged["sd_srcc"], sd_plcc=judged["sd_plcc"],
                      emd=judged["emd"], js=judged["js"],
                      votes_in_50=judged["coverage"]["0.5"]["votes"], votes_in_90=judged["coverage"]["0.9"]["votes"])
     return facts
 
 
-def train_in_subprocess(root, seed, head, sd_loss_weight=1.0):
+def train_in_subprocess(root, seed, fold, head, sd_loss_weight=None):
     """`train_run` in a fresh Python process; returns its figures."""
-    command = [sys.executable, str(Path(__file__).resolve()), "train", str(root), "--seed", str(seed),
-               "--head", head, "--sd-loss-weight", str(sd_loss_weight)]
-    process = subprocess.run(command, capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S, env=os.environ.copy())
-    if process.returncode:
-        raise RuntimeError(f"training failed (exit {process.returncode}):\n{process.stderr[-3000:]}")
-    return json.loads(process.stdout.strip().splitlines()[-1])
+    spread = [] if sd_loss_weight is None else ["--sd-loss-weight", sd_loss_weight]
+    return demo_fit.run_script(Path(__file__).resolve(), ["train", root, "--seed", seed, "--fold", fold,
+                                                         "--head", head, *spread])
 
 
 def main(argv=None):
@@ -96,10 +75,11 @@ def main(argv=None):
     run = commands.add_parser("train")
     run.add_argument("root", type=Path)
     run.add_argument("--seed", type=int, required=True)
+    run.add_argument("--fold", type=int, choices=range(len(demo_fit.FOLDS)), required=True)
     run.add_argument("--head", choices=("distribution", "regression"), required=True)
-    run.add_argument("--sd-loss-weight", type=float, default=1.0)
+    run.add_argument("--sd-loss-weight", type=float, help="default: kiqa's (TrainConfig.sd_loss_weight)")
     args = parser.parse_args(argv)
-    print(json.dumps(train_run(args.root, args.seed, args.head, args.sd_loss_weight)))
+    print(json.dumps(train_run(args.root, args.seed, args.fold, args.head, args.sd_loss_weight)))
     return 0
 
 

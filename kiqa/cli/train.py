@@ -91,7 +91,7 @@ def build_parser(prog=None):
                        help="distribution head: weight of the MSE on MOS/100 beside the squared EMD (default 1)")
     model.add_argument("--sd-loss-weight", type=float,
                        help="distribution head: weight of the squared error of mos_sd/100, the raters' "
-                            "spread, beside the squared EMD (default 1)")
+                            "spread, beside the squared EMD (default 30)")
 
     fit = parser.add_argument_group("training")
     fit.add_argument("--epochs", type=int, help="maximum epochs (early stopping usually ends sooner)")
