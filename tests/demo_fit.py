@@ -36,26 +36,33 @@ CHANNEL_ORDERS = np.array([(0, 1, 2), (1, 2, 0), (2, 0, 1), (0, 2, 1), (1, 0, 2)
 TRAIN_TIMEOUT_S = 900
 
 
-def demo_frame(root, recipe):
-    """(label frame, float32 pixels [n, h, w, 3]) of the recipe's demo data under `root`/demo
-    (written once)."""
-    import pandas as pd
-    from PIL import Image
-
+def demo_labels(root, recipe):
+    """The label file of the recipe's demo data under `root`/demo (written once); its images
+    are in the `images` folder beside it."""
     from kiqa.data import synthetic
 
     labels = Path(root) / "demo" / "labels.csv"
     if not labels.is_file():
         synthetic.write_demo_dataset(labels.parent, crops_per_photo=recipe["crops_per_photo"],
                                      size=tuple(recipe["size"]))
+    return labels
+
+
+def demo_frame(root, recipe):
+    """(label frame, float32 pixels [n, h, w, 3]) of the recipe's demo data (`demo_labels`)."""
+    import pandas as pd
+    from PIL import Image
+
+    labels = demo_labels(root, recipe)
     frame = pd.read_csv(labels)
     pixels = np.stack([np.asarray(Image.open(labels.parent / "images" / name).convert("RGB"), np.float32)
                        for name in frame.image_name])
     return frame, pixels
 
 
-def fit_demo_cnn(root, seed, held_out, recipe, head="regression", sd_loss_weight=None):
-    """Trains the small CNN on the demo photos not in `held_out` (module docstring).
+def fit_demo_cnn(root, seed, held_out, recipe, run_dir, head="regression", sd_loss_weight=None):
+    """Trains the small CNN on the demo photos not in `held_out` (module docstring) and saves
+    it as a run folder that `kiqa.scoring.scorer.load_scorer` reads.
 
     Args:
         root: folder of the demo data (`demo/`, kept if there).
@@ -64,6 +71,7 @@ def fit_demo_cnn(root, seed, held_out, recipe, head="regression", sd_loss_weight
             none of whose crops are trained on.
         recipe: dict of widths, crops_per_photo, size, epochs, batch_size, learning_rate,
             permute (bool) and crop ((height, width) or None).
+        run_dir: folder for the trained model (model.keras) and its config.json.
         head: "regression" or "distribution" (`TrainConfig.head`).
         sd_loss_weight: the distribution head's spread term (`TrainConfig.sd_loss_weight`;
             None: its default, what `kiqa-train` users get).
@@ -99,6 +107,10 @@ def fit_demo_cnn(root, seed, held_out, recipe, head="regression", sd_loss_weight
     for epoch in range(recipe["epochs"]):
         model.fit(augmented(pixels[~test], rng, recipe), targets, batch_size=recipe["batch_size"],
                   initial_epoch=epoch, epochs=epoch + 1, shuffle=True, verbose=0)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model.save(run_dir / "model.keras")
+    config.save(run_dir / "config.json")
     return model, config, frame, pixels, test
 
 

@@ -56,11 +56,8 @@ def train_demo_cnn(root, seed, held_out, recipe=None):
 
     recipe = {**RECIPE, **(recipe or {})}
     root, held_out = Path(root), sorted(held_out)
-    model, config, frame, pixels, test = demo_fit.fit_demo_cnn(root, seed, held_out, recipe)
     run_dir = root / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model.save(run_dir / "model.keras")
-    config.save(run_dir / "config.json")
+    model, _, frame, pixels, test = demo_fit.fit_demo_cnn(root, seed, held_out, recipe, run_dir)
     predicted = model.predict(pixels[test], batch_size=64, verbose=0)["mos"]
     srcc = float(spearmanr(predicted, frame.MOS_zscore[test]).statistic)
     (root / "held_out.json").write_text(json.dumps({"held_out": held_out, "seed": seed, "recipe": recipe,

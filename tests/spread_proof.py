@@ -43,12 +43,9 @@ def train_run(root, seed, fold, head, sd_loss_weight=None):
     from kiqa.distribution import evaluate_distributions
 
     held_out = sorted(demo_fit.FOLDS[fold])
-    model, config, frame, pixels, test = demo_fit.fit_demo_cnn(root, seed, held_out, RECIPE, head=head,
-                                                               sd_loss_weight=sd_loss_weight)
     run_dir = Path(root) / run_name(head, seed, fold, sd_loss_weight)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model.save(run_dir / "model.keras")
-    config.save(run_dir / "config.json")
+    model, config, frame, pixels, test = demo_fit.fit_demo_cnn(root, seed, held_out, RECIPE, run_dir, head=head,
+                                                               sd_loss_weight=sd_loss_weight)
     predicted = model.predict(pixels[test], batch_size=64, verbose=0)
     true_mos = frame.MOS_zscore.to_numpy()[test]
     facts = dict(head=head, seed=seed, fold=fold, held_out=held_out, n=int(test.sum()),

@@ -212,9 +212,10 @@ def test_small_cnn_distribution_head_learns_the_spread_and_keeps_the_mos(tmp_pat
         assert run["srcc"] >= plain["srcc"] - 0.05, (run, plain)
     assert np.mean([run["sd_srcc"] for run in spread]) > 0.65  # 0.79 here
     # A user's scorer of a saved run ranks the spread as the proof's figures said.
-    labels = pd.read_csv(tmp_path / "demo" / "labels.csv")
-    test = labels[labels.source_image.isin(spread[0]["held_out"])]
-    table = load_scorer(spread[0]["run_dir"]).score_many([str(tmp_path / "demo" / "images" / n) for n in test.image_name])
+    labels = spread_proof.demo_fit.demo_labels(tmp_path, spread_proof.RECIPE)  # written by the first run
+    test = pd.read_csv(labels)
+    test = test[test.source_image.isin(spread[0]["held_out"])]
+    table = load_scorer(spread[0]["run_dir"]).score_many([str(labels.parent / "images" / n) for n in test.image_name])
     assert stats.spearmanr(test["SD"], table["mos_sd"]).statistic == pytest.approx(spread[0]["sd_srcc"], abs=0.02)
 
 
