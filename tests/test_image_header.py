@@ -466,6 +466,34 @@ def test_valid_jpegs_with_many_segments_or_fill_bytes_are_read(comments, fill):
     np.testing.assert_array_equal(_decode(data).numpy(), _decode(original).numpy())  # TF agrees
 
 
+def test_the_walks_path_end_is_the_same_hop_by_hop_and_by_pointer_doubling():
+    # _path_end follows a window's path hop by hop and squares the jump table only when
+    # the path is longer than _JPEG_HOPS: on paths of every length around that switch,
+    # and on long ones, the stop must be the one a plain walk reaches.
+    rng = np.random.default_rng(7)
+    window = imageinfo._JPEG_WINDOW
+    for hops in [0, 1, imageinfo._JPEG_HOPS - 1, imageinfo._JPEG_HOPS, imageinfo._JPEG_HOPS + 1, 300, 4000]:
+        jump = np.arange(window, dtype=np.int32)  # every offset a stop ...
+        path = np.sort(rng.choice(np.arange(1, window), size=hops, replace=False))
+        stops = np.concatenate([[0], path])
+        jump[stops[:-1]] = stops[1:]  # ... except those on the path, which go on
+        others = np.setdiff1d(np.arange(window), stops)
+        off_path = rng.choice(others, size=min(200, len(others)), replace=False)
+        jump[off_path] = np.minimum(off_path + rng.integers(1, 50, size=len(off_path)), window - 1)
+        assert int(imageinfo._path_end(tf.constant(jump))) == stops[-1], hops
+
+
+@pytest.mark.parametrize("extra", [-2, -1, 0, 1, 2])
+def test_jpeg_facts_are_the_same_around_the_walks_hop_limit(extra):
+    # Empty comment segments push the frame header past _JPEG_HOPS hops into the
+    # first window; size, orientation and data facts stay those of the original.
+    original = _encode(Image.fromarray(_pattern()), "JPEG", quality=95, exif=_exif(6).tobytes())
+    data = jpeg_with_segments(original, comments=imageinfo._JPEG_HOPS + extra)
+    assert tuple(imageinfo.check_header(data, 64_000_000).numpy()) == (HEIGHT, WIDTH)
+    assert int(imageinfo.exif_orientation(data)) == 6
+    np.testing.assert_array_equal(imageinfo.data_facts(data).numpy(), imageinfo.data_facts(original).numpy())
+
+
 def test_jpeg_walk_still_refuses_garbage_between_segments():
     # Stray bytes are stepped over as libjpeg does, but a segment length that runs past
     # the end, or a file that is all junk after SOI, finds no frame header.

@@ -42,6 +42,8 @@ _UNKNOWN, _JPEG, _PNG, _GIF, _BMP, _WEBP, _TIFF, _JXL = range(len(FORMATS))
 # of small segments or one larger segment (~1 ms a step on 2 busy cores).
 _JPEG_WINDOW = 4096
 _MAX_JPEG_STEPS = 256
+# Hops followed one by one in a window before the walk falls back to pointer doubling.
+_JPEG_HOPS = 16
 # GIF data comes in sub-blocks of at most 255 bytes that can only be found one after the
 # other. _GIF_HOPS of them per loop step, _MAX_GIF_STEPS steps: GIFs of 16 MB and more.
 _GIF_HOPS = 16
@@ -176,9 +178,9 @@ def _walk_jpeg(contents, n, is_target):
 
     One loop step reads a window of _JPEG_WINDOW bytes and computes, for every offset in
     it at once, where the walk would go next from there; the walk's path through the
-    window is then followed by pointer doubling (log2 of the window's size gathers), to
-    the first offset that is the target, a stop, or whose next position leaves the window.
-    A loop step costs ~40 graph ops however many segments it crosses.
+    window is then followed (`_path_end`) to the first offset that is the target, a stop,
+    or whose next position leaves the window. A loop step costs ~40 graph ops (~60 when
+    the path is long) however many segments it crosses.
 
     Args:
         contents: scalar `tf.string`, already known to start with FF D8.
@@ -215,9 +217,7 @@ def _walk_jpeg(contents, n, is_target):
         # offset. Squaring it (jump = jump[jump]) doubles the steps it takes; a path has
         # fewer steps than the window has bytes, so log2(window) squarings reach its end.
         jump = tf.where(hit | end | (following >= _JPEG_WINDOW), offsets, following)
-        for _ in range((_JPEG_WINDOW - 1).bit_length()):
-            jump = tf.gather(jump, jump)
-        last = jump[0]
+        last = _path_end(jump)
         found = tf.where(hit[last], here[last], tf.where(end[last], gave_up, not_found))
         return step + 1, pos + tf.cast(following[last], tf.int64), found
 
@@ -228,6 +228,29 @@ def _walk_jpeg(contents, n, is_target):
         parallel_iterations=1,
     )
     return tf.where(found >= 0, found, not_found)
+
+
+def _path_end(jump):
+    """Where the path from offset 0 through `jump` stops: the first i with jump[i] == i.
+
+    Every path stops within the window (it only moves forward), so `jump` squared
+    log2(window) times (jump = jump[jump], pointer doubling) maps 0 to its stop. A real
+    JPEG's path is a handful of segments: it is first followed hop by hop, which costs a
+    tenth of the squarings (each a gather over the whole window), and squared only when
+    it is still going after _JPEG_HOPS hops (fill bytes, stray bytes, thousands of tiny
+    segments). Both give the same stop; only the cost differs.
+    """
+    position = tf.constant(0, jump.dtype)
+    for _ in range(_JPEG_HOPS):
+        position = tf.gather(jump, position)
+
+    def squared():
+        doubled = jump
+        for _ in range((_JPEG_WINDOW - 1).bit_length()):
+            doubled = tf.gather(doubled, doubled)
+        return doubled[0]
+
+    return tf.cond(tf.equal(tf.gather(jump, position), position), lambda: position, squared)
 
 
 def _jpeg_frame_header(contents, n):
