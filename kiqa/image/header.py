@@ -64,9 +64,10 @@ MAX_PNG_TEXT_CHUNKS = 16
 # The progressive SOF markers: a frame decoded scan by scan over the whole image.
 _PROGRESSIVE_SOF_MARKERS = (0xC2, 0xC6, 0xCA, 0xCE)
 
-# JPEG SOF0..SOF15 carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range
-# but are tables.
-_SOF_MARKERS = tuple(m for m in range(0xC0, 0xD0) if m not in (0xC4, 0xC8, 0xCC))
+# JPEG SOF0..SOF15 (C0..CF) carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share
+# the range but are tables.
+_SOF_RANGE = (0xC0, 0xCF)
+_NOT_SOF = (0xC4, 0xC8, 0xCC)
 _EXIF_ORIENTATION_TAG = 0x0112
 # PNG allows widths and heights up to 2**31 - 1; a larger value is a corrupt header, and
 # refusing it keeps height * width inside int64 for every format.
@@ -114,9 +115,15 @@ def _endian(b, little):
 
 
 def _matches(b, offset, signature):
-    """True where bytes `b[..., offset:offset+len(signature)]` equal `signature`."""
-    expected = tf.constant(list(signature), b.dtype)
-    return tf.reduce_all(b[..., offset : offset + len(signature)] == expected, axis=-1)
+    """True where bytes `b[..., offset:offset+len(signature)]` equal `signature`.
+
+    Byte by byte: on a JPEG walk's window (4096 x 10 bytes) this costs half of comparing
+    the slice with a constant and reducing it, and the walk evaluates it at every offset.
+    """
+    equal = tf.equal(b[..., offset], signature[0])
+    for i, byte in enumerate(signature[1:], start=1):
+        equal = equal & tf.equal(b[..., offset + i], byte)
+    return equal
 
 
 def _as_signed32(value):
@@ -257,7 +264,11 @@ def _jpeg_frame_header(contents, n):
     """Position of the JPEG frame header (SOF0..SOF15) whose size libjpeg decodes, else -1."""
 
     def is_frame_header(b, pos):
-        is_sof = tf.reduce_any(b[..., 1:2] == tf.constant(_SOF_MARKERS, b.dtype), axis=-1)
+        code = b[..., 1]
+        # Comparisons, not a lookup in a constant set: half the cost at every window offset.
+        is_sof = (code >= _SOF_RANGE[0]) & (code <= _SOF_RANGE[1])
+        for table in _NOT_SOF:
+            is_sof = is_sof & (code != table)
         # Length, precision, height, width: 9 bytes must be there to read the size.
         return is_sof & (b[..., 2] * 256 + b[..., 3] >= 8) & (pos + 9 <= n)
 
