@@ -20,7 +20,8 @@ What is measured (ConvNeXt-Tiny with random weights and kiqa's 1-output head, fl
   without replaying the warmup records) in fresh processes;
 - the input pipeline: `kiqa.image.decode_image` in tf.data with 2 threads, KonIQ-sized
   1024x768 JPEGs to the training size, against Pillow (and Pillow-SIMD when
-  --pillow-simd-python names an interpreter that has it) with draft mode on 2 threads.
+  --pillow-simd-python names an interpreter that has it) with draft mode on 2 threads,
+  and TF's decode_jpeg alone at the same DCT scale (the floor of any in-graph decoder);
   Images/s per core divides by the process CPU time, which is steadier than wall time
   when other jobs share the cores.
 
@@ -58,6 +59,7 @@ from kiqa.image import header as imageinfo  # noqa: E402
 from kiqa.config import TrainConfig  # noqa: E402
 from kiqa.contract import DEFAULT_MAX_PIXELS  # noqa: E402
 from kiqa.image import decode_image  # noqa: E402
+from kiqa.serving.preprocess import jpeg_draft_ratio  # noqa: E402
 from machine import machine_info  # noqa: E402
 from kiqa.model import build_model, mos_loss  # noqa: E402
 
@@ -478,6 +480,27 @@ def full_decode_and_resize(contents, size):
     return tf.clip_by_value(tf.round(image), 0.0, 255.0)
 
 
+def jpeg_decode_alone(blobs, size):
+    """TF's JPEG decoder alone, at the DCT scale kiqa picks for these files, to float32.
+
+    The floor of any decoder that runs in a TF graph (the only kind TF Serving can run
+    for the bytes signature): no header check, no EXIF turn, no resize. When this alone
+    is slower than Pillow's whole pipeline per core, no change to kiqa's own steps can
+    reach Pillow. The files share one size (KonIQ's 1024x768), so the scale is fixed.
+    """
+    shapes = {tuple(int(d) for d in imageinfo.header_shape(blob).numpy()) for blob in blobs}
+    if len(shapes) != 1:
+        raise ValueError(f"the benchmark's JPEGs differ in size: {sorted(shapes)}")
+    (stored_height, stored_width), = shapes
+    ratio = jpeg_draft_ratio((stored_width, stored_height), 1, *size)
+
+    def decode(contents, _size):
+        image = tf.io.decode_jpeg(contents, channels=3, ratio=ratio, dct_method="INTEGER_ACCURATE")
+        return tf.cast(image, tf.float32)
+
+    return decode, ratio
+
+
 def tf_pipeline_case(name, key, function, blobs, size, count, notes):
     options = tf.data.Options()
     options.threading.private_threadpool_size = THREADS
@@ -527,6 +550,9 @@ def pipeline_section(settings, files, simd_python, notes):
         for size in settings["pipeline"]:
             cases.append(tf_pipeline_case("kiqa decode_image in tf.data", "kiqa_pipeline", decode_image, blobs, size, count, notes))
             cases.append(tf_pipeline_case("tf.data full decode + antialiased resize (kiqa before)", "tf_full", full_decode_and_resize, blobs, size, count, notes))
+            floor, ratio = jpeg_decode_alone(blobs, size)
+            cases.append(tf_pipeline_case(f"tf.data TF decode_jpeg alone at 1/{ratio} (in-graph floor)", "tf_jpeg_floor",
+                                          floor, blobs, size, count, notes))
             for worker, label, key in workers:
                 command = dict(cmd="run", threads=THREADS, count=count, size=list(size))
                 cases.append(Case("pipeline", f"{label} + draft mode, thread pool", f"{size_text(*size)}, {THREADS} threads",
@@ -598,6 +624,8 @@ def ratios(cases, export_info, settings):
         if reference == "pillow_simd":
             add(f"pipeline {height}x{width}: kiqa / Pillow stock", "kiqa_pipeline" + s, "pillow" + s)
         add(f"pipeline {height}x{width}: kiqa / full decode + resize (kiqa before)", "kiqa_pipeline" + s, "tf_full" + s)
+        add(f"pipeline {height}x{width}: in-graph floor (decode_jpeg alone) / {label}", "tf_jpeg_floor" + s, reference + s)
+        add(f"pipeline {height}x{width}: kiqa / in-graph floor (decode_jpeg alone)", "kiqa_pipeline" + s, "tf_jpeg_floor" + s)
     export = size_text(*settings["export_size"])
     add(f"SavedModel {export}: bytes / float signature, time per image", "sm_bytes", "sm_float",
         TARGETS["bytes_vs_float_signature_time"], higher_is_better=False, invert=True)
